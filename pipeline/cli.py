@@ -1,0 +1,84 @@
+"""Entry points: thin wrappers that parse the command line and call importable functions.
+
+- ``minratio-sweep`` / ``python -m pipeline``: a Hydra app; every Hydra override, ``--cfg job``,
+  ``--help`` and ``--multirun`` work as usual. It runs (or resumes) the sweep, prints a summary and
+  writes the figures.
+- ``minratio-analyze <results>/<sweep>`` / ``python -m pipeline.analysis``: figures and summary of a sweep.
+- ``minratio-compact <results>/<sweep>``: merge each table's small files into one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError, register_configs
+
+register_configs()
+
+
+def run(cfg: DictConfig) -> int:
+    """Run the sweep described by a composed config; print the summary; write figures. Exit code."""
+    from pipeline import analysis, sweep
+
+    try:
+        summary = sweep.run_sweep(cfg)
+    except ConfigError as err:
+        print(f"minratio: configuration error: {err}", file=sys.stderr)
+        return 2
+    except PermissionError as err:
+        print(f"minratio: {err}", file=sys.stderr)
+        return 2
+    folder = f"{summary.root.rstrip('/')}/{summary.sweep}"
+    print(f"sweep {summary.sweep!r}: {summary.runs_total} runs ({summary.runs_skipped} already done before), "
+          f"status {summary.run_status}; {summary.points} checkpoints analysed "
+          f"({summary.points_failed} failed); labels {summary.labels}; {summary.seconds:.1f}s")
+    print(f"tables: {folder}/{{runs,points,spectra,curves}}/")
+    if cfg.figures and summary.points:
+        store, name = analysis.open_results(folder)
+        text, figs = analysis.analyze(store, name)
+        print(text)
+        print("figures:\n  " + "\n  ".join(figs))
+    return 0 if not summary.run_status.get("failed") else 1
+
+
+@hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
+def sweep_main(cfg: DictConfig) -> None:
+    code = run(cfg)
+    if code:
+        sys.exit(code)
+
+
+def _folder_arg(description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("folder", help="a sweep's results folder, <results_root>/<sweep.name> (path or URI)")
+    p.add_argument("--checkpoint", help="RUN_ID:STEP whose eigenvalue histogram to draw (analyze only)")
+    return p.parse_args()
+
+
+def analyze_main() -> None:
+    from pipeline import analysis
+
+    args = _folder_arg("Write figures and print the summary of a minratio sweep.")
+    try:
+        store, sweep = analysis.open_results(args.folder)
+        text, figs = analysis.analyze(store, sweep, args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"minratio-analyze: {err}")
+    print(text)
+    print("figures:\n  " + "\n  ".join(figs))
+
+
+def compact_main() -> None:
+    from pipeline import analysis, tables
+
+    args = _folder_arg("Merge the small Parquet files of each table of a sweep into one file per table.")
+    try:
+        store, sweep = analysis.open_results(args.folder)
+    except FileNotFoundError as err:
+        sys.exit(f"minratio-compact: {err}")
+    for name in tables.TABLES:
+        before, rows = tables.compact(store, sweep, name)
+        print(f"{name}: {before} file(s) -> 1, {rows} rows")

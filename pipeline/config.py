@@ -1,0 +1,243 @@
+"""Stage 1 — configuration: typed schemas, registered in Hydra's ConfigStore, and loud validation.
+
+The dataclasses are the single source of truth for what a sweep may say. Hydra merges the YAML files
+under ``conf/`` onto them, so an unknown key fails at composition time; :func:`validate` then checks
+values and ranges before any run starts, and names the field and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+DATA_NAMES = ("synthetic", "digits", "gaussian")
+ACTIVATIONS = ("tanh", "softplus", "relu", "swish", "linear")
+LOSSES = ("mse", "cross_entropy")
+OPTIMIZERS = ("gd", "sgd", "adam")
+DTYPES = ("float32", "float64")
+HESSIAN_METHODS = ("auto", "eigh", "inertia")
+TOL_MODES = ("auto", "gap", "rel", "abs")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | digits | gaussian
+    seed: Optional[int] = 0  # seed of the data set; null = each run's own seed (a new data set per run)
+    n_samples: int = 256  # synthetic/gaussian: samples drawn; digits: first n (0 = all 1,797)
+    n_features: int = 4  # synthetic/gaussian input dimension (digits: 64, or side² when downsampled)
+    n_outputs: int = 1  # synthetic/gaussian target dimension (digits: 10 classes)
+    teacher_width: int = 8  # hidden width of the random tanh teacher that labels synthetic inputs
+    noise: float = 0.0  # std of Gaussian label noise added to synthetic targets
+    side: int = 8  # digits: image side after downsampling (8 = original, 4 = 4×4 block means)
+    batch_size: int = 0  # 0 = full batch (for training, and for Hessian accumulation)
+    standardize: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    depth: int = 1  # number of hidden layers
+    width: int = 8
+    activation: str = "tanh"
+    bias: bool = True
+    loss: str = "mse"  # mse | cross_entropy (cross_entropy needs a classification data set)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "gd"  # gd (full batch) | sgd (mini-batch, data.batch_size) | adam
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0  # L2 penalty λ/2·‖θ‖² added to the loss (and to its Hessian)
+    max_steps: int = 3000
+    log_every: int = 10  # record full-batch loss and gradient norm every k steps
+    dtype: str = "float64"
+
+
+@dataclass
+class StallConfig:
+    window: int = 500  # steps over which the relative improvement is measured
+    threshold: float = 1e-4  # stall when (L[t-window] - L[t]) / |L[t-window]| < threshold
+    max_stalls: int = 1  # stop a run after this many stalls (it also stops at optim.max_steps)
+
+
+@dataclass
+class HessianConfig:
+    method: str = "auto"  # auto | eigh | inertia
+    dtype: str = "float64"
+    tol_mode: str = "auto"  # auto (gap, else rel) | gap | rel | abs
+    rel_tol: float = 1e-6  # tol = rel_tol · max|λ| when no clear gap
+    abs_tol: float = 0.0  # used when tol_mode = abs
+    gap_ratio: float = 1e4  # a "clear gap": consecutive |λ| differ by at least this factor
+    num_gpus: float = 0.0  # GPUs per Hessian task (fractional allowed); 0 = CPU
+    num_cpus: float = 1.0
+    chunk_size: int = 0  # Hessian columns built per vmap call; 0 = derived from memory_budget_mb
+    memory_budget_mb: float = 0.0  # 0 = a share of free device memory
+    batch_checkpoints: int = 8  # checkpoints of one architecture analysed per task
+
+
+@dataclass
+class SweepConfig:
+    name: str = "default"
+    seeds: Any = 8  # a count (seeds 0..n-1) or an explicit list of ints
+    grid: dict = field(default_factory=dict)  # dotted key -> list of values, crossed with seeds
+    max_in_flight: int = 0  # tasks in flight at once; 0 = 2 × cluster CPUs
+    progress: str = "auto"  # auto | live | plain | none
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None = start a local Ray; "auto", "host:port" or "ray://…"
+    num_cpus: Optional[int] = None  # local Ray only: CPUs to offer (None = all)
+    train_num_cpus: float = 1.0  # CPUs per training task
+    max_retries: int = 3  # Ray retries of a task whose worker died
+    runtime_env: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    optim: OptimConfig = MISSING
+    stall: StallConfig = MISSING
+    hessian: HessianConfig = MISSING
+    sweep: SweepConfig = MISSING
+    ray: RayConfig = MISSING
+    results_root: str = "results"
+    figures: bool = True
+
+
+def register_configs() -> None:
+    """Register the schemas so that ``conf/*.yaml`` are merged onto (and checked against) them."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig),
+                        ("stall", StallConfig), ("hessian", HessianConfig), ("sweep", SweepConfig),
+                        ("ray", RayConfig)]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def _require(cond: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}={value!r} is not allowed: expected {allowed}")
+
+
+def _one_of(cfg: DictConfig, key: str, allowed: tuple) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value in allowed, key, value, "one of " + ", ".join(allowed))
+
+
+def seeds_of(seeds: Any) -> list[int]:
+    """``sweep.seeds`` as a list: a count n gives 0..n-1; a list is taken as is (ints ≥ 0, no repeats)."""
+    if OmegaConf.is_list(seeds) or isinstance(seeds, (list, tuple)):
+        out = list(seeds)
+        _require(len(out) >= 1, "sweep.seeds", out, "a non-empty list of ints or a count ≥ 1")
+        for s in out:
+            _require(isinstance(s, int) and not isinstance(s, bool) and s >= 0,
+                     "sweep.seeds", out, "ints ≥ 0")
+        _require(len(set(out)) == len(out), "sweep.seeds", out, "distinct seeds")
+        return out
+    _require(isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1,
+             "sweep.seeds", seeds, "a count ≥ 1 or a list of ints")
+    return list(range(seeds))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value of a composed config; raise :class:`ConfigError` naming the first bad field."""
+    _one_of(cfg, "data.name", DATA_NAMES)
+    _one_of(cfg, "model.name", ("mlp",))
+    _one_of(cfg, "model.activation", ACTIVATIONS)
+    _one_of(cfg, "model.loss", LOSSES)
+    _one_of(cfg, "optim.name", OPTIMIZERS)
+    _one_of(cfg, "optim.dtype", DTYPES)
+    _one_of(cfg, "hessian.method", HESSIAN_METHODS)
+    _one_of(cfg, "hessian.dtype", DTYPES)
+    _one_of(cfg, "hessian.tol_mode", TOL_MODES)
+    _one_of(cfg, "sweep.progress", ("auto", "live", "plain", "none"))
+    d, m, o, s, h = cfg.data, cfg.model, cfg.optim, cfg.stall, cfg.hessian
+    _require(d.n_samples >= 0 if d.name == "digits" else d.n_samples >= 1, "data.n_samples", d.n_samples,
+             "≥ 1 (digits: 0 = all)")
+    _require(d.seed is None or d.seed >= 0, "data.seed", d.seed, "null or an int ≥ 0")
+    _require(d.n_features >= 1, "data.n_features", d.n_features, "≥ 1")
+    _require(d.n_outputs >= 1, "data.n_outputs", d.n_outputs, "≥ 1")
+    _require(d.teacher_width >= 1, "data.teacher_width", d.teacher_width, "≥ 1")
+    _require(d.noise >= 0, "data.noise", d.noise, "≥ 0")
+    _require(d.side in (2, 4, 8), "data.side", d.side, "2, 4 or 8")
+    _require(d.batch_size >= 0, "data.batch_size", d.batch_size, "≥ 0 (0 = full batch)")
+    _require(m.depth >= 0, "model.depth", m.depth, "≥ 0 hidden layers")
+    _require(m.width >= 1, "model.width", m.width, "≥ 1")
+    _require(not (m.loss == "cross_entropy" and d.name != "digits"), "model.loss", m.loss,
+             "mse for regression data (cross_entropy needs data.name=digits)")
+    _require(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "≥ 0")
+    _require(o.max_steps >= 1, "optim.max_steps", o.max_steps, "≥ 1")
+    _require(o.log_every >= 1, "optim.log_every", o.log_every, "≥ 1")
+    _require(not (o.name == "sgd" and d.batch_size == 0), "data.batch_size", d.batch_size,
+             "≥ 1 with optim.name=sgd (mini-batch)")
+    _require(s.window >= o.log_every, "stall.window", s.window, f"≥ optim.log_every ({o.log_every})")
+    _require(s.threshold > 0, "stall.threshold", s.threshold, "> 0")
+    _require(s.max_stalls >= 1, "stall.max_stalls", s.max_stalls, "≥ 1")
+    _require(0 <= h.rel_tol < 1, "hessian.rel_tol", h.rel_tol, "in [0, 1)")
+    _require(h.abs_tol >= 0, "hessian.abs_tol", h.abs_tol, "≥ 0")
+    _require(h.gap_ratio > 1, "hessian.gap_ratio", h.gap_ratio, "> 1")
+    _require(h.num_gpus >= 0, "hessian.num_gpus", h.num_gpus, "≥ 0")
+    _require(h.num_cpus > 0, "hessian.num_cpus", h.num_cpus, "> 0")
+    _require(h.chunk_size >= 0, "hessian.chunk_size", h.chunk_size, "≥ 0")
+    _require(h.memory_budget_mb >= 0, "hessian.memory_budget_mb", h.memory_budget_mb, "≥ 0")
+    _require(h.batch_checkpoints >= 1, "hessian.batch_checkpoints", h.batch_checkpoints, "≥ 1")
+    _require(h.num_gpus <= 1 or float(h.num_gpus).is_integer(), "hessian.num_gpus", h.num_gpus,
+             "a fraction ≤ 1 or a whole number")
+    seeds_of(cfg.sweep.seeds)
+    _require(cfg.sweep.max_in_flight >= 0, "sweep.max_in_flight", cfg.sweep.max_in_flight, "≥ 0")
+    _require(bool(str(cfg.sweep.name)) and "/" not in str(cfg.sweep.name), "sweep.name", cfg.sweep.name,
+             "a non-empty name without '/'")
+    _require(cfg.ray.train_num_cpus > 0, "ray.train_num_cpus", cfg.ray.train_num_cpus, "> 0")
+    _require(cfg.ray.max_retries >= 0, "ray.max_retries", cfg.ray.max_retries, "≥ 0")
+    for key, values in cfg.sweep.grid.items():
+        _require(OmegaConf.is_list(values) and len(values) >= 1, f"sweep.grid.{key}", values,
+                 "a non-empty list of values")
+        _require(key.split(".")[0] in ("data", "model", "optim", "stall", "hessian"), "sweep.grid", key,
+                 "keys under data., model., optim., stall. or hessian.")
+        _require(OmegaConf.select(cfg, key, default=MISSING) is not MISSING or _has_key(cfg, key),
+                 "sweep.grid", key, "a key that exists in the config")
+    if cfg.sweep.grid:
+        # Each grid point must itself be valid: check every value of every key (one key at a time).
+        for key, values in cfg.sweep.grid.items():
+            for value in values:
+                validate_point(cfg, {key: value})
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
+    """A copy of ``cfg`` with dotted-key ``overrides`` set (struct mode keeps unknown keys out)."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(out, True)
+    for key, value in overrides.items():
+        if not _has_key(out, key):
+            raise ConfigError(f"sweep.grid key {key!r} does not exist in the config")
+        OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def validate_point(cfg: DictConfig, overrides: dict) -> None:
+    point = apply_overrides(cfg, overrides)
+    point.sweep.grid = {}
+    try:
+        validate(point)
+    except ConfigError as err:
+        raise ConfigError(f"sweep.grid point {dict(overrides)}: {err}") from None

@@ -1,0 +1,112 @@
+"""Stage 3 — data: data sets generated from a seed, or shipped inside scikit-learn. Nothing is downloaded.
+
+Every data set is a pair of tensors held in memory: inputs ``X`` of shape ``[n, d]`` and targets ``Y`` of
+shape ``[n, k]`` (float, for MSE) or ``[n]`` (int64 class labels, for cross-entropy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Dataset:
+    X: torch.Tensor  # [n, d] inputs
+    Y: torch.Tensor  # [n, k] float targets, or [n] int64 labels
+    n_classes: int  # 0 for regression
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_classes if self.n_classes else int(self.Y.shape[1])
+
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> "Dataset":
+        Y = self.Y.to(device) if self.n_classes else self.Y.to(device, dtype)
+        return Dataset(self.X.to(device, dtype), Y, self.n_classes)
+
+
+def _standardize(X: np.ndarray) -> np.ndarray:
+    # Constant pixels in the digits (std 0) stay 0 rather than becoming NaN.
+    std = X.std(axis=0)
+    return (X - X.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def synthetic(seed: int, n_samples: int, n_features: int, n_outputs: int, teacher_width: int,
+              noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian inputs ``[n, d]`` labelled by a random one-hidden-layer tanh teacher: targets ``[n, k]``."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_samples, n_features))
+    W1 = rng.standard_normal((n_features, teacher_width)) / np.sqrt(n_features)
+    b1 = 0.5 * rng.standard_normal(teacher_width)
+    W2 = rng.standard_normal((teacher_width, n_outputs)) / np.sqrt(teacher_width)
+    Y = np.tanh(X @ W1 + b1) @ W2
+    if noise > 0:
+        Y = Y + noise * rng.standard_normal(Y.shape)
+    return X, Y
+
+
+def gaussian(seed: int, n_samples: int, n_features: int, n_outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Memorisation data: random Gaussian inputs ``[n, d]`` and unrelated Gaussian targets ``[n, k]``."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n_samples, n_features)), rng.standard_normal((n_samples, n_outputs))
+
+
+def digits(n_samples: int = 0, side: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The 8×8 digits shipped inside scikit-learn: inputs ``[n, side²]``, labels ``[n]`` in 0..9.
+
+    ``side`` = 4 or 2 averages blocks of pixels (8×8 → 4×4 → 2×2). ``n_samples`` = 0 keeps all 1,797.
+    """
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no network
+
+    bunch = load_digits()
+    images, labels = bunch.images.astype(np.float64), bunch.target.astype(np.int64)
+    if side not in (2, 4, 8):
+        raise ValueError(f"digits side must be 2, 4 or 8, got {side}")
+    f = 8 // side
+    images = images.reshape(-1, side, f, side, f).mean(axis=(2, 4))
+    X = images.reshape(len(images), side * side)
+    if n_samples:
+        if n_samples > len(X):
+            raise ValueError(f"digits has {len(X)} samples, asked for n_samples={n_samples}")
+        X, labels = X[:n_samples], labels[:n_samples]
+    return X, labels
+
+
+def make_dataset(data_cfg, run_seed: int, loss: str = "mse") -> Dataset:
+    """Build the data set a run trains on, from its data config and the run's seed (float64, CPU)."""
+    seed = run_seed if data_cfg.seed is None else int(data_cfg.seed)
+    if data_cfg.name == "synthetic":
+        X, Y = synthetic(seed, data_cfg.n_samples, data_cfg.n_features, data_cfg.n_outputs,
+                         data_cfg.teacher_width, data_cfg.noise)
+        n_classes = 0
+    elif data_cfg.name == "gaussian":
+        X, Y = gaussian(seed, data_cfg.n_samples, data_cfg.n_features, data_cfg.n_outputs)
+        n_classes = 0
+    elif data_cfg.name == "digits":
+        X, labels = digits(data_cfg.n_samples, data_cfg.side)
+        n_classes = 10
+        Y = labels if loss == "cross_entropy" else np.eye(10)[labels]
+        if loss != "cross_entropy":
+            n_classes = 0  # one-hot regression targets
+    else:
+        raise ValueError(f"unknown data.name {data_cfg.name!r}: expected synthetic, digits or gaussian")
+    if data_cfg.standardize:
+        X = _standardize(X)
+    Yt = torch.as_tensor(Y) if n_classes else torch.as_tensor(Y, dtype=torch.float64)
+    return Dataset(torch.as_tensor(X, dtype=torch.float64), Yt, n_classes)
+
+
+def batches(n: int, batch_size: int) -> list[slice]:
+    """Contiguous slices covering ``range(n)``; ``batch_size`` 0 or ≥ n gives one full batch."""
+    if batch_size <= 0 or batch_size >= n:
+        return [slice(0, n)]
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

@@ -1,0 +1,162 @@
+"""What one Ray task does, as plain functions: train a run, or analyse a group of checkpoints.
+
+Tasks exchange only small descriptors; parameters travel as checkpoint files under the results root
+(``<sweep>/checkpoints/<run_id>/step-<step>.pt``), so no task depends on another node's disk or on the
+driver's memory. Every outcome becomes rows: an exception in a run is a ``failed`` row with its error.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import tables
+from pipeline.hessian import spectra_at_many
+from pipeline.plan import Run
+from pipeline.storage import Store
+from pipeline.train import Checkpoint, make_problem, train
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint waiting for its Hessian: where it is and what it needs (small, picklable)."""
+
+    run_id: str
+    seed: int
+    step: int
+    stage: str  # stalled | final
+    path: str  # relative to the results root
+    group: str  # checkpoints with equal group share one loss function and can be batched
+    config: dict
+
+
+def checkpoint_path(sweep: str, run_id: str, step: int) -> str:
+    return f"{sweep}/checkpoints/{run_id}/step-{step:09d}.pt"
+
+
+def problem_group(config: dict, seed: int) -> str:
+    """Checkpoints whose loss functions are identical (same data, model, loss, L2, Hessian settings)."""
+    data = dict(config["data"])
+    if data.get("seed") is None:
+        data["seed"] = seed  # per-run data sets: batch only within the run
+    key = {"data": data, "model": config["model"], "wd": config["optim"]["weight_decay"],
+           "hessian": config["hessian"]}
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def save_checkpoint(store: Store, sweep: str, run: Run, ck: Checkpoint) -> CheckpointRef:
+    buf = io.BytesIO()
+    torch.save({"theta": ck.theta, "step": ck.step, "loss": ck.loss, "grad_norm": ck.grad_norm,
+                "stalled": ck.stalled, "reason": ck.reason, "run_id": run.run_id, "seed": run.seed}, buf)
+    path = checkpoint_path(sweep, run.run_id, ck.step)
+    store.write_bytes(path, buf.getvalue())
+    return ref_for(run, ck.step, ck.stalled, path)
+
+
+def ref_for(run: Run, step: int, stalled: bool, path: str) -> CheckpointRef:
+    return CheckpointRef(run.run_id, run.seed, step, "stalled" if stalled else "final", path,
+                         problem_group(run.config, run.seed), run.config)
+
+
+def load_checkpoint(store: Store, path: str) -> dict:
+    return torch.load(io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=True)
+
+
+def existing_checkpoints(store: Store, sweep: str, run: Run) -> list[CheckpointRef]:
+    """Checkpoints a finished run left on disk (used on resume to find points still missing)."""
+    refs = []
+    for path in store.list_files(f"{sweep}/checkpoints/{run.run_id}", ".pt"):
+        meta = load_checkpoint(store, path)
+        refs.append(ref_for(run, int(meta["step"]), bool(meta["stalled"]), path))
+    return refs
+
+
+def run_row(sweep: str, run: Run, **values) -> dict:
+    row = {"run_id": run.run_id, "sweep": sweep, "seed": run.seed, "node": socket.gethostname(),
+           "overrides": json.dumps(run.overrides, sort_keys=True, default=str),
+           "config_json": json.dumps(run.config, sort_keys=True, default=str)}
+    row.update(tables.config_columns(run.config))
+    row.update(values)
+    return row
+
+
+def train_job(store_uri: str, sweep: str, run: Run) -> tuple[str, list[CheckpointRef]]:
+    """Train ``run``, write its checkpoints, curve and ``runs`` row; return its status and checkpoints.
+
+    An exception inside training becomes a ``failed`` row (and no checkpoints), never a dead sweep.
+    """
+    store = Store.open(store_uri)
+    t0 = time.perf_counter()
+    refs: list[CheckpointRef] = []
+    try:
+        cfg = run.cfg()
+        result = train(cfg, run.seed, on_checkpoint=lambda ck: refs.append(save_checkpoint(store, sweep, run, ck)))
+    except Exception as err:  # noqa: BLE001 — any failure of one run is recorded, the sweep goes on
+        tables.write(store, sweep, "runs", [run_row(
+            sweep, run, status="failed", wall_seconds=time.perf_counter() - t0,
+            error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")])
+        return "failed", []
+    c = result.curves
+    tables.write(store, sweep, "curves", [
+        {"run_id": run.run_id, "step": s, "loss": v, "grad_norm": g}
+        for s, v, g in zip(c.step, c.loss, c.grad_norm)])
+    tables.write(store, sweep, "runs", [run_row(
+        sweep, run, status=result.status, steps=result.steps, final_loss=result.final_loss,
+        final_grad_norm=result.final_grad_norm, n_params=result.n_params,
+        n_checkpoints=len(result.checkpoints), n_stalls=sum(ck.stalled for ck in result.checkpoints),
+        wall_seconds=time.perf_counter() - t0, error=result.error)])
+    return result.status, refs
+
+
+def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu") -> int:
+    """Analyse checkpoints of one group (same loss function): write a ``points`` and a ``spectra`` row
+    each. Returns how many points were written. Failures become ``failed`` points rows."""
+    store = Store.open(store_uri)
+    h = refs[0].config["hessian"]
+    metas = [load_checkpoint(store, r.path) for r in refs]
+    problem = make_problem(Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg(), refs[0].seed)
+    batch_size = refs[0].config["data"]["batch_size"]
+    thetas = torch.stack([m["theta"] for m in metas])
+    t0 = time.perf_counter()
+    try:
+        results, fallback = spectra_at_many(
+            lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
+            method=h["method"], tol=h["abs_tol"] if h["tol_mode"] == "abs" else None,
+            rel_tol=h["rel_tol"], tol_mode=h["tol_mode"], gap_ratio=h["gap_ratio"], dtype=h["dtype"],
+            device=device, chunk_size=h["chunk_size"], memory_budget_mb=h["memory_budget_mb"])
+        errors = [None] * len(refs)
+    except Exception as err:  # noqa: BLE001
+        results, fallback = [None] * len(refs), None
+        errors = [f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"] * len(refs)
+    per_point = (time.perf_counter() - t0) / len(refs)
+    for ref, meta, res, err in zip(refs, metas, results, errors):
+        base = {"run_id": ref.run_id, "step": ref.step, "stage": ref.stage, "seed": ref.seed,
+                "stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
+                "seconds": per_point}
+        if res is None:
+            tables.write(store, sweep, "points", [{**base, "status": "failed", "error": err,
+                                                   "loss": meta["loss"], "grad_norm": meta["grad_norm"]}])
+            continue
+        tables.write(store, sweep, "points", [{**base, **point_values(res), "fallback": fallback}])
+        if res.eigenvalues is not None:
+            tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": ref.stage,
+                                                    "n_params": res.n_params,
+                                                    "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
+    return len(refs)
+
+
+def point_values(res) -> dict:
+    """The ``points`` columns of a :class:`pipeline.hessian.SpectrumResult`."""
+    return {"status": "ok", "loss": res.loss, "grad_norm": res.grad_norm, "n_params": res.n_params,
+            "n_pos": res.n_pos, "n_neg": res.n_neg, "n_zero": res.n_zero, "n_pos_naive": res.n_pos_naive,
+            "min_ratio": res.min_ratio, "min_ratio_naive": res.min_ratio_naive,
+            "min_ratio_curved": res.min_ratio_curved, "index": res.index, "label": res.label,
+            "lam_min": res.lam_min, "lam_max": res.lam_max, "tol": res.tol, "tol_method": res.tol_method,
+            "method": res.method, "dtype": res.dtype, "device": res.device,
+            "build_seconds": res.seconds.get("build"), "count_seconds": res.seconds.get("count")}

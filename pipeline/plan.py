@@ -1,0 +1,65 @@
+"""Stage 2 — sweep plan: the config expanded into runs, ``sweep.seeds`` × the grid of overrides.
+
+Each run carries its own fully resolved config (plain containers, no interpolations left), so it can be
+shipped to a Ray worker as is, and a ``run_id`` hashed from exactly the values that change what it
+computes: the same config gives the same id on any machine, and resources or sweep names do not matter.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import apply_overrides, seeds_of
+
+# Sections whose values change what a run computes, hence its id. Hessian *resources* do not.
+ID_SECTIONS = ("data", "model", "optim", "stall")
+HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    seed: int
+    overrides: dict  # the grid point, {dotted key: value}
+    config: dict  # resolved config of this run: data/model/optim/stall/hessian sections
+
+    def cfg(self) -> DictConfig:
+        return OmegaConf.create(self.config)
+
+
+def run_id(config: dict, seed: int) -> str:
+    """12 hex digits of SHA-256 over the run's computation-relevant config and seed (canonical JSON)."""
+    ident = {s: config[s] for s in ID_SECTIONS}
+    ident["hessian"] = {k: config["hessian"][k] for k in HESSIAN_ID_KEYS}
+    ident["seed"] = int(seed)
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def grid_points(grid: dict) -> list[dict]:
+    """Cartesian product of ``{key: [values]}`` as a list of ``{key: value}``; ``[{}]`` for no grid."""
+    if not grid:
+        return [{}]
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(list(grid[k]) for k in keys))]
+
+
+def expand(cfg: DictConfig) -> list[Run]:
+    """All runs of a sweep in a stable order (grid point, then seed). ``cfg`` must be validated."""
+    grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True) if cfg.sweep.grid else {}
+    runs, seen = [], set()
+    for point in grid_points(grid):
+        point_cfg = apply_overrides(cfg, point)
+        sections = {s: OmegaConf.to_container(point_cfg[s], resolve=True)
+                    for s in (*ID_SECTIONS, "hessian")}
+        for seed in seeds_of(OmegaConf.to_container(cfg.sweep, resolve=True)["seeds"]):
+            rid = run_id(sections, seed)
+            if rid in seen:
+                continue  # two grid points that resolve to the same run: compute it once
+            seen.add(rid)
+            runs.append(Run(rid, seed, point, sections))
+    return runs

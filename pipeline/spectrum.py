@@ -1,0 +1,131 @@
+"""The one definition of the minimum ratio: tolerance choice, eigenvalue counts, ratios and labels.
+
+Many Hessian eigenvalues of a network are zero up to rounding, and their sign is noise. So eigenvalues
+are counted with a tolerance ``tol``: ``n_pos`` = #{λ > tol}, ``n_neg`` = #{λ < −tol}, ``n_zero`` = the rest
+(|λ| ≤ tol). Everything here is plain NumPy and knows nothing of models, Ray or files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+LABELS = ("minimum", "degenerate_minimum", "saddle", "maximum", "degenerate_maximum", "flat")
+
+
+@dataclass(frozen=True)
+class Counts:
+    n_pos: int
+    n_neg: int
+    n_zero: int
+    n_pos_naive: int  # #{λ > 0}: the lecture's count, with no tolerance
+
+    @property
+    def n(self) -> int:
+        return self.n_pos + self.n_neg + self.n_zero
+
+
+def choose_tol(abs_eigs: np.ndarray, rel_tol: float = 1e-6, gap_ratio: float = 1e4,
+               eps: float = float(np.finfo(np.float64).eps), mode: str = "auto",
+               abs_tol: float = 0.0) -> tuple[float, str]:
+    """Pick the tolerance below which |λ| counts as zero. Returns ``(tol, how)``.
+
+    ``abs_eigs``: |λ|, any order, shape ``[n]``. Modes:
+
+    - ``rel``: ``rel_tol · max|λ|``.
+    - ``gap``: a clear gap near zero — consecutive sorted |λ| that differ by ≥ ``gap_ratio`` — whose lower
+      side is already zero by the ``rel`` rule and whose upper side stands above rounding noise
+      (``100 · n · eps · max|λ|``); ``tol`` is the geometric mean of the two sides. Falls back to ``rel``
+      when there is no such gap. The gap rule never calls zero anything the ``rel`` rule calls non-zero.
+    - ``auto``: same as ``gap``.
+    - ``abs``: ``abs_tol`` as given.
+    """
+    if mode == "abs":
+        return float(abs_tol), "abs"
+    a = np.sort(np.abs(np.asarray(abs_eigs, dtype=np.float64)))
+    top = float(a[-1]) if a.size else 0.0
+    if top == 0.0:
+        return 0.0, "rel"
+    rel = rel_tol * top
+    if mode in ("gap", "auto"):
+        noise = 100.0 * a.size * eps * top
+        floor = np.maximum(a, np.finfo(np.float64).tiny)
+        ratios = floor[1:] / floor[:-1]
+        ok = (ratios >= gap_ratio) & (a[:-1] <= rel) & (a[1:] > noise)
+        if ok.any():
+            i = int(np.argmax(np.where(ok, ratios, 0.0)))
+            return float(np.sqrt(floor[i] * floor[i + 1])), "gap"
+    elif mode != "rel":
+        raise ValueError(f"unknown tolerance mode {mode!r}: expected auto, gap, rel or abs")
+    return float(rel), "rel"
+
+
+def count(eigenvalues: np.ndarray, tol: float) -> Counts:
+    """Counts of λ above ``tol``, below ``−tol`` and in between (inclusive) for eigenvalues ``[n]``."""
+    if tol < 0:
+        raise ValueError(f"tol must be ≥ 0, got {tol}")
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    n_pos, n_neg = int((lam > tol).sum()), int((lam < -tol).sum())
+    return Counts(n_pos, n_neg, lam.size - n_pos - n_neg, int((lam > 0).sum()))
+
+
+def label(c: Counts) -> str:
+    """``minimum`` · ``degenerate_minimum`` · ``saddle`` · ``maximum`` · ``degenerate_maximum`` · ``flat``."""
+    if c.n_pos == 0 and c.n_neg == 0:
+        return "flat"
+    if c.n_pos > 0 and c.n_neg > 0:
+        return "saddle"
+    if c.n_neg == 0:
+        return "minimum" if c.n_zero == 0 else "degenerate_minimum"
+    return "maximum" if c.n_zero == 0 else "degenerate_maximum"
+
+
+def ratios(c: Counts) -> dict[str, float]:
+    """``min_ratio`` = n_pos/n (flat directions are not positive); ``min_ratio_naive`` = #{λ>0}/n (the
+    lecture's figure); ``min_ratio_curved`` = n_pos/(n_pos+n_neg) (NaN when nothing is curved);
+    ``index`` = n_neg/n."""
+    n = c.n
+    curved = c.n_pos + c.n_neg
+    return {
+        "min_ratio": c.n_pos / n if n else float("nan"),
+        "min_ratio_naive": c.n_pos_naive / n if n else float("nan"),
+        "min_ratio_curved": c.n_pos / curved if curved else float("nan"),
+        "index": c.n_neg / n if n else float("nan"),
+    }
+
+
+def ratio_vs_tol(eigenvalues: np.ndarray, rel_tols: np.ndarray) -> np.ndarray:
+    """``min_ratio`` at ``tol = r · max|λ|`` for each ``r`` in ``rel_tols`` (shape as ``rel_tols``)."""
+    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))
+    top = np.abs(lam).max() if lam.size else 0.0
+    tols = np.asarray(rel_tols, dtype=np.float64) * top
+    # #{λ > t} by binary search on the sorted spectrum.
+    return (lam.size - np.searchsorted(lam, tols, side="right")) / max(lam.size, 1)
+
+
+@dataclass(frozen=True)
+class Summary:
+    counts: Counts
+    tol: float
+    tol_method: str
+    lam_min: Optional[float]
+    lam_max: Optional[float]
+
+    @property
+    def label(self) -> str:
+        return label(self.counts)
+
+
+def summarize(eigenvalues: np.ndarray, *, tol: Optional[float] = None, rel_tol: float = 1e-6,
+              gap_ratio: float = 1e4, eps: float = float(np.finfo(np.float64).eps),
+              tol_mode: str = "auto") -> Summary:
+    """Counts, tolerance and extremes of a full spectrum ``[n]``; ``tol`` given overrides ``tol_mode``."""
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    if not np.all(np.isfinite(lam)):
+        raise ValueError("eigenvalues contain NaN or inf: the Hessian is not finite at this point")
+    if tol is None:
+        tol, how = choose_tol(np.abs(lam), rel_tol=rel_tol, gap_ratio=gap_ratio, eps=eps, mode=tol_mode)
+    else:
+        how = "given"
+    return Summary(count(lam, tol), float(tol), how, float(lam.min()), float(lam.max()))

@@ -1,0 +1,90 @@
+"""Where results live: a root that is a local path, a shared-filesystem path or a ``pyarrow.fs`` URI
+(``file://``, ``s3://``, ``gs://``). Every file is written whole or not at all, so a reader never sees half.
+
+On filesystems with an atomic rename (local and shared POSIX filesystems) a file is written to a hidden
+temporary name (``.tmp-…``; hidden names are skipped by pyarrow, pandas and DuckDB readers) and renamed.
+On object stores a single PUT already replaces the object atomically, so the file is written directly.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Store:
+    """A results root: ``fs`` is a ``pyarrow.fs.FileSystem``, ``root`` a path inside it."""
+
+    fs: pafs.FileSystem
+    root: str
+    uri: str
+
+    @staticmethod
+    def open(uri: str) -> "Store":
+        """Open a results root. A plain path is made absolute (so Ray workers agree on it)."""
+        if "://" not in uri:
+            uri = os.path.abspath(os.path.expanduser(uri))
+        fs, root = pafs.FileSystem.from_uri(uri)
+        return Store(fs, root.rstrip("/") or "/", uri)
+
+    @property
+    def atomic_rename(self) -> bool:
+        return self.fs.type_name == "local"
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.create_dir(self.path(rel), recursive=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` to ``rel`` (relative to the root) atomically, replacing any old file."""
+        target = self.path(rel)
+        folder = posixpath.dirname(target)
+        self.fs.create_dir(folder, recursive=True)
+        if not self.atomic_rename:
+            with self.fs.open_output_stream(target) as out:
+                out.write(data)
+            return
+        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, target)
+        finally:
+            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                self.fs.delete_file(tmp)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def list_files(self, rel: str, suffix: str = "") -> list[str]:
+        """Relative paths of the visible files directly under ``rel`` ending in ``suffix`` (sorted)."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(sel):
+            name = posixpath.basename(info.path)
+            if info.type == pafs.FileType.File and not name.startswith((".", "_")) and name.endswith(suffix):
+                out.append(posixpath.join(rel, name))
+        return sorted(out)
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
+
+    def check_writable(self) -> None:
+        """Raise ``PermissionError`` naming the root when a probe file cannot be written and removed."""
+        probe = f".probe-{uuid.uuid4().hex}"
+        try:
+            self.makedirs("")
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)
+        except OSError as err:
+            raise PermissionError(f"results root {self.uri!r} is not writable: {err}") from None

@@ -1,0 +1,207 @@
+"""The driver: the only module that imports Ray. It connects to Ray, checks the request against the
+cluster before any work starts, skips what a previous run of the same command finished, and keeps a
+bounded number of tasks in flight with a ``ray.wait`` loop, so progress shows as results arrive and a
+sweep of 10,000 runs floods neither the scheduler nor the object store.
+
+Training tasks return small checkpoint descriptors; Hessian tasks for finished runs start while other
+runs still train, grouped by loss function up to ``hessian.batch_checkpoints`` per task.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import jobs, tables
+from pipeline.config import ConfigError, validate
+from pipeline.plan import Run, expand
+from pipeline.progress import Progress
+from pipeline.storage import Store
+
+
+@dataclass
+class SweepSummary:
+    sweep: str
+    root: str
+    runs_total: int
+    runs_skipped: int
+    run_status: dict = field(default_factory=dict)
+    points: int = 0
+    points_failed: int = 0
+    labels: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+@ray.remote
+def _train_task(store_uri: str, sweep: str, run: Run, num_cpus: float):
+    _threads(num_cpus)
+    return jobs.train_job(store_uri, sweep, run)
+
+
+@ray.remote
+def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
+    import torch
+
+    _threads(num_cpus)
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    try:
+        return jobs.hessian_job(store_uri, sweep, refs, device=device)
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()  # give the GPU back to the next task sharing it
+
+
+def connect(ray_cfg) -> None:
+    """Start a local Ray, or attach to ``ray.address``; reuse one already initialised in this process."""
+    if ray.is_initialized():
+        return
+    kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
+    if ray_cfg.runtime_env:
+        kwargs["runtime_env"] = OmegaConf.to_container(ray_cfg.runtime_env, resolve=True)
+    if ray_cfg.address:
+        try:
+            ray.init(address=ray_cfg.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"ray.address={ray_cfg.address!r} is not reachable: {err}") from None
+    else:
+        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Refuse requests the cluster can never satisfy, before any task is submitted."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    h = cfg.hessian
+    if h.num_gpus > 0 and max_gpu == 0:
+        raise ConfigError(f"hessian.num_gpus={h.num_gpus} but the Ray cluster has no GPU; "
+                          "use hessian.num_gpus=0 to run the Hessians on CPU")
+    if h.num_gpus > max_gpu:
+        raise ConfigError(f"hessian.num_gpus={h.num_gpus} but the largest node has {max_gpu:g} GPU(s)")
+    for key, need in (("ray.train_num_cpus", cfg.ray.train_num_cpus), ("hessian.num_cpus", h.num_cpus)):
+        if need > max_cpu:
+            raise ConfigError(f"{key}={need} but the largest node has {max_cpu:g} CPU(s)")
+    if h.memory_budget_mb > 0:
+        max_mem = max((n["Resources"].get("memory", 0) for n in nodes), default=0) / 2**20
+        if max_mem and h.memory_budget_mb > max_mem:
+            raise ConfigError(f"hessian.memory_budget_mb={h.memory_budget_mb:g} but the largest node offers "
+                              f"{max_mem:.0f} MB to Ray tasks")
+
+
+def resolve_root(cfg: DictConfig) -> str:
+    root = str(cfg.results_root)
+    return root if "://" in root else os.path.abspath(root)
+
+
+def run_sweep(cfg: DictConfig) -> SweepSummary:
+    """Run (or resume) the sweep that ``cfg`` describes; return what is in its tables at the end."""
+    t0 = time.monotonic()
+    validate(cfg)
+    store = Store.open(resolve_root(cfg))
+    store.check_writable()
+    name = str(cfg.sweep.name)
+    runs = expand(cfg)
+    connect(cfg.ray)
+    preflight(cfg)
+
+    done_runs = {k[0] for k in tables.done_keys(store, name, "runs")}
+    done_points = tables.done_keys(store, name, "points")
+    todo = collections.deque(r for r in runs if r.run_id not in done_runs)
+    groups: dict[str, list] = collections.defaultdict(list)
+    for run in runs:
+        if run.run_id in done_runs:
+            for ref in jobs.existing_checkpoints(store, name, run):
+                if (ref.run_id, ref.step, ref.stage) not in done_points:
+                    groups[ref.group].append(ref)
+
+    cap = cfg.sweep.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    h, rc = cfg.hessian, cfg.ray
+    prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo), queued=len(todo))
+    in_flight: dict = {}
+
+    def submit_hessians(force: bool) -> bool:
+        for key, refs in list(groups.items()):
+            if refs and (force or len(refs) >= h.batch_checkpoints):
+                batch, groups[key] = refs[: h.batch_checkpoints], refs[h.batch_checkpoints:]
+                task = _hessian_task.options(num_cpus=h.num_cpus, num_gpus=h.num_gpus or None,
+                                             max_retries=rc.max_retries)
+                in_flight[task.remote(store.uri, name, batch, h.num_cpus)] = ("hessian", batch)
+                return True
+        return False
+
+    while todo or in_flight or any(groups.values()):
+        while len(in_flight) < cap:
+            if submit_hessians(force=False):
+                continue
+            if todo:
+                run = todo.popleft()
+                task = _train_task.options(num_cpus=rc.train_num_cpus, max_retries=rc.max_retries)
+                in_flight[task.remote(store.uri, name, run, rc.train_num_cpus)] = ("train", run)
+                prog.queued, prog.running = len(todo), prog.running + 1
+                continue
+            if not submit_hessians(force=True):
+                break
+        prog.points_pending = sum(len(v) for v in groups.values()) + sum(
+            len(p) for kind, p in in_flight.values() if kind == "hessian")
+        prog.update()
+        if not in_flight:
+            continue
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        for obj in ready:
+            kind, payload = in_flight.pop(obj)
+            if kind == "train":
+                _finish_train(store, name, obj, payload, groups, prog)
+            else:
+                _finish_hessian(store, name, obj, payload, prog)
+    prog.close()
+    return summarize(store, name, len(runs), len(runs) - len(todo) - prog.done - prog.failed - prog.diverged,
+                     time.monotonic() - t0)
+
+
+def _finish_train(store: Store, name: str, obj, run: Run, groups: dict, prog: Progress) -> None:
+    prog.running -= 1
+    try:
+        status, refs = ray.get(obj)
+    except ray.exceptions.RayError as err:  # the worker died more often than ray.max_retries allows
+        tables.write(store, name, "runs", [jobs.run_row(name, run, status="failed",
+                                                        error=f"{type(err).__name__}: {err}")])
+        prog.failed += 1
+        return
+    prog.failed += status == "failed"
+    prog.diverged += status == "diverged"
+    prog.done += status == "ok"
+    for ref in refs:
+        groups[ref.group].append(ref)
+
+
+def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) -> None:
+    try:
+        ray.get(obj)
+        prog.points_done += len(refs)
+    except ray.exceptions.RayError as err:
+        rows = [{"run_id": r.run_id, "step": r.step, "stage": r.stage, "seed": r.seed, "status": "failed",
+                 "error": f"{type(err).__name__}: {err}"} for r in refs]
+        for row in rows:
+            tables.write(store, name, "points", [row])
+        prog.points_failed += len(refs)
+
+
+def summarize(store: Store, name: str, total: int, skipped: int, seconds: float) -> SweepSummary:
+    runs = tables.read(store, name, "runs").to_pandas()
+    points = tables.read(store, name, "points").to_pandas()
+    ok_points = points[points["status"] == "ok"] if len(points) else points
+    return SweepSummary(
+        sweep=name, root=store.uri, runs_total=total, runs_skipped=max(skipped, 0),
+        run_status=runs["status"].value_counts().to_dict() if len(runs) else {},
+        points=len(ok_points), points_failed=int((points["status"] == "failed").sum()) if len(points) else 0,
+        labels=ok_points["label"].value_counts().to_dict() if len(ok_points) else {}, seconds=seconds)

@@ -1,0 +1,225 @@
+"""Stage 8 — results: the one owner of the Parquet schemas. Every writer and reader goes through here.
+
+Four tables live under ``<results_root>/<sweep.name>/``, one folder each (``runs/``, ``points/``,
+``spectra/``, ``curves/``), readable with ``pandas.read_parquet(folder)``, ``pyarrow.dataset`` or DuckDB's
+``read_parquet('folder/*.parquet')``. Each task writes its own file, named after its key, so a retried
+task replaces its file instead of adding rows; :func:`read` applies the declared schema (a column added in
+a later version is never lost) and keeps one row per key; :func:`compact` merges small files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+import typing
+import uuid
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline import config as C
+from pipeline.storage import Store
+
+SCHEMA_VERSION = 1
+TABLES = ("runs", "points", "spectra", "curves")
+
+# Per-run config sections that become columns of `runs` as <section>_<field>.
+CONFIG_SECTIONS = {"data": C.DataConfig, "model": C.ModelConfig, "optim": C.OptimConfig,
+                   "stall": C.StallConfig, "hessian": C.HessianConfig}
+_PA_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def _config_fields() -> list[pa.Field]:
+    out = []
+    for section, cls in CONFIG_SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            base = args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
+            if base in _PA_TYPES:
+                out.append(pa.field(f"{section}_{f.name}", _PA_TYPES[base]))
+    return out
+
+
+_META = [pa.field("schema_version", pa.int32()), pa.field("written_at", pa.timestamp("us", tz="UTC"))]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "runs": pa.schema([
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("sweep", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("status", pa.string()),  # ok | diverged | failed
+        pa.field("steps", pa.int64()),
+        pa.field("final_loss", pa.float64()),
+        pa.field("final_grad_norm", pa.float64()),
+        pa.field("n_params", pa.int64()),
+        pa.field("n_checkpoints", pa.int64()),
+        pa.field("n_stalls", pa.int64()),
+        pa.field("wall_seconds", pa.float64()),
+        pa.field("node", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("overrides", pa.string()),  # the grid point of this run, JSON
+        pa.field("config_json", pa.string()),  # the run's full resolved config
+        *_config_fields(),
+        *_META,
+    ]),
+    "points": pa.schema([
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # stalled | final
+        pa.field("seed", pa.int64()),
+        pa.field("stalled", pa.bool_()),
+        pa.field("stall_reason", pa.string()),
+        pa.field("status", pa.string()),  # ok | failed
+        pa.field("error", pa.string()),
+        pa.field("loss", pa.float64()),  # full-batch training loss at the point
+        pa.field("grad_norm", pa.float64()),  # ‖∇L‖ at the point
+        pa.field("n_params", pa.int64()),
+        pa.field("n_pos", pa.int64()),
+        pa.field("n_neg", pa.int64()),
+        pa.field("n_zero", pa.int64()),
+        pa.field("n_pos_naive", pa.int64()),
+        pa.field("min_ratio", pa.float64()),
+        pa.field("min_ratio_naive", pa.float64()),
+        pa.field("min_ratio_curved", pa.float64()),
+        pa.field("index", pa.float64()),
+        pa.field("label", pa.string()),
+        pa.field("lam_min", pa.float64()),
+        pa.field("lam_max", pa.float64()),
+        pa.field("tol", pa.float64()),
+        pa.field("tol_method", pa.string()),  # gap | rel | abs | given
+        pa.field("method", pa.string()),  # eigh | inertia
+        pa.field("dtype", pa.string()),
+        pa.field("device", pa.string()),
+        pa.field("build_seconds", pa.float64()),
+        pa.field("count_seconds", pa.float64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("fallback", pa.string()),  # what was done when the first try ran out of memory
+        pa.field("node", pa.string()),
+        *_META,
+    ]),
+    "spectra": pa.schema([
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("n_params", pa.int64()),
+        pa.field("eigenvalues", pa.list_(pa.float64())),  # ascending
+        *_META,
+    ]),
+    "curves": pa.schema([
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("loss", pa.float64()),
+        pa.field("grad_norm", pa.float64()),
+        *_META,
+    ]),
+}
+
+KEYS = {"runs": ("run_id",), "points": ("run_id", "step", "stage"), "spectra": ("run_id", "step", "stage"),
+        "curves": ("run_id", "step")}
+
+
+def config_columns(run_cfg) -> dict:
+    """The ``runs`` columns of a run's resolved config: ``{"model_width": 8, ...}``."""
+    return {f"{s}_{k}": v for s in CONFIG_SECTIONS for k, v in run_cfg[s].items()
+            if f"{s}_{k}" in SCHEMAS["runs"].names}
+
+
+def to_table(name: str, rows: list[dict]) -> pa.Table:
+    """Rows → a table of ``name``'s declared schema. Unknown columns are an error (a typo would
+    otherwise vanish); missing ones are null. Metadata columns are filled in."""
+    schema = SCHEMAS[name]
+    now = time.time()
+    for row in rows:
+        unknown = set(row) - set(schema.names)
+        if unknown:
+            raise KeyError(f"{name} table has no column(s) {sorted(unknown)}")
+    cols = {}
+    for f in schema:
+        if f.name == "schema_version":
+            cols[f.name] = [SCHEMA_VERSION] * len(rows)
+        elif f.name == "written_at":
+            cols[f.name] = [int(now * 1e6)] * len(rows)
+        else:
+            cols[f.name] = [row.get(f.name) for row in rows]
+    return pa.table(cols, schema=schema)
+
+
+def file_name(name: str, row: dict) -> str:
+    """A file name built from the row's key: a retry of the same task replaces the same file."""
+    return "-".join(str(row[k]) for k in KEYS[name]) + ".parquet"
+
+
+def write(store: Store, sweep: str, name: str, rows: list[dict], stem: str | None = None) -> None:
+    """Write ``rows`` of table ``name`` as one Parquet file, atomically. ``stem`` names the file; by
+    default the first row's key (the usual case: one task, one key)."""
+    if not rows:
+        return
+    table = to_table(name, rows)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fname = f"{stem}.parquet" if stem else file_name(name, rows[0])
+    store.write_bytes(f"{sweep}/{name}/{fname}", buf.getvalue())
+
+
+def read(store: Store, sweep: str, name: str, dedupe: bool = True) -> pa.Table:
+    """Table ``name`` of a sweep with the declared schema (files of older versions get nulls for new
+    columns); with ``dedupe``, one row per key, the most recently written."""
+    schema = SCHEMAS[name]
+    files = store.list_files(f"{sweep}/{name}", ".parquet")
+    if not files:
+        return schema.empty_table()
+    dataset = ds.dataset([store.path(f) for f in files], schema=schema, format="parquet",
+                         filesystem=store.fs)
+    table = dataset.to_table()
+    if dedupe and table.num_rows:
+        table = _latest_per_key(table, KEYS[name])
+    return table
+
+
+def _latest_per_key(table: pa.Table, key: tuple) -> pa.Table:
+    idx = pa.array(range(table.num_rows))
+    t = table.append_column("__i", idx).sort_by([("written_at", "descending"), ("__i", "descending")])
+    seen, keep = set(), []
+    cols = [t.column(k).to_pylist() for k in key]
+    for i, k in enumerate(zip(*cols)):
+        if k not in seen:
+            seen.add(k)
+            keep.append(i)
+    out = t.take(keep).sort_by([("__i", "ascending")]).drop_columns(["__i"])
+    return out
+
+
+def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
+    """Merge a table's files into one, keeping one row per key. Returns ``(files_before, rows_after)``.
+
+    The merged file is written (atomically) before any small file is deleted, and it holds every key of
+    the files it replaces, so a crash at any moment loses no row; duplicates it leaves behind for a
+    moment are removed by :func:`read`'s de-duplication.
+    """
+    files = store.list_files(f"{sweep}/{name}", ".parquet")
+    if len(files) <= 1:
+        return len(files), read(store, sweep, name).num_rows
+    dataset = ds.dataset([store.path(f) for f in files], schema=SCHEMAS[name], format="parquet",
+                         filesystem=store.fs)
+    table = _latest_per_key(dataset.to_table(), KEYS[name])
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(f"{sweep}/{name}/part-{uuid.uuid4().hex}.parquet", buf.getvalue())
+    for f in files:
+        store.delete(f)
+    return len(files), table.num_rows
+
+
+def done_keys(store: Store, sweep: str, name: str, where_ok: bool = True) -> set:
+    """Keys of rows already complete (``status`` ok/diverged where the table has one)."""
+    table = read(store, sweep, name)
+    if table.num_rows == 0:
+        return set()
+    if where_ok and "status" in table.column_names:
+        ok = [s in ("ok", "diverged") for s in table.column("status").to_pylist()]
+        table = table.filter(pa.array(ok))
+    cols = [table.column(k).to_pylist() for k in KEYS[name]]
+    return set(zip(*cols))

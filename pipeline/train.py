@@ -1,0 +1,179 @@
+"""Stage 5 — training: one run from its config and seed, until it stalls ``max_stalls`` times or reaches
+``max_steps``. Plain PyTorch; the caller decides what to do with checkpoints (the Ray job writes them).
+
+Every ``log_every`` steps the full-batch loss and the norm of its gradient are recorded; the stall rule
+(:mod:`pipeline.stall`) reads that history. A stall yields a :class:`Checkpoint` of the parameters at that
+step; the last state is a checkpoint too, marked ``stalled=False`` unless the run ended on a stall.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from pipeline import stall
+from pipeline.data import Dataset, batches, make_dataset
+from pipeline.models import MLP, loss_value, make_model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    theta: torch.Tensor  # [n_params], CPU
+    loss: float  # full-batch training loss at this step
+    grad_norm: float  # ‖∇L‖ of the full-batch loss
+    stalled: bool  # True: the stall rule fired here; False: the run's last state without a stall
+    reason: str  # why this point was saved, e.g. "stall: rel. improvement 3e-05 < 1e-4 over 500 steps"
+
+
+@dataclass
+class Curves:
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    status: str  # ok | diverged
+    steps: int
+    final_loss: float
+    final_grad_norm: float
+    n_params: int
+    curves: Curves
+    checkpoints: list
+    seconds: float
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything needed to evaluate a run's training loss: rebuilt identically from config + seed."""
+
+    model: MLP
+    data: Dataset
+    loss: str
+    weight_decay: float
+
+    def loss_fn(self, X: Optional[torch.Tensor] = None, Y: Optional[torch.Tensor] = None,
+                weight_decay: Optional[float] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        X = self.data.X if X is None else X
+        Y = self.data.Y if Y is None else Y
+        wd = self.weight_decay if weight_decay is None else weight_decay
+        return lambda theta: loss_value(self.model, theta, X, Y, self.loss, wd)
+
+    def batched_loss_terms(self, batch_size: int) -> list:
+        """The full-batch loss as ``(n_b / n, loss on batch b)`` terms; L2 counted once, in the first."""
+        n = self.data.n
+        return [((s.stop - s.start) / n,
+                 self.loss_fn(self.data.X[s], self.data.Y[s], self.weight_decay * n / (s.stop - s.start)
+                              if i == 0 else 0.0))
+                for i, s in enumerate(batches(n, batch_size))]
+
+    def to(self, device, dtype) -> "Problem":
+        return Problem(self.model, self.data.to(device, dtype), self.loss, self.weight_decay)
+
+
+def make_problem(cfg, seed: int) -> Problem:
+    """The model, data set and loss of a run (``cfg``: the run's resolved config with data/model/optim)."""
+    data = make_dataset(cfg.data, seed, cfg.model.loss)
+    model = make_model(cfg.model, data.in_dim, data.out_dim)
+    return Problem(model, data, cfg.model.loss, float(cfg.optim.weight_decay))
+
+
+def _optimizer(cfg, theta: torch.Tensor) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name in ("gd", "sgd"):
+        return torch.optim.SGD([theta], lr=o.lr, momentum=o.momentum)
+    if o.name == "adam":
+        return torch.optim.Adam([theta], lr=o.lr)
+    raise ValueError(f"unknown optim.name {o.name!r}: expected gd, sgd or adam")
+
+
+def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
+          on_checkpoint: Optional[Callable[[Checkpoint], None]] = None) -> TrainResult:
+    """Train one run. ``cfg`` has ``data``, ``model``, ``optim`` and ``stall`` sections.
+
+    Deterministic given (cfg, seed): initial parameters come from ``seed``, mini-batch order too.
+    ``on_checkpoint`` is called with each checkpoint as soon as it exists, so its Hessian can start
+    while training goes on.
+    """
+    t_start = time.perf_counter()
+    dtype = DTYPES[cfg.optim.dtype]
+    problem = make_problem(cfg, seed).to("cpu", dtype)
+    model, data = problem.model, problem.data
+    theta = (model.init(seed, dtype) if theta0 is None else theta0.to(dtype)).clone().requires_grad_(True)
+    opt = _optimizer(cfg, theta)
+    full = problem.loss_fn()
+    o, s = cfg.optim, cfg.stall
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    mini = cfg.data.batch_size > 0 and cfg.data.batch_size < data.n
+    curves, checkpoints = Curves(), []
+    since, status, step = 0, "ok", 0
+    loss_now, gnorm_now = math.nan, math.nan
+
+    def emit(ck: Checkpoint):
+        checkpoints.append(ck)
+        if on_checkpoint is not None:
+            on_checkpoint(ck)
+
+    for step in range(o.max_steps + 1):
+        logging = step % o.log_every == 0 or step == o.max_steps
+        if not mini:
+            opt.zero_grad(set_to_none=True)
+            value = full(theta)
+            value.backward()
+            loss_now = float(value.detach())
+            if logging:
+                gnorm_now = float(theta.grad.norm())
+        elif logging:
+            theta.grad = None
+            value = full(theta)
+            value.backward()
+            loss_now, gnorm_now = float(value), float(theta.grad.norm())
+        if not math.isfinite(loss_now):
+            status = "diverged"
+            break
+        if logging:
+            curves.step.append(step)
+            curves.loss.append(loss_now)
+            curves.grad_norm.append(gnorm_now)
+            if stall.is_stalled(curves.step, curves.loss, s.window, s.threshold, since=since):
+                ref = _loss_at(curves, step - s.window)
+                rel = stall.relative_improvement(ref, loss_now)
+                emit(Checkpoint(step, theta.detach().clone(), loss_now, gnorm_now, True,
+                                f"stall: relative improvement {rel:.3g} < {s.threshold:g} over {s.window} steps"))
+                since = step
+                if len(checkpoints) >= s.max_stalls:
+                    break
+        if step == o.max_steps:
+            break
+        if mini:
+            perm = torch.randperm(data.n, generator=gen)
+            idx = perm[: cfg.data.batch_size]
+            opt.zero_grad(set_to_none=True)
+            problem.loss_fn(data.X[idx], data.Y[idx])(theta).backward()
+        opt.step()
+
+    if status == "ok" and (not checkpoints or checkpoints[-1].step != step):
+        emit(Checkpoint(step, theta.detach().clone(), loss_now, gnorm_now, False,
+                        f"final: reached optim.max_steps={o.max_steps}" if step == o.max_steps
+                        else "final"))
+    return TrainResult(status, step, loss_now, gnorm_now, model.n_params, curves, checkpoints,
+                       time.perf_counter() - t_start,
+                       error=f"loss became {loss_now} at step {step}" if status == "diverged" else None)
+
+
+def _loss_at(curves: Curves, step: int) -> float:
+    """Loss of the latest recorded entry at or before ``step``."""
+    best = curves.loss[0]
+    for s, loss in zip(curves.step, curves.loss):
+        if s > step:
+            break
+        best = loss
+    return best
