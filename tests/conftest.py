@@ -1,0 +1,41 @@
+"""Shared fixtures: one real local Ray for the whole session, and the real Hydra config, composed and shrunk."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from pipeline.config import register_configs
+
+# Small enough for 2 cores: a few seeds, short training; everything else is the real default config.
+SHRINK = ["sweep.seeds=3", "optim.max_steps=1200", "stall.window=300", "sweep.progress=plain"]
+
+
+def compose_config(overrides: list[str] | None = None, shrink: bool = True):
+    """The real ``conf/config.yaml`` composed by Hydra with ``overrides`` (after the test shrink)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("pipeline.conf", version_base="1.3"):
+        return compose("config", overrides=(SHRINK if shrink else []) + list(overrides or []))
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """``make_cfg([...overrides])`` → a composed config whose results go under this test's tmp dir."""
+    def make(overrides=None, shrink=True):
+        return compose_config([f"results_root={tmp_path / 'results'}"] + list(overrides or []), shrink)
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray shared by every test that needs it (starting Ray takes seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
