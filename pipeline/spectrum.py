@@ -36,7 +36,8 @@ def choose_tol(abs_eigs: np.ndarray, rel_tol: float = 1e-6, gap_ratio: float = 1
     - ``rel``: ``rel_tol · max|λ|``.
     - ``gap``: a clear gap near zero — consecutive sorted |λ| that differ by ≥ ``gap_ratio`` — whose lower
       side is already zero by the ``rel`` rule and whose upper side stands above rounding noise
-      (``100 · n · eps · max|λ|``); ``tol`` is the geometric mean of the two sides. Falls back to ``rel``
+      (``100 · n · eps · max|λ|``); the lowest such gap wins, and ``tol`` is the geometric mean of its two
+      sides (values below ``n · eps · max|λ|`` count as that level). Falls back to ``rel``
       when there is no such gap. The gap rule never calls zero anything the ``rel`` rule calls non-zero.
     - ``auto``: same as ``gap``.
     - ``abs``: ``abs_tol`` as given.
@@ -50,11 +51,13 @@ def choose_tol(abs_eigs: np.ndarray, rel_tol: float = 1e-6, gap_ratio: float = 1
     rel = rel_tol * top
     if mode in ("gap", "auto"):
         noise = 100.0 * a.size * eps * top
-        floor = np.maximum(a, np.finfo(np.float64).tiny)
+        # Exact zeros sit at the rounding level for the purpose of measuring a gap (no tol of 1e-300).
+        floor = np.maximum(a, a.size * eps * top)
         ratios = floor[1:] / floor[:-1]
         ok = (ratios >= gap_ratio) & (a[:-1] <= rel) & (a[1:] > noise)
         if ok.any():
-            i = int(np.argmax(np.where(ok, ratios, 0.0)))
+            # The lowest such gap: what lies below it is the rounding-level cluster, nothing more.
+            i = int(np.argmax(ok))
             return float(np.sqrt(floor[i] * floor[i + 1])), "gap"
     elif mode != "rel":
         raise ValueError(f"unknown tolerance mode {mode!r}: expected auto, gap, rel or abs")

@@ -1,0 +1,113 @@
+"""Config stage: every group composes; bad values stop the program before any run, naming the field."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import compose_config
+from pipeline.config import ConfigError, seeds_of, validate
+from pipeline.plan import expand, run_id
+
+GROUP_OPTIONS = [
+    ("data", "synthetic"), ("data", "digits"), ("data", "gaussian"), ("model", "mlp"), ("optim", "gd"),
+    ("optim", "sgd"), ("optim", "adam"), ("stall", "default"), ("hessian", "exact"), ("sweep", "default"),
+    ("ray", "local"), ("ray", "cluster"),
+]
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_group_option_composes_and_validates(group, option):
+    extra = ["data.batch_size=16"] if (group, option) == ("optim", "sgd") else []
+    cfg = compose_config([f"{group}={option}", *extra], shrink=False)
+    validate(cfg)
+    assert cfg[group] is not None
+
+
+BAD = [
+    ("optim.lr=-0.1", "optim.lr"),
+    ("model.width=0", "model.width"),
+    ("model.activation=sigmoidal", "model.activation"),
+    ("data.name=mnist", "data.name"),
+    ("sweep.seeds=0", "sweep.seeds"),
+    ("sweep.seeds=[1,1]", "sweep.seeds"),
+    ("stall.threshold=0", "stall.threshold"),
+    ("hessian.method=magic", "hessian.method"),
+    ("hessian.num_gpus=-1", "hessian.num_gpus"),
+    ("model.loss=cross_entropy", "model.loss"),  # synthetic data is regression
+    ("+sweep.grid={model.widht:[4,8]}", "model.widht"),
+    ("+sweep.grid={model.width:[4,0]}", "model.width"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD)
+def test_bad_values_are_rejected_with_the_field_named(override, field):
+    cfg = compose_config([override], shrink=False)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(["model.depht=2"], shrink=False)
+    assert "depht" in str(info.value.__cause__ or info.value)
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as info:
+        compose_config(["model.width=wide"], shrink=False)
+    assert "width" in str(info.value) + str(info.value.__cause__)
+
+
+def test_seeds_count_or_list():
+    assert seeds_of(3) == [0, 1, 2]
+    assert seeds_of([7, 3]) == [7, 3]
+    with pytest.raises(ConfigError, match="sweep.seeds"):
+        seeds_of(-2)
+
+
+def test_plan_expands_seeds_times_grid_with_stable_ids():
+    cfg = compose_config(["sweep.seeds=[0,1]", "+sweep.grid={model.width:[3,5],optim.lr:[0.1,0.2]}"], shrink=False)
+    validate(cfg)
+    runs = expand(cfg)
+    assert len(runs) == 8
+    assert len({r.run_id for r in runs}) == 8
+    again = expand(compose_config(["sweep.seeds=[0,1]", "+sweep.grid={model.width:[3,5],optim.lr:[0.1,0.2]}"],
+                                  shrink=False))
+    assert [r.run_id for r in runs] == [r.run_id for r in again]
+    widths = sorted({r.config["model"]["width"] for r in runs})
+    assert widths == [3, 5]
+    # Resources and the sweep's name do not change what a run computes, hence not its id.
+    moved = expand(compose_config(["sweep.seeds=[0,1]", "sweep.name=other", "hessian.num_gpus=0.5",
+                                   "+sweep.grid={model.width:[3,5],optim.lr:[0.1,0.2]}"], shrink=False))
+    assert [r.run_id for r in moved] == [r.run_id for r in runs]
+
+
+def test_run_id_is_a_pure_function_of_config_and_seed():
+    cfg = compose_config([], shrink=False)
+    run = expand(cfg)[0]
+    assert run_id(run.config, run.seed) == run.run_id
+    assert run_id(run.config, run.seed + 1) != run.run_id
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_bad_value_exits_before_any_run(tmp_path):
+    res = _cli("optim.lr=-1", f"results_root={tmp_path}/r", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "optim.lr=-1" in res.stderr and "> 0" in res.stderr
+    assert not (tmp_path / "r" / "default" / "runs").exists()
+
+
+def test_cli_cfg_job_and_help_work_as_hydra_users_expect(tmp_path):
+    res = _cli("--cfg", "job", "model.width=11", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "width: 11" in res.stdout
+    res = _cli("--help", cwd=tmp_path)
+    assert res.returncode == 0 and "minratio-sweep" in res.stdout and "synthetic" in res.stdout
