@@ -164,6 +164,8 @@ def validate(cfg: DictConfig) -> None:
     _require(d.n_samples >= 0 if d.name == "digits" else d.n_samples >= 1, "data.n_samples", d.n_samples,
              "≥ 1 (digits: 0 = all)")
     _require(d.seed is None or d.seed >= 0, "data.seed", d.seed, "null or an int ≥ 0")
+    _require(d.name != "digits" or d.n_samples <= 1797, "data.n_samples", d.n_samples,
+             "≤ 1797 for data.name=digits (0 = all 1,797)")
     _require(d.n_features >= 1, "data.n_features", d.n_features, "≥ 1")
     _require(d.n_outputs >= 1, "data.n_outputs", d.n_outputs, "≥ 1")
     _require(d.teacher_width >= 1, "data.teacher_width", d.teacher_width, "≥ 1")

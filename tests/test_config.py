@@ -33,6 +33,7 @@ BAD = [
     ("model.activation=sigmoidal", "model.activation"),
     ("data.name=mnist", "data.name"),
     ("sweep.seeds=0", "sweep.seeds"),
+    ("data.n_samples=5000", "data.n_samples"),  # digits has 1,797
     ("sweep.seeds=[1,1]", "sweep.seeds"),
     ("stall.threshold=0", "stall.threshold"),
     ("hessian.method=magic", "hessian.method"),

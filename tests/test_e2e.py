@@ -1,0 +1,134 @@
+"""End to end: the real default config, shrunk, on a real local Ray; real Parquet read back three ways."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline import tables
+from pipeline.plan import expand
+from pipeline.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep_result(tmp_path_factory, ray_session):
+    from conftest import compose_config
+
+    root = tmp_path_factory.mktemp("e2e") / "results"
+    cfg = compose_config([f"results_root={root}", "sweep.name=e2e", "sweep.seeds=4"])
+    summary = run_sweep(cfg)
+    return cfg, root / "e2e", summary
+
+
+def test_sweep_writes_four_tables_with_expected_rows(sweep_result):
+    cfg, folder, summary = sweep_result
+    n_runs = len(expand(cfg))
+    runs = pd.read_parquet(folder / "runs")
+    points = pd.read_parquet(folder / "points")
+    spectra = pd.read_parquet(folder / "spectra")
+    curves = pd.read_parquet(folder / "curves")
+    assert len(runs) == n_runs == 4
+    assert set(runs["status"]) == {"ok"}
+    assert (runs["n_checkpoints"] >= 1).all()
+    assert len(points) == runs["n_checkpoints"].sum() == summary.points
+    assert len(spectra) == len(points)
+    assert len(curves) == sum(s // cfg.optim.log_every + 1 for s in runs["steps"])
+    for name, df in (("runs", runs), ("points", points), ("spectra", spectra), ("curves", curves)):
+        assert not df.duplicated(list(tables.KEYS[name])).any(), name
+        assert list(df.columns) == tables.SCHEMAS[name].names, name
+
+
+def test_every_config_value_is_a_runs_column(sweep_result):
+    cfg, folder, _ = sweep_result
+    runs = pd.read_parquet(folder / "runs")
+    assert (runs["model_width"] == cfg.model.width).all()
+    assert (runs["optim_lr"] == cfg.optim.lr).all()
+    assert (runs["data_name"] == "digits").all()
+    assert sorted(runs["seed"]) == [0, 1, 2, 3]
+
+
+def test_points_are_honest_and_consistent(sweep_result):
+    _, folder, _ = sweep_result
+    p = pd.read_parquet(folder / "points")
+    spectra = pd.read_parquet(folder / "spectra").set_index(["run_id", "step", "stage"])
+    assert (p["status"] == "ok").all()
+    assert ((p["n_pos"] + p["n_neg"] + p["n_zero"]) == p["n_params"]).all()
+    assert np.allclose(p["min_ratio"], p["n_pos"] / p["n_params"])
+    assert np.allclose(p["min_ratio_naive"], p["n_pos_naive"] / p["n_params"])
+    assert p["min_ratio"].between(0, 1).all() and (p["tol"] >= 0).all()
+    assert (p["grad_norm"] >= 0).all() and (p["loss"] > 0).all()
+    assert set(p["label"]) <= {"minimum", "degenerate_minimum", "saddle", "maximum", "degenerate_maximum", "flat"}
+    assert set(p["stage"]) <= {"stalled", "final"} and (p["dtype"] == "float64").all()
+    for _, row in p.iterrows():
+        lam = np.asarray(spectra.loc[(row["run_id"], row["step"], row["stage"]), "eigenvalues"])
+        assert len(lam) == row["n_params"] and np.all(np.diff(lam) >= 0)
+        assert int((lam > row["tol"]).sum()) == row["n_pos"]
+        assert int((lam < -row["tol"]).sum()) == row["n_neg"]
+        assert lam[0] == pytest.approx(row["lam_min"]) and lam[-1] == pytest.approx(row["lam_max"])
+
+
+def test_curves_match_points(sweep_result):
+    _, folder, _ = sweep_result
+    curves = pd.read_parquet(folder / "curves")
+    points = pd.read_parquet(folder / "points")
+    merged = points.merge(curves, on=["run_id", "step"], suffixes=("", "_curve"))
+    assert len(merged) == len(points)
+    # The Hessian job recomputes loss and gradient norm from the checkpoint: they agree with training.
+    np.testing.assert_allclose(merged["loss"], merged["loss_curve"], rtol=1e-9)
+    np.testing.assert_allclose(merged["grad_norm"], merged["grad_norm_curve"], rtol=1e-6)
+
+
+def test_tables_read_with_pyarrow_and_duckdb_without_glue(sweep_result):
+    _, folder, _ = sweep_result
+    assert pads.dataset(folder / "points", format="parquet").count_rows() == len(pd.read_parquet(folder / "points"))
+    con = duckdb.connect()
+    n, = con.execute(f"select count(*) from read_parquet('{folder}/runs/*.parquet')").fetchone()
+    assert n == 4
+    labels = con.execute(
+        f"select r.seed, p.label, p.min_ratio from read_parquet('{folder}/points/*.parquet') p "
+        f"join read_parquet('{folder}/runs/*.parquet') r using (run_id)").fetchall()
+    assert len(labels) == len(pd.read_parquet(folder / "points"))
+
+
+def test_rerun_skips_finished_work_and_changes_nothing(sweep_result, ray_session):
+    cfg, folder, _ = sweep_result
+    before = {name: pd.read_parquet(folder / name) for name in tables.TABLES}
+    summary = run_sweep(cfg)
+    assert summary.runs_skipped == 4
+    for name in tables.TABLES:
+        after = pd.read_parquet(folder / name)
+        pd.testing.assert_frame_equal(before[name], after)
+
+
+def test_analysis_command_writes_figures(sweep_result):
+    _, folder, _ = sweep_result
+    res = subprocess.run([sys.executable, "-m", "pipeline.analysis", str(folder)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "checkpoints analysed" in res.stdout
+    figs = sorted(p.name for p in (folder / "figures").glob("*.png"))
+    for name in ("min_ratio_vs_loss.png", "grad_norm_vs_loss.png", "ratio_vs_tol.png", "loss_curves.png"):
+        assert name in figs
+    assert any(f.startswith("eigenvalues_") for f in figs)
+    assert all((folder / "figures" / f).stat().st_size > 10_000 for f in figs)
+
+
+def test_analysis_command_rejects_a_folder_that_is_not_a_sweep(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pipeline.analysis", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and "not a sweep results folder" in res.stderr
+
+
+def test_diverged_run_is_recorded(make_cfg, ray_session):
+    cfg = make_cfg(["sweep.name=div", "sweep.seeds=1", "optim.lr=1e6", "figures=false"])
+    summary = run_sweep(cfg)
+    runs = pd.read_parquet(f"{cfg.results_root}/div/runs")
+    assert list(runs["status"]) == ["diverged"] and "loss became" in runs["error"][0]
+    assert summary.run_status == {"diverged": 1}
