@@ -38,7 +38,7 @@ BAD = [
     ("stall.threshold=0", "stall.threshold"),
     ("hessian.method=magic", "hessian.method"),
     ("hessian.num_gpus=-1", "hessian.num_gpus"),
-    ("model.loss=cross_entropy", "model.loss"),  # synthetic data is regression
+    ("data=synthetic model.loss=cross_entropy", "model.loss"),  # synthetic data is regression
     ("+sweep.grid={model.widht:[4,8]}", "model.widht"),
     ("+sweep.grid={model.width:[4,0]}", "model.width"),
 ]
@@ -46,7 +46,7 @@ BAD = [
 
 @pytest.mark.parametrize("override,field", BAD)
 def test_bad_values_are_rejected_with_the_field_named(override, field):
-    cfg = compose_config([override], shrink=False)
+    cfg = compose_config(override.split(" "), shrink=False)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate(cfg)
 
