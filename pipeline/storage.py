@@ -2,17 +2,26 @@
 (``file://``, ``s3://``, ``gs://``). Every file is written whole or not at all, so a reader never sees half.
 
 On filesystems with an atomic rename (local and shared POSIX filesystems) a file is written to a hidden
-temporary name (``.tmp-…``; hidden names are skipped by pyarrow, pandas and DuckDB readers) and renamed.
-On object stores a single PUT already replaces the object atomically, so the file is written directly.
+temporary name and renamed. The temporary name starts with ``.`` (pyarrow and pandas skip hidden files)
+and ends in ``.tmp``, not ``.parquet``: DuckDB's ``read_parquet('folder/*.parquet')`` globs hidden files
+too, so a temporary file left by a crashed writer must not match the pattern. On object stores a single
+PUT already replaces the object atomically, so the file is written directly.
 """
 from __future__ import annotations
 
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
+
+
+def temp_name(target: str) -> str:
+    """The hidden name ``target`` is written under before the rename: ``<dir>/.<name>.<uuid>.tmp``."""
+    folder, name = posixpath.split(target)
+    return posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class Store:
             with self.fs.open_output_stream(target) as out:
                 out.write(data)
             return
-        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
+        tmp = temp_name(target)
         try:
             with self.fs.open_output_stream(tmp) as out:
                 out.write(data)
@@ -78,6 +87,20 @@ class Store:
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
+
+    def remove_stale_temps(self, rel: str, older_than_s: float = 3600.0) -> int:
+        """Delete temporary files (``.*.tmp``) under ``rel`` left by writers that crashed more than
+        ``older_than_s`` seconds ago (a live writer renames its file within seconds). Returns how many."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for info in self.fs.get_file_info(sel):
+            name = posixpath.basename(info.path)
+            if (info.type == pafs.FileType.File and name.startswith(".") and name.endswith(".tmp")
+                    and info.mtime is not None and info.mtime.timestamp() < cutoff):
+                self.fs.delete_file(info.path)
+                removed += 1
+        return removed
 
     def check_writable(self) -> None:
         """Raise ``PermissionError`` naming the root when a probe file cannot be written and removed."""

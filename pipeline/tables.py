@@ -13,6 +13,7 @@ import io
 import time
 import typing
 import uuid
+import warnings
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -21,7 +22,9 @@ import pyarrow.parquet as pq
 from pipeline import config as C
 from pipeline.storage import Store
 
-SCHEMA_VERSION = 1
+# Version 2 added runs.node_id, runs.resumed_from_step and points.node_id. Files of an older version
+# read with nulls in the columns they lack (see `read`); bump the version whenever a column is added.
+SCHEMA_VERSION = 2
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
@@ -58,7 +61,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("n_checkpoints", pa.int64()),
         pa.field("n_stalls", pa.int64()),
         pa.field("wall_seconds", pa.float64()),
-        pa.field("node", pa.string()),
+        pa.field("node", pa.string()),  # host name of the worker that trained the run
+        pa.field("node_id", pa.string()),  # Ray node id of that worker
+        pa.field("resumed_from_step", pa.int64()),  # a retried task went on from its saved state here
         pa.field("error", pa.string()),
         pa.field("overrides", pa.string()),  # the grid point of this run, JSON
         pa.field("config_json", pa.string()),  # the run's full resolved config
@@ -97,7 +102,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("count_seconds", pa.float64()),
         pa.field("seconds", pa.float64()),
         pa.field("fallback", pa.string()),  # what was done when the first try ran out of memory
-        pa.field("node", pa.string()),
+        pa.field("node", pa.string()),  # host name of the worker that analysed the point
+        pa.field("node_id", pa.string()),  # Ray node id of that worker
         *_META,
     ]),
     "spectra": pa.schema([
@@ -167,16 +173,48 @@ def write(store: Store, sweep: str, name: str, rows: list[dict], stem: str | Non
 def read(store: Store, sweep: str, name: str, dedupe: bool = True) -> pa.Table:
     """Table ``name`` of a sweep with the declared schema (files of older versions get nulls for new
     columns); with ``dedupe``, one row per key, the most recently written."""
-    schema = SCHEMAS[name]
-    files = store.list_files(f"{sweep}/{name}", ".parquet")
-    if not files:
-        return schema.empty_table()
-    dataset = ds.dataset([store.path(f) for f in files], schema=schema, format="parquet",
-                         filesystem=store.fs)
-    table = dataset.to_table()
+    table, _, _ = _read_files(store, sweep, name)
     if dedupe and table.num_rows:
         table = _latest_per_key(table, KEYS[name])
     return table
+
+
+def _read_files(store: Store, sweep: str, name: str, attempts: int = 3) -> tuple[pa.Table, list, list]:
+    """All rows of a table's files, with the declared schema. Returns ``(table, files read, files skipped)``.
+
+    A file that is not valid Parquet is skipped with a warning naming it, never read as data. Our own
+    writers cannot leave one (they rename whole files into place), but a copy cut off by hand can; a
+    resumed sweep redoes the keys it held, which rewrites the file. A file that vanishes while being read
+    (a concurrent :func:`compact` merged it) makes the listing start again.
+    """
+    schema = SCHEMAS[name]
+    for attempt in range(attempts):
+        files = store.list_files(f"{sweep}/{name}", ".parquet")
+        if not files:
+            return schema.empty_table(), [], []
+        try:
+            return _dataset(store, files, schema).to_table(), files, []
+        except FileNotFoundError:
+            continue
+        except (pa.ArrowInvalid, OSError):
+            pass  # one or more unreadable files: read them one by one to find which
+        parts, good, bad = [], [], []
+        for f in files:
+            try:
+                parts.append(_dataset(store, [f], schema).to_table())
+                good.append(f)
+            except FileNotFoundError:
+                continue
+            except (pa.ArrowInvalid, OSError) as err:
+                warnings.warn(f"skipping {store.uri}/{f}: not a readable Parquet file ({err})")
+                bad.append(f)
+        return (pa.concat_tables(parts) if parts else schema.empty_table()), good, bad
+    raise RuntimeError(f"files of table {sweep}/{name} under {store.uri} kept vanishing while being read "
+                       f"({attempts} attempts); is a compact running?")
+
+
+def _dataset(store: Store, files: list, schema: pa.Schema) -> ds.Dataset:
+    return ds.dataset([store.path(f) for f in files], schema=schema, format="parquet", filesystem=store.fs)
 
 
 def _latest_per_key(table: pa.Table, key: tuple) -> pa.Table:
@@ -197,14 +235,15 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
 
     The merged file is written (atomically) before any small file is deleted, and it holds every key of
     the files it replaces, so a crash at any moment loses no row; duplicates it leaves behind for a
-    moment are removed by :func:`read`'s de-duplication.
+    moment are removed by :func:`read`'s de-duplication. Only files that were read are deleted (a file
+    written meanwhile, or an unreadable one, stays). Temporary files of writers that crashed long ago go.
+    Run it when no sweep writes to the folder.
     """
-    files = store.list_files(f"{sweep}/{name}", ".parquet")
+    store.remove_stale_temps(f"{sweep}/{name}")
+    table, files, _ = _read_files(store, sweep, name)
+    table = _latest_per_key(table, KEYS[name]) if table.num_rows else table
     if len(files) <= 1:
-        return len(files), read(store, sweep, name).num_rows
-    dataset = ds.dataset([store.path(f) for f in files], schema=SCHEMAS[name], format="parquet",
-                         filesystem=store.fs)
-    table = _latest_per_key(dataset.to_table(), KEYS[name])
+        return len(files), table.num_rows
     buf = io.BytesIO()
     pq.write_table(table, buf)
     store.write_bytes(f"{sweep}/{name}/part-{uuid.uuid4().hex}.parquet", buf.getvalue())

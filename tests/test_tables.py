@@ -1,0 +1,191 @@
+"""Parquet tables: concurrent writers lose nothing, crash leftovers are never data, old files keep their
+columns, every common reader sees the same rows, and ``compact`` neither loses nor duplicates a row."""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import tables
+from pipeline.storage import Store, temp_name
+
+SWEEP = "s"
+
+
+def run_rows(n: int, status: str = "ok", offset: int = 0) -> list[dict]:
+    return [{"run_id": f"run{i:03d}", "seed": i, "status": status, "final_loss": 0.5 * i, "steps": 10 * i}
+            for i in range(offset, offset + n)]
+
+
+def write_each(store: Store, rows: list[dict], name: str = "runs") -> None:
+    for row in rows:
+        tables.write(store, SWEEP, name, [row])
+
+
+def by_key(table: pa.Table, name: str = "runs") -> pd.DataFrame:
+    df = table.to_pandas() if isinstance(table, pa.Table) else table
+    return df.sort_values(list(tables.KEYS[name])).reset_index(drop=True)
+
+
+def test_many_ray_tasks_writing_one_table_lose_nothing(ray_session, tmp_path):
+    ray = ray_session
+    store = Store.open(str(tmp_path))
+
+    def write_run(uri: str, i: int, value: float):
+        tables.write(Store.open(uri), SWEEP, "runs", [{"run_id": f"run{i:03d}", "status": "ok",
+                                                      "final_loss": value}])
+
+    task = ray.remote(num_cpus=0.5)(write_run)  # four writers at a time on two CPUs
+    distinct = [task.remote(store.uri, i, float(i)) for i in range(32)]
+    # Eight attempts of one task (retries, a zombie first attempt) racing on the same key.
+    racing = [task.remote(store.uri, 999, 100.0 + k) for k in range(8)]
+    ray.get(distinct + racing)
+
+    df = by_key(tables.read(store, SWEEP, "runs"))
+    assert len(df) == 33 and df["run_id"].is_unique
+    assert df.set_index("run_id")["final_loss"].drop("run999").tolist() == [float(i) for i in range(32)]
+    assert df.set_index("run_id").loc["run999", "final_loss"] in [100.0 + k for k in range(8)]
+    assert len(os.listdir(tmp_path / SWEEP / "runs")) == 33  # one file per key, no temporaries left
+
+
+def test_a_temporary_file_left_by_a_crashed_writer_is_never_read(tmp_path):
+    store = Store.open(str(tmp_path))
+    write_each(store, run_rows(3))
+    # What a writer killed mid-write leaves behind: the first half of a Parquet file under its temp name.
+    buf = io.BytesIO()
+    pq.write_table(tables.to_table("runs", run_rows(1, offset=7)), buf)
+    target = store.path(f"{SWEEP}/runs/run007.parquet")
+    with open(temp_name(target), "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+    folder = store.path(f"{SWEEP}/runs")
+    expected = ["run000", "run001", "run002"]
+    assert sorted(tables.read(store, SWEEP, "runs").column("run_id").to_pylist()) == expected
+    assert sorted(pd.read_parquet(folder)["run_id"]) == expected
+    assert sorted(ds.dataset(folder, format="parquet").to_table().column("run_id").to_pylist()) == expected
+    got = duckdb.sql(f"select run_id from read_parquet('{folder}/*.parquet') order by run_id").fetchall()
+    assert [r[0] for r in got] == expected
+
+
+def test_a_visible_file_cut_off_is_skipped_with_a_warning_then_rewritten(tmp_path):
+    store = Store.open(str(tmp_path))
+    write_each(store, run_rows(3))
+    path = tmp_path / SWEEP / "runs" / "run001.parquet"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) - 40])  # a copy interrupted by hand: footer missing
+
+    with pytest.warns(UserWarning, match="run001.parquet: not a readable Parquet file"):
+        ids = tables.read(store, SWEEP, "runs").column("run_id").to_pylist()
+    assert sorted(ids) == ["run000", "run002"]
+    with pytest.warns(UserWarning):
+        assert ("run001",) not in tables.done_keys(store, SWEEP, "runs")  # so a resume redoes it
+
+    write_each(store, run_rows(1, offset=1))  # the redone run replaces the damaged file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(tables.read(store, SWEEP, "runs").column("run_id").to_pylist()) == [
+            "run000", "run001", "run002"]
+
+
+def older_points_schema() -> pa.Schema:
+    """The ``points`` schema of version 1, before ``node_id`` existed."""
+    return pa.schema([f for f in tables.SCHEMAS["points"] if f.name != "node_id"])
+
+
+def test_a_column_missing_from_older_files_reads_as_null_and_is_not_lost(tmp_path):
+    store = Store.open(str(tmp_path))
+    old = tables.to_table("points", [{"run_id": "old", "step": 5, "stage": "final", "n_pos": 3,
+                                      "min_ratio": 0.75}]).select(older_points_schema().names)
+    old = old.set_column(old.schema.get_field_index("schema_version"), "schema_version",
+                         pa.array([1], pa.int32()))
+    folder = tmp_path / SWEEP / "points"
+    folder.mkdir(parents=True)
+    pq.write_table(old, folder / "aaa-old-first.parquet")  # sorts first: a reader could take its schema
+    tables.write(store, SWEEP, "points", [{"run_id": "new", "step": 5, "stage": "final", "n_pos": 4,
+                                           "min_ratio": 1.0, "node_id": "abc123"}])
+
+    df = by_key(tables.read(store, SWEEP, "points"), "points").set_index("run_id")
+    assert df.loc["new", "node_id"] == "abc123" and pd.isna(df.loc["old", "node_id"])
+    assert df.loc["old", "n_pos"] == 3 and df.loc["old", "schema_version"] == 1
+    assert df.loc["new", "schema_version"] == tables.SCHEMA_VERSION
+
+    # Readers outside the project: give them the declared schema, or union the files by name.
+    pdf = pd.read_parquet(folder, schema=tables.SCHEMAS["points"])
+    assert pdf.set_index("run_id").loc["new", "node_id"] == "abc123"
+    got = duckdb.sql(f"select run_id, node_id from read_parquet('{folder}/*.parquet', union_by_name=true) "
+                     "order by run_id").fetchall()
+    assert got == [("new", "abc123"), ("old", None)]
+    # After compaction one file holds the full schema, so even a plain read keeps the column.
+    tables.compact(store, SWEEP, "points")
+    assert pd.read_parquet(folder).set_index("run_id").loc["new", "node_id"] == "abc123"
+
+
+def test_a_column_from_a_newer_version_does_not_break_reading(tmp_path):
+    store = Store.open(str(tmp_path))
+    newer = tables.to_table("runs", run_rows(1)).append_column("added_later", pa.array([1.5]))
+    (tmp_path / SWEEP / "runs").mkdir(parents=True)
+    pq.write_table(newer, tmp_path / SWEEP / "runs" / "run000.parquet")
+    write_each(store, run_rows(2, offset=1))
+    table = tables.read(store, SWEEP, "runs")
+    assert table.schema.equals(tables.SCHEMAS["runs"]) and table.num_rows == 3
+
+
+def test_pandas_pyarrow_duckdb_and_the_project_reader_see_the_same_rows(tmp_path):
+    store = Store.open(f"file://{tmp_path}")  # a URI root, as on a cluster
+    write_each(store, run_rows(12))
+    folder = str(tmp_path / SWEEP / "runs")
+    ours = by_key(tables.read(store, SWEEP, "runs"))[["run_id", "final_loss"]]
+    pandas_df = by_key(pd.read_parquet(folder))[["run_id", "final_loss"]]
+    arrow_df = by_key(ds.dataset(folder, format="parquet").to_table())[["run_id", "final_loss"]]
+    duck_df = by_key(duckdb.sql(f"select * from read_parquet('{folder}/*.parquet')").df())[
+        ["run_id", "final_loss"]]
+    assert len(ours) == 12
+    for other in (pandas_df, arrow_df, duck_df):
+        pd.testing.assert_frame_equal(ours, other)
+
+
+def test_the_latest_row_of_a_key_wins(tmp_path):
+    store = Store.open(str(tmp_path))
+    tables.write(store, SWEEP, "runs", [{"run_id": "r", "status": "failed", "error": "boom"}], stem="attempt1")
+    tables.write(store, SWEEP, "runs", [{"run_id": "r", "status": "ok"}], stem="attempt2")
+    table = tables.read(store, SWEEP, "runs")
+    assert table.num_rows == 1 and table.column("status").to_pylist() == ["ok"]
+    assert tables.read(store, SWEEP, "runs", dedupe=False).num_rows == 2
+    assert tables.done_keys(store, SWEEP, "runs") == {("r",)}
+
+
+def test_compact_loses_and_duplicates_nothing(tmp_path):
+    store = Store.open(str(tmp_path))
+    write_each(store, run_rows(20, status="failed"))
+    for row in run_rows(5, status="ok", offset=3):  # rewritten keys in other files (e.g. an earlier part)
+        tables.write(store, SWEEP, "runs", [row], stem=f"part-rerun-{row['run_id']}")
+    before = by_key(tables.read(store, SWEEP, "runs"))
+
+    assert tables.compact(store, SWEEP, "runs") == (25, 20)
+    files = store.list_files(f"{SWEEP}/runs", ".parquet")
+    assert len(files) == 1
+    after = by_key(tables.read(store, SWEEP, "runs"))
+    pd.testing.assert_frame_equal(before, after)
+    assert (after["status"] == "ok").sum() == 5
+    assert tables.compact(store, SWEEP, "runs") == (1, 20)  # idempotent
+
+    # A crash after the merged file was written but before the small files went: duplicates on disk,
+    # one row per key when read, and the next compact removes them.
+    write_each(store, run_rows(3, status="failed"))
+    write_each(store, run_rows(1, status="ok", offset=30))
+    assert tables.read(store, SWEEP, "runs").num_rows == 21
+    assert tables.compact(store, SWEEP, "runs") == (5, 21)
+    final = by_key(tables.read(store, SWEEP, "runs"))
+    assert final["run_id"].is_unique and len(final) == 21
+
+
+def test_unknown_columns_are_an_error_naming_them():
+    with pytest.raises(KeyError, match="final_los"):
+        tables.to_table("runs", [{"run_id": "r", "final_los": 1.0}])
