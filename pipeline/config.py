@@ -97,6 +97,7 @@ class RayConfig:
     num_cpus: Optional[int] = None  # local Ray only: CPUs to offer (None = all)
     train_num_cpus: float = 1.0  # CPUs per training task
     max_retries: int = 3  # Ray retries of a task whose worker died
+    state_every_s: float = 60.0  # seconds between saves of a training task's state; a retry resumes there
     runtime_env: dict = field(default_factory=dict)
 
 
@@ -202,6 +203,7 @@ def validate(cfg: DictConfig) -> None:
              "a non-empty name without '/'")
     _require(cfg.ray.train_num_cpus > 0, "ray.train_num_cpus", cfg.ray.train_num_cpus, "> 0")
     _require(cfg.ray.max_retries >= 0, "ray.max_retries", cfg.ray.max_retries, "≥ 0")
+    _require(cfg.ray.state_every_s >= 0, "ray.state_every_s", cfg.ray.state_every_s, "≥ 0 seconds")
     for key, values in cfg.sweep.grid.items():
         _require(OmegaConf.is_list(values) and len(values) >= 1, f"sweep.grid.{key}", values,
                  "a non-empty list of values")

@@ -3,6 +3,9 @@
 Tasks exchange only small descriptors; parameters travel as checkpoint files under the results root
 (``<sweep>/checkpoints/<run_id>/step-<step>.pt``), so no task depends on another node's disk or on the
 driver's memory. Every outcome becomes rows: an exception in a run is a ``failed`` row with its error.
+
+A training task saves its state now and then (``<sweep>/state/<run_id>.pt``); a retry of the task (its
+worker or node died, or the whole sweep was restarted) goes on from there instead of from step 0.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pipeline import tables
 from pipeline.hessian import spectra_at_many
 from pipeline.plan import Run
 from pipeline.storage import Store
-from pipeline.train import Checkpoint, make_problem, train
+from pipeline.train import Checkpoint, Curves, TrainState, make_problem, train
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,31 @@ def existing_checkpoints(store: Store, sweep: str, run: Run) -> list[CheckpointR
     return refs
 
 
-def run_row(sweep: str, run: Run, **values) -> dict:
+def state_path(sweep: str, run_id: str) -> str:
+    return f"{sweep}/state/{run_id}.pt"
+
+
+def save_state(store: Store, sweep: str, run_id: str, st: TrainState) -> None:
+    buf = io.BytesIO()
+    torch.save({"step": st.step, "theta": st.theta, "optimizer": st.optimizer, "generator": st.generator,
+                "curves": [st.curves.step, st.curves.loss, st.curves.grad_norm], "since": st.since,
+                "checkpoints": [vars(ck) for ck in st.checkpoints]}, buf)
+    store.write_bytes(state_path(sweep, run_id), buf.getvalue())
+
+
+def load_state(store: Store, sweep: str, run_id: str) -> TrainState | None:
+    """The state a killed attempt of this run saved, or None."""
+    if not store.exists(state_path(sweep, run_id)):
+        return None
+    d = torch.load(io.BytesIO(store.read_bytes(state_path(sweep, run_id))), map_location="cpu",
+                   weights_only=True)
+    return TrainState(d["step"], d["theta"], d["optimizer"], d["generator"], Curves(*d["curves"]),
+                      [Checkpoint(**ck) for ck in d["checkpoints"]], d["since"])
+
+
+def run_row(sweep: str, run: Run, node_id: str | None = None, **values) -> dict:
     row = {"run_id": run.run_id, "sweep": sweep, "seed": run.seed, "node": socket.gethostname(),
+           "node_id": node_id,
            "overrides": json.dumps(run.overrides, sort_keys=True, default=str),
            "config_json": json.dumps(run.config, sort_keys=True, default=str)}
     row.update(tables.config_columns(run.config))
@@ -86,20 +112,27 @@ def run_row(sweep: str, run: Run, **values) -> dict:
     return row
 
 
-def train_job(store_uri: str, sweep: str, run: Run) -> tuple[str, list[CheckpointRef]]:
+def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
+              state_every_s: float = 60.0) -> tuple[str, list[CheckpointRef]]:
     """Train ``run``, write its checkpoints, curve and ``runs`` row; return its status and checkpoints.
 
-    An exception inside training becomes a ``failed`` row (and no checkpoints), never a dead sweep.
+    Resumes from the state an earlier attempt saved, if any. An exception inside training becomes a
+    ``failed`` row (and no checkpoints), never a dead sweep. ``node_id``: the Ray node, for the row.
     """
     store = Store.open(store_uri)
     t0 = time.perf_counter()
-    refs: list[CheckpointRef] = []
     try:
         cfg = run.cfg()
-        result = train(cfg, run.seed, on_checkpoint=lambda ck: refs.append(save_checkpoint(store, sweep, run, ck)))
+        resume = load_state(store, sweep, run.run_id)
+        # Checkpoints an earlier attempt already wrote are files already; list them again for the driver.
+        refs = [ref_for(run, ck.step, ck.stalled, checkpoint_path(sweep, run.run_id, ck.step))
+                for ck in (resume.checkpoints if resume else [])]
+        result = train(cfg, run.seed, resume=resume, state_every_s=state_every_s,
+                       on_checkpoint=lambda ck: refs.append(save_checkpoint(store, sweep, run, ck)),
+                       on_state=lambda st: save_state(store, sweep, run.run_id, st))
     except Exception as err:  # noqa: BLE001 — any failure of one run is recorded, the sweep goes on
         tables.write(store, sweep, "runs", [run_row(
-            sweep, run, status="failed", wall_seconds=time.perf_counter() - t0,
+            sweep, run, node_id, status="failed", wall_seconds=time.perf_counter() - t0,
             error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")])
         return "failed", []
     c = result.curves
@@ -107,16 +140,21 @@ def train_job(store_uri: str, sweep: str, run: Run) -> tuple[str, list[Checkpoin
         {"run_id": run.run_id, "step": s, "loss": v, "grad_norm": g}
         for s, v, g in zip(c.step, c.loss, c.grad_norm)])
     tables.write(store, sweep, "runs", [run_row(
-        sweep, run, status=result.status, steps=result.steps, final_loss=result.final_loss,
+        sweep, run, node_id, status=result.status, steps=result.steps, final_loss=result.final_loss,
         final_grad_norm=result.final_grad_norm, n_params=result.n_params,
         n_checkpoints=len(result.checkpoints), n_stalls=sum(ck.stalled for ck in result.checkpoints),
-        wall_seconds=time.perf_counter() - t0, error=result.error)])
+        wall_seconds=time.perf_counter() - t0, error=result.error,
+        resumed_from_step=resume.step if resume else None)])
+    if store.exists(state_path(sweep, run.run_id)):
+        store.delete(state_path(sweep, run.run_id))  # the run is complete: a later attempt starts over
     return result.status, refs
 
 
-def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu") -> int:
+def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu",
+                node_id: str | None = None) -> int:
     """Analyse checkpoints of one group (same loss function): write a ``points`` and a ``spectra`` row
-    each. Returns how many points were written. Failures become ``failed`` points rows."""
+    each. Returns how many points were written. Failures become ``failed`` points rows.
+    ``node_id``: the Ray node this runs on, recorded in each row."""
     store = Store.open(store_uri)
     h = refs[0].config["hessian"]
     metas = [load_checkpoint(store, r.path) for r in refs]
@@ -138,7 +176,7 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     for ref, meta, res, err in zip(refs, metas, results, errors):
         base = {"run_id": ref.run_id, "step": ref.step, "stage": ref.stage, "seed": ref.seed,
                 "stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
-                "seconds": per_point}
+                "node_id": node_id, "seconds": per_point}
         if res is None:
             tables.write(store, sweep, "points", [{**base, "status": "failed", "error": err,
                                                    "loss": meta["loss"], "grad_norm": meta["grad_norm"]}])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -42,10 +43,14 @@ def _threads(num_cpus: float) -> None:
     torch.set_num_threads(max(1, int(num_cpus)))
 
 
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
 @ray.remote
-def _train_task(store_uri: str, sweep: str, run: Run, num_cpus: float):
+def _train_task(store_uri: str, sweep: str, run: Run, num_cpus: float, state_every_s: float):
     _threads(num_cpus)
-    return jobs.train_job(store_uri, sweep, run)
+    return jobs.train_job(store_uri, sweep, run, node_id=_node_id(), state_every_s=state_every_s)
 
 
 @ray.remote
@@ -53,28 +58,59 @@ def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
     import torch
 
     _threads(num_cpus)
+    # A task given a GPU by Ray on a machine where torch sees none (a CPU build) runs on the CPU.
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     try:
-        return jobs.hessian_job(store_uri, sweep, refs, device=device)
+        return jobs.hessian_job(store_uri, sweep, refs, device=device, node_id=_node_id())
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()  # give the GPU back to the next task sharing it
 
 
 def connect(ray_cfg) -> None:
-    """Start a local Ray, or attach to ``ray.address``; reuse one already initialised in this process."""
+    """Start a local Ray, or attach to ``ray.address`` (``auto``, ``host:port``, ``ray://host:port``).
+
+    Under ``ray job submit`` (``RAY_ADDRESS`` set) the default attaches to the job's cluster. A Ray
+    already initialised in this process is reused as it is.
+    """
     if ray.is_initialized():
         return
-    kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
+    kwargs = {"log_to_driver": True}
     if ray_cfg.runtime_env:
         kwargs["runtime_env"] = OmegaConf.to_container(ray_cfg.runtime_env, resolve=True)
-    if ray_cfg.address:
-        try:
-            ray.init(address=ray_cfg.address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ConfigError(f"ray.address={ray_cfg.address!r} is not reachable: {err}") from None
-    else:
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
         ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+        return
+    if ray_cfg.num_cpus is not None:
+        raise ConfigError(f"ray.num_cpus={ray_cfg.num_cpus} only applies to a local Ray; the cluster at "
+                          f"{address!r} offers the CPUs its nodes were started with")
+    check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        hint = " (a cluster started with token auth needs RAY_AUTH_MODE=token here too)" if "auth" in str(
+            err).lower() else ""
+        raise ConfigError(f"ray.address={address!r}: cannot connect: {err}{hint}") from None
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`ConfigError` unless something listens at ``address``'s ``host:port``.
+
+    Without this, ``ray.init`` retries an unreachable head for many minutes (over 10 with Ray 2.60).
+    ``auto`` needs no check: Ray looks for a cluster on this machine and fails at once if none runs.
+    """
+    if address == "auto":
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"ray.address={address!r} is not allowed: expected auto, host:port or "
+                          "ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"ray.address={address!r} is not reachable: nothing answers at {host}:{port} "
+                          f"within {timeout_s:g}s ({err})") from None
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -114,20 +150,16 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
     connect(cfg.ray)
     preflight(cfg)
 
-    done_runs = {k[0] for k in tables.done_keys(store, name, "runs")}
-    done_points = tables.done_keys(store, name, "points")
-    todo = collections.deque(r for r in runs if r.run_id not in done_runs)
+    todo, missing = plan_resume(store, name, runs)
+    todo = collections.deque(todo)
     groups: dict[str, list] = collections.defaultdict(list)
-    for run in runs:
-        if run.run_id in done_runs:
-            for ref in jobs.existing_checkpoints(store, name, run):
-                if (ref.run_id, ref.step, ref.stage) not in done_points:
-                    groups[ref.group].append(ref)
+    for ref in missing:
+        groups[ref.group].append(ref)
 
     cap = cfg.sweep.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     h, rc = cfg.hessian, cfg.ray
     prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo), queued=len(todo))
-    in_flight: dict = {}
+    in_flight: dict = {}  # object ref -> ("train", Run) | ("hessian", [CheckpointRef]); at most `cap`
 
     def submit_hessians(force: bool) -> bool:
         for key, refs in list(groups.items()):
@@ -139,6 +171,10 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
                 return True
         return False
 
+    def pending_points() -> int:
+        waiting = sum(len(v) for v in groups.values())
+        return waiting + sum(len(p) for kind, p in in_flight.values() if kind == "hessian")
+
     while todo or in_flight or any(groups.values()):
         while len(in_flight) < cap:
             if submit_hessians(force=False):
@@ -146,13 +182,13 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
             if todo:
                 run = todo.popleft()
                 task = _train_task.options(num_cpus=rc.train_num_cpus, max_retries=rc.max_retries)
-                in_flight[task.remote(store.uri, name, run, rc.train_num_cpus)] = ("train", run)
+                obj = task.remote(store.uri, name, run, rc.train_num_cpus, rc.state_every_s)
+                in_flight[obj] = ("train", run)
                 prog.queued, prog.running = len(todo), prog.running + 1
                 continue
             if not submit_hessians(force=True):
                 break
-        prog.points_pending = sum(len(v) for v in groups.values()) + sum(
-            len(p) for kind, p in in_flight.values() if kind == "hessian")
+        prog.points_pending = pending_points()
         prog.update()
         if not in_flight:
             continue
@@ -163,9 +199,27 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
                 _finish_train(store, name, obj, payload, groups, prog)
             else:
                 _finish_hessian(store, name, obj, payload, prog)
+    prog.points_pending = 0
     prog.close()
-    return summarize(store, name, len(runs), len(runs) - len(todo) - prog.done - prog.failed - prog.diverged,
-                     time.monotonic() - t0)
+    return summarize(store, name, len(runs), prog.skipped, time.monotonic() - t0)
+
+
+def plan_resume(store: Store, name: str, runs: list[Run]) -> tuple[list[Run], list]:
+    """What a previous attempt of this sweep left to do: the runs without an ok/diverged ``runs`` row,
+    and the checkpoints of finished runs without an ok ``points`` row. Only runs with fewer ok points
+    than checkpoints have their checkpoint files listed, so resuming a big finished sweep stays cheap."""
+    rows = tables.read(store, name, "runs").select(["run_id", "status", "n_checkpoints"]).to_pylist()
+    finished = {r["run_id"]: r["n_checkpoints"] for r in rows if r["status"] in ("ok", "diverged")}
+    done_points = tables.done_keys(store, name, "points")
+    analysed = collections.Counter(key[0] for key in done_points)
+    todo, missing = [], []
+    for run in runs:
+        if run.run_id not in finished:
+            todo.append(run)
+        elif finished[run.run_id] is None or analysed[run.run_id] < finished[run.run_id]:
+            missing += [ref for ref in jobs.existing_checkpoints(store, name, run)
+                        if (ref.run_id, ref.step, ref.stage) not in done_points]
+    return todo, missing
 
 
 def _finish_train(store: Store, name: str, obj, run: Run, groups: dict, prog: Progress) -> None:

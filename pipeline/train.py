@@ -7,6 +7,7 @@ step; the last state is a checkpoint too, marked ``stalled=False`` unless the ru
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,20 @@ class TrainResult:
     checkpoints: list
     seconds: float
     error: Optional[str] = None
+
+
+@dataclass
+class TrainState:
+    """Everything :func:`train` needs to go on from ``step`` exactly as if it had never stopped
+    (a retried task resumes from it). Saved after the optimizer step of a logged step."""
+
+    step: int  # the next step to take
+    theta: torch.Tensor  # [n_params]
+    optimizer: dict  # torch optimizer state_dict (momentum buffers, Adam moments)
+    generator: torch.Tensor  # state of the mini-batch sampler's RNG
+    curves: Curves
+    checkpoints: list  # Checkpoint objects emitted so far
+    since: int  # step of the last stall (the stall window restarts there)
 
 
 @dataclass(frozen=True)
@@ -96,33 +111,43 @@ def _optimizer(cfg, theta: torch.Tensor) -> torch.optim.Optimizer:
 
 
 def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
-          on_checkpoint: Optional[Callable[[Checkpoint], None]] = None) -> TrainResult:
+          on_checkpoint: Optional[Callable[[Checkpoint], None]] = None,
+          resume: Optional[TrainState] = None, on_state: Optional[Callable[[TrainState], None]] = None,
+          state_every_s: float = 60.0) -> TrainResult:
     """Train one run. ``cfg`` has ``data``, ``model``, ``optim`` and ``stall`` sections.
 
     Deterministic given (cfg, seed): initial parameters come from ``seed``, mini-batch order too.
     ``on_checkpoint`` is called with each checkpoint as soon as it exists, so its Hessian can start
-    while training goes on.
+    while training goes on. ``on_state`` receives a :class:`TrainState` at most every ``state_every_s``
+    seconds; passing one back as ``resume`` continues that run with the same result.
     """
     t_start = time.perf_counter()
     dtype = DTYPES[cfg.optim.dtype]
     problem = make_problem(cfg, seed).to("cpu", dtype)
     model, data = problem.model, problem.data
-    theta = (model.init(seed, dtype) if theta0 is None else theta0.to(dtype)).clone().requires_grad_(True)
+    start = theta0 if resume is None else resume.theta
+    theta = (model.init(seed, dtype) if start is None else start.to(dtype)).clone().requires_grad_(True)
     opt = _optimizer(cfg, theta)
     full = problem.loss_fn()
     o, s = cfg.optim, cfg.stall
     gen = torch.Generator().manual_seed(int(seed) + 1)
     mini = cfg.data.batch_size > 0 and cfg.data.batch_size < data.n
     curves, checkpoints = Curves(), []
-    since, status, step = 0, "ok", 0
-    loss_now, gnorm_now = math.nan, math.nan
+    since, status, step, first = 0, "ok", 0, 0
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        gen.set_state(resume.generator)
+        curves, checkpoints, since, first = resume.curves, list(resume.checkpoints), resume.since, resume.step
+    # Mini-batch steps only refresh these at logged steps; a resumed run starts from the last logged values.
+    loss_now, gnorm_now = (curves.loss[-1], curves.grad_norm[-1]) if curves.step else (math.nan, math.nan)
+    last_state = time.perf_counter()
 
     def emit(ck: Checkpoint):
         checkpoints.append(ck)
         if on_checkpoint is not None:
             on_checkpoint(ck)
 
-    for step in range(o.max_steps + 1):
+    for step in range(first, o.max_steps + 1):
         logging = step % o.log_every == 0 or step == o.max_steps
         if not mini:
             opt.zero_grad(set_to_none=True)
@@ -159,6 +184,10 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
             opt.zero_grad(set_to_none=True)
             problem.loss_fn(data.X[idx], data.Y[idx])(theta).backward()
         opt.step()
+        if on_state is not None and logging and time.perf_counter() - last_state >= state_every_s:
+            on_state(TrainState(step + 1, theta.detach().clone(), copy.deepcopy(opt.state_dict()),
+                                gen.get_state(), copy.deepcopy(curves), list(checkpoints), since))
+            last_state = time.perf_counter()
 
     if status == "ok" and (not checkpoints or checkpoints[-1].step != step):
         emit(Checkpoint(step, theta.detach().clone(), loss_now, gnorm_now, False,
