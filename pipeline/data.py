@@ -60,6 +60,27 @@ def gaussian(seed: int, n_samples: int, n_features: int, n_outputs: int) -> tupl
     return rng.standard_normal((n_samples, n_features)), rng.standard_normal((n_samples, n_outputs))
 
 
+def autoencoder(seed: int, n_samples: int, variances) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-autoencoder data whose second moment is exactly ``diag(variances)``: inputs ``[n, d]`` with
+    ``XᵀX / n = diag(variances)`` up to rounding, targets = inputs ``[n, d]``.
+
+    With MSE (½‖f(x) − x‖² averaged) a linear autoencoder's loss is then ½·tr[(I − W₂W₁)Σ(I − W₂W₁)ᵀ] with
+    Σ = diag(variances), whose critical points are known in closed form (projections onto principal
+    components). Gaussian draws, whitened to identity second moment, then scaled. Do not standardize it.
+    """
+    var = np.asarray(variances, dtype=np.float64)
+    if var.ndim != 1 or var.size < 1 or np.any(var <= 0):
+        raise ValueError(f"variances must be a non-empty list of positive numbers, got {variances!r}")
+    d = var.size
+    if n_samples < d:
+        raise ValueError(f"need n_samples ≥ {d} (the number of variances) for a full-rank second moment, "
+                         f"got {n_samples}")
+    Z = np.random.default_rng(seed).standard_normal((n_samples, d))
+    w, U = np.linalg.eigh(Z.T @ Z / n_samples)
+    X = Z @ (U / np.sqrt(w)) @ U.T * np.sqrt(var)  # Z M^{-1/2}: second moment I, then diag(var)
+    return X, X.copy()
+
+
 def digits(n_samples: int = 0, side: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The 8×8 digits shipped inside scikit-learn: inputs ``[n, side²]``, labels ``[n]`` in 0..9.
 
