@@ -8,6 +8,15 @@ import torch
 from pipeline.lanczos import extreme_eigenpairs, lanczos, ritz
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These operators are small: a second thread only adds spin-waiting, badly so on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def operator(eigenvalues: np.ndarray, seed: int = 0):
     """A dense symmetric matrix Q diag(λ) Qᵀ with a random orthogonal Q, and its ``[N, k]`` matvec."""
     rng = np.random.default_rng(seed)
