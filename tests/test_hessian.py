@@ -1,0 +1,320 @@
+"""The Hessian build and spectrum_at against oracles: torch.autograd.functional.hessian and eigvalsh in float64,
+closed forms from SCIENCE.md, planted spectra; batched, chunked, multi-batch and float32 builds; the
+out-of-memory fallback of spectra_at_many; CUDA against CPU where a GPU exists."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import hessian as hs
+from pipeline.data import Dataset
+from pipeline.models import MLP, loss_value
+from pipeline.train import Problem
+
+F64 = torch.float64
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices run as fast on one thread, and two threads thrash on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# (model, samples, loss, weight decay): one row per kind of network the sweeps use.
+CASES = [
+    (MLP(5, 3, depth=2, width=6, activation="tanh"), 40, "mse", 0.0),
+    (MLP(4, 3, depth=1, width=9, activation="relu"), 50, "mse", 1e-3),
+    (MLP(6, 4, depth=2, width=5, activation="softplus"), 30, "cross_entropy", 1e-4),
+    (MLP(3, 2, depth=1, width=7, activation="swish", bias=False), 25, "mse", 0.0),
+]
+IDS = [f"{m.activation}-{loss}-N{m.n_params}" for m, _, loss, _ in CASES]
+
+
+def _problem(model: MLP, n: int, loss: str, wd: float, seed: int = 0) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, model.in_dim, generator=g, dtype=F64)
+    if loss == "cross_entropy":
+        return Problem(model, Dataset(X, torch.randint(0, model.out_dim, (n,), generator=g), model.out_dim), loss, wd)
+    return Problem(model, Dataset(X, torch.randn(n, model.out_dim, generator=g, dtype=F64), 0), loss, wd)
+
+
+def _oracle(loss_fn, theta):
+    return torch.autograd.functional.hessian(loss_fn, theta)
+
+
+def _close(a, b, tol=1e-10):
+    """Equal to ``tol`` relative to the larger matrix's scale (float64 builds differ by ~1e-16)."""
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-300)
+    assert float((a - b).abs().max()) <= tol * scale, float((a - b).abs().max()) / scale
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("hvp", ["rev", "fwd"])
+def test_chunked_build_equals_unchunked_and_autograd(case, hvp):
+    model, n, loss, wd = case
+    prob = _problem(model, n, loss, wd)
+    f, theta = prob.loss_fn(), model.init(1)
+    ref = _oracle(f, theta)
+    whole = hs.hessian(f, theta, chunk_size=model.n_params, hvp=hvp)
+    _close(whole, ref)
+    assert torch.equal(whole, whole.T)  # symmetrised exactly
+    for chunk in (1, 7):
+        _close(hs.hessian(f, theta, chunk_size=chunk, hvp=hvp), ref)
+    _close(hs.hessian(f, theta, hvp=hvp), ref)  # default chunk from the workspace
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+def test_batched_multi_point_hessians_equal_one_by_one(case):
+    model, n, loss, wd = case
+    f = _problem(model, n, loss, wd).loss_fn()
+    thetas = torch.stack([model.init(s) for s in range(4)])
+    for chunk in (0, 5):
+        H = hs.hessians(f, thetas, chunk_size=chunk)
+        assert H.shape == (4, model.n_params, model.n_params)
+        for k in range(4):
+            _close(H[k], _oracle(f, thetas[k]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_multi_batch_weighted_terms_equal_one_big_batch(case):
+    """Problem.batched_loss_terms: n_b/n weights, L2 once — what the Hessian job feeds spectra_at_many."""
+    model, n, loss, wd = case
+    prob = _problem(model, n, loss, wd)
+    theta = model.init(2)
+    terms = prob.batched_loss_terms(batch_size=n // 3)
+    assert len(terms) >= 3
+    _close(hs.hessian(terms, theta), _oracle(prob.loss_fn(), theta))
+    _close(hs.hessian(terms, theta, chunk_size=4, hvp="fwd"), hs.hessian(prob.loss_fn(), theta))
+
+
+def test_float32_build_is_within_the_documented_noise_floor():
+    model = MLP(8, 3, depth=2, width=12, activation="tanh")
+    prob = _problem(model, 200, "mse", 0.0)
+    theta = model.init(3)
+    lam64 = np.linalg.eigvalsh(hs.hessian(prob.loss_fn(), theta).numpy())
+    p32 = prob.to("cpu", torch.float32)
+    H32 = hs.hessian(p32.loss_fn(), theta.float())
+    assert H32.dtype == torch.float32
+    lam32 = np.linalg.eigvalsh(H32.double().numpy())
+    floor = hs.REL_NOISE_FLOOR[torch.float32]
+    err = np.abs(lam32 - lam64).max() / np.abs(lam64).max()
+    assert 1e-12 < err <= floor  # float32 rounding is visible, and below the floor
+    res = hs.spectrum_at(p32.loss_fn(), theta.float(), dtype=None, method="eigh", rel_tol=1e-9, tol_mode="rel")
+    assert res.dtype == "float32" and res.tol >= floor * np.abs(lam64).max() * (1 - 1e-5)
+
+
+def _saddle_loss(w):
+    return (1 - w[0] * w[1]) ** 2
+
+
+@pytest.mark.parametrize("method", ["eigh", "inertia"])
+@pytest.mark.parametrize("point,eigs,label", [
+    ((0.0, 0.0), [-2.0, 2.0], "saddle"),
+    ((1.0, 1.0), [0.0, 4.0], "degenerate_minimum"),
+    ((2.0, 0.5), [0.0, 8.5], "degenerate_minimum"),
+])
+def test_closed_form_two_weight_product(method, point, eigs, label):
+    res = hs.spectrum_at(_saddle_loss, torch.tensor(point, dtype=F64), method=method)
+    assert res.label == label and res.n_params == 2
+    if method == "eigh":
+        np.testing.assert_allclose(res.eigenvalues, eigs, atol=1e-12)
+    else:
+        assert res.eigenvalues is None
+        assert res.lam_min == pytest.approx(eigs[0], abs=1e-12) and res.lam_max == pytest.approx(eigs[1], abs=1e-12)
+    if label == "degenerate_minimum":
+        assert (res.n_pos, res.n_neg, res.n_zero) == (1, 0, 1)
+        assert res.min_ratio == 0.5 and res.min_ratio_naive == 0.5 and res.min_ratio_curved == 1.0
+    else:
+        assert (res.n_pos, res.n_neg, res.n_zero) == (1, 1, 0) and res.index == 0.5
+    assert res.grad_norm == pytest.approx(0.0, abs=1e-12)
+
+
+def test_quadratic_returns_its_planted_spectrum_including_tiny_eigenvalues():
+    lam = torch.tensor([5.0, 3.0, 1e-3, -2.0, 1e-9, -1e-9, 2e-10, -3e-10, 7e-3, -4e-3], dtype=F64)
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=F64))
+    A = (Q * lam) @ Q.T
+    A = (A + A.T) / 2
+
+    def quad(t):
+        return 0.5 * t @ (A @ t)
+
+    theta = torch.randn(10, generator=g, dtype=F64)
+    res = hs.spectrum_at(quad, theta, method="eigh")
+    np.testing.assert_allclose(res.eigenvalues, np.sort(lam.numpy()), rtol=0, atol=1e-13)
+    # a clear gap between 1e-9 and 1e-3: the tolerance sits in it, the ±1e-9 are zeros
+    assert res.tol_method == "gap" and 1e-9 < res.tol < 1e-3
+    assert (res.n_pos, res.n_neg, res.n_zero, res.n_pos_naive) == (4, 2, 4, 6)
+    counts = hs.spectrum_at(quad, theta, method="inertia", tol=res.tol)
+    assert (counts.n_pos, counts.n_neg, counts.n_zero) == (4, 2, 4)
+    assert counts.lam_min == pytest.approx(-2.0, abs=1e-9) and counts.lam_max == pytest.approx(5.0, abs=1e-9)
+    assert res.grad_norm == pytest.approx(float(torch.linalg.vector_norm(A @ theta)), rel=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
+def test_eigh_and_inertia_agree_on_network_hessians(case):
+    model, n, loss, wd = case
+    f = _problem(model, n, loss, wd).loss_fn()
+    theta = model.init(5)
+    full = hs.spectrum_at(f, theta, method="eigh", tol_mode="rel")
+    counts = hs.spectrum_at(f, theta, method="inertia", tol=full.tol)
+    assert (counts.n_pos, counts.n_neg, counts.n_zero) == (full.n_pos, full.n_neg, full.n_zero)
+    ref = np.linalg.eigvalsh(_oracle(f, theta).numpy())
+    np.testing.assert_allclose(full.eigenvalues, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+    rel = hs.spectrum_at(f, theta, method="inertia")  # tolerance from Lanczos' max|λ|
+    assert rel.tol == pytest.approx(full.tol, rel=1e-8)
+
+
+def _loss_for(prob: Problem, calls: list, oom_first: int = 0):
+    """``loss_for`` as jobs.py builds it; the first ``oom_first`` losses it hands out raise a real
+    torch.OutOfMemoryError when evaluated, as a CUDA allocation failure would."""
+    def loss_for(device, dtype):
+        calls.append(str(device))
+        real = prob.to(device, dtype).batched_loss_terms(prob.data.n // 2)
+        if len(calls) > oom_first:
+            return real
+
+        def boom(theta):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return [(1.0, boom)]
+    return loss_for
+
+
+def test_spectra_at_many_matches_spectrum_at_batched_or_not():
+    model, n, loss, wd = CASES[0]
+    prob = _problem(model, n, loss, wd)
+    thetas = torch.stack([model.init(s) for s in range(5)])
+    ref = [hs.spectrum_at(prob.loss_fn(), t, method="eigh") for t in thetas]
+    for batch_points, budget in ((True, 0.0), (False, 0.0), (True, 0.05)):  # 0.05 MiB: one point per pass
+        got, fallback = hs.spectra_at_many(_loss_for(prob, []), thetas, method="eigh",
+                                           batch_points=batch_points, memory_budget_mb=budget)
+        assert fallback is None and len(got) == 5
+        for a, b in zip(got, ref):
+            assert (a.n_pos, a.n_neg, a.n_zero, a.label) == (b.n_pos, b.n_neg, b.n_zero, b.label)
+            np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=1e-10 * np.abs(b.eigenvalues).max())
+            assert a.loss == pytest.approx(b.loss, rel=1e-12) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-9)
+            assert set(a.seconds) == {"build", "count"}
+    counts, _ = hs.spectra_at_many(_loss_for(prob, []), thetas, method="inertia", batch_points=True)
+    assert [(c.n_pos, c.n_neg, c.n_zero) for c in counts] == [(r.n_pos, r.n_neg, r.n_zero) for r in ref]
+    assert all(c.eigenvalues is None for c in counts)
+
+
+@pytest.mark.parametrize("oom_first,what", [(1, "one point at a time after"), (2, "1/16 workspace"),
+                                            (3, "moved to CPU")])
+def test_spectra_at_many_falls_back_after_out_of_memory(oom_first, what):
+    model, n, loss, wd = CASES[1]
+    prob = _problem(model, n, loss, wd)
+    thetas = torch.stack([model.init(s) for s in range(3)])
+    calls = []
+    got, fallback = hs.spectra_at_many(_loss_for(prob, calls, oom_first), thetas, method="auto", chunk_size=8)
+    assert what in fallback and len(calls) == oom_first + 1
+    ref = [hs.spectrum_at(prob.loss_fn(), t) for t in thetas]
+    assert [(r.n_pos, r.n_neg, r.n_zero) for r in got] == [(r.n_pos, r.n_neg, r.n_zero) for r in ref]
+
+
+def test_spectra_at_many_gives_up_loudly_and_passes_other_errors_through():
+    model, n, loss, wd = CASES[1]
+    prob = _problem(model, n, loss, wd)
+    thetas = torch.stack([model.init(0)])
+    with pytest.raises(MemoryError, match=f"{model.n_params} parameters"):
+        hs.spectra_at_many(_loss_for(prob, [], oom_first=99), thetas)
+
+    def broken(device, dtype):
+        raise ValueError("bad data")
+    with pytest.raises(ValueError, match="bad data"):
+        hs.spectra_at_many(broken, thetas)
+
+
+def test_bad_arguments_name_the_bad_value():
+    with pytest.raises(ValueError, match="'lu'"):
+        hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), method="lu")
+    with pytest.raises(ValueError, match="'sideways'"):
+        hs.hessian(_saddle_loss, torch.zeros(2, dtype=F64), hvp="sideways")
+    with pytest.raises(ValueError, match=r"\(2, 1\)"):
+        hs.hessian(_saddle_loss, torch.zeros(2, 1, dtype=F64))
+    with pytest.raises(ValueError, match="gap"):
+        hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), method="inertia", tol_mode="gap")
+
+
+def test_symmetrize_in_blocks_equals_the_dense_formula():
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(2, 1100, 1100, generator=g, dtype=F64)  # 1100 = two 512 blocks and a ragged one
+    want = (A + A.transpose(-1, -2)) / 2
+    assert torch.equal(hs.symmetrize_(A.clone()), want)
+
+
+def test_default_chunk_follows_the_workspace():
+    cpu = torch.device("cpu")
+    assert hs.default_chunk_size(1000, cpu, column_bytes=2**20) == 16  # 16 MiB CPU default
+    assert hs.default_chunk_size(1000, cpu, column_bytes=2**20, n_points=4) == 4
+    assert hs.default_chunk_size(10, cpu, column_bytes=1) == 10  # never more than N
+    assert hs.default_chunk_size(1000, cpu, column_bytes=2**30) == 1  # never fewer than 1
+    assert hs.default_chunk_size(1000, cpu, column_bytes=2**20, workspace_bytes=100 * 2**20) == 100
+
+
+# ---------------------------------------------------------------- GPU: run by scripts/gpu_checks.sh
+
+def _gpu_case():
+    model = MLP(16, 4, depth=2, width=24, activation="tanh")  # N = 1,108
+    return model, _problem(model, 256, "mse", 1e-4)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("method", ["eigh", "inertia"])
+@pytest.mark.parametrize("hvp", ["rev", "fwd"])
+def test_cuda_spectrum_equals_cpu(method, hvp):
+    model, prob = _gpu_case()
+    theta = model.init(7)
+    cpu = hs.spectrum_at(prob.loss_fn(), theta, method="eigh")
+    gpu = hs.spectrum_at(prob.to("cuda", F64).loss_fn(), theta, method=method, device="cuda", hvp=hvp,
+                         tol=None if method == "eigh" else cpu.tol)
+    assert gpu.device.startswith("cuda") and gpu.method == method
+    assert (gpu.n_pos, gpu.n_neg, gpu.n_zero) == (cpu.n_pos, cpu.n_neg, cpu.n_zero)
+    if method == "eigh":
+        scale = np.abs(cpu.eigenvalues).max()
+        np.testing.assert_allclose(gpu.eigenvalues, cpu.eigenvalues, rtol=0, atol=1e-9 * scale)
+        assert gpu.tol == pytest.approx(cpu.tol, rel=1e-6)
+    H_gpu = hs.hessian(prob.to("cuda", F64).loss_fn(), theta.cuda(), hvp=hvp).cpu()
+    _close(H_gpu, hs.hessian(prob.loss_fn(), theta), tol=1e-12)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_batched_path_equals_cpu():
+    model, prob = _gpu_case()
+    thetas = torch.stack([model.init(s) for s in range(6)])
+    calls = []
+    gpu, fallback = hs.spectra_at_many(_loss_for(prob, calls), thetas, device="cuda", method="eigh")
+    assert fallback is None
+    cpu = [hs.spectrum_at(prob.batched_loss_terms(prob.data.n // 2), t, method="eigh") for t in thetas]
+    for a, b in zip(gpu, cpu):
+        assert (a.n_pos, a.n_neg, a.n_zero) == (b.n_pos, b.n_neg, b.n_zero)
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=1e-9 * np.abs(b.eigenvalues).max())
+    counts, _ = hs.spectra_at_many(_loss_for(prob, calls), thetas, device="cuda", method="inertia")
+    assert [(c.n_pos, c.n_neg, c.n_zero) for c in counts] == [(b.n_pos, b.n_neg, b.n_zero) for b in cpu]
+    H = hs.hessians(prob.to("cuda", F64).loss_fn(), thetas.cuda())
+    for k in range(6):
+        _close(H[k].cpu(), hs.hessian(prob.loss_fn(), thetas[k]), tol=1e-12)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_peak_memory_is_the_hessian_plus_one_factor():
+    model = MLP(16, 4, depth=2, width=60, activation="tanh")  # N = 4,984: H is 199 MB
+    prob = _problem(model, 256, "mse", 0.0).to("cuda", F64)
+    theta = model.init(8).cuda()
+    n = model.n_params
+    budget_mb = 64
+    for method in ("eigh", "inertia"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        hs.spectrum_at(prob.loss_fn(), theta, method=method, memory_budget_mb=budget_mb)
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= 2.2 * n * n * 8 + 3 * budget_mb * 2**20, (method, peak / (n * n * 8))

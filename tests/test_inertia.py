@@ -1,0 +1,161 @@
+"""Inertia from LDLᵀ (Bunch–Kaufman) against eigvalsh: planted eigenvalues at ±tol·(1 ± 1e-3), exact zeros,
+matrices that force 2×2 pivots; Lanczos extremes against eigvalsh; CUDA (cuSOLVER) against CPU (LAPACK)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import inertia, spectrum
+
+F64 = torch.float64
+TOL = 1e-6
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices run as fast on one thread, and two threads thrash on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rotate(lam: torch.Tensor, seed: int) -> torch.Tensor:
+    """Q diag(lam) Qᵀ for a random orthogonal Q, symmetrised."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(lam.numel(), lam.numel(), generator=g, dtype=F64))
+    A = (Q * lam) @ Q.T
+    return (A + A.T) / 2
+
+
+def _planted(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matrix with eigenvalues just inside and just outside ±TOL, zeros, and an O(1) bulk of both signs."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    edge = torch.tensor([1 + 1e-3, 1 - 1e-3, -(1 + 1e-3), -(1 - 1e-3)], dtype=F64) * TOL
+    bulk = torch.randn(n - 4 - n // 5, generator=g, dtype=F64)
+    lam = torch.cat([edge.repeat(1), torch.zeros(n // 5, dtype=F64), bulk])
+    return _rotate(lam, seed), lam
+
+
+def _zero_diagonal(n: int, seed: int) -> torch.Tensor:
+    """[[0, B], [Bᵀ, 0]] (eigenvalues ±σ(B)) with its diagonal zero: every pivot Bunch–Kaufman can
+    take is a 2×2 block. Rows interleaved so the blocks are not all in one corner."""
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(n // 2, n - n // 2, generator=g, dtype=F64)
+    A = torch.zeros(n, n, dtype=F64)
+    A[: n // 2, n // 2:] = B
+    A[n // 2:, : n // 2] = B.T
+    perm = torch.randperm(n, generator=g)
+    return A[perm][:, perm]
+
+
+def _truth(A: torch.Tensor, tol: float) -> spectrum.Counts:
+    return spectrum.count(np.linalg.eigvalsh(A.numpy()), tol)
+
+
+def _tolerant(c: spectrum.Counts) -> tuple[int, int, int]:
+    """The counts with a tolerance. ``n_pos_naive`` (#{λ > 0}) is left out where a matrix has zero
+    eigenvalues: their sign is rounding noise, different for eigh and LDLᵀ — the science's point."""
+    return c.n_pos, c.n_neg, c.n_zero
+
+
+@pytest.mark.parametrize("n,seed", [(20, 0), (60, 1), (150, 2), (300, 3)])
+def test_counts_match_eigvalsh_at_planted_eigenvalues_around_tol(n, seed):
+    A, lam = _planted(n, seed)
+    got = inertia.counts(A.clone(), TOL)
+    assert _tolerant(got) == _tolerant(spectrum.count(lam.numpy(), TOL)) == _tolerant(_truth(A, TOL))
+    assert (got.n_pos, got.n_neg) == (int((lam > TOL).sum()), int((lam < -TOL).sum()))
+    nonzero = A + 2 * TOL * torch.eye(n, dtype=F64)  # no eigenvalue within 1e-9 of 0: naive count is exact
+    assert inertia.counts(nonzero.clone(), 0.0) == _truth(nonzero, 0.0)
+
+
+@pytest.mark.parametrize("n,seed", [(2, 0), (7, 1), (40, 2), (121, 3)])
+def test_zero_diagonal_forces_two_by_two_pivots_and_counts_still_agree(n, seed):
+    A = _zero_diagonal(n, seed)
+    pivots = torch.linalg.ldl_factor_ex(A)[1]
+    assert (pivots < 0).sum() >= 2  # the 2×2 branch really runs
+    assert _tolerant(inertia.counts(A.clone(), 1e-9)) == _tolerant(_truth(A, 1e-9))
+    if n % 2 == 0:  # square B: no zero eigenvalue, so the naive count is exact too
+        assert inertia.counts(A.clone(), 0.0) == _truth(A, 0.0)
+    # indefinite and shifted: runs of 2×2 blocks between 1×1 pivots
+    B = A + torch.diag(torch.linspace(-0.5, 0.5, n, dtype=F64))
+    assert _tolerant(inertia.counts(B.clone(), 1e-3)) == _tolerant(_truth(B, 1e-3))
+
+
+def test_exactly_singular_matrices_count_their_zeros():
+    # ldl_factor (not _ex) raises on an exact zero pivot; zero eigenvalues are the point here.
+    Z = torch.zeros(5, 5, dtype=F64)
+    assert inertia.inertia(Z).tolist() == [0, 0, 5]
+    D = torch.diag(torch.tensor([3.0, 0.0, -1.0, 0.0, 2.0], dtype=F64))
+    assert inertia.inertia(D).tolist() == [2, 1, 2]
+    swap = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=F64)
+    assert inertia.inertia(swap).tolist() == [1, 1, 1]
+    rank_one = torch.full((4, 4), 2.0, dtype=F64)  # eigenvalues 8, 0, 0, 0 — exact in LDLᵀ
+    assert inertia.counts(rank_one, 0.0) == spectrum.Counts(1, 0, 3, 1)
+
+
+def test_position_in_run():
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 0, 1], dtype=torch.bool)
+    got = inertia._position_in_run(mask)
+    assert got[mask].tolist() == [0, 1, 0, 1, 2, 3, 0]
+
+
+def test_batched_inertia_equals_one_by_one():
+    mats = torch.stack([_planted(40, 5)[0], _zero_diagonal(40, 6), -_planted(40, 7)[0]])
+    got = inertia.inertia(mats)
+    assert got.shape == (3, 3)
+    for k in range(3):
+        assert got[k].tolist() == inertia.inertia(mats[k]).tolist()
+
+
+def test_counts_leave_the_matrix_as_it_was():
+    A, _ = _planted(50, 8)
+    before = A.clone()
+    inertia.counts(A, 0.25)
+    torch.testing.assert_close(A, before, rtol=0, atol=1e-15)
+
+
+def test_counts_reject_a_negative_or_nan_tolerance():
+    A, _ = _planted(10, 9)
+    for bad in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="tol must be"):
+            inertia.counts(A, bad)
+
+
+@pytest.mark.parametrize("n", [3, 60, 400])
+def test_lanczos_extremes_match_eigvalsh(n):
+    g = torch.Generator().manual_seed(n)
+    lam = torch.cat([torch.tensor([-3.0, 5.0], dtype=F64), torch.rand(n - 2, generator=g, dtype=F64) * 2 - 1])
+    A = _rotate(lam, n)
+    lo, hi = inertia.extreme_eigenvalues(A)
+    assert abs(lo + 3.0) <= 1e-9 * 5 and abs(hi - 5.0) <= 1e-9 * 5
+
+
+def test_lanczos_on_low_rank_and_zero_matrices_stops_on_an_invariant_subspace():
+    lam = torch.zeros(200, dtype=F64)
+    lam[:3] = torch.tensor([2.0, -1.0, 0.5], dtype=F64)
+    lo, hi = inertia.extreme_eigenvalues(_rotate(lam, 11))
+    assert lo == pytest.approx(-1.0, abs=1e-12) and hi == pytest.approx(2.0, abs=1e-12)
+    assert inertia.extreme_eigenvalues(torch.zeros(30, 30, dtype=F64)) == (0.0, 0.0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_inertia_equals_cpu_including_two_by_two_pivots():
+    """cuSOLVER's sytrf must report pivots in LAPACK's format, or the 2×2 blocks are miscounted."""
+    cases = [_planted(300, 12)[0], _zero_diagonal(301, 13), _zero_diagonal(64, 14) + 0.01 * torch.eye(64, dtype=F64)]
+    for A in cases:
+        gpu_piv = torch.linalg.ldl_factor_ex(A.cuda())[1]
+        assert (gpu_piv < 0).any() or A.diagonal().abs().min() > 0
+        for tol in (1e-9, TOL, 1e-2):
+            assert _tolerant(inertia.counts(A.cuda(), tol)) == _tolerant(inertia.counts(A.clone(), tol)) \
+                == _tolerant(_truth(A, tol))
+        shifted = A + 1e-3 * torch.eye(A.shape[0], dtype=F64)  # no eigenvalue near 0: naive count exact
+        assert inertia.counts(shifted.cuda(), 0.0) == inertia.counts(shifted.clone(), 0.0) == _truth(shifted, 0.0)
+    batch = torch.stack(cases[1:2] * 3)
+    assert inertia.inertia(batch.cuda()).cpu().tolist() == inertia.inertia(batch).tolist()
+    lo, hi = inertia.extreme_eigenvalues(cases[0].cuda())
+    ref = np.linalg.eigvalsh(cases[0].numpy())
+    assert abs(lo - ref[0]) <= 1e-9 * abs(ref).max() and abs(hi - ref[-1]) <= 1e-9 * abs(ref).max()
