@@ -124,19 +124,20 @@ def resolution(degree: int, a: float, b: float, tol: float, eps: float = 1e-3) -
     return max(s.resolution(tol), s.resolution(-tol))
 
 
-def min_degree(a: float, b: float, tol: float, eps: float = 1e-3) -> int:
-    """Smallest degree (to within 3%) whose resolution at ±``tol`` on [a, b] is ≤ ``tol``;
-    ``MAX_DEGREE + 1`` when even that is not enough."""
+def min_degree(a: float, b: float, tol: float, eps: float = 1e-3, target: float = 0.0) -> int:
+    """Smallest degree (to within 3%) whose resolution at ±``tol`` on [a, b] is ≤ ``target`` (default
+    ``tol``); ``MAX_DEGREE + 1`` when even that is not enough."""
+    target = target or tol
     if tol <= 0:
         return MAX_DEGREE + 1
     lo, hi = 2, 16
-    while resolution(hi, a, b, tol, eps) > tol:
+    while resolution(hi, a, b, tol, eps) > target:
         if hi >= MAX_DEGREE:
             return MAX_DEGREE + 1
         lo, hi = hi, min(2 * hi, MAX_DEGREE)
     while hi > 1.03 * lo + 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if resolution(mid, a, b, tol, eps) <= tol else (mid, hi)
+        lo, hi = (lo, mid) if resolution(mid, a, b, tol, eps) <= target else (mid, hi)
     return hi
 
 

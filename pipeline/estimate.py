@@ -2,21 +2,23 @@
 
 ``n_pos`` = #{λ > tol} is the trace of the step function 1[λ > tol] of H. It is estimated as
 
-1. **Extremes and deflation.** Lanczos (:mod:`pipeline.lanczos`) gives λmin, λmax with residuals. The
-   ``deflate`` largest-|λ| converged Ritz pairs (V, Θ) are counted exactly and projected out: the rest of the
-   spectrum is that of B = P H P on V⊥ (P = I − VVᵀ), whose range [a, b] — from a second Lanczos run, padded —
-   is much narrower when a few outliers dominate, as they do for network Hessians.
-2. **A smoothed step** (:mod:`pipeline.chebyshev`). On [a, b] the step is expanded in Chebyshev polynomials up to ``degree`` m with
-   Jackson damping. Jackson's kernel is positive, so the smoothed step p stays in [0, 1] and moves
-   monotonically with its threshold; it differs from the true step only in a band around the threshold whose
-   half-width — the **resolution** δ — is ≈ 13·(b−a)/(2m) mid-range and much smaller near the ends of [a, b].
+1. **Extremes and deflation.** Lanczos (:mod:`pipeline.lanczos`) gives λmin, λmax with residuals. Up to
+   ``deflate`` largest-|λ| converged Ritz pairs (V, Θ) are counted exactly and projected out: the rest of
+   the spectrum is that of B = P H P on V⊥ (P = I − VVᵀ), whose range [a, b] — from a second Lanczos run,
+   padded — is much narrower when a few outliers dominate, as they do for network Hessians.
+2. **A smoothed step** (:mod:`pipeline.chebyshev`). On [a, b] the step is expanded in Chebyshev polynomials
+   up to ``degree`` m with Jackson damping. Jackson's kernel is positive, so the smoothed step p stays in
+   [0, 1] and moves monotonically with its threshold; it differs from the true step only in a band around
+   the threshold whose half-width — the **resolution** δ — is ≈ 13·(b−a)/(2m) mid-range and much smaller
+   near the ends of [a, b].
 3. **Stochastic trace.** tr p(B) ≈ mean over Rademacher probes z (projected on V⊥) of zᵀ p(B) z, with all
    Chebyshev moments zᵀT_k(B̃)z from ⌈m/2⌉ batched matvecs ``[N, n_probes]`` (T_{2k} = 2T_k² − 1 doubling).
    Any step threshold reuses the same moments.
 4. **Honest intervals.** Two extra one-sided steps bound the count whatever the eigenvalues in the ambiguous
    band do: p_lo ≤ ε wherever λ ≤ tol + η, so tr p_lo − εN ≤ n_pos; p_hi ≥ 1 − ε wherever λ ≥ tol − η, so
    n_pos ≤ tr p_hi / (1 − ε). η = ‖HV − VΘ‖_F bounds how far deflation moves any eigenvalue (Weyl). The
-   probe error is a one-sided Student-t bound at (1 − confidence)/2 on each side. The interval therefore
+   probe error is a one-sided Student-t bound at (1 − confidence)/2 on each side (the probe mean taken as
+   normal, so the stated confidence is approximate for few probes; tested at 10). The interval therefore
    widens by about the number of eigenvalues in the ambiguous band [tol − 2δ, tol + 2δ]
    (``n_ambiguous_pos``), and a tolerance below the resolution is refused (ValueError).
 
@@ -130,9 +132,9 @@ class Sketch:
 @dataclass
 class CountEstimate:
     """Estimated counts of λ > tol (``n_pos``), λ < −tol (``n_neg``) and |λ| ≤ tol (``n_zero``) of an
-    N×N symmetric operator, each with an interval ``(lo, hi)`` that holds with probability ≥ ``confidence``
-    (integers: the truth is an integer). ``resolution``: half-width δ of the smoothed steps at ±tol (λ
-    units); ``band_pos``/``band_neg``: the λ-ranges whose eigenvalues the interval cannot place, with their
+    N×N symmetric operator, each with an interval ``(lo, hi)`` meant to hold with probability ≥ ``confidence``
+    (integers: the truth is an integer; the module docstring says what is assumed). ``resolution``:
+    half-width δ of the smoothed steps at ±tol (λ units); ``band_pos``/``band_neg``: the λ-ranges whose eigenvalues the interval cannot place, with their
     estimated counts ``n_ambiguous_*``. ``lam_min``/``lam_max``: extreme Ritz values of H with residuals
     (an eigenvalue lies within the residual). ``spectral_range``: [a, b] of the deflated operator;
     ``deflated``: the eigenvalues counted exactly; ``deflation_error`` η: how far deflation may move any
@@ -183,19 +185,21 @@ class CountEstimate:
 
 
 def estimate_counts(matvec: MatVec, n: int, *, tol: Optional[float] = None, rel_tol: Optional[float] = None,
-                    degree: int = 1000, n_probes: int = 30, seed: int = 0, confidence: float = 0.95,
-                    eps: float = 1e-3, deflate: int = 10, lanczos_steps: int = 0, range_pad: float = 1e-3,
+                    degree: int = 0, n_probes: int = 30, seed: int = 0, confidence: float = 0.95,
+                    eps: float = 1e-3, deflate: int = 32, lanczos_steps: int = 0, range_pad: float = 1e-3,
                     probe_batch: int = 0, dtype: torch.dtype = torch.float64,
                     device: Union[str, torch.device] = "cpu") -> CountEstimate:
     """Estimates of n_pos, n_neg, n_zero for tolerance ``tol`` of the symmetric N×N operator ``matvec``.
 
     ``matvec``: ``[N, k] -> [N, k]`` on ``dtype``/``device`` tensors (a Hessian: :func:`hvp_matvec`).
     ``tol`` (λ units) or ``rel_tol`` (``tol = rel_tol · max(|λmin|, |λmax|)``, the ``rel`` rule of
-    :func:`pipeline.spectrum.choose_tol`). ``degree``: Chebyshev degree m (⌈m/2⌉ batched matvecs);
+    :func:`pipeline.spectrum.choose_tol`). ``degree``: Chebyshev degree m (⌈m/2⌉ batched matvecs); 0 picks
+    the least degree with resolution ≤ tol/4 (:func:`auto_degree`);
     ``n_probes`` ≥ 2 Rademacher probes, ``probe_batch`` > 0 of them per matvec call; ``eps``: how far a
-    smoothed step may stray from 0/1 outside its band (adds ≤ ε·N to the interval); ``deflate``, 
+    smoothed step may stray from 0/1 outside its band (adds ≤ ε·N to the interval); ``deflate``,
     ``lanczos_steps``, ``range_pad``: see :func:`deflation`. Raises ValueError — before any probe is
-    spent — when ``tol`` is finer than the resolution of ``degree`` on the deflated range.
+    spent — when ``tol`` is finer than the resolution of ``degree`` on the deflated range, or when even
+    the largest degree would not resolve it.
     """
     _check(n_probes, confidence, eps)
     if (tol is None) == (rel_tol is None):
@@ -203,17 +207,19 @@ def estimate_counts(matvec: MatVec, n: int, *, tol: Optional[float] = None, rel_
     d = deflation(matvec, n, deflate=deflate, lanczos_steps=lanczos_steps, range_pad=range_pad, seed=seed,
                   dtype=dtype, device=device)
     tol = _tolerance(tol, rel_tol, d)
+    degree = degree or auto_degree(d, tol, eps)
     _refuse_below_resolution(tol, degree, d, eps)
     sk = sketch(matvec, n, d, degree=degree, n_probes=n_probes, seed=seed, probe_batch=probe_batch)
     return counts(sk, tol=tol, confidence=confidence, eps=eps)
 
 
-def deflation(matvec: MatVec, n: int, *, deflate: int = 10, lanczos_steps: int = 0, range_pad: float = 1e-3,
+def deflation(matvec: MatVec, n: int, *, deflate: int = 32, lanczos_steps: int = 0, range_pad: float = 1e-3,
               seed: int = 0, dtype: torch.dtype = torch.float64,
               device: Union[str, torch.device] = "cpu") -> Deflation:
     """Stage 1: Lanczos on H (``lanczos_steps``, default max(80, 6·deflate)) for λmin, λmax and up to
-    ``deflate`` converged (residual ≤ max(1e-6, 1000·eps_dtype)·max|θ|) largest-|λ| Ritz pairs; then Lanczos on the deflated operator for its range,
-    widened by ``range_pad`` × its width plus twice the extreme residuals."""
+    ``deflate`` converged largest-|λ| Ritz pairs (residual ≤ max(1e-8, 1000·eps_dtype)·max|θ|); then Lanczos
+    on the deflated operator for its range, widened by ``range_pad`` × its width plus twice the extreme
+    residuals."""
     t0 = time.perf_counter()
     count = [0]
 
@@ -223,11 +229,11 @@ def deflation(matvec: MatVec, n: int, *, deflate: int = 10, lanczos_steps: int =
 
     steps = lanczos_steps or max(80, 6 * deflate)
     # Converged = residual near the rounding floor of the dtype; η below carries whatever residual is left.
-    rtol = max(1e-6, 1e3 * torch.finfo(dtype).eps)
+    rtol = max(1e-8, 1e3 * torch.finfo(dtype).eps)
     ext = extreme_eigenpairs(op, n, k=max(deflate, 1), steps=steps, rtol=rtol, seed=seed, dtype=dtype,
                              device=device)
     V, values, eta = _pick_deflated(ext, deflate)
-    rng = extreme_eigenpairs(_projected(op, V), n, k=1, steps=steps, dtype=dtype, device=device,
+    rng = extreme_eigenpairs(_projected(op, V), n, k=1, steps=max(80, steps // 2), dtype=dtype, device=device,
                              v0=_project(V, _gaussian(n, seed + 1, dtype, device)))
     lo, hi = float(rng.bottom.values[0]), float(rng.top.values[0])
     # An unconverged extreme Ritz value is off by far less than its residual; the share of the width
@@ -325,6 +331,17 @@ def counts(sk: Sketch, *, tol: Optional[float] = None, rel_tol: Optional[float] 
         lam_min=d.lam_min, lam_min_residual=d.lam_min_residual, lam_max=d.lam_max,
         lam_max_residual=d.lam_max_residual, spectral_range=d.spectral_range, deflated=d.values.copy(),
         deflation_error=eta, matvecs=sk.matvecs, seconds=secs)
+
+
+def auto_degree(d: Deflation, tol: float, eps: float = 1e-3) -> int:
+    """The least degree (≥ 64) whose resolution at ±``tol`` on the deflated range is ≤ tol/4, so the
+    ambiguous band is about [tol/2, 3·tol/2]. ValueError when no degree up to MAX_DEGREE will do."""
+    need = min_degree(*d.spectral_range, tol, eps, target=tol / 4)
+    if need > MAX_DEGREE:
+        a, b = d.spectral_range
+        raise ValueError(f"tol={tol:.4g} cannot be resolved on the deflated spectral range [{a:.4g}, {b:.4g}] "
+                         f"by any degree up to {MAX_DEGREE}: use a larger tolerance")
+    return max(64, need)
 
 
 def _check(n_probes: int, confidence: float, eps: float) -> None:

@@ -123,6 +123,8 @@ def test_a_tolerance_finer_than_the_resolution_is_refused():
         estimate.estimate_counts(mv, lam.size, tol=1e-3, degree=100, n_probes=4)
     with pytest.raises(ValueError, match=r"tol=0 is finer than the resolution"):
         estimate.estimate_counts(mv, lam.size, tol=0.0, degree=100, n_probes=4)
+    with pytest.raises(ValueError, match=r"tol=1e-30 cannot be resolved .* by any degree"):
+        estimate.estimate_counts(mv, lam.size, tol=1e-30, degree=0, n_probes=4)
     with pytest.raises(ValueError, match="exactly one of tol and rel_tol"):
         estimate.estimate_counts(mv, lam.size, degree=100, n_probes=4)
 
@@ -203,9 +205,10 @@ def test_hvp_matvec_matches_the_dense_hessian():
 def test_estimate_on_an_mlp_agrees_with_exact_counts():
     model, X, Y, theta = _mlp_problem()
     loss = lambda t: loss_value(model, t, X, Y, "mse")  # noqa: E731
-    e = estimate.estimate_counts(estimate.hvp_matvec(loss, theta), theta.numel(), rel_tol=1e-3, degree=300,
-                                 n_probes=20, seed=0)
+    e = estimate.estimate_counts(estimate.hvp_matvec(loss, theta), theta.numel(), rel_tol=1e-3, degree=0,
+                                 n_probes=20, seed=0)  # degree 0: chosen so that the resolution is ≤ tol/4
     exact = spectrum_at(loss, theta, method="eigh", tol=e.tol)
+    assert e.resolution <= 0.26 * e.tol
     assert exact.n_neg > 10 and exact.n_pos > 10 and exact.n_zero > 100  # all three counts are non-trivial
     for key in ("n_pos", "n_neg", "n_zero"):
         lo, hi = getattr(e, key + "_ci")
