@@ -1,0 +1,208 @@
+"""Cluster mode on this one machine: a real multi-node Ray cluster with a GPU node, ``ray job submit``
+against a ``ray start --head`` on non-default ports, and bad requests refused before any work starts.
+
+A process can hold one Ray only, and the pytest process holds the session's shared local Ray, so each
+cluster runs in a child process: this file run as a script (``python tests/test_cluster.py …``).
+Every process a test starts is stopped by its process group, never by name (``ray stop`` would stop
+other people's Ray too).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import tables
+from pipeline.config import ConfigError
+from pipeline.plan import expand
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# Tiny runs: the point is where tasks go and what the tables hold, not the science.
+TINY = ["model.width=4", "optim.max_steps=600", "stall.window=200", "sweep.seeds=6", "sweep.progress=plain",
+        "hessian.batch_checkpoints=2", "figures=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_tables_complete(cfg, folder: Path) -> dict:
+    """Every run has one ok row; every checkpoint file one ok point and one spectrum; no key twice."""
+    dfs = {name: pd.read_parquet(folder / name) for name in tables.TABLES}
+    for name, df in dfs.items():
+        assert not df.duplicated(list(tables.KEYS[name])).any(), f"duplicate keys in {name}"
+    runs, points = dfs["runs"], dfs["points"]
+    assert sorted(runs["run_id"]) == sorted(r.run_id for r in expand(cfg))
+    assert set(runs["status"]) == {"ok"}
+    n_files = sum(len(list(p.glob("*.pt"))) for p in (folder / "checkpoints").iterdir())
+    assert len(points) == runs["n_checkpoints"].sum() == n_files == len(dfs["spectra"])
+    assert set(points["status"]) == {"ok"}
+    assert len(dfs["curves"]) == sum(s // cfg.optim.log_every + 1 for s in runs["steps"])
+    return dfs
+
+
+# --------------------------------------------------------------------------------------------------
+# A head node, a GPU node and a CPU node that is removed mid-sweep (ray.cluster_utils.Cluster).
+
+def multinode_child(root: str, out: str) -> None:
+    from ray.cluster_utils import Cluster
+
+    from conftest import compose_config
+    from pipeline.sweep import run_sweep
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        gpu = cluster.add_node(num_cpus=1, num_gpus=1, resources={"gpu_node": 1})
+        doomed = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        cfg = compose_config([f"results_root={root}", "sweep.name=multi", f"ray.address={cluster.address}",
+                              "hessian.num_gpus=1", "ray.state_every_s=0.2", *TINY])
+
+        def remove_after_first_run():
+            # A node dies while the sweep runs: its tasks are retried elsewhere.
+            runs_dir = Path(root) / "multi" / "runs"
+            while not (runs_dir.exists() and any(runs_dir.glob("*.parquet"))):
+                time.sleep(0.1)
+            cluster.remove_node(doomed)
+
+        remover = threading.Thread(target=remove_after_first_run, daemon=True)
+        remover.start()
+        summary = run_sweep(cfg)
+        remover.join(timeout=60)
+        Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "doomed_node": doomed.node_id,
+                                         "removed": not remover.is_alive(), "points": summary.points}))
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_hessian_tasks_land_only_on_the_gpu_node_and_a_lost_node_loses_no_row(tmp_path, make_cfg):
+    root, out = tmp_path / "results", tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, __file__, "multinode", str(root), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(out.read_text())
+    assert info["removed"]
+    cfg = make_cfg(TINY + ["hessian.num_gpus=1"])
+    dfs = assert_tables_complete(cfg, root / "multi")
+    points = dfs["points"]
+    assert info["points"] == len(points) > 0
+    assert set(points["node_id"]) == {info["gpu_node"]}  # every Hessian ran on the GPU node
+    assert set(points["device"]) == {"cpu"}  # Ray gave a GPU, torch sees none: the task used the CPU
+    assert dfs["runs"]["node_id"].notna().all()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started."""
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(grace)
+    proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------------------
+# `ray start --head` on non-default ports, then `ray job submit --working-dir . -- minratio-sweep …`.
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
+    gcs, dash, client = free_port(), free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="mr-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # `ray start --head` turns token auth on
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}", "--num-cpus=2",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        root = tmp_path / "results"
+        submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+                  "minratio-sweep", f"results_root={root}", "sweep.name=job", "ray=cluster", *TINY]
+        proc = None
+        for _ in range(60):  # the job server answers a few seconds after the head starts
+            proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+            if proc.returncode == 0 or "sweep 'job'" in proc.stdout or "Connection refused" not in proc.stderr:
+                break
+            time.sleep(1)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "sweep 'job': 6 runs" in proc.stdout
+        assert_tables_complete(make_cfg(TINY), root / "job")
+    finally:
+        stop_group(head)
+        subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad requests fail before any work starts, naming the bad value.
+
+def test_an_unreachable_address_fails_at_once_naming_it(tmp_path):
+    port = free_port()  # nothing listens there any more
+    root = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", f"ray.address=127.0.0.1:{port}",
+                           f"results_root={root}", "sweep.seeds=2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # Ray's own retry loop would run past this
+    assert proc.returncode == 2
+    assert f"ray.address='127.0.0.1:{port}' is not reachable" in proc.stderr
+    assert not (root / "default" / "runs").exists()
+
+
+def no_work_done(root: Path) -> bool:
+    return not any(p.suffix in (".parquet", ".pt") for p in root.rglob("*")) if root.exists() else True
+
+
+def test_a_grid_key_that_does_not_exist_fails_before_work(make_cfg, tmp_path):
+    from pipeline.sweep import run_sweep
+
+    cfg = make_cfg(["+sweep.grid={model.widht:[2,4]}"])
+    with pytest.raises(ConfigError, match="model.widht"):
+        run_sweep(cfg)
+    assert no_work_done(tmp_path / "results")
+
+
+def test_an_unwritable_results_root_fails_before_work(make_cfg, tmp_path):
+    from pipeline.sweep import run_sweep
+
+    (tmp_path / "a-file").write_text("")
+    cfg = make_cfg([f"results_root={tmp_path / 'a-file' / 'results'}"])
+    with pytest.raises(PermissionError, match="a-file/results"):
+        run_sweep(cfg)
+
+
+CLUSTER_CANNOT = [  # (override, what the message must name) on the shared 2-CPU, GPU-less local Ray
+    ("hessian.num_gpus=1", "hessian.num_gpus=1"),
+    ("hessian.num_gpus=0.25", "hessian.num_gpus=0.25"),
+    ("ray.train_num_cpus=64", "ray.train_num_cpus=64"),
+    ("hessian.memory_budget_mb=1e9", "hessian.memory_budget_mb=1e+09"),
+]
+
+
+@pytest.mark.parametrize("override,named", CLUSTER_CANNOT)
+def test_requests_the_cluster_cannot_meet_fail_before_work(ray_session, make_cfg, tmp_path, override, named):
+    from pipeline.sweep import run_sweep
+
+    with pytest.raises(ConfigError, match=named.replace("+", r"\+")):
+        run_sweep(make_cfg([override]))
+    assert no_work_done(tmp_path / "results")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    {"multinode": multinode_child}[sys.argv[1]](*sys.argv[2:])
