@@ -252,12 +252,13 @@ def effective_rel_tol(rel_tol: float, dtype: torch.dtype) -> float:
 
 
 def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] = None, rel_tol: float = 1e-6,
-                tol_mode: str = "auto", gap_ratio: float = 1e4) -> tuple[spectrum.Summary, Optional[np.ndarray]]:
+                tol_mode: str = "auto", gap_ratio: float = 1e4,
+                extremes: Optional[tuple[float, float]] = None) -> tuple[spectrum.Summary, Optional[np.ndarray]]:
     """Counts for a symmetric matrix ``H`` ``[N, N]`` by ``eigh`` (full spectrum) or ``inertia``.
 
-    ``inertia`` knows no spectrum, so its tolerance is ``tol`` or ``rel_tol`` · max|λ| (extremes from
-    Lanczos); ``tol_mode='gap'`` needs ``eigh``. Returns the summary and the ascending eigenvalues
-    (None for ``inertia``).
+    ``inertia`` knows no spectrum, so its tolerance is ``tol`` or ``rel_tol`` · max|λ| (``extremes``
+    (λmin, λmax) if given, else from Lanczos); ``tol_mode='gap'`` needs ``eigh``. Returns the summary
+    and the ascending eigenvalues (None for ``inertia``).
     """
     rel_tol = effective_rel_tol(rel_tol, H.dtype)
     if method == "eigh":
@@ -265,7 +266,7 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
         return _summarize(lam, H.dtype, tol, rel_tol, tol_mode, gap_ratio), lam
     if method != "inertia":
         raise ValueError(f"count_dense method must be eigh or inertia, got {method!r}")
-    lam_lo, lam_hi = inertia.extreme_eigenvalues(H)
+    lam_lo, lam_hi = extremes or inertia.extreme_eigenvalues(H)
     if tol is None:
         if tol_mode == "gap":
             raise ValueError("tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance")
@@ -420,7 +421,8 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
             sums = [(_summarize(lam, H.dtype, kw["tol"], rel, kw["tol_mode"], kw["gap_ratio"]), lam)
                     for lam in lams]
         else:
-            sums = [count_dense(H[k], method=method, **kw) for k in range(len(part))]
+            extremes = inertia.extreme_eigenvalues_batch(H)  # batched: one matvec per step for the pass
+            sums = [count_dense(H[k], method=method, extremes=extremes[k], **kw) for k in range(len(part))]
         _sync(device)
         secs = {"build": (t1 - t0) / len(part), "count": (time.perf_counter() - t1) / len(part)}
         del H

@@ -86,27 +86,42 @@ def extreme_eigenvalues(H: torch.Tensor, steps: int = 80, rtol: float = 1e-10) -
     (then the Ritz values are exact). Ritz values lie inside [λmin, λmax]. Used to set a relative
     tolerance and to report the extremes when no full spectrum is computed.
     """
-    n = H.shape[0]
+    return extreme_eigenvalues_batch(H[None], steps, rtol)[0]
+
+
+def extreme_eigenvalues_batch(H: torch.Tensor, steps: int = 80, rtol: float = 1e-10) -> list[tuple[float, float]]:
+    """:func:`extreme_eigenvalues` of each matrix of ``H`` ``[B, N, N]`` at once: one batched
+    matrix-vector product and one device sync per step for all B, so many small Hessians on a GPU
+    cost about one. A matrix that has converged keeps riding along until all have."""
+    b, n = H.shape[0], H.shape[-1]
     m = min(steps, n)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    Q = torch.zeros(m, n, dtype=H.dtype, device=H.device)
     q = torch.randn(n, generator=gen, dtype=H.dtype).to(H.device)
-    Q[0] = q / torch.linalg.vector_norm(q)
-    alpha = torch.zeros(m, dtype=H.dtype, device=H.device)
-    beta = torch.zeros(m, dtype=H.dtype, device=H.device)
+    Q = torch.zeros(b, m, n, dtype=H.dtype, device=H.device)
+    Q[:, 0] = q / torch.linalg.vector_norm(q)
+    alpha = torch.zeros(b, m, dtype=H.dtype, device=H.device)
+    beta = torch.zeros(b, m, dtype=H.dtype, device=H.device)
+    found: list = [None] * b
     for j in range(m):
-        w = H @ Q[j]
-        alpha[j] = Q[j] @ w
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)  # twice is enough (Kahan–Parlett)
-        beta[j] = torch.linalg.vector_norm(w)
-        b = float(beta[j])  # a device sync per step: cheap next to the N² matrix-vector product
-        breakdown = b <= 1e-12 * float(alpha[: j + 1].abs().max())
-        if (j + 1) % 5 == 0 or j + 1 == m or breakdown:
-            ritz, done = _ritz(alpha[: j + 1].cpu(), beta[: j + 1].cpu(), rtol)
-            if done or breakdown or j + 1 == m:
-                return float(ritz[0]), float(ritz[-1])
-        Q[j + 1] = w / b
+        w = (H @ Q[:, j, :, None])[..., 0]
+        alpha[:, j] = (Q[:, j] * w).sum(-1)
+        basis = Q[:, : j + 1]
+        for _ in range(2):  # twice is enough (Kahan–Parlett)
+            w = w - (basis.transpose(1, 2) @ (basis @ w[..., None]))[..., 0]
+        beta[:, j] = torch.linalg.vector_norm(w, dim=-1)
+        a_host, b_host = alpha[:, : j + 1].cpu(), beta[:, : j + 1].cpu()  # one sync for the batch
+        for k in range(b):
+            if found[k] is not None:
+                continue
+            breakdown = bool(b_host[k, j] <= 1e-12 * a_host[k].abs().max())
+            if (j + 1) % 5 == 0 or j + 1 == m or breakdown:
+                ritz, done = _ritz(a_host[k], b_host[k], rtol)
+                if done or breakdown or j + 1 == m:
+                    found[k] = (float(ritz[0]), float(ritz[-1]))
+        if all(f is not None for f in found):
+            return found
+        norm = torch.where(beta[:, j] > 0, beta[:, j], torch.ones_like(beta[:, j]))
+        Q[:, j + 1] = w / norm[:, None]
     raise AssertionError("unreachable")  # pragma: no cover
 
 

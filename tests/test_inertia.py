@@ -141,6 +141,19 @@ def test_lanczos_on_low_rank_and_zero_matrices_stops_on_an_invariant_subspace():
     assert inertia.extreme_eigenvalues(torch.zeros(30, 30, dtype=F64)) == (0.0, 0.0)
 
 
+def test_batched_lanczos_equals_one_by_one_when_members_finish_at_different_steps():
+    low_rank = torch.zeros(120, dtype=F64)
+    low_rank[:2] = torch.tensor([1.5, -0.25], dtype=F64)  # invariant subspace after 2 steps
+    mats = torch.stack([_rotate(low_rank, 21), _planted(120, 22)[0], torch.zeros(120, 120, dtype=F64)])
+    got = inertia.extreme_eigenvalues_batch(mats)
+    assert got[2] == (0.0, 0.0)
+    for k in range(3):
+        ref = np.linalg.eigvalsh(mats[k].numpy())
+        scale = max(abs(ref).max(), 1e-300)
+        assert abs(got[k][0] - ref[0]) <= 1e-9 * scale and abs(got[k][1] - ref[-1]) <= 1e-9 * scale
+        assert got[k] == pytest.approx(inertia.extreme_eigenvalues(mats[k]), abs=1e-10 * scale)
+
+
 @pytest.mark.gpu
 @cuda
 def test_cuda_inertia_equals_cpu_including_two_by_two_pivots():
@@ -156,6 +169,9 @@ def test_cuda_inertia_equals_cpu_including_two_by_two_pivots():
         assert inertia.counts(shifted.cuda(), 0.0) == inertia.counts(shifted.clone(), 0.0) == _truth(shifted, 0.0)
     batch = torch.stack(cases[1:2] * 3)
     assert inertia.inertia(batch.cuda()).cpu().tolist() == inertia.inertia(batch).tolist()
+    pair = torch.stack([cases[0], -2 * cases[0]])
+    got, ref = inertia.extreme_eigenvalues_batch(pair.cuda()), inertia.extreme_eigenvalues_batch(pair)
+    assert np.allclose(np.array(got), np.array(ref), rtol=0, atol=1e-9 * float(pair.abs().max()))
     lo, hi = inertia.extreme_eigenvalues(cases[0].cuda())
     ref = np.linalg.eigvalsh(cases[0].numpy())
     assert abs(lo - ref[0]) <= 1e-9 * abs(ref).max() and abs(hi - ref[-1]) <= 1e-9 * abs(ref).max()
