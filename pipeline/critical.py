@@ -338,13 +338,14 @@ class CriticalReport:
     label: str
     shares: GradientShares
     flatness: Flatness
+    grad_curvature: float  # gᵀHg / (‖g‖² max|λ|) ∈ [−1, 1]: near 0 when g points along flat directions
     escape: Optional[EscapeCheck]
 
     def row(self) -> dict:
         out = {"grad_norm2": self.grad_norm2, "critical_label": self.label,
                "grad_share_neg": self.shares.neg, "grad_share_zero": self.shares.zero,
                "grad_share_pos": self.shares.pos, "flat_residual": self.flatness.relative_residual,
-               "flat_cokernel": self.flatness.cokernel_residual}
+               "flat_cokernel": self.flatness.cokernel_residual, "grad_curvature": self.grad_curvature}
         if self.escape is not None:
             out.update(self.escape.row())
         else:
@@ -379,8 +380,10 @@ def critical_report(loss_fn: LossFn, theta: torch.Tensor, *, H: Optional[torch.T
     Vn = V.cpu().numpy()
     shares = gradient_shares(g, lam, Vn, summary.tol)
     flat = flatness_from_spectrum(g, lam, Vn, summary.tol)
+    top = float(np.abs(lam).max())
+    curv = float(g @ (H @ g)) / (gn2 * top) if gn2 > 0 and top > 0 else math.nan
     label = critical_label(gn2, summary.label, flat.relative_residual, flat.cokernel_residual, gtol2=gtol2,
                            min_residual=min_residual, max_cokernel=max_cokernel)
     escape = escape_check(loss_fn, theta, V[:, 0], float(lam[0]), escape_steps) if lam[0] < -summary.tol else None
     return CriticalReport(loss, gn2, summary.counts, summary.tol, summary.tol_method, float(lam[0]),
-                          float(lam[-1]), summary.label, label, shares, flat, escape)
+                          float(lam[-1]), summary.label, label, shares, flat, curv, escape)

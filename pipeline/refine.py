@@ -403,6 +403,18 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
                         time.perf_counter() - t0, history)
 
 
+def options_for(method: str, section) -> dict:
+    """The keyword arguments of finder ``method`` found in ``section`` (a dict or config node, e.g. the
+    ``refine:`` config section); keys the finder does not take (``method``, Ray resources, the other finder's
+    settings) are left out. A key that neither finder takes is still allowed: the config owns its keys."""
+    import inspect
+
+    if method not in METHODS:
+        raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
+    params = inspect.signature(newton_mr if method == "newton_mr" else gnm).parameters
+    return {k: section[k] for k in section if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 def refine(method: str, loss_fn: LossFn, theta0: torch.Tensor, **options) -> RefineResult:
     """Run the finder named ``method`` (``newton_mr`` or ``gnm``) with its keyword ``options``."""
     if method == "newton_mr":

@@ -65,6 +65,7 @@ def test_gradient_flat_detection_on_a_constructed_kernel(name, a, b, label):
     assert report.flatness.cokernel_residual < 1e-12  # the residual is exactly the kernel part a·u
     assert report.shares.zero == pytest.approx(r * r, abs=1e-12)
     assert report.spectrum_label == "saddle" and report.label == label
+    assert report.grad_curvature == pytest.approx(b * b / (3 * (a * a + b * b)), abs=1e-14)  # gᵀHg = b²·1, max|λ| = 3
     # The MINRES route (what the finders record) gives the same r as the eigendecomposition.
     sol = refine.minres(lambda v: H @ v, -grad(f)(theta), rtol=1e-12)
     assert sol.relative_residual == pytest.approx(r, abs=1e-10)
@@ -229,6 +230,6 @@ def test_report_at_a_non_critical_point_is_not_critical():
     assert report.grad_norm2 > 1e-6 and report.label == "not_critical"
     row = report.row()
     assert set(row) >= {"critical_label", "grad_norm2", "grad_share_neg", "grad_share_zero", "grad_share_pos",
-                        "flat_residual", "flat_cokernel", "escape_drops", "escape_delta", "escape_predicted"}
+                        "flat_residual", "flat_cokernel", "grad_curvature", "escape_drops", "escape_delta", "escape_predicted"}
     assert row["grad_share_neg"] + row["grad_share_zero"] + row["grad_share_pos"] == pytest.approx(1.0)
     assert critical.CRITICAL_LABELS[:2] == ("not_critical", "gradient_flat")

@@ -221,6 +221,10 @@ def test_refine_dispatches_by_name():
         refine.refine("bfgs", ae_loss, theta0)
     with pytest.raises(ValueError, match="flat"):
         refine.newton_mr(ae_loss, theta0.reshape(2, 2))
+    section = {"method": "gnm", "gtol2": 1e-12, "max_iters": 7, "forcing": 0.01, "operator": "dense", "num_gpus": 0}
+    assert refine.options_for("newton_mr", section) == {"gtol2": 1e-12, "max_iters": 7, "forcing": 0.01,
+                                                        "operator": "dense"}
+    assert refine.options_for("gnm", section) == {"gtol2": 1e-12, "max_iters": 7}
 
 
 @pytest.mark.parametrize("experiment, data_name", [("lecture_digits", "digits"), ("pennington_bahri", "gaussian")])
@@ -231,3 +235,22 @@ def test_experiment_configs_compose_with_the_real_config(experiment, data_name):
     assert cfg.hessian.method == "eigh" and cfg.hessian.dtype == "float64"
     if experiment == "lecture_digits":
         assert len(seeds_of(cfg.sweep.seeds)) >= 100
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("operator", ["hvp", "dense"])
+def test_newton_mr_on_cuda(operator):
+    Xc = X_EXACT.cuda()
+    res = refine.newton_mr(lambda t: loss_value(AE, t, Xc, Xc, "mse"), _start(POINTS[2][1]).cuda(), operator=operator)
+    assert res.theta.is_cuda and res.converged and res.loss == pytest.approx(1.5, abs=1e-9)
+    model = MLP(4, 3, depth=2, width=8, activation="tanh")
+    gen = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(64, 4, generator=gen, dtype=F64), torch.randn(64, 3, generator=gen, dtype=F64)
+    theta0 = model.init(0)
+    cpu = refine.newton_mr(lambda t: loss_value(model, t, X, Y, "mse"), theta0, max_iters=1, operator=operator)
+    Xg, Yg = X.cuda(), Y.cuda()
+    gpu = refine.newton_mr(lambda t: loss_value(model, t, Xg, Yg, "mse"), theta0.cuda(), max_iters=1,
+                           operator=operator)
+    assert gpu.grad_norm2 < gpu.grad_norm2_0
+    assert gpu.grad_norm2 == pytest.approx(cpu.grad_norm2, rel=1e-6, abs=1e-14)
