@@ -87,12 +87,15 @@ def default_chunk_size(n_params: int, device: torch.device, *, column_bytes: int
     N-vectors). ``workspace_bytes`` 0 means the device default: 16 MiB on CPU (cache-sized blocks are
     fastest there), a quarter of free memory on CUDA (big blocks keep the GPU busy).
     """
-    if workspace_bytes <= 0:
-        if device.type == "cuda":
-            workspace_bytes = 0.25 * torch.cuda.mem_get_info(device)[0]
-        else:
-            workspace_bytes = CPU_WORKSPACE_BYTES
+    workspace_bytes = workspace_bytes if workspace_bytes > 0 else default_workspace_bytes(device)
     return int(max(1, min(n_params, workspace_bytes // max(1, column_bytes) // n_points)))
+
+
+def default_workspace_bytes(device: torch.device) -> float:
+    """Build workspace when none is given: 16 MiB on CPU, a quarter of free memory on CUDA."""
+    if device.type == "cuda":
+        return 0.25 * torch.cuda.mem_get_info(device)[0]
+    return float(CPU_WORKSPACE_BYTES)
 
 
 def _column_bytes(loss_fn, theta: torch.Tensor) -> int:
@@ -137,8 +140,9 @@ def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk
     Built on ``theta``'s device and dtype. ``loss_fn`` may be a list of ``(weight, fn)`` pairs whose
     weighted sum is the loss (e.g. per-batch losses weighted by batch size / n): their Hessians are
     accumulated, so data that does not fit one batch never has to be in memory at once.
-    ``chunk_size``: columns per vmapped call (0: from ``memory_budget_mb`` MiB of workspace, or the
-    device default, see :func:`default_chunk_size`). ``hvp``: ``rev``, ``fwd`` or ``auto``. ``out``: an
+    ``chunk_size``: columns per vmapped call (0: as many as ``memory_budget_mb`` MiB of build
+    workspace hold — the Hessian itself comes on top — or the device default, see
+    :func:`default_chunk_size`). ``hvp``: ``rev``, ``fwd`` or ``auto``. ``out``: an
     ``[N, N]`` tensor to build into (e.g. a slice of a batch), else a new one.
     """
     if theta.dim() != 1:
@@ -296,7 +300,8 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     ``auto`` (``eigh`` up to N = 4,096, ``inertia`` above). ``tol``: |λ| ≤ tol counts as zero; when None
     it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``;
     see :func:`pipeline.spectrum.choose_tol`); in float32 ``rel_tol`` is at least 1e-6, its noise floor.
-    ``chunk_size`` / ``memory_budget_mb`` / ``hvp``: see :func:`hessian`.
+    ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and one N×N copy made by
+    eigh or LDLᵀ come on top) / ``hvp``: see :func:`hessian`.
     """
     device = torch.device(device) if device is not None else theta.device
     theta = theta.detach().to(device=device, dtype=dtype or theta.dtype)
@@ -359,8 +364,10 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
                     batch_points: Optional[bool] = None) -> tuple[list[SpectrumResult], Optional[str]]:
     """:func:`spectrum_at` for many points ``thetas`` ``[B, N]`` of one loss, as the pipeline runs it.
 
-    ``loss_for(device, dtype)`` returns the (vmappable) loss on that device. Points go in passes of as
-    many as ``memory_budget_mb`` allows (see :func:`points_per_pass`); a pass builds its Hessians in one
+    ``loss_for(device, dtype)`` returns the (vmappable) loss on that device. ``memory_budget_mb`` is
+    the whole stage's memory here (0: a share of the device's, see :func:`total_budget_bytes`): points
+    go in passes of as many as it holds (see :func:`points_per_pass`), with a quarter of it as build
+    workspace when it is given; a pass builds its Hessians in one
     vmapped call over the points when ``batch_points`` (default: on CUDA only, where it pays) and takes
     their spectra in one batched call. When a device runs out of memory the work falls back — one
     point at a time, then one point with 1/16 of the workspace, then the CPU — and the second value says
@@ -381,8 +388,9 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
             raise
     _empty_cache(device)
     cpu = torch.device("cpu")
-    tries = [(device, chunk_size, memory_budget_mb, f"one point at a time after out of memory on {device}"),
-             (device, max(1, chunk_size // 16), memory_budget_mb / 16,
+    workspace_mb = (memory_budget_mb / 4 if memory_budget_mb > 0 else default_workspace_bytes(device) / 2**20)
+    tries = [(device, chunk_size, workspace_mb, f"one point at a time after out of memory on {device}"),
+             (device, max(1, chunk_size // 16), workspace_mb / 16,
               f"one point at a time, 1/16 workspace, after out of memory on {device}"),
              (cpu, chunk_size, 0.0, f"moved to CPU after out of memory on {device}")]
     for dev, chunk, budget, what in tries:

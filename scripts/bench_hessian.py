@@ -1,0 +1,354 @@
+"""Benchmark: the project's exact Hessian path against torch.autograd.functional.hessian + eigvalsh.
+
+One run on one device (CUDA when present, else CPU; ``--device`` to choose). The model is the issue's:
+MLP 16-h-h-4, tanh, 512 Gaussian samples, MSE, float64, random initialisation; N = h² + 22h + 4.
+For each N it times
+
+- ours: the Hessian build (HVP modes ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it) and ``inertia``
+  (Lanczos for max|λ| and three LDLᵀ factorisations: the counts, from parameters);
+- the baselines: ``torch.autograd.functional.hessian`` as a row loop and with ``vectorize=True``,
+  each followed by ``torch.linalg.eigvalsh`` — skipped when the estimate says > ``--max-baseline-s``
+  or more memory than there is (the table says why);
+
+and prints times, speed-ups against the baseline measured in the same run, peak memory and whether the
+counts agree. Then 64 checkpoints (8 on CPU; ``--checkpoints``) of N ≈ 1,500: spectra per second,
+batched (``spectra_at_many``) against one by one (``spectrum_at``). A benchmark, not a test: nothing
+asserts. On a GPU the default run takes about 3 minutes.
+
+    python scripts/bench_hessian.py                  # default sizes for the device
+    python scripts/bench_hessian.py --quick          # one size, fewer checkpoints
+    python scripts/bench_hessian.py --device cpu --sizes 1732,3852 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import threading
+import time
+
+import numpy as np
+import torch
+
+from pipeline import hessian as hs
+from pipeline import inertia, spectrum
+from pipeline.models import MLP, loss_value
+
+F64 = torch.float64
+GPU_SIZES = [1999, 5508, 19204, 29124]
+CPU_SIZES = [1732, 3852]
+REL_TOL = 1e-6
+
+
+def width_for(n_params: int) -> int:
+    """Hidden width h of the 16-h-h-4 MLP with N = h² + 22h + 4 closest to ``n_params``."""
+    return max(1, round((-22 + math.sqrt(22 * 22 - 4 * (4 - n_params))) / 2))
+
+
+def problem(n_params: int, device: torch.device, seed: int = 0, samples: int = 512):
+    model = MLP(16, 4, depth=2, width=width_for(n_params), activation="tanh")
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(samples, 16, generator=g, dtype=F64).to(device)
+    Y = torch.randn(samples, 4, generator=g, dtype=F64).to(device)
+    return model, (lambda t: loss_value(model, t, X, Y, "mse"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Peak:
+    """Peak memory above the start of a ``with`` block: CUDA allocator peak, or sampled resident set
+    size on CPU (every 2 ms; a lower bound, and memory the allocator kept from earlier steps is not seen)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start, self.top, self.stop = _rss(), 0, threading.Event()
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.top = max(self.top, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.bytes = max(0, max(self.top, _rss()) - self.start)
+        return False
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn, device: torch.device, repeat: int = 1):
+    """(best wall seconds over ``repeat`` runs, last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        out = None
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def free_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def counts_of(lam: torch.Tensor, tol: float) -> spectrum.Counts:
+    return spectrum.count(lam.cpu().numpy(), tol)
+
+
+def tolerant(c: spectrum.Counts) -> tuple:
+    return c.n_pos, c.n_neg, c.n_zero
+
+
+def bench_size(n_target: int, device: torch.device, args) -> dict:
+    model, f = problem(n_target, device)
+    n = model.n_params
+    theta = model.init(0).to(device)
+    rep = 3 if n <= 2500 else 1  # best of 3 where a run is short
+    r = {"N": n, "h": model.width}
+    for mode in ("rev", "fwd"):
+        with Peak(device) as pk:
+            r[f"build_{mode}"], H = timed(lambda: hs.hessian(f, theta, hvp=mode), device, rep)
+        r[f"peak_build_{mode}"] = pk.bytes
+        del H
+        hs._empty_cache(device)
+    mode = hs.resolve_hvp("auto", device)
+    r["mode"] = mode
+    H = hs.hessian(f, theta, hvp=mode)
+    r["build"] = r[f"build_{mode}"]
+    with Peak(device) as pk:
+        r["eigh"], lam = timed(lambda: torch.linalg.eigvalsh(H), device, rep)
+    r["peak_eigh"] = pk.bytes + n * n * 8  # the Hessian itself was there before
+    tol = REL_TOL * float(lam.abs().max())
+    with Peak(device) as pk:
+        r["inertia"], c_inertia = timed(lambda: _counts_only(H), device, rep)
+    r["peak_inertia"] = pk.bytes + n * n * 8
+    c_eigh = counts_of(lam, tol)
+    # Parameters to counts in one call, as the pipeline runs it (build + Lanczos + 3 LDLᵀ).
+    r["to_counts"], res = timed(lambda: hs.spectrum_at(f, theta, method="inertia"), device, 1)
+    r["agree_ours"] = tolerant(c_eigh) == tolerant(c_inertia) == tolerant(res.counts)
+    r["counts"] = tolerant(c_eigh)
+
+    # Baselines: row loop, then vectorize=True, each + eigvalsh; the same tolerance for the counts.
+    H_ref = None
+    est_row = _estimate_row_loop(f, theta, device)
+    r["est_row"] = est_row
+    if est_row > args.max_baseline_s:
+        r["row"] = f"skipped (est. {est_row:.0f} s > {args.max_baseline_s:.0f} s)"
+    else:
+        r["row"], H_ref = timed(lambda: torch.autograd.functional.hessian(f, theta), device, 1 if est_row > 2 else 2)
+    need = n * (2 * hs.activation_bytes(f, theta) + 3 * n * 8)  # N vmapped columns of activations + output
+    if need > 0.25 * free_bytes(device) and device.type != "cuda":  # CPU RAM is shared: don't try
+        r["vec"] = f"skipped (est. {need / 2**30:.0f} GiB)"
+    else:
+        try:
+            r["vec"], H_vec = timed(lambda: torch.autograd.functional.hessian(f, theta, vectorize=True), device, 1)
+            H_ref = H_vec if H_ref is None else H_ref
+            del H_vec
+        except torch.OutOfMemoryError:
+            r["vec"] = "OOM"
+        hs._empty_cache(device)
+    if H_ref is not None:
+        r["eigvalsh"], lam_ref = timed(lambda: torch.linalg.eigvalsh(H_ref), device, rep)
+        r["agree_ref"] = tolerant(counts_of(lam_ref, tol)) == tolerant(c_eigh)
+        r["h_err"] = float((H_ref - H).abs().max() / H_ref.abs().max())
+        r["lam_err"] = float((lam_ref - lam).abs().max() / lam_ref.abs().max())
+        del H_ref, lam_ref
+    else:  # no baseline Hessian: eigvalsh costs the same on ours
+        r["eigvalsh"] = r["eigh"]
+        r["agree_ref"] = None
+    del H, lam
+    hs._empty_cache(device)
+    return r
+
+
+def _counts_only(H: torch.Tensor) -> spectrum.Counts:
+    lo, hi = inertia.extreme_eigenvalues(H)
+    return inertia.counts(H, REL_TOL * max(abs(lo), abs(hi)))
+
+
+def _estimate_row_loop(f, theta: torch.Tensor, device: torch.device, rows: int = 24) -> float:
+    """Seconds for autograd's row loop over all N rows, from timing ``rows`` of them the same way
+    (grad with create_graph, then one autograd.grad per row)."""
+    x = theta.detach().requires_grad_(True)
+    sync(device)
+    t0 = time.perf_counter()
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    for i in range(rows):
+        torch.autograd.grad(g[i], x, retain_graph=True)
+    sync(device)
+    return (time.perf_counter() - t0) / rows * theta.numel()
+
+
+def bench_batched(n_target: int, checkpoints: int, device: torch.device) -> dict:
+    model, _ = problem(n_target, device)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(512, 16, generator=g, dtype=F64)
+    Y = torch.randn(512, 4, generator=g, dtype=F64)
+
+    def loss_for(dev, dtype):
+        Xd, Yd = X.to(dev, dtype), Y.to(dev, dtype)
+        return lambda t: loss_value(model, t, Xd, Yd, "mse")
+
+    thetas = torch.stack([model.init(s) for s in range(checkpoints)])
+    loss = loss_for(device, F64)
+    out = {"N": model.n_params, "B": checkpoints}
+    for method in ("eigh", "inertia"):
+        hs.spectra_at_many(loss_for, thetas[:2], device=device, method=method)  # warm
+        t1, one = timed(lambda: [hs.spectrum_at(loss, t, method=method, device=device) for t in thetas], device)
+        t2, (many, fallback) = timed(lambda: hs.spectra_at_many(loss_for, thetas, device=device, method=method,
+                                                                batch_points=True), device)
+        t3, (many_loop, _) = timed(lambda: hs.spectra_at_many(loss_for, thetas, device=device, method=method,
+                                                              batch_points=False), device)
+        out[method] = {
+            "one": checkpoints / t1, "batched": checkpoints / t2, "pass_loop": checkpoints / t3,
+            "build_one": sum(r.seconds["build"] for r in one), "build_batched": sum(r.seconds["build"] for r in many),
+            "count_one": sum(r.seconds["count"] for r in one), "count_batched": sum(r.seconds["count"] for r in many),
+            "agree": [tolerant(a.counts) for a in one] == [tolerant(b.counts) for b in many], "fallback": fallback}
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def warm_up(device: torch.device) -> None:
+    """First calls pay one-off costs (torch.func imports torch._dynamo, ~2 s; cuSOLVER/cuBLAS handles;
+    jvp decompositions): pay them on a tiny problem so that no timed row includes them."""
+    model, f = problem(60, device, samples=16)
+    theta = model.init(0).to(device)
+    for method in ("eigh", "inertia"):
+        hs.spectrum_at(f, theta, method=method, hvp="rev")
+        hs.spectrum_at(f, theta, method=method, hvp="fwd")
+    hs.hessians(f, torch.stack([theta, theta]))
+    H = torch.autograd.functional.hessian(f, theta)
+    torch.autograd.functional.hessian(f, theta, vectorize=True)
+    torch.linalg.eigvalsh(H)
+    sync(device)
+
+
+def fmt_t(x) -> str:
+    return x if isinstance(x, str) else f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def fmt_mem(b: float, n: int) -> str:
+    return f"{b / 2**20:,.0f} MiB ({b / (n * n * 8):.2f}×H)"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default="", help="comma-separated N (default: GPU 1999,5508,19204,29124; CPU 1732,3852)")
+    ap.add_argument("--quick", action="store_true", help="one size (5,508 GPU / 1,732 CPU), fewer checkpoints")
+    ap.add_argument("--checkpoints", type=int, default=0, help="checkpoints in the batched test (default 64; 8 on CPU)")
+    ap.add_argument("--batched-n", type=int, default=1500)
+    ap.add_argument("--max-baseline-s", type=float, default=60.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    else:
+        sizes = ([5508] if gpu else [1732]) if args.quick else (GPU_SIZES if gpu else CPU_SIZES)
+    checkpoints = args.checkpoints or (64 if gpu and not args.quick else 16 if gpu else 8)
+
+    t_start = time.perf_counter()
+    print(f"# bench_hessian on {device}: {device_name(device)}")
+    print("# MLP 16-h-h-4 tanh, 512 samples, MSE, float64, random init; tol = 1e-6·max|λ|; times in s, best of 3 "
+          "where a run is < ~1 s")
+    warm_up(device)
+    rows = []
+    for n in sizes:
+        r = bench_size(n, device, args)
+        rows.append(r)
+        print(f"#   N={r['N']:,} at {time.perf_counter() - t_start:.0f} s: build {fmt_t(r['build'])}, eigh "
+              f"{fmt_t(r['eigh'])}, counts {fmt_t(r['inertia'])}, params→counts {fmt_t(r['to_counts'])}, row loop "
+              f"{fmt_t(r['row'])}, vectorize {fmt_t(r['vec'])}, eigvalsh {fmt_t(r['eigvalsh'])}", flush=True)
+
+    print("\n## Times (s)\n")
+    print("| N | build rev | build fwd | eigh | counts (Lanczos+3 LDLᵀ) | params→counts | autograd row loop "
+          "| autograd vectorize | eigvalsh |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['N']:,} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} | {fmt_t(r['eigh'])} "
+              f"| {fmt_t(r['inertia'])} | {fmt_t(r['to_counts'])} | {fmt_t(r['row'])} | {fmt_t(r['vec'])} "
+              f"| {fmt_t(r['eigvalsh'])} |")
+
+    print("\n## Speed-ups against the baselines of this run, memory, agreement\n")
+    print("| N | full spectrum vs row loop+eigvalsh | counts vs row loop+eigvalsh | full vs vectorize+eigvalsh "
+          "| counts vs vectorize+eigvalsh | peak build (default chunk) | peak eigh | peak counts | counts agree "
+          "(eigh / LDLᵀ / autograd) | max rel. diff H, λ vs autograd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ours_full, ours_counts = r["build"] + r["eigh"], r["build"] + r["inertia"]
+        ratio = {}
+        for base in ("row", "vec"):
+            if isinstance(r[base], str):
+                ratio[base] = ("—", "—")
+            else:
+                ref = r[base] + r["eigvalsh"]
+                ratio[base] = (f"{ref / ours_full:.1f}×", f"{ref / ours_counts:.1f}×")
+        agree = "yes" if r["agree_ours"] and r["agree_ref"] is not False else "NO"
+        if r["agree_ref"] is None:
+            agree += " (no autograd H)"
+        diff = f"{r['h_err']:.1e}, {r['lam_err']:.1e}" if "h_err" in r else "—"
+        print(f"| {r['N']:,} | {ratio['row'][0]} | {ratio['row'][1]} | {ratio['vec'][0]} | {ratio['vec'][1]} "
+              f"| {fmt_mem(r['peak_build_' + r['mode']], r['N'])} | {fmt_mem(r['peak_eigh'], r['N'])} "
+              f"| {fmt_mem(r['peak_inertia'], r['N'])} | {agree} {r['counts']} | {diff} |")
+    if not gpu:
+        print("\nCPU peaks: resident-set growth sampled every 2 ms (a lower bound); 'H' = N²·8 bytes.")
+
+    print(f"#   batched: {checkpoints} checkpoints of N ≈ {args.batched_n:,} ...", flush=True)
+    b = bench_batched(args.batched_n, checkpoints, device)
+    print(f"\n## {b['B']} checkpoints of N = {b['N']:,}: spectra per second\n")
+    print("| method | one by one (spectrum_at) | spectra_at_many, points built in one vmap | spectra_at_many, "
+          "points built in a loop | speed-up (vmap vs one by one) | build s (one / vmap) | count s (one / vmap) "
+          "| counts agree |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method in ("eigh", "inertia"):
+        m = b[method]
+        print(f"| {method} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {m['batched'] / m['one']:.1f}× "
+              f"| {m['build_one']:.2f} / {m['build_batched']:.2f} | {m['count_one']:.2f} / {m['count_batched']:.2f} "
+              f"| {'yes' if m['agree'] else 'NO'}{'' if m['fallback'] is None else ' — ' + m['fallback']} |")
+    print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
+
+
+if __name__ == "__main__":
+    main()
