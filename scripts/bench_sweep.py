@@ -169,12 +169,14 @@ def main() -> None:
         if args.memory_runs:
             rows = memory(args.memory_runs, Path(tmp))
             for r in rows:
-                print(f"driver memory, {r['runs']:>5} tiny runs ({r['seconds']:.0f}s): peak RSS "
-                      f"{r['rss_peak_mb']:.0f} MB, median {r['rss_median_mb']:.0f} MB, at the end {r['rss_end_mb']:.0f} MB")
+                print(f"driver memory, {r['runs']:>5} tiny runs ({r['seconds']:.0f}s): RSS median while running "
+                      f"{r['rss_median_mb']:.0f} MB, peak {r['rss_peak_mb']:.0f} MB, after reading the tables "
+                      f"{r['rss_end_mb']:.0f} MB")
             if len(rows) > 1:
                 a, b = rows[0], rows[-1]
-                print(f"peak RSS ratio {b['runs']}/{a['runs']} runs: {b['rss_peak_mb'] / a['rss_peak_mb']:.2f} "
-                      f"(+{b['rss_peak_mb'] - a['rss_peak_mb']:.0f} MB for {b['runs'] / a['runs']:.0f}x the runs)")
+                for key, what in (("rss_median_mb", "median RSS while running"), ("rss_peak_mb", "peak RSS")):
+                    print(f"{what}, {b['runs']} vs {a['runs']} runs: ratio {b[key] / a[key]:.2f} "
+                          f"({b[key] - a[key]:+.0f} MB for {b['runs'] / a['runs']:.0f}x the runs)")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def assert_same_tables(got: Path, want: Path) -> None:
     a, b = raw_tables(got), raw_tables(want)
     for name in ("runs", "points", "curves"):
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-9, obj=name)
-    pd.testing.assert_frame_equal(a["spectra"].drop(columns="eigenvalues"), b["spectra"].drop(columns="eigenvalues"))
+    without = [df.drop(columns="eigenvalues") for df in (a["spectra"], b["spectra"])]
+    pd.testing.assert_frame_equal(*without, obj="spectra")
     for x, y in zip(a["spectra"]["eigenvalues"], b["spectra"]["eigenvalues"]):
         np.testing.assert_allclose(x, y, rtol=1e-8, atol=1e-10 * np.abs(y).max())
 
@@ -128,15 +129,16 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def worker_running(task_name: str) -> int | None:
-    """Pid of a Ray worker of this test process executing ``task_name`` (Ray sets the process title)."""
+def workers_running(task_name: str) -> list[int]:
+    """Pids of Ray workers of this test process executing ``task_name`` (Ray sets the process title)."""
+    out = []
     for pid in descendants(os.getpid()):
         try:
             if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"ray::{task_name}".encode()):
-                return pid
+                out.append(pid)
         except OSError:
             continue
-    return None
+    return out
 
 
 def wait_for(condition, timeout_s: float = 180.0, every_s: float = 0.01):
@@ -162,17 +164,17 @@ def test_killed_workers_are_retried_training_resumes_from_its_saved_state(ray_se
     sweep = threading.Thread(target=lambda: result.update(summary=run_sweep(cfg)))
     sweep.start()
     try:
-        def a_training_state_saved():
-            return list((folder / "state").glob("*.pt")) if (folder / "state").exists() else []
-
-        def training_worker():
-            return worker_running("_train_task")
+        def training_worker_with_saved_state():
+            # Every run in training has saved a state (each run has at most one state file), so the
+            # worker killed is one that can resume.
+            states = list((folder / "state").glob("*.pt")) if (folder / "state").exists() else []
+            workers = workers_running("_train_task")
+            return workers[0] if workers and len(states) >= len(workers) else None
 
         def hessian_worker():
-            return worker_running("_hessian_task")
+            return (workers_running("_hessian_task") or [None])[0]
 
-        wait_for(a_training_state_saved)
-        killed["train"] = wait_for(training_worker)
+        killed["train"] = wait_for(training_worker_with_saved_state)
         os.kill(killed["train"], signal.SIGKILL)
         killed["hessian"] = wait_for(hessian_worker, every_s=0.002)
         os.kill(killed["hessian"], signal.SIGKILL)
