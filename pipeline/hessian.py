@@ -36,10 +36,13 @@ AUTO_EIGH_MAX_N = 4096  # `auto` takes the full spectrum up to this many paramet
 METHODS = ("auto", "eigh", "inertia")
 HVP_MODES = ("auto", "rev", "fwd")
 DEFAULT_HVP = {"cpu": "rev", "cuda": "rev"}
-# Build workspace on CPU: blocks whose activations stay in cache are fastest. Measured optima (one
-# core, rev): 32-64 columns at N = 172 (300 samples), 16-32 at N = 612 (1,000 samples), 8-16 at
-# N = 1,732 (512 samples); 16 MiB gives 61, 8 and 8 columns there, each within 3 % of the best.
+# Build workspace on CPU per thread count. One thread: blocks whose activations stay in cache are
+# fastest — measured optima 32-64 columns at N = 172 (300 samples), 16-32 at N = 612 (1,000 samples),
+# 8-16 at N = 1,732 (512 samples); 16 MiB gives 61, 8 and 8 columns, each within 3 % of the best.
+# Two threads: bigger blocks amortise each op's fork/join — 32-128 columns best at N = 1,732, 8
+# columns 40 % slower. So 16 MiB × threads², at most 256 MiB.
 CPU_WORKSPACE_BYTES = 16 * 2**20
+CPU_WORKSPACE_MAX_BYTES = 256 * 2**20
 # Build several points in one vmapped pass only where it pays: on CUDA it turns B small launches into
 # one; on CPU the build is compute-bound and the multi-point pass measured 10-20 % slower.
 BATCH_POINTS_DEVICES = ("cuda",)
@@ -84,18 +87,19 @@ def default_chunk_size(n_params: int, device: torch.device, *, column_bytes: int
     ``n_points`` points, in [1, N].
 
     ``column_bytes``: what one column needs while it is built (activations of its HVP and a few
-    N-vectors). ``workspace_bytes`` 0 means the device default: 16 MiB on CPU (cache-sized blocks are
-    fastest there), a quarter of free memory on CUDA (big blocks keep the GPU busy).
+    N-vectors). ``workspace_bytes`` 0 means the device default (:func:`default_workspace_bytes`).
     """
     workspace_bytes = workspace_bytes if workspace_bytes > 0 else default_workspace_bytes(device)
     return int(max(1, min(n_params, workspace_bytes // max(1, column_bytes) // n_points)))
 
 
 def default_workspace_bytes(device: torch.device) -> float:
-    """Build workspace when none is given: 16 MiB on CPU, a quarter of free memory on CUDA."""
+    """Build workspace when none is given: a quarter of free memory on CUDA (big blocks keep the GPU
+    busy); on CPU 16 MiB × threads², at most 256 MiB (cache-sized blocks on one thread, bigger ones
+    to keep several threads busy)."""
     if device.type == "cuda":
         return 0.25 * torch.cuda.mem_get_info(device)[0]
-    return float(CPU_WORKSPACE_BYTES)
+    return float(min(CPU_WORKSPACE_BYTES * torch.get_num_threads() ** 2, CPU_WORKSPACE_MAX_BYTES))
 
 
 def _column_bytes(loss_fn, theta: torch.Tensor) -> int:
