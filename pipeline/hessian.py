@@ -354,10 +354,16 @@ def total_budget_bytes(device: torch.device, memory_budget_mb: float = 0.0) -> f
 
 
 def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_budget_mb: float = 0.0) -> int:
-    """How many Hessians one batched pass may build: each needs its N² numbers and one N² copy made by
-    eigh or LDLᵀ; the rest of the budget (at least a quarter) is build workspace."""
+    """How many Hessians one pass may hold: each needs its N² numbers and one N² copy made by eigh or
+    LDLᵀ, in three quarters of the budget; the last quarter is build workspace (:func:`pass_workspace_mb`)."""
     per_point = 2 * n_params * n_params * itemsize
     return max(1, int(0.75 * total_budget_bytes(device, memory_budget_mb) // per_point))
+
+
+def pass_workspace_mb(device: torch.device, memory_budget_mb: float = 0.0) -> float:
+    """Build workspace of a pass, MiB: a quarter of the budget, and no more than the device default."""
+    quarter = 0.25 * total_budget_bytes(device, memory_budget_mb)
+    return min(quarter, default_workspace_bytes(device)) / 2**20
 
 
 def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn, WeightedTerms]],
@@ -370,21 +376,31 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
 
     ``loss_for(device, dtype)`` returns the (vmappable) loss on that device. ``memory_budget_mb`` is
     the whole stage's memory here (0: a share of the device's, see :func:`total_budget_bytes`): points
-    go in passes of as many as it holds (see :func:`points_per_pass`), with a quarter of it as build
-    workspace when it is given; a pass builds its Hessians in one
-    vmapped call over the points when ``batch_points`` (default: on CUDA only, where it pays) and takes
-    their spectra in one batched call. When a device runs out of memory the work falls back — one
-    point at a time, then one point with 1/16 of the workspace, then the CPU — and the second value says
-    what was done (None when nothing was needed). Each result's ``seconds`` is its share of its pass.
+    go in passes of as many as it holds (see :func:`points_per_pass`, :func:`pass_workspace_mb`); a
+    pass builds its Hessians in one vmapped call over the points when ``batch_points`` (default: on
+    CUDA only, where it pays) and takes their spectra in one batched call. When a device runs out of
+    memory the work falls back — one point at a time, then one point with 1/16 of the workspace, then
+    the CPU — and the second value says what was done (None when nothing was needed). Each result's
+    ``seconds`` is its share of its pass. The device's cached memory is released on return.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = torch.device(device)
-    b, n = thetas.shape
-    method = resolve_method(method, n)
+    if thetas.dim() != 2:
+        raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
+    method = resolve_method(method, thetas.shape[1])
     kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio)
+    batch_points = device.type in BATCH_POINTS_DEVICES if batch_points is None else batch_points
     try:
-        if batch_points is None:
-            batch_points = device.type in BATCH_POINTS_DEVICES
+        return _with_fallbacks(loss_for, thetas, method, dtype, device, chunk_size, memory_budget_mb, hvp,
+                               batch_points, kw)
+    finally:
+        _empty_cache(device)  # a GPU task hands its memory back
+
+
+def _with_fallbacks(loss_for, thetas, method, dtype, device, chunk_size, memory_budget_mb, hvp, batch_points,
+                    kw) -> tuple[list[SpectrumResult], Optional[str]]:
+    n = thetas.shape[1]
+    try:
         return _many(loss_for(device, dtype), thetas.to(device, dtype), method, chunk_size,
                      memory_budget_mb, hvp, batch_points, kw), None
     except Exception as err:  # noqa: BLE001 — only out-of-memory falls through to the next try
@@ -392,7 +408,7 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
             raise
     _empty_cache(device)
     cpu = torch.device("cpu")
-    workspace_mb = (memory_budget_mb / 4 if memory_budget_mb > 0 else default_workspace_bytes(device) / 2**20)
+    workspace_mb = pass_workspace_mb(device, memory_budget_mb)
     tries = [(device, chunk_size, workspace_mb, f"one point at a time after out of memory on {device}"),
              (device, max(1, chunk_size // 16), workspace_mb / 16,
               f"one point at a time, 1/16 workspace, after out of memory on {device}"),
@@ -414,7 +430,7 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
     b, n = thetas.shape
     device = thetas.device
     per = points_per_pass(n, thetas.element_size(), device, memory_budget_mb)
-    workspace_mb = memory_budget_mb / 4 if memory_budget_mb > 0 else 0.0
+    workspace_mb = pass_workspace_mb(device, memory_budget_mb)
     out = []
     for s in range(0, b, per):
         part = thetas[s:s + per]

@@ -27,7 +27,6 @@ import os
 import platform
 import time
 
-import numpy as np
 import torch
 
 from pipeline import hessian as hs
@@ -325,7 +324,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for method in ("eigh", "inertia"):
         m = b[method]
-        print(f"| {method} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {m['batched'] / m['one']:.1f}× "
+        speedup = m["batched"] / m["one"]
+        print(f"| {method} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {speedup:.1f}× "
               f"| {m['build_one']:.2f} / {m['build_batched']:.2f} | {m['count_one']:.2f} / {m['count_batched']:.2f} "
               f"| {'yes' if m['agree'] else 'NO'}{'' if m['fallback'] is None else ' — ' + m['fallback']} |")
     print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")

@@ -9,7 +9,7 @@ import torch
 
 from pipeline import hessian as hs
 from pipeline.data import Dataset
-from pipeline.models import MLP, loss_value
+from pipeline.models import MLP
 from pipeline.train import Problem
 
 F64 = torch.float64
