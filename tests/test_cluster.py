@@ -29,7 +29,7 @@ from pipeline.plan import expand
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # Tiny runs: the point is where tasks go and what the tables hold, not the science.
-TINY = ["model.width=4", "optim.max_steps=600", "stall.window=200", "sweep.seeds=6", "sweep.progress=plain",
+TINY = ["model.width=4", "optim.max_steps=600", "stall.window=200", "sweep.seeds=4", "sweep.progress=plain",
         "hessian.batch_checkpoints=2", "figures=false"]
 
 
@@ -124,12 +124,14 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
-    gcs, dash, client = free_port(), free_port(), free_port()
+    gcs, dash, client, agent, agent_grpc = (free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="mr-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # `ray start --head` turns token auth on
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}", "--num-cpus=2",
+         # The agent's default port (52365) is taken when another Ray runs here, e.g. the tests' shared one.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
