@@ -65,6 +65,12 @@ class StallConfig:
     window: int = 500  # steps over which the relative improvement is measured
     threshold: float = 1e-4  # stall when (L[t-window] - L[t]) / |L[t-window]| < threshold
     max_stalls: int = 1  # stop a run after this many stalls (it also stops at optim.max_steps)
+    # Stall tags (oscillating vs small_gradient) — see pipeline.critical.stall_tag:
+    grad_ratio_tol: float = 1e-2  # oscillating when ‖g‖/‖g₀‖ ≥ this
+    cosine_tol: float = 0.0  # … or when successive gradients have cosine < this
+    sharpness_tol: float = 0.9  # … or when λmax·lr/2 ≥ this (edge of stability)
+    power_iters: int = 50  # power-iteration steps for λmax (at stalls, and in curves)
+    curvature_every: int = 0  # log λmax and the gradient cosine in `curves` every k steps; 0 = off
 
 
 @dataclass
@@ -80,6 +86,20 @@ class HessianConfig:
     chunk_size: int = 0  # Hessian columns built per vmap call; 0 = derived from memory_budget_mb
     memory_budget_mb: float = 0.0  # 0 = a share of free device memory
     batch_checkpoints: int = 8  # checkpoints of one architecture analysed per task
+
+
+@dataclass
+class RefineConfig:
+    method: str = "none"  # none | newton_mr | gnm: move each stalled point to a nearby critical point
+    gtol2: float = 1e-10  # converged when ‖g‖² < gtol2; also the "critical" threshold of every label
+    max_iters: int = 100  # Newton steps (gnm: descent steps)
+    inner_max_iters: int = 500  # MINRES iterations per Newton step
+    inner_rtol: float = 1e-10
+    forcing: float = 0.1  # inexact Newton: MINRES tolerance min(forcing, max(inner_rtol, ‖g‖^½))
+    rcond: float = 1e-10
+    operator: str = "hvp"  # hvp | dense
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 @dataclass
@@ -108,6 +128,7 @@ class Config:
     optim: OptimConfig = MISSING
     stall: StallConfig = MISSING
     hessian: HessianConfig = MISSING
+    refine: RefineConfig = MISSING
     sweep: SweepConfig = MISSING
     ray: RayConfig = MISSING
     results_root: str = "results"
@@ -119,7 +140,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in [("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig),
-                        ("stall", StallConfig), ("hessian", HessianConfig), ("sweep", SweepConfig),
+                        ("stall", StallConfig), ("hessian", HessianConfig), ("refine", RefineConfig),
+                        ("sweep", SweepConfig),
                         ("ray", RayConfig)]:
         cs.store(group=group, name=f"base_{group}", node=node)
 
@@ -187,6 +209,18 @@ def validate(cfg: DictConfig) -> None:
     _require(s.window >= o.log_every, "stall.window", s.window, f"≥ optim.log_every ({o.log_every})")
     _require(s.threshold > 0, "stall.threshold", s.threshold, "> 0")
     _require(s.max_stalls >= 1, "stall.max_stalls", s.max_stalls, "≥ 1")
+    _require(s.grad_ratio_tol > 0, "stall.grad_ratio_tol", s.grad_ratio_tol, "> 0")
+    _require(s.power_iters >= 1, "stall.power_iters", s.power_iters, "≥ 1")
+    _require(s.curvature_every >= 0, "stall.curvature_every", s.curvature_every, "≥ 0 (0 = off)")
+    r = cfg.refine
+    _one_of(cfg, "refine.method", ("none", "newton_mr", "gnm"))
+    _one_of(cfg, "refine.operator", ("hvp", "dense"))
+    _require(r.gtol2 > 0, "refine.gtol2", r.gtol2, "> 0")
+    _require(r.max_iters >= 1, "refine.max_iters", r.max_iters, "≥ 1")
+    _require(r.inner_max_iters >= 1, "refine.inner_max_iters", r.inner_max_iters, "≥ 1")
+    _require(0 < r.forcing < 1, "refine.forcing", r.forcing, "in (0, 1)")
+    _require(r.num_cpus > 0, "refine.num_cpus", r.num_cpus, "> 0")
+    _require(r.num_gpus >= 0, "refine.num_gpus", r.num_gpus, "≥ 0")
     _require(0 <= h.rel_tol < 1, "hessian.rel_tol", h.rel_tol, "in [0, 1)")
     _require(h.abs_tol >= 0, "hessian.abs_tol", h.abs_tol, "≥ 0")
     _require(h.gap_ratio > 1, "hessian.gap_ratio", h.gap_ratio, "> 1")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import tables
-from pipeline.hessian import spectra_at_many
+from pipeline import critical, refine, tables
+from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
 from pipeline.storage import Store
 from pipeline.train import Checkpoint, Curves, TrainState, make_problem, train
@@ -56,7 +56,8 @@ def problem_group(config: dict, seed: int) -> str:
 def save_checkpoint(store: Store, sweep: str, run: Run, ck: Checkpoint) -> CheckpointRef:
     buf = io.BytesIO()
     torch.save({"theta": ck.theta, "step": ck.step, "loss": ck.loss, "grad_norm": ck.grad_norm,
-                "stalled": ck.stalled, "reason": ck.reason, "run_id": run.run_id, "seed": run.seed}, buf)
+                "stalled": ck.stalled, "reason": ck.reason, "tag": ck.tag, "run_id": run.run_id,
+                "seed": run.seed}, buf)
     path = checkpoint_path(sweep, run.run_id, ck.step)
     store.write_bytes(path, buf.getvalue())
     return ref_for(run, ck.step, ck.stalled, path)
@@ -87,7 +88,8 @@ def state_path(sweep: str, run_id: str) -> str:
 def save_state(store: Store, sweep: str, run_id: str, st: TrainState) -> None:
     buf = io.BytesIO()
     torch.save({"step": st.step, "theta": st.theta, "optimizer": st.optimizer, "generator": st.generator,
-                "curves": [st.curves.step, st.curves.loss, st.curves.grad_norm], "since": st.since,
+                "curves": [st.curves.step, st.curves.loss, st.curves.grad_norm, st.curves.lam_max,
+                           st.curves.grad_cosine], "since": st.since,
                 "checkpoints": [vars(ck) for ck in st.checkpoints]}, buf)
     store.write_bytes(state_path(sweep, run_id), buf.getvalue())
 
@@ -137,8 +139,8 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
         return "failed", []
     c = result.curves
     tables.write(store, sweep, "curves", [
-        {"run_id": run.run_id, "step": s, "loss": v, "grad_norm": g}
-        for s, v, g in zip(c.step, c.loss, c.grad_norm)])
+        {"run_id": run.run_id, "step": s, "loss": v, "grad_norm": g, "lam_max": lam, "grad_cosine": cos}
+        for s, v, g, lam, cos in zip(c.step, c.loss, c.grad_norm, c.lam_max, c.grad_cosine)])
     tables.write(store, sweep, "runs", [run_row(
         sweep, run, node_id, status=result.status, steps=result.steps, final_loss=result.final_loss,
         final_grad_norm=result.final_grad_norm, n_params=result.n_params,
@@ -181,12 +183,62 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
             tables.write(store, sweep, "points", [{**base, "status": "failed", "error": err,
                                                    "loss": meta["loss"], "grad_norm": meta["grad_norm"]}])
             continue
-        tables.write(store, sweep, "points", [{**base, **point_values(res), "fallback": fallback}])
+        row = {**base, **point_values(res), **meta.get("tag", {}), "fallback": fallback,
+               **critical_values(problem, meta["theta"], res, refs[0].config)}
+        tables.write(store, sweep, "points", [row])
         if res.eigenvalues is not None:
             tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": ref.stage,
                                                     "n_params": res.n_params,
                                                     "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
     return len(refs)
+
+
+def critical_values(problem, theta: torch.Tensor, res, config: dict) -> dict:
+    """Honest-label columns at a point (pipeline.critical): gradient shares per eigenspace, the
+    gradient-flat test, ``critical_label`` and the escape check. Needs eigenvectors, so only where the full
+    spectrum was taken (``method=eigh``); elsewhere the label says only whether the gradient is small."""
+    gtol2 = config["refine"]["gtol2"] if "refine" in config else critical.GTOL2
+    if res.eigenvalues is None:
+        small = res.grad_norm ** 2 < gtol2
+        return {"grad_norm2": res.grad_norm ** 2, "critical_label": res.label if small else "not_critical"}
+    f = problem.to("cpu", torch.float64).loss_fn()
+    return critical.critical_report(f, theta.to(torch.float64), tol=res.tol, gtol2=gtol2).row()
+
+
+def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cpu",
+               node_id: str | None = None) -> None:
+    """Move one checkpoint to a nearby critical point (``refine.method``), save the refined parameters
+    under ``<sweep>/refined/<run_id>/``, and write its ``points`` row (``stage=refined``, with the
+    ``refine_*`` columns) and its spectrum. A failure becomes a ``failed`` row."""
+    store = Store.open(store_uri)
+    cfg = ref.config
+    r, h = cfg["refine"], cfg["hessian"]
+    base = {"run_id": ref.run_id, "step": ref.step, "stage": "refined", "seed": ref.seed,
+            "node": socket.gethostname(), "node_id": node_id, "refine_method": r["method"]}
+    t0 = time.perf_counter()
+    try:
+        meta = load_checkpoint(store, ref.path)
+        problem = make_problem(Run(ref.run_id, ref.seed, {}, cfg).cfg(), ref.seed).to(device, torch.float64)
+        f = problem.loss_fn()
+        found = refine.refine(r["method"], f, meta["theta"].to(device, torch.float64),
+                              **refine.options_for(r["method"], r))
+        buf = io.BytesIO()
+        torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **found.row()}, buf)
+        store.write_bytes(f"{sweep}/refined/{ref.run_id}/step-{ref.step:09d}.pt", buf.getvalue())
+        res = spectrum_at(f, found.theta, method=h["method"], tol=h["abs_tol"] if h["tol_mode"] == "abs" else None,
+                          rel_tol=h["rel_tol"], tol_mode=h["tol_mode"], gap_ratio=h["gap_ratio"])
+        row = {**base, **point_values(res), **found.row(), "stalled": bool(meta["stalled"]),
+               "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
+               **critical_values(problem, found.theta.cpu(), res, cfg)}
+    except Exception as err:  # noqa: BLE001
+        tables.write(store, sweep, "points", [{**base, "status": "failed", "seconds": time.perf_counter() - t0,
+                                               "error": f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"}])
+        return
+    tables.write(store, sweep, "points", [row])
+    if res.eigenvalues is not None:
+        tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": "refined",
+                                                "n_params": res.n_params,
+                                                "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
 
 
 def point_values(res) -> dict:

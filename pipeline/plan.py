@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import apply_overrides, seeds_of
 
-# Sections whose values change what a run computes, hence its id. Hessian *resources* do not.
+# Sections whose values change what a run computes, hence its id. Hessian *resources* do not, and neither
+# does `refine` (refined points are keyed by stage=refined: use a new sweep.name to refine differently).
 ID_SECTIONS = ("data", "model", "optim", "stall")
 HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
 
@@ -25,7 +26,7 @@ class Run:
     run_id: str
     seed: int
     overrides: dict  # the grid point, {dotted key: value}
-    config: dict  # resolved config of this run: data/model/optim/stall/hessian sections
+    config: dict  # resolved config of this run: data/model/optim/stall/hessian/refine sections
 
     def cfg(self) -> DictConfig:
         return OmegaConf.create(self.config)
@@ -55,7 +56,7 @@ def expand(cfg: DictConfig) -> list[Run]:
     for point in grid_points(grid):
         point_cfg = apply_overrides(cfg, point)
         sections = {s: OmegaConf.to_container(point_cfg[s], resolve=True)
-                    for s in (*ID_SECTIONS, "hessian")}
+                    for s in (*ID_SECTIONS, "hessian", "refine")}
         for seed in seeds_of(OmegaConf.to_container(cfg.sweep, resolve=True)["seeds"]):
             rid = run_id(sections, seed)
             if rid in seen:

@@ -9,6 +9,7 @@ runs still train, grouped by loss function up to ``hessian.batch_checkpoints`` p
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import socket
 import time
@@ -51,6 +52,19 @@ def _node_id() -> str:
 def _train_task(store_uri: str, sweep: str, run: Run, num_cpus: float, state_every_s: float):
     _threads(num_cpus)
     return jobs.train_job(store_uri, sweep, run, node_id=_node_id(), state_every_s=state_every_s)
+
+
+@ray.remote
+def _refine_task(store_uri: str, sweep: str, ref, num_cpus: float):
+    import torch
+
+    _threads(num_cpus)
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    try:
+        return jobs.refine_job(store_uri, sweep, ref, device=device, node_id=_node_id())
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 @ray.remote
@@ -119,12 +133,15 @@ def preflight(cfg: DictConfig) -> None:
     max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
     max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     h = cfg.hessian
-    if h.num_gpus > 0 and max_gpu == 0:
-        raise ConfigError(f"hessian.num_gpus={h.num_gpus} but the Ray cluster has no GPU; "
-                          "use hessian.num_gpus=0 to run the Hessians on CPU")
-    if h.num_gpus > max_gpu:
-        raise ConfigError(f"hessian.num_gpus={h.num_gpus} but the largest node has {max_gpu:g} GPU(s)")
-    for key, need in (("ray.train_num_cpus", cfg.ray.train_num_cpus), ("hessian.num_cpus", h.num_cpus)):
+    for section in ("hessian", "refine"):
+        gpus = cfg[section].num_gpus
+        if gpus > 0 and max_gpu == 0:
+            raise ConfigError(f"{section}.num_gpus={gpus} but the Ray cluster has no GPU; "
+                              f"use {section}.num_gpus=0 to run on CPU")
+        if gpus > max_gpu:
+            raise ConfigError(f"{section}.num_gpus={gpus} but the largest node has {max_gpu:g} GPU(s)")
+    for key, need in (("ray.train_num_cpus", cfg.ray.train_num_cpus), ("hessian.num_cpus", h.num_cpus),
+                      ("refine.num_cpus", cfg.refine.num_cpus)):
         if need > max_cpu:
             raise ConfigError(f"{key}={need} but the largest node has {max_cpu:g} CPU(s)")
     if h.memory_budget_mb > 0:
@@ -150,11 +167,13 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
     connect(cfg.ray)
     preflight(cfg)
 
-    todo, missing = plan_resume(store, name, runs)
+    refining = cfg.refine.method != "none"
+    todo, missing = plan_resume(store, name, runs, refining)
     todo = collections.deque(todo)
     groups: dict[str, list] = collections.defaultdict(list)
+    to_refine: collections.deque = collections.deque()  # checkpoints waiting for their refinement task
     for ref in missing:
-        groups[ref.group].append(ref)
+        (to_refine if ref.stage == "refined" else groups[ref.group]).append(ref)
 
     cap = cfg.sweep.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     h, rc = cfg.hessian, cfg.ray
@@ -172,12 +191,25 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
         return False
 
     def pending_points() -> int:
-        waiting = sum(len(v) for v in groups.values())
-        return waiting + sum(len(p) for kind, p in in_flight.values() if kind == "hessian")
+        waiting = sum(len(v) for v in groups.values()) + len(to_refine)
+        return waiting + sum(len(p) if kind == "hessian" else 1 for kind, p in in_flight.values() if kind != "train")
 
-    while todo or in_flight or any(groups.values()):
+    def new_refs(refs: list) -> None:
+        for ref in refs:
+            groups[ref.group].append(ref)
+            if refining:
+                to_refine.append(dataclasses.replace(ref, stage="refined"))
+
+    r = cfg.refine
+    while todo or in_flight or any(groups.values()) or to_refine:
         while len(in_flight) < cap:
             if submit_hessians(force=False):
+                continue
+            if to_refine:
+                ref = to_refine.popleft()
+                task = _refine_task.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
+                                            max_retries=rc.max_retries)
+                in_flight[task.remote(store.uri, name, ref, r.num_cpus)] = ("refine", ref)
                 continue
             if todo:
                 run = todo.popleft()
@@ -196,18 +228,19 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
         for obj in ready:
             kind, payload = in_flight.pop(obj)
             if kind == "train":
-                _finish_train(store, name, obj, payload, groups, prog)
+                new_refs(_finish_train(store, name, obj, payload, prog))
             else:
-                _finish_hessian(store, name, obj, payload, prog)
+                _finish_hessian(store, name, obj, [payload] if kind == "refine" else payload, prog)
     prog.points_pending = 0
     prog.close()
     return summarize(store, name, len(runs), prog.skipped, time.monotonic() - t0)
 
 
-def plan_resume(store: Store, name: str, runs: list[Run]) -> tuple[list[Run], list]:
+def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False) -> tuple[list[Run], list]:
     """What a previous attempt of this sweep left to do: the runs without an ok/diverged ``runs`` row,
-    and the checkpoints of finished runs without an ok ``points`` row. Only runs with fewer ok points
-    than checkpoints have their checkpoint files listed, so resuming a big finished sweep stays cheap."""
+    and the checkpoints of finished runs without an ok ``points`` row (with ``refining``, also those
+    without an ok ``stage=refined`` row: returned as refs of stage ``refined``). Only runs with fewer ok
+    points than expected have their checkpoint files listed, so resuming a big finished sweep stays cheap."""
     rows = tables.read(store, name, "runs").select(["run_id", "status", "n_checkpoints"]).to_pylist()
     finished = {r["run_id"]: r["n_checkpoints"] for r in rows if r["status"] in ("ok", "diverged")}
     done_points = tables.done_keys(store, name, "points")
@@ -216,13 +249,15 @@ def plan_resume(store: Store, name: str, runs: list[Run]) -> tuple[list[Run], li
     for run in runs:
         if run.run_id not in finished:
             todo.append(run)
-        elif finished[run.run_id] is None or analysed[run.run_id] < finished[run.run_id]:
-            missing += [ref for ref in jobs.existing_checkpoints(store, name, run)
-                        if (ref.run_id, ref.step, ref.stage) not in done_points]
+        elif finished[run.run_id] is None or analysed[run.run_id] < finished[run.run_id] * (1 + refining):
+            for ref in jobs.existing_checkpoints(store, name, run):
+                wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
+                missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
     return todo, missing
 
 
-def _finish_train(store: Store, name: str, obj, run: Run, groups: dict, prog: Progress) -> None:
+def _finish_train(store: Store, name: str, obj, run: Run, prog: Progress) -> list:
+    """Record a finished training task; return its checkpoint refs."""
     prog.running -= 1
     try:
         status, refs = ray.get(obj)
@@ -230,12 +265,11 @@ def _finish_train(store: Store, name: str, obj, run: Run, groups: dict, prog: Pr
         tables.write(store, name, "runs", [jobs.run_row(name, run, status="failed",
                                                         error=f"{type(err).__name__}: {err}")])
         prog.failed += 1
-        return
+        return []
     prog.failed += status == "failed"
     prog.diverged += status == "diverged"
     prog.done += status == "ok"
-    for ref in refs:
-        groups[ref.group].append(ref)
+    return refs
 
 
 def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) -> None:

@@ -22,14 +22,16 @@ import pyarrow.parquet as pq
 from pipeline import config as C
 from pipeline.storage import Store
 
-# Version 2 added runs.node_id, runs.resumed_from_step and points.node_id. Files of an older version
-# read with nulls in the columns they lack (see `read`); bump the version whenever a column is added.
-SCHEMA_VERSION = 2
+# Version 2 added runs.node_id, runs.resumed_from_step and points.node_id; version 3 the stall tags,
+# honest labels, escape check and refinement columns of `points` and curves.lam_max/grad_cosine. Files of
+# an older version read with nulls in the columns they lack (see `read`); bump the version whenever a
+# column is added.
+SCHEMA_VERSION = 3
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
 CONFIG_SECTIONS = {"data": C.DataConfig, "model": C.ModelConfig, "optim": C.OptimConfig,
-                   "stall": C.StallConfig, "hessian": C.HessianConfig}
+                   "stall": C.StallConfig, "hessian": C.HessianConfig, "refine": C.RefineConfig}
 _PA_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
 
@@ -104,6 +106,39 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("fallback", pa.string()),  # what was done when the first try ran out of memory
         pa.field("node", pa.string()),  # host name of the worker that analysed the point
         pa.field("node_id", pa.string()),  # Ray node id of that worker
+        # Stall tag (stalled/final rows): why training stopped improving — see pipeline.critical.stall_tag.
+        pa.field("stall_tag", pa.string()),  # small_gradient | oscillating
+        pa.field("stall_grad_ratio", pa.float64()),  # ‖g‖ / ‖g at step 0‖
+        pa.field("stall_cosine", pa.float64()),  # cos∠(∇L(θ), ∇L(θ − lr·∇L(θ))); −1 = bouncing across a valley
+        pa.field("stall_sharpness", pa.float64()),  # λmax·lr/2; 1 = gradient descent's stability limit
+        pa.field("stall_tag_reasons", pa.string()),
+        # Honest labels (pipeline.critical): is the point critical at all?
+        pa.field("grad_norm2", pa.float64()),  # ‖g‖²; critical when < refine.gtol2 (1e-10)
+        pa.field("critical_label", pa.string()),  # not_critical | gradient_flat | the spectrum label
+        pa.field("grad_share_neg", pa.float64()),  # share of ‖g‖² in eigenspaces with λ < −tol
+        pa.field("grad_share_zero", pa.float64()),  # … with |λ| ≤ tol
+        pa.field("grad_share_pos", pa.float64()),  # … with λ > tol
+        pa.field("flat_residual", pa.float64()),  # r = ‖g + H p*‖/‖g‖ of the least-squares Newton step
+        pa.field("flat_cokernel", pa.float64()),  # r_H: how much of that residual lies outside ker H
+        pa.field("grad_curvature", pa.float64()),  # gᵀHg / (‖g‖² max|λ|)
+        pa.field("escape_drops", pa.bool_()),  # a step along ±v_min lowers the loss (saddles)
+        pa.field("escape_step", pa.float64()),  # ε of that step
+        pa.field("escape_delta", pa.float64()),  # loss change at ε
+        pa.field("escape_predicted", pa.float64()),  # ½ε²λmin
+        pa.field("escape_ratio_smallest", pa.float64()),  # Δloss / (½ε²λmin) at the smallest ε
+        # Refinement (stage=refined rows): the critical-point finder's record.
+        pa.field("refine_method", pa.string()),
+        pa.field("refine_iterations", pa.int64()),
+        pa.field("refine_stopped_because", pa.string()),  # converged | max_iters | line_search_failed | stalled
+        pa.field("refine_distance", pa.float64()),  # ‖θ_refined − θ_stalled‖
+        pa.field("refine_loss_change", pa.float64()),
+        pa.field("refine_grad_norm2_start", pa.float64()),
+        pa.field("refine_grad_norm2", pa.float64()),
+        pa.field("refine_relative_residual", pa.float64()),
+        pa.field("refine_cokernel_residual", pa.float64()),
+        pa.field("refine_hvps", pa.int64()),
+        pa.field("refine_grads", pa.int64()),
+        pa.field("refine_seconds", pa.float64()),
         *_META,
     ]),
     "spectra": pa.schema([
@@ -119,6 +154,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("step", pa.int64(), nullable=False),
         pa.field("loss", pa.float64()),
         pa.field("grad_norm", pa.float64()),
+        pa.field("lam_max", pa.float64()),  # NaN unless stall.curvature_every divides the step
+        pa.field("grad_cosine", pa.float64()),
         *_META,
     ]),
 }

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline import stall
+from pipeline import critical, stall
 from pipeline.data import Dataset, batches, make_dataset
 from pipeline.models import MLP, loss_value, make_model
 
@@ -30,6 +30,7 @@ class Checkpoint:
     grad_norm: float  # ‖∇L‖ of the full-batch loss
     stalled: bool  # True: the stall rule fired here; False: the run's last state without a stall
     reason: str  # why this point was saved, e.g. "stall: rel. improvement 3e-05 < 1e-4 over 500 steps"
+    tag: dict = field(default_factory=dict)  # stall tag columns (pipeline.critical.StallTag.row())
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Curves:
     step: list = field(default_factory=list)
     loss: list = field(default_factory=list)
     grad_norm: list = field(default_factory=list)
+    lam_max: list = field(default_factory=list)  # λmax by power iteration (NaN where not measured)
+    grad_cosine: list = field(default_factory=list)  # cos∠(∇L(θ), ∇L(θ − lr·∇L(θ))) (NaN where not measured)
 
 
 @dataclass
@@ -142,7 +145,15 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     loss_now, gnorm_now = (curves.loss[-1], curves.grad_norm[-1]) if curves.step else (math.nan, math.nan)
     last_state = time.perf_counter()
 
+    lr = None if o.name == "adam" else float(o.lr)  # Adam has no 2/lr stability limit
+    thresholds = dict(grad_ratio_tol=s.grad_ratio_tol, cosine_tol=s.cosine_tol, sharpness_tol=s.sharpness_tol)
+    power_v = None  # warm start of the power iteration between curvature measurements
+
     def emit(ck: Checkpoint):
+        # Oscillating or small gradient? Measured at the point itself (one extra gradient, a power iteration).
+        g0 = curves.grad_norm[0] if curves.grad_norm else ck.grad_norm
+        ck.tag = critical.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters,
+                                       **thresholds).row()
         checkpoints.append(ck)
         if on_checkpoint is not None:
             on_checkpoint(ck)
@@ -168,6 +179,17 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
             curves.step.append(step)
             curves.loss.append(loss_now)
             curves.grad_norm.append(gnorm_now)
+            lam, cos = math.nan, math.nan
+            if s.curvature_every and step % s.curvature_every == 0:
+                point = theta.detach()
+                power = critical.power_lambda_max(full, point, s.power_iters, v0=power_v)
+                lam, power_v = power.lam_max, power.vector
+                if lr is not None:
+                    g_fn = torch.func.grad(full)
+                    g = g_fn(point)
+                    cos = critical.gradient_cosine(g, g_fn(point - lr * g))
+            curves.lam_max.append(lam)
+            curves.grad_cosine.append(cos)
             if stall.is_stalled(curves.step, curves.loss, s.window, s.threshold, since=since):
                 ref = _loss_at(curves, step - s.window)
                 rel = stall.relative_improvement(ref, loss_now)

@@ -15,7 +15,7 @@ from pipeline.plan import expand, run_id
 GROUP_OPTIONS = [
     ("data", "synthetic"), ("data", "digits"), ("data", "gaussian"), ("model", "mlp"), ("optim", "gd"),
     ("optim", "sgd"), ("optim", "adam"), ("stall", "default"), ("hessian", "exact"), ("sweep", "default"),
-    ("ray", "local"), ("ray", "cluster"),
+    ("ray", "local"), ("ray", "cluster"), ("refine", "none"), ("refine", "newton_mr"), ("refine", "gnm"),
 ]
 
 
@@ -38,6 +38,9 @@ BAD = [
     ("stall.threshold=0", "stall.threshold"),
     ("hessian.method=magic", "hessian.method"),
     ("hessian.num_gpus=-1", "hessian.num_gpus"),
+    ("refine.method=newton", "refine.method"),
+    ("refine=newton_mr refine.forcing=1.5", "refine.forcing"),
+    ("stall.curvature_every=-1", "stall.curvature_every"),
     ("data=synthetic model.loss=cross_entropy", "model.loss"),  # synthetic data is regression
     ("+sweep.grid={model.widht:[4,8]}", "model.widht"),
     ("+sweep.grid={model.width:[4,0]}", "model.width"),

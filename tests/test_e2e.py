@@ -132,3 +132,38 @@ def test_diverged_run_is_recorded(make_cfg, ray_session):
     runs = pd.read_parquet(f"{cfg.results_root}/div/runs")
     assert list(runs["status"]) == ["diverged"] and "loss became" in runs["error"][0]
     assert summary.run_status == {"diverged": 1}
+
+
+def test_refinement_and_curvature_logging_end_to_end(make_cfg, ray_session):
+    """Stalled points are refined by Newton-MR in their own tasks: both become rows, keyed by stage."""
+    cfg = make_cfg(["sweep.name=refine", "sweep.seeds=2", "refine=newton_mr", "refine.max_iters=5",
+                    "stall.curvature_every=300", "figures=false"])
+    run_sweep(cfg)
+    folder = f"{cfg.results_root}/refine"
+    points = pd.read_parquet(f"{folder}/points")
+    assert not points.duplicated(["run_id", "step", "stage"]).any()
+    first = points[points["stage"] != "refined"].set_index(["run_id", "step"])
+    refined = points[points["stage"] == "refined"].set_index(["run_id", "step"])
+    assert sorted(refined.index) == sorted(first.index)
+    assert (refined["status"] == "ok").all() and (refined["refine_method"] == "newton_mr").all()
+    assert set(refined["refine_stopped_because"]) <= {"converged", "max_iters", "line_search_failed", "stalled"}
+    # Newton-MR's line search never lets ‖g‖² grow.
+    assert (refined["refine_grad_norm2"] <= refined["refine_grad_norm2_start"] * (1 + 1e-9)).all()
+    np.testing.assert_allclose(refined["refine_grad_norm2_start"], first.loc[refined.index, "grad_norm"] ** 2,
+                               rtol=1e-6)
+    # Every point says whether it is critical at all, and every stalled point why training stopped.
+    assert set(points["critical_label"]) <= {"not_critical", "gradient_flat", "minimum", "degenerate_minimum",
+                                             "saddle", "maximum", "degenerate_maximum", "flat"}
+    assert ((points["grad_norm2"] >= 1e-10) == (points["critical_label"] == "not_critical")
+            | (points["critical_label"] == "gradient_flat")).all()
+    assert set(first["stall_tag"]) <= {"small_gradient", "oscillating"}
+    shares = points[["grad_share_neg", "grad_share_zero", "grad_share_pos"]].sum(axis=1)
+    np.testing.assert_allclose(shares, 1.0, atol=1e-9)
+    curves = pd.read_parquet(f"{folder}/curves")
+    measured = curves[curves["step"] % 300 == 0]
+    assert measured["lam_max"].notna().all() and (measured["lam_max"] > 0).all()
+    assert curves[curves["step"] % 300 != 0]["lam_max"].isna().all()
+    # A re-run finds nothing left to do: no new rows, refined ones included.
+    summary = run_sweep(cfg)
+    assert summary.runs_skipped == 2
+    assert len(pd.read_parquet(f"{folder}/points")) == len(points)
