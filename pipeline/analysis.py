@@ -7,7 +7,10 @@ Figures (under ``<results>/<sweep>/figures/``):
 - ``grad_norm_vs_loss.png`` — gradient norm at each analysed point: a stall is not a critical point;
 - ``ratio_vs_tol.png`` — the minimum ratio as the tolerance varies, per checkpoint;
 - ``eigenvalues_<run_id>_<step>.png`` — the eigenvalue histogram of one checkpoint (symlog axis);
-- ``loss_curves.png`` — training loss of each run, stalls marked.
+- ``loss_curves.png`` — training loss of each run, stalls marked;
+- ``index_vs_loss.png`` — index n_neg / n_params against loss (Dauphin et al.; Pennington & Bahri);
+- ``stalled_vs_refined.png`` — with refinement: minimum ratio vs loss at the stalled points and at the
+  critical points found from them, side by side, coloured by the honest ``critical_label``.
 """
 from __future__ import annotations
 
@@ -54,6 +57,10 @@ def summary_text(t: dict[str, pd.DataFrame]) -> str:
             min_ratio_median=("min_ratio", "median"), min_ratio_naive_median=("min_ratio_naive", "median"),
             n_zero_median=("n_zero", "median")).reset_index()
         lines.append(by.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        honest = ok.fillna({"stall_tag": "-", "critical_label": "-"}).groupby(
+            ["stage", "stall_tag", "critical_label"]).size().rename("n").reset_index()
+        lines.append("is it a critical point? (critical when ‖g‖² < refine.gtol2)")
+        lines.append(honest.to_string(index=False))
     return "\n".join(lines)
 
 
@@ -92,7 +99,7 @@ def fig_min_ratio(ok: pd.DataFrame):
 
 def fig_grad_norm(ok: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for stage, marker in (("stalled", "o"), ("final", "s")):
+    for stage, marker in (("stalled", "o"), ("final", "s"), ("refined", "^")):
         part = ok[ok["stage"] == stage]
         if len(part):
             ax.scatter(part["loss"], part["grad_norm"], marker=marker, s=22, alpha=0.8, label=stage)
@@ -105,6 +112,44 @@ def fig_grad_norm(ok: pd.DataFrame):
     ax.set_title("gradient norm where training stopped")
     ax.legend()
     ax.grid(alpha=0.3)
+    return fig
+
+
+def fig_index(ok: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for stage, marker in (("stalled", "o"), ("final", "s"), ("refined", "^")):
+        part = ok[ok["stage"] == stage]
+        if len(part):
+            ax.scatter(part["loss"], part["index"], marker=marker, s=22, alpha=0.8, label=stage)
+    ax.set_xlabel("training loss")
+    ax.set_ylabel("index  n_neg / n_params")
+    if len(ok) and (ok["loss"] > 0).all():
+        ax.set_xscale("log")
+    ax.set_title("index against loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+CRITICAL_COLORS = {**COLORS, "not_critical": "tab:orange", "gradient_flat": "tab:cyan"}
+
+
+def fig_stalled_vs_refined(ok: pd.DataFrame):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, stages, title in ((axes[0], ("stalled", "final"), "where training stopped"),
+                              (axes[1], ("refined",), "after refinement (critical-point finder)")):
+        part = ok[ok["stage"].isin(stages)]
+        for lab, sub in part.groupby("critical_label"):
+            ax.scatter(sub["loss"], sub["min_ratio"], s=22, alpha=0.8, color=CRITICAL_COLORS.get(lab, "k"),
+                       label=f"{lab} ({len(sub)})")
+        ax.set_title(title)
+        ax.set_xlabel("training loss")
+        if len(part) and (part["loss"] > 0).all():
+            ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    axes[0].set_ylabel("minimum ratio n_pos / n_params")
     return fig
 
 
@@ -158,6 +203,9 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[st
     if len(ok):
         figs.append(_save(fig_min_ratio(ok), store, f"{sweep}/figures/min_ratio_vs_loss.png"))
         figs.append(_save(fig_grad_norm(ok), store, f"{sweep}/figures/grad_norm_vs_loss.png"))
+        figs.append(_save(fig_index(ok), store, f"{sweep}/figures/index_vs_loss.png"))
+        if (ok["stage"] == "refined").any():
+            figs.append(_save(fig_stalled_vs_refined(ok), store, f"{sweep}/figures/stalled_vs_refined.png"))
     if len(t["spectra"]):
         figs.append(_save(fig_ratio_vs_tol(t["spectra"]), store, f"{sweep}/figures/ratio_vs_tol.png"))
         spectra = t["spectra"]

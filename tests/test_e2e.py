@@ -114,7 +114,8 @@ def test_analysis_command_writes_figures(sweep_result):
     assert res.returncode == 0, res.stderr
     assert "checkpoints analysed" in res.stdout
     figs = sorted(p.name for p in (folder / "figures").glob("*.png"))
-    for name in ("min_ratio_vs_loss.png", "grad_norm_vs_loss.png", "ratio_vs_tol.png", "loss_curves.png"):
+    for name in ("min_ratio_vs_loss.png", "grad_norm_vs_loss.png", "ratio_vs_tol.png", "loss_curves.png",
+                 "index_vs_loss.png"):
         assert name in figs
     assert any(f.startswith("eigenvalues_") for f in figs)
     assert all((folder / "figures" / f).stat().st_size > 10_000 for f in figs)
