@@ -2,8 +2,12 @@
 
 1. The same ``--runs`` small runs (training + Hessians) done twice: sequentially in this process (the
    job functions called directly, one torch thread, as a Ray task uses) and as a sweep on a local Ray
-   with warm workers. Parallel efficiency = T_sequential / (cores × T_sweep); Ray overhead per task =
-   (cores × T_sweep − T_sequential) / tasks, the core time per task not spent on the work itself.
+   with warm workers. Parallel efficiency = T_sequential / (cores × T_sweep). Ray overhead per task =
+   (cores × T_sweep − time spent inside the tasks) / tasks: the core time per task lost to scheduling,
+   transfers and the driver. The time inside the tasks comes from the tables (``runs.wall_seconds`` and
+   ``points.seconds``); when it is larger in the sweep than in the sequential run, the tasks were slowed
+   by CPU contention (Ray's own processes, other users of the machine), not by Ray's scheduling: the
+   ratio is printed as "in-task slow-down", with the load average.
 2. The driver's peak memory (RSS) for sweeps of tiny runs of increasing size (``--memory-runs``), each
    in a fresh process with its own local Ray: flat means the peak does not grow with the number of runs.
 
@@ -106,9 +110,19 @@ def efficiency(n_runs: int, root: Path) -> dict:
     finally:
         ray.shutdown()
     assert summary.run_status.get("ok") == n_runs, summary.run_status
+    inside_seq, inside_par = in_task_seconds(root / "seq"), in_task_seconds(root / "par")
     return {"runs": n_runs, "tasks": tasks, "cores": cores, "t_sequential_s": t_seq, "t_sweep_s": t_par,
             "speedup": t_seq / t_par, "efficiency": t_seq / (cores * t_par),
-            "overhead_ms_per_task": 1e3 * (cores * t_par - t_seq) / tasks}
+            "overhead_ms_per_task": 1e3 * (cores * t_par - inside_par) / tasks,
+            "in_task_slowdown": inside_par / inside_seq}
+
+
+def in_task_seconds(folder: Path) -> float:
+    """Seconds spent inside training jobs and Hessian passes, from a sweep's tables."""
+    import pandas as pd
+
+    return float(pd.read_parquet(folder / "runs")["wall_seconds"].sum()
+                 + pd.read_parquet(folder / "points")["seconds"].sum())
 
 
 def memory_child(n_runs: int, root: str) -> None:
@@ -158,14 +172,15 @@ def main() -> None:
     if args.child_memory:
         memory_child(int(args.child_memory[0]), args.child_memory[1])
         return
-    print(f"device: {device_name()}")
+    print(f"device: {device_name()}; load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         if args.runs:
             e = efficiency(args.runs, Path(tmp))
             print(f"{e['runs']} runs, {e['tasks']} tasks on {e['cores']} cores: sequential "
                   f"{e['t_sequential_s']:.1f}s, sweep {e['t_sweep_s']:.1f}s -> speed-up {e['speedup']:.2f}x, "
                   f"parallel efficiency {100 * e['efficiency']:.0f}% (target >= 85%), "
-                  f"Ray overhead {e['overhead_ms_per_task']:.0f} ms/task (target < 50)")
+                  f"Ray overhead {e['overhead_ms_per_task']:.0f} ms/task (target < 50); in-task slow-down "
+                  f"{e['in_task_slowdown']:.2f}x from CPU contention (load average now {os.getloadavg()[0]:.1f})")
         if args.memory_runs:
             rows = memory(args.memory_runs, Path(tmp))
             for r in rows:
