@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline import tables
 from pipeline.config import ConfigError
@@ -204,6 +205,20 @@ def test_requests_the_cluster_cannot_meet_fail_before_work(ray_session, make_cfg
     with pytest.raises(ConfigError, match=named.replace("+", r"\+")):
         run_sweep(make_cfg([override]))
     assert no_work_done(tmp_path / "results")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fractional_gpus_on_a_real_gpu_run_the_hessians_on_cuda(ray_session, make_cfg, tmp_path):
+    from pipeline.sweep import run_sweep
+
+    assert ray_session.cluster_resources().get("GPU", 0) >= 1, "Ray did not detect the GPU"
+
+    cfg = make_cfg([*TINY, "sweep.name=gpu", "hessian.num_gpus=0.5"])  # two Hessian tasks share one GPU
+    summary = run_sweep(cfg)
+    dfs = assert_tables_complete(cfg, tmp_path / "results" / "gpu")
+    assert summary.points == len(dfs["points"])
+    assert dfs["points"]["device"].str.startswith("cuda").all()
 
 
 if __name__ == "__main__":
