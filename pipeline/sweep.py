@@ -96,19 +96,21 @@ def connect(ray_cfg) -> None:
     if not address:
         ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
         return
+    name = "ray.address" if ray_cfg.address else "RAY_ADDRESS (environment)"
     if ray_cfg.num_cpus is not None:
         raise ConfigError(f"ray.num_cpus={ray_cfg.num_cpus} only applies to a local Ray; the cluster at "
-                          f"{address!r} offers the CPUs its nodes were started with")
-    check_reachable(address)
+                          f"{name}={address!r} offers the CPUs its nodes were started with")
+    check_reachable(address, name)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        hint = " (a cluster started with token auth needs RAY_AUTH_MODE=token here too)" if "auth" in str(
-            err).lower() else ""
-        raise ConfigError(f"ray.address={address!r}: cannot connect: {err}{hint}") from None
+        hint = ""
+        if "auth" in str(err).lower():
+            hint = " (a cluster started with token auth needs RAY_AUTH_MODE=token in this process too)"
+        raise ConfigError(f"{name}={address!r}: cannot connect: {err}{hint}") from None
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, name: str = "ray.address", timeout_s: float = 5.0) -> None:
     """Raise :class:`ConfigError` unless something listens at ``address``'s ``host:port``.
 
     Without this, ``ray.init`` retries an unreachable head for many minutes (over 10 with Ray 2.60).
@@ -118,12 +120,11 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         return
     host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ConfigError(f"ray.address={address!r} is not allowed: expected auto, host:port or "
-                          "ray://host:port")
+        raise ConfigError(f"{name}={address!r} is not allowed: expected auto, host:port or ray://host:port")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise ConfigError(f"ray.address={address!r} is not reachable: nothing answers at {host}:{port} "
+        raise ConfigError(f"{name}={address!r} is not reachable: nothing answers at {host}:{port} "
                           f"within {timeout_s:g}s ({err})") from None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -166,6 +167,14 @@ def test_an_unreachable_address_fails_at_once_naming_it(tmp_path):
     assert proc.returncode == 2
     assert f"ray.address='127.0.0.1:{port}' is not reachable" in proc.stderr
     assert not (root / "default" / "runs").exists()
+
+
+@pytest.mark.parametrize("address", ["head-node", "head:port", "ray://", "10.0.0.1:"])
+def test_a_malformed_address_is_refused_naming_it(address):
+    from pipeline.sweep import check_reachable
+
+    with pytest.raises(ConfigError, match=f"ray.address='{re.escape(address)}' is not allowed"):
+        check_reachable(address)
 
 
 def no_work_done(root: Path) -> bool:
