@@ -1,47 +1,42 @@
 #!/usr/bin/env bash
-# GPU checks in one command, for a fresh machine with torch + CUDA and no internet (about 5 minutes):
-#   1. the tests marked `gpu` (CUDA results against CPU: Hessians, eigh, LDLᵀ inertia with cuSOLVER's
-#      pivots, the batched path, peak memory), then
-#   2. scripts/bench_hessian.py on the GPU (times, speed-ups, peak memory, batched checkpoints/s).
-# Fails soft: a missing package or a failing step is reported and the next step still runs.
-# Output goes to $OUT (default ./gpu_out): gpu_tests.txt, bench_gpu.txt, env.txt.
+# Every GPU check and benchmark in one command, for a fresh GPU machine with torch + CUDA and no internet
+# (about 5 minutes). Fails soft: a failing step is reported and the next one still runs.
+#   1. the tests marked `gpu` that need no Ray: CUDA against CPU for the Hessian build, eigh, LDLᵀ inertia
+#      with cuSOLVER's pivots, the multi-point path, Newton-MR, the estimator, the pipeline's Hessian job;
+#      (tests/test_cluster.py's GPU test needs Ray on the GPU machine and runs there only if Ray is installed)
+#   2. scripts/bench_hessian.py on the GPU (times, ratios against autograd, peak memory, checkpoints/s);
+#   3. scripts/bench_estimate.py --parts gpu (the HVP-only estimator at N = 10⁵ and 10⁶).
+# Pure-Python wheels the machine lacks (hydra-core, omegaconf, antlr4) may be carried in .whl/.
+# Output goes to $OUT (default ./gpu_out): env.txt, gpu_tests.txt, bench_gpu.txt, bench_estimate_gpu.txt.
 #   bash scripts/gpu_checks.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works whether or not the install below does
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >"$OUT/env.txt" 2>&1 && export PYTHONPATH="/tmp/site"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
-
 {
   date -u
   nvidia-smi -L 2>&1 || true
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-} 2>&1 | tee "$OUT/env.txt"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  python3 -c "import hydra, omegaconf; print('hydra', hydra.__version__)" 2>&1
+} 2>&1 | tee -a "$OUT/env.txt"
 
-# No internet: never let pip try to fetch (no build isolation, no index).
-pip install -q -e . --no-deps --no-build-isolation --no-index >>"$OUT/env.txt" 2>&1 \
-  || echo "note: pip install -e . failed; using PYTHONPATH" | tee -a "$OUT/env.txt"
-python -c "import pytest" 2>/dev/null || pip install -q --no-index pytest >>"$OUT/env.txt" 2>&1 || true
+tests=(tests/test_hessian.py tests/test_inertia.py tests/test_refine.py tests/test_estimate.py
+       tests/test_gpu_pipeline.py)
+python3 -c "import ray" 2>/dev/null && tests+=(tests/test_cluster.py)
+timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.txt"
+rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "gpu tests: exit $rc" | tee -a "$OUT/gpu_tests.txt"; status=1; }
 
-if python -c "import pytest" 2>/dev/null; then
-  # tests/conftest.py needs Hydra; the Hessian tests do not, so run them without it when it is missing.
-  if python -c "import hydra, omegaconf" 2>/dev/null; then
-    tests=(-m gpu)
-  else
-    echo "note: hydra not installed: running the gpu tests of test_hessian.py and test_inertia.py only" \
-      | tee "$OUT/gpu_tests.txt"
-    tests=(-m gpu --noconftest tests/test_hessian.py tests/test_inertia.py)
-  fi
-  timeout 240 python -m pytest -q -rs -p no:cacheprovider "${tests[@]}" 2>&1 | tee -a "$OUT/gpu_tests.txt"
-  rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 0 ] || { echo "gpu tests: exit $rc" | tee -a "$OUT/gpu_tests.txt"; status=1; }
-else
-  echo "pytest not installed and no index to fetch it: gpu tests NOT run" | tee "$OUT/gpu_tests.txt"
-  status=1
-fi
+timeout 240 python3 scripts/bench_hessian.py --device cuda 2>&1 | tee "$OUT/bench_gpu.txt"
+rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_hessian: exit $rc" | tee -a "$OUT/bench_gpu.txt"; status=1; }
 
-timeout 330 python scripts/bench_hessian.py --device cuda 2>&1 | tee "$OUT/bench_gpu.txt"
-rc=${PIPESTATUS[0]}
-[ "$rc" -eq 0 ] || { echo "bench: exit $rc" | tee -a "$OUT/bench_gpu.txt"; status=1; }
+timeout 120 python3 scripts/bench_estimate.py --device cuda --parts gpu --gpu-budget 80 2>&1 \
+  | tee "$OUT/bench_estimate_gpu.txt"
+rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_estimate: exit $rc" | tee -a "$OUT/bench_estimate_gpu.txt"; status=1; }
 exit $status
