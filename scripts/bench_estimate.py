@@ -182,9 +182,20 @@ def time_to_target(label, mv, n, rel_tol, *, target, budget_s, device, dtype, ro
     degree, k = max(64, int(1.25 * min_degree(a, b, tol))), probes0
     print(f"  {label}: N={n:,}, λ∈[{d.lam_min:.3g}, {d.lam_max:.3g}], deflated {d.values.size}, "
           f"range [{a:.3g}, {b:.3g}], tol={tol:.3g} ({rel_tol:.0e}·max|λ|), deflation {t_defl:.1f} s")
+    # One probe block through the operator, timed, predicts a sketch: ⌈degree/2⌉ such calls.
+    block = torch.ones(n, probes0, dtype=dtype, device=device)
+    t0 = time.perf_counter()
+    mv(block)
+    sync(device)
+    t_block = time.perf_counter() - t0
     while True:
+        predicted = (degree + 1) // 2 * t_block * k / probes0
         if degree > 16384:
             print(f"    stop: degree {degree} above 16384")
+            break
+        if time.perf_counter() - t_start + predicted > budget_s:
+            print(f"    stop: degree {degree} with {k} probes would take ~{predicted:.0f} s, over the search "
+                  f"budget of {budget_s:.0f} s")
             break
         t0 = time.perf_counter()
         sk = estimate.sketch(mv, n, d, degree=degree, n_probes=k, seed=degree + k)
@@ -203,9 +214,6 @@ def time_to_target(label, mv, n, rel_tol, *, target, budget_s, device, dtype, ro
                          device=device_name(device)))
         if half <= target:
             print(f"    → ±{target} reached: {secs + t_defl:.1f} s at these settings ({total:.1f} s with the search)")
-            break
-        if total + 2 * secs > budget_s:  # the next sketch costs about twice this one
-            print(f"    stop: the next sketch would exceed the search budget of {budget_s:.0f} s")
             break
         if band / 2 > 0.6 * target:  # the ambiguous band, not the probes, keeps the interval wide
             degree *= 2
