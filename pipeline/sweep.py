@@ -242,7 +242,7 @@ def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False
     and the checkpoints of finished runs without an ok ``points`` row (with ``refining``, also those
     without an ok ``stage=refined`` row: returned as refs of stage ``refined``). Only runs with fewer ok
     points than expected have their checkpoint files listed, so resuming a big finished sweep stays cheap."""
-    rows = tables.read(store, name, "runs").select(["run_id", "status", "n_checkpoints"]).to_pylist()
+    rows = tables.read(store, name, "runs", columns=["status", "n_checkpoints"]).to_pylist()
     finished = {r["run_id"]: r["n_checkpoints"] for r in rows if r["status"] in ("ok", "diverged")}
     done_points = tables.done_keys(store, name, "points")
     analysed = collections.Counter(key[0] for key in done_points)
@@ -286,8 +286,8 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
 
 
 def summarize(store: Store, name: str, total: int, skipped: int, seconds: float) -> SweepSummary:
-    runs = tables.read(store, name, "runs").to_pandas()
-    points = tables.read(store, name, "points").to_pandas()
+    runs = tables.read(store, name, "runs", columns=["status"]).to_pandas()
+    points = tables.read(store, name, "points", columns=["status", "label"]).to_pandas()
     ok_points = points[points["status"] == "ok"] if len(points) else points
     return SweepSummary(
         sweep=name, root=store.uri, runs_total=total, runs_skipped=max(skipped, 0),

@@ -207,16 +207,20 @@ def write(store: Store, sweep: str, name: str, rows: list[dict], stem: str | Non
     store.write_bytes(f"{sweep}/{name}/{fname}", buf.getvalue())
 
 
-def read(store: Store, sweep: str, name: str, dedupe: bool = True) -> pa.Table:
+def read(store: Store, sweep: str, name: str, dedupe: bool = True, columns: list | None = None) -> pa.Table:
     """Table ``name`` of a sweep with the declared schema (files of older versions get nulls for new
-    columns); with ``dedupe``, one row per key, the most recently written."""
-    table, _, _ = _read_files(store, sweep, name)
+    columns); with ``dedupe``, one row per key, the most recently written. ``columns``: read only these
+    (plus the key and ``written_at``), so that a big sweep's driver does not load every column."""
+    if columns is not None:
+        columns = list(dict.fromkeys([*KEYS[name], *columns, "written_at"]))
+    table, _, _ = _read_files(store, sweep, name, columns)
     if dedupe and table.num_rows:
         table = _latest_per_key(table, KEYS[name])
     return table
 
 
-def _read_files(store: Store, sweep: str, name: str, attempts: int = 3) -> tuple[pa.Table, list, list]:
+def _read_files(store: Store, sweep: str, name: str, columns: list | None = None,
+                attempts: int = 3) -> tuple[pa.Table, list, list]:
     """All rows of a table's files, with the declared schema. Returns ``(table, files read, files skipped)``.
 
     A file that is not valid Parquet is skipped with a warning naming it, never read as data. Our own
@@ -225,12 +229,13 @@ def _read_files(store: Store, sweep: str, name: str, attempts: int = 3) -> tuple
     (a concurrent :func:`compact` merged it) makes the listing start again.
     """
     schema = SCHEMAS[name]
+    empty = schema.empty_table() if columns is None else schema.empty_table().select(columns)
     for attempt in range(attempts):
         files = store.list_files(f"{sweep}/{name}", ".parquet")
         if not files:
-            return schema.empty_table(), [], []
+            return empty, [], []
         try:
-            return _dataset(store, files, schema).to_table(), files, []
+            return _dataset(store, files, schema).to_table(columns=columns), files, []
         except FileNotFoundError:
             continue
         except (pa.ArrowInvalid, OSError):
@@ -238,14 +243,14 @@ def _read_files(store: Store, sweep: str, name: str, attempts: int = 3) -> tuple
         parts, good, bad = [], [], []
         for f in files:
             try:
-                parts.append(_dataset(store, [f], schema).to_table())
+                parts.append(_dataset(store, [f], schema).to_table(columns=columns))
                 good.append(f)
             except FileNotFoundError:
                 continue
             except (pa.ArrowInvalid, OSError) as err:
                 warnings.warn(f"skipping {store.uri}/{f}: not a readable Parquet file ({err})")
                 bad.append(f)
-        return (pa.concat_tables(parts) if parts else schema.empty_table()), good, bad
+        return (pa.concat_tables(parts) if parts else empty), good, bad
     raise RuntimeError(f"files of table {sweep}/{name} under {store.uri} kept vanishing while being read "
                        f"({attempts} attempts); is a compact running?")
 
@@ -291,10 +296,11 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
 
 def done_keys(store: Store, sweep: str, name: str, where_ok: bool = True) -> set:
     """Keys of rows already complete (``status`` ok/diverged where the table has one)."""
-    table = read(store, sweep, name)
+    has_status = "status" in SCHEMAS[name].names
+    table = read(store, sweep, name, columns=["status"] if has_status else [])
     if table.num_rows == 0:
         return set()
-    if where_ok and "status" in table.column_names:
+    if where_ok and has_status:
         ok = [s in ("ok", "diverged") for s in table.column("status").to_pylist()]
         table = table.filter(pa.array(ok))
     cols = [table.column(k).to_pylist() for k in KEYS[name]]

@@ -161,6 +161,17 @@ def test_the_latest_row_of_a_key_wins(tmp_path):
     assert tables.done_keys(store, SWEEP, "runs") == {("r",)}
 
 
+def test_reading_some_columns_keeps_the_key_and_the_latest_row(tmp_path):
+    store = Store.open(str(tmp_path))
+    write_each(store, run_rows(3, status="failed"))
+    tables.write(store, SWEEP, "runs", [run_rows(1, status="ok", offset=1)[0]], stem="retry")
+    table = tables.read(store, SWEEP, "runs", columns=["status"])
+    assert table.column_names == ["run_id", "status", "written_at"]
+    assert dict(zip(*table.select(["run_id", "status"]).to_pydict().values())) == {
+        "run000": "failed", "run001": "ok", "run002": "failed"}
+    assert tables.read(Store.open(str(tmp_path / "empty")), SWEEP, "runs", columns=["status"]).num_rows == 0
+
+
 def test_compact_loses_and_duplicates_nothing(tmp_path):
     store = Store.open(str(tmp_path))
     write_each(store, run_rows(20, status="failed"))
