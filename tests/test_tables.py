@@ -74,7 +74,9 @@ def test_a_temporary_file_left_by_a_crashed_writer_is_never_read(tmp_path):
     assert [r[0] for r in got] == expected
 
 
-def test_a_visible_file_cut_off_is_skipped_with_a_warning_then_rewritten(tmp_path):
+@pytest.mark.parametrize("batch_files", [2, tables.READ_BATCH_FILES])
+def test_a_visible_file_cut_off_is_skipped_with_a_warning_then_rewritten(tmp_path, monkeypatch, batch_files):
+    monkeypatch.setattr(tables, "READ_BATCH_FILES", batch_files)  # files are read in batches of this many
     store = Store.open(str(tmp_path))
     write_each(store, run_rows(3))
     path = tmp_path / SWEEP / "runs" / "run001.parquet"
