@@ -36,7 +36,7 @@ rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "gpu tests: exit $rc" | tee -a "$
 timeout 240 python3 scripts/bench_hessian.py --device cuda 2>&1 | tee "$OUT/bench_gpu.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_hessian: exit $rc" | tee -a "$OUT/bench_gpu.txt"; status=1; }
 
-timeout 120 python3 scripts/bench_estimate.py --device cuda --parts gpu --gpu-budget 80 2>&1 \
+timeout 200 python3 scripts/bench_estimate.py --device cuda --parts gpu --gpu-budget 150 2>&1 \
   | tee "$OUT/bench_estimate_gpu.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_estimate: exit $rc" | tee -a "$OUT/bench_estimate_gpu.txt"; status=1; }
 exit $status

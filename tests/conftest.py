@@ -1,10 +1,12 @@
 """Shared fixtures: one real local Ray for the whole session, and the real Hydra config, composed and shrunk."""
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from pipeline.config import register_configs
@@ -17,8 +19,12 @@ def compose_config(overrides: list[str] | None = None, shrink: bool = True):
     """The real ``conf/config.yaml`` composed by Hydra with ``overrides`` (after the test shrink)."""
     register_configs()
     GlobalHydra.instance().clear()
+    overrides = (SHRINK if shrink else []) + list(overrides or [])
+    if importlib.util.find_spec("pipeline.conf") is None:  # a source tree on PYTHONPATH, not installed
+        with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            return compose("config", overrides=overrides)
     with initialize_config_module("pipeline.conf", version_base="1.3"):
-        return compose("config", overrides=(SHRINK if shrink else []) + list(overrides or []))
+        return compose("config", overrides=overrides)
 
 
 @pytest.fixture
