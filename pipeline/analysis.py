@@ -97,38 +97,31 @@ def fig_min_ratio(ok: pd.DataFrame):
     return fig
 
 
-def fig_grad_norm(ok: pd.DataFrame):
+def _fig_by_stage(ok: pd.DataFrame, y: str, ylabel: str, title: str, log_y: bool):
+    """``y`` against training loss, one marker per stage (stalled, final, refined)."""
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for stage, marker in (("stalled", "o"), ("final", "s"), ("refined", "^")):
         part = ok[ok["stage"] == stage]
         if len(part):
-            ax.scatter(part["loss"], part["grad_norm"], marker=marker, s=22, alpha=0.8, label=stage)
+            ax.scatter(part["loss"], part[y], marker=marker, s=22, alpha=0.8, label=stage)
     ax.set_xlabel("training loss")
-    ax.set_ylabel("‖∇L‖ at the point")
+    ax.set_ylabel(ylabel)
     if len(ok) and (ok["loss"] > 0).all():
         ax.set_xscale("log")
-    if len(ok) and (ok["grad_norm"] > 0).all():
+    if log_y and len(ok) and (ok[y] > 0).all():
         ax.set_yscale("log")
-    ax.set_title("gradient norm where training stopped")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     return fig
+
+
+def fig_grad_norm(ok: pd.DataFrame):
+    return _fig_by_stage(ok, "grad_norm", "‖∇L‖ at the point", "gradient norm where training stopped", True)
 
 
 def fig_index(ok: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for stage, marker in (("stalled", "o"), ("final", "s"), ("refined", "^")):
-        part = ok[ok["stage"] == stage]
-        if len(part):
-            ax.scatter(part["loss"], part["index"], marker=marker, s=22, alpha=0.8, label=stage)
-    ax.set_xlabel("training loss")
-    ax.set_ylabel("index  n_neg / n_params")
-    if len(ok) and (ok["loss"] > 0).all():
-        ax.set_xscale("log")
-    ax.set_title("index against loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return fig
+    return _fig_by_stage(ok, "index", "index  n_neg / n_params", "index against loss", False)
 
 
 CRITICAL_COLORS = {**COLORS, "not_critical": "tab:orange", "gradient_flat": "tab:cyan"}

@@ -35,6 +35,17 @@ def make_cfg(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small matrices run as fast on one torch thread, and two threads spin-wait on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray shared by every test that needs it (starting Ray takes seconds)."""

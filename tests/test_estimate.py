@@ -17,13 +17,7 @@ from pipeline.models import MLP, loss_value
 SEEDS, PROBES = 40, 10  # 40 independent estimates of 10 probes each, for the coverage checks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These operators are small: a second thread only adds spin-waiting, badly so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def operator(eigenvalues: np.ndarray, seed: int = 0):

@@ -16,13 +16,7 @@ F64 = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices run as fast on one thread, and two threads thrash on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (model, samples, loss, weight decay): one row per kind of network the sweeps use.
 CASES = [

@@ -8,13 +8,7 @@ import torch
 from pipeline.lanczos import extreme_eigenpairs, lanczos, ritz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These operators are small: a second thread only adds spin-waiting, badly so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def operator(eigenvalues: np.ndarray, seed: int = 0):
