@@ -17,7 +17,7 @@ ACTIVATIONS = ("tanh", "softplus", "relu", "swish", "linear")
 LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("gd", "sgd", "adam")
 DTYPES = ("float32", "float64")
-HESSIAN_METHODS = ("auto", "eigh", "inertia")
+HESSIAN_METHODS = ("auto", "eigh", "inertia", "estimate")
 TOL_MODES = ("auto", "gap", "rel", "abs")
 
 
@@ -86,6 +86,8 @@ class HessianConfig:
     chunk_size: int = 0  # Hessian columns built per vmap call; 0 = derived from memory_budget_mb
     memory_budget_mb: float = 0.0  # 0 = a share of free device memory
     batch_checkpoints: int = 8  # checkpoints of one architecture analysed per task
+    estimate_probes: int = 30  # method=estimate: Rademacher probes of the stochastic trace
+    estimate_degree: int = 0  # method=estimate: Chebyshev degree; 0 = the least that resolves tol
 
 
 @dataclass
@@ -228,6 +230,10 @@ def validate(cfg: DictConfig) -> None:
     _require(h.num_cpus > 0, "hessian.num_cpus", h.num_cpus, "> 0")
     _require(h.chunk_size >= 0, "hessian.chunk_size", h.chunk_size, "≥ 0")
     _require(h.memory_budget_mb >= 0, "hessian.memory_budget_mb", h.memory_budget_mb, "≥ 0")
+    _require(h.estimate_probes >= 2, "hessian.estimate_probes", h.estimate_probes, "≥ 2")
+    _require(h.estimate_degree >= 0, "hessian.estimate_degree", h.estimate_degree, "≥ 0 (0 = auto)")
+    _require(not (h.method == "estimate" and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
+             "rel or abs with hessian.method=estimate (a gap needs the full spectrum)")
     _require(h.batch_checkpoints >= 1, "hessian.batch_checkpoints", h.batch_checkpoints, "≥ 1")
     _require(h.num_gpus <= 1 or float(h.num_gpus).is_integer(), "hessian.num_gpus", h.num_gpus,
              "a fraction ≤ 1 or a whole number")

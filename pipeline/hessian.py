@@ -36,7 +36,7 @@ WeightedTerms = Sequence[tuple[float, LossFn]]
 # early; on a GPU cuSOLVER's eigvalsh beats Lanczos + three LDLᵀ up to ~19k parameters (H200: 0.23 s vs
 # 0.88 s at N = 5,508; 4.3 s vs 3.4 s at 19,204; docs/bench/bench_hessian_h200.txt).
 AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 16384}
-METHODS = ("auto", "eigh", "inertia")
+METHODS = ("auto", "eigh", "inertia", "estimate")
 HVP_MODES = ("auto", "rev", "fwd")
 DEFAULT_HVP = {"cpu": "rev", "cuda": "rev"}
 # Build workspace on CPU per thread count. One thread: blocks whose activations stay in cache are
@@ -223,6 +223,9 @@ class SpectrumResult:
     device: str
     eigenvalues: Optional[np.ndarray] = None
     seconds: dict = field(default_factory=dict)
+    # method="estimate" only: intervals (lo, hi) of the counts, the resolution δ and the settings
+    # (pipeline.estimate.CountEstimate); the counts above are then the rounded point estimates.
+    estimate: Optional[dict] = None
 
     @property
     def counts(self) -> spectrum.Counts:
@@ -230,6 +233,9 @@ class SpectrumResult:
 
     @property
     def label(self) -> str:
+        if self.estimate is not None:
+            e = self.estimate
+            return spectrum.label_from_intervals(e["n_pos_ci"], e["n_neg_ci"], e["n_zero_ci"])
         return spectrum.label(self.counts)
 
     @property
@@ -298,7 +304,8 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
                 tol: Optional[float] = None, rel_tol: float = 1e-6, tol_mode: str = "auto",
                 gap_ratio: float = 1e4, dtype: Optional[torch.dtype] = torch.float64,
                 device: Optional[Union[str, torch.device]] = None, chunk_size: int = 0,
-                memory_budget_mb: float = 0.0, hvp: str = "auto") -> SpectrumResult:
+                memory_budget_mb: float = 0.0, hvp: str = "auto",
+                estimate: Optional[dict] = None) -> SpectrumResult:
     """Hessian spectrum summary of ``loss_fn`` at ``theta``.
 
     ``loss_fn`` maps a flat parameter tensor ``[N]`` to a scalar (or is a list of ``(weight, fn)``
@@ -311,10 +318,18 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     see :func:`pipeline.spectrum.choose_tol`); in float32 ``rel_tol`` is at least 1e-6, its noise floor.
     ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and one N×N copy made by
     eigh or LDLᵀ come on top) / ``hvp``: see :func:`hessian`.
+
+    ``method="estimate"`` never forms H: counts come from Hessian-vector products only
+    (:func:`pipeline.estimate.estimate_counts`, options in ``estimate``, e.g. ``{"n_probes": 30,
+    "degree": 0}``), each with an interval in ``result.estimate``; the label is ``uncertain`` when the
+    intervals allow two labels; a tolerance finer than the estimator's resolution raises ValueError.
+    It needs a relative or given tolerance (``tol_mode="gap"`` needs the full spectrum).
     """
     device = torch.device(device) if device is not None else theta.device
     theta = theta.detach().to(device=device, dtype=dtype or theta.dtype)
     method = resolve_method(method, theta.numel(), theta.device)
+    if method == "estimate":
+        return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, **(estimate or {}))
     t0 = time.perf_counter()
     H = hessian(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     _sync(device)
@@ -324,6 +339,26 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     _sync(device)
     del H
     return _result(loss_fn, theta, summary, lam, method, {"build": t1 - t0, "count": time.perf_counter() - t1})
+
+
+def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, **options) -> SpectrumResult:
+    from pipeline import estimate
+
+    if tol is None and tol_mode == "gap":
+        raise ValueError("tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance")
+    t0 = time.perf_counter()
+    est = estimate.estimate_counts(estimate.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
+                                   rel_tol=None if tol is not None else rel_tol, dtype=theta.dtype,
+                                   device=theta.device, **options)
+    n_pos, n_neg = int(round(est.n_pos)), int(round(est.n_neg))
+    summary = spectrum.Summary(spectrum.Counts(n_pos, n_neg, theta.numel() - n_pos - n_neg, None),
+                               float(est.tol), "given" if tol is not None else "rel", est.lam_min, est.lam_max)
+    res = _result(loss_fn, theta, summary, None, "estimate", {"build": 0.0, "count": time.perf_counter() - t0})
+    res.estimate = {"n_pos_ci": est.n_pos_ci, "n_neg_ci": est.n_neg_ci, "n_zero_ci": est.n_zero_ci,
+                    "min_ratio_ci": est.min_ratio_ci, "resolution": est.resolution, "degree": est.degree,
+                    "n_probes": est.n_probes, "confidence": est.confidence,
+                    "lam_min_residual": est.lam_min_residual, "lam_max_residual": est.lam_max_residual}
+    return res
 
 
 def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Optional[np.ndarray], method: str,
@@ -376,7 +411,8 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
                     rel_tol: float = 1e-6, tol_mode: str = "auto", gap_ratio: float = 1e4,
                     dtype: Union[str, torch.dtype] = torch.float64, device: Union[str, torch.device] = "cpu",
                     chunk_size: int = 0, memory_budget_mb: float = 0.0, hvp: str = "auto",
-                    batch_points: Optional[bool] = None) -> tuple[list[SpectrumResult], Optional[str]]:
+                    batch_points: Optional[bool] = None,
+                    estimate: Optional[dict] = None) -> tuple[list[SpectrumResult], Optional[str]]:
     """:func:`spectrum_at` for many points ``thetas`` ``[B, N]`` of one loss, as the pipeline runs it.
 
     ``loss_for(device, dtype)`` returns the (vmappable) loss on that device. ``memory_budget_mb`` is
@@ -394,6 +430,10 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
         raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
     method = resolve_method(method, thetas.shape[1], device)
     kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio)
+    if method == "estimate":  # no dense Hessian, so nothing to batch and no memory fallback needed
+        loss = loss_for(device, dtype)
+        return [spectrum_at(loss, t.to(device, dtype), method="estimate", estimate=estimate, **kw)
+                for t in thetas], None
     batch_points = device.type in BATCH_POINTS_DEVICES if batch_points is None else batch_points
     try:
         return _with_fallbacks(loss_for, thetas, method, dtype, device, chunk_size, memory_budget_mb, hvp,

@@ -169,7 +169,8 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
             lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
             method=h["method"], tol=h["abs_tol"] if h["tol_mode"] == "abs" else None,
             rel_tol=h["rel_tol"], tol_mode=h["tol_mode"], gap_ratio=h["gap_ratio"], dtype=h["dtype"],
-            device=device, chunk_size=h["chunk_size"], memory_budget_mb=h["memory_budget_mb"])
+            device=device, chunk_size=h["chunk_size"], memory_budget_mb=h["memory_budget_mb"],
+            estimate={"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]})
         errors = [None] * len(refs)
     except Exception as err:  # noqa: BLE001
         results, fallback = [None] * len(refs), None
@@ -226,7 +227,8 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **found.row()}, buf)
         store.write_bytes(f"{sweep}/refined/{ref.run_id}/step-{ref.step:09d}.pt", buf.getvalue())
         res = spectrum_at(f, found.theta, method=h["method"], tol=h["abs_tol"] if h["tol_mode"] == "abs" else None,
-                          rel_tol=h["rel_tol"], tol_mode=h["tol_mode"], gap_ratio=h["gap_ratio"])
+                          rel_tol=h["rel_tol"], tol_mode=h["tol_mode"], gap_ratio=h["gap_ratio"],
+                          estimate={"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]})
         row = {**base, **point_values(res), **found.row(), "stalled": bool(meta["stalled"]),
                "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
                **critical_values(problem, found.theta.cpu(), res, cfg)}
@@ -249,4 +251,16 @@ def point_values(res) -> dict:
             "min_ratio_curved": res.min_ratio_curved, "index": res.index, "label": res.label,
             "lam_min": res.lam_min, "lam_max": res.lam_max, "tol": res.tol, "tol_method": res.tol_method,
             "method": res.method, "dtype": res.dtype, "device": res.device,
-            "build_seconds": res.seconds.get("build"), "count_seconds": res.seconds.get("count")}
+            "build_seconds": res.seconds.get("build"), "count_seconds": res.seconds.get("count"),
+            **estimate_values(res.estimate)}
+
+
+def estimate_values(est) -> dict:
+    """Interval columns of a ``method=estimate`` result (none otherwise)."""
+    if est is None:
+        return {}
+    return {"n_pos_lo": est["n_pos_ci"][0], "n_pos_hi": est["n_pos_ci"][1], "n_neg_lo": est["n_neg_ci"][0],
+            "n_neg_hi": est["n_neg_ci"][1], "n_zero_lo": est["n_zero_ci"][0], "n_zero_hi": est["n_zero_ci"][1],
+            "min_ratio_lo": est["min_ratio_ci"][0], "min_ratio_hi": est["min_ratio_ci"][1],
+            "estimate_resolution": est["resolution"], "estimate_degree": est["degree"],
+            "estimate_probes": est["n_probes"], "estimate_confidence": est["confidence"]}

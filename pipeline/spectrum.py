@@ -19,7 +19,7 @@ class Counts:
     n_pos: int
     n_neg: int
     n_zero: int
-    n_pos_naive: int  # #{λ > 0}: the lecture's count, with no tolerance
+    n_pos_naive: Optional[int]  # #{λ > 0}: the lecture's count, with no tolerance (None: not measured)
 
     @property
     def n(self) -> int:
@@ -84,6 +84,19 @@ def label(c: Counts) -> str:
     return "maximum" if c.n_zero == 0 else "degenerate_maximum"
 
 
+def label_from_intervals(n_pos: tuple[int, int], n_neg: tuple[int, int], n_zero: tuple[int, int]) -> str:
+    """The label when counts are only known to lie in ``(lo, hi)`` intervals: the label every count in
+    them agrees on, else ``uncertain`` (e.g. n_neg ∈ [0, 2] cannot tell a minimum from a saddle)."""
+    def sign(lo_hi):
+        lo, hi = lo_hi
+        return True if lo > 0 else False if hi == 0 else None
+    signs = (sign(n_pos), sign(n_neg), sign(n_zero))
+    if None in signs:
+        return "uncertain"
+    pos, neg, zero = signs
+    return label(Counts(int(pos), int(neg), int(zero), None))
+
+
 def ratios(c: Counts) -> dict[str, float]:
     """``min_ratio`` = n_pos/n (flat directions are not positive); ``min_ratio_naive`` = #{λ>0}/n (the
     lecture's figure); ``min_ratio_curved`` = n_pos/(n_pos+n_neg) (NaN when nothing is curved);
@@ -92,7 +105,7 @@ def ratios(c: Counts) -> dict[str, float]:
     curved = c.n_pos + c.n_neg
     return {
         "min_ratio": c.n_pos / n if n else float("nan"),
-        "min_ratio_naive": c.n_pos_naive / n if n else float("nan"),
+        "min_ratio_naive": c.n_pos_naive / n if n and c.n_pos_naive is not None else float("nan"),
         "min_ratio_curved": c.n_pos / curved if curved else float("nan"),
         "index": c.n_neg / n if n else float("nan"),
     }

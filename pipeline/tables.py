@@ -25,8 +25,8 @@ from pipeline.storage import Store
 # Version 2 added runs.node_id, runs.resumed_from_step and points.node_id; version 3 the stall tags,
 # honest labels, escape check and refinement columns of `points` and curves.lam_max/grad_cosine. Files of
 # an older version read with nulls in the columns they lack (see `read`); bump the version whenever a
-# column is added.
-SCHEMA_VERSION = 3
+# column is added. Version 4 added the interval columns of hessian.method=estimate.
+SCHEMA_VERSION = 4
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
@@ -106,6 +106,19 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("fallback", pa.string()),  # what was done when the first try ran out of memory
         pa.field("node", pa.string()),  # host name of the worker that analysed the point
         pa.field("node_id", pa.string()),  # Ray node id of that worker
+        # hessian.method=estimate only: intervals (at estimate_confidence) and the estimator's settings.
+        pa.field("n_pos_lo", pa.int64()),
+        pa.field("n_pos_hi", pa.int64()),
+        pa.field("n_neg_lo", pa.int64()),
+        pa.field("n_neg_hi", pa.int64()),
+        pa.field("n_zero_lo", pa.int64()),
+        pa.field("n_zero_hi", pa.int64()),
+        pa.field("min_ratio_lo", pa.float64()),
+        pa.field("min_ratio_hi", pa.float64()),
+        pa.field("estimate_resolution", pa.float64()),  # δ: eigenvalues within ~δ of ±tol are ambiguous
+        pa.field("estimate_degree", pa.int64()),
+        pa.field("estimate_probes", pa.int64()),
+        pa.field("estimate_confidence", pa.float64()),
         # Stall tag (stalled/final rows): why training stopped improving — see pipeline.critical.stall_tag.
         pa.field("stall_tag", pa.string()),  # small_gradient | oscillating
         pa.field("stall_grad_ratio", pa.float64()),  # ‖g‖ / ‖g at step 0‖

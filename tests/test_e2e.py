@@ -127,6 +127,18 @@ def test_analysis_command_rejects_a_folder_that_is_not_a_sweep(tmp_path):
     assert res.returncode != 0 and "not a sweep results folder" in res.stderr
 
 
+def test_estimate_method_end_to_end(make_cfg, ray_session):
+    """hessian.method=estimate: counts from HVPs only, with their intervals in the points table."""
+    cfg = make_cfg(["sweep.name=est", "sweep.seeds=1", "hessian.method=estimate", "hessian.tol_mode=rel",
+                    "hessian.rel_tol=1e-2", "hessian.estimate_probes=10", "figures=false"])
+    run_sweep(cfg)
+    points = pd.read_parquet(f"{cfg.results_root}/est/points")
+    assert (points["status"] == "ok").all() and (points["method"] == "estimate").all()
+    assert (points["n_pos_lo"] <= points["n_pos"]).all() and (points["n_pos"] <= points["n_pos_hi"]).all()
+    assert (points["min_ratio_lo"] <= points["min_ratio_hi"]).all() and (points["estimate_resolution"] > 0).all()
+    assert points["n_pos_naive"].isna().all()
+
+
 def test_diverged_run_is_recorded(make_cfg, ray_session):
     cfg = make_cfg(["sweep.name=div", "sweep.seeds=1", "optim.lr=1e6", "figures=false"])
     summary = run_sweep(cfg)

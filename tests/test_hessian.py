@@ -322,3 +322,28 @@ def test_cuda_peak_memory_is_the_hessian_plus_one_factor():
         peak = torch.cuda.max_memory_allocated() - base
         factor = 6.2 if method == "eigh" else 2.2
         assert peak <= factor * n * n * 8 + 3 * budget_mb * 2**20, (method, peak / (n * n * 8))
+
+
+def test_spectrum_at_estimate_intervals_contain_the_exact_counts():
+    """method="estimate" never forms H; its intervals hold the exact counts and the label is honest."""
+    torch.manual_seed(0)
+    model = MLP(6, 2, depth=1, width=24, activation="tanh")
+    X, Y = torch.randn(120, 6, dtype=F64), torch.randn(120, 2, dtype=F64)
+    f = _problem_xy(model, X, Y).loss_fn()
+    theta = model.init(3)
+    exact = hs.spectrum_at(f, theta, method="eigh", tol_mode="rel", rel_tol=1e-2)
+    est = hs.spectrum_at(f, theta, method="estimate", tol=exact.tol, estimate={"n_probes": 20, "seed": 1})
+    assert est.eigenvalues is None and est.method == "estimate"
+    for name in ("n_pos", "n_neg", "n_zero"):
+        lo, hi = est.estimate[f"{name}_ci"]
+        assert lo <= getattr(exact, name) <= hi, (name, lo, getattr(exact, name), hi)
+    lo, hi = est.estimate["min_ratio_ci"]
+    assert lo <= exact.min_ratio <= hi
+    assert est.label in (exact.label, "uncertain")
+    assert np.isnan(est.min_ratio_naive)  # tol = 0 cannot be estimated: not reported rather than guessed
+    with pytest.raises(ValueError, match="resolution"):
+        hs.spectrum_at(f, theta, method="estimate", tol=1e-12 * exact.lam_max, estimate={"degree": 50})
+
+
+def _problem_xy(model, X, Y):
+    return Problem(model, Dataset(X, Y, 0), "mse", 0.0)
