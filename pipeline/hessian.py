@@ -255,12 +255,18 @@ class SpectrumResult:
         return spectrum.ratios(self.counts)["index"]
 
 
-def resolve_method(method: str, n_params: int, device: Union[str, torch.device] = "cpu") -> str:
-    """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, else ``inertia``."""
+def resolve_method(method: str, n_params: int, device: Union[str, torch.device] = "cpu",
+                   itemsize: int = 8, memory_budget_mb: float = 0.0) -> str:
+    """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above,
+    and ``estimate`` (no dense H) when the Hessian and one factor (2·N²·itemsize bytes) exceed the memory
+    the stage may hold (:func:`total_budget_bytes`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
-        limit = AUTO_EIGH_MAX_N.get(torch.device(device).type, AUTO_EIGH_MAX_N["cpu"])
+        device = torch.device(device)
+        if 2 * n_params * n_params * itemsize > total_budget_bytes(device, memory_budget_mb):
+            return "estimate"
+        limit = AUTO_EIGH_MAX_N.get(device.type, AUTO_EIGH_MAX_N["cpu"])
         return "eigh" if n_params <= limit else "inertia"
     return method
 
@@ -327,7 +333,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     """
     device = torch.device(device) if device is not None else theta.device
     theta = theta.detach().to(device=device, dtype=dtype or theta.dtype)
-    method = resolve_method(method, theta.numel(), theta.device)
+    method = resolve_method(method, theta.numel(), theta.device, theta.element_size())
     if method == "estimate":
         return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, **(estimate or {}))
     t0 = time.perf_counter()
@@ -428,7 +434,7 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
     device = torch.device(device)
     if thetas.dim() != 2:
         raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
-    method = resolve_method(method, thetas.shape[1], device)
+    method = resolve_method(method, thetas.shape[1], device, dtype.itemsize, memory_budget_mb)
     kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio)
     if method == "estimate":  # no dense Hessian, so nothing to batch and no memory fallback needed
         loss = loss_for(device, dtype)

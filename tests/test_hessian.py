@@ -347,3 +347,13 @@ def test_spectrum_at_estimate_intervals_contain_the_exact_counts():
 
 def _problem_xy(model, X, Y):
     return Problem(model, Dataset(X, Y, 0), "mse", 0.0)
+
+
+def test_auto_takes_the_estimator_only_when_the_dense_hessian_does_not_fit():
+    assert hs.resolve_method("auto", 1_000, "cpu") == "eigh"
+    assert hs.resolve_method("auto", 5_000, "cpu") == "inertia"
+    # 2·N²·8 bytes at N = 10⁶ is 16 TB: no dense Hessian, counts from HVPs.
+    assert hs.resolve_method("auto", 1_000_000, "cpu") == "estimate"
+    # …and a budget decides it for smaller N too: 2·3000²·8 B = 144 MB > 100 MiB.
+    assert hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=100) == "estimate"
+    assert hs.resolve_method("eigh", 1_000_000, "cpu") == "eigh"
