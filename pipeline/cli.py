@@ -32,9 +32,9 @@ def run(cfg: DictConfig) -> int:
         print(f"minratio: {err}", file=sys.stderr)
         return 2
     folder = f"{summary.root.rstrip('/')}/{summary.sweep}"
-    print(f"sweep {summary.sweep!r}: {summary.runs_total} runs ({summary.runs_skipped} already done before), "
-          f"status {summary.run_status}; {summary.points} checkpoints analysed "
-          f"({summary.points_failed} failed); labels {summary.labels}; {summary.seconds:.1f}s")
+    print(f"sweep {summary.sweep!r}: {summary.runs_total} runs in this command ({summary.runs_skipped} already "
+          f"done before), {summary.seconds:.1f}s; the sweep's tables now hold runs {summary.run_status}, "
+          f"{summary.points} analysed points ({summary.points_failed} failed), labels {summary.labels}")
     print(f"tables: {folder}/{{runs,points,spectra,curves}}/")
     if cfg.figures and summary.points:
         store, name = analysis.open_results(folder)

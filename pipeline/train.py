@@ -194,7 +194,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
                 ref = _loss_at(curves, step - s.window)
                 rel = stall.relative_improvement(ref, loss_now)
                 emit(Checkpoint(step, theta.detach().clone(), loss_now, gnorm_now, True,
-                                f"stall: relative improvement {rel:.3g} < {s.threshold:g} over {s.window} steps"))
+                                f"stall: relative improvement {rel:.4g} < {s.threshold:g} over {s.window} steps"))
                 since = step
                 if len(checkpoints) >= s.max_stalls:
                     break
