@@ -238,6 +238,17 @@ def _stalled(gn2s: list, window: int, rtol: float) -> bool:
     return window > 0 and len(gn2s) > window and gn2s[-1] > (1.0 - rtol) * gn2s[-1 - window]
 
 
+def _stop(gn2: float, gtol2: float, it: int, max_iters: int, history: dict, window: int, rtol: float) -> str:
+    """Why a finder stops before its next step ("" to go on): converged, max_iters or stalled."""
+    if gn2 < gtol2:
+        return "converged"
+    if it >= max_iters:
+        return "max_iters"
+    if _stalled(history["grad_norm2"], window, rtol):
+        return "stalled"
+    return ""
+
+
 def _matvec(loss_fn: LossFn, theta: torch.Tensor, operator: str) -> MatVec:
     if operator == "hvp":
         return hvp_at(loss_fn, theta)
@@ -279,18 +290,13 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)
     gn2, loss0, gn2_0 = _sq(g), float(loss), _sq(g)
-    hvps, grads, it, stop = 0, 1, 0, "max_iters"
+    hvps, grads, it = 0, 1, 0
     history = _hist(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0, inner_iterations=0, inner_stop="",
                     relative_residual=math.nan, cokernel_residual=math.nan)
     last = None  # (MINRES result, θ it was solved at)
     while True:
-        if gn2 < gtol2:
-            stop = "converged"
-            break
-        if it >= max_iters:
-            break
-        if _stalled(history["grad_norm2"], stall_window, stall_rtol):
-            stop = "stalled"
+        stop = _stop(gn2, gtol2, it, max_iters, history, stall_window, stall_rtol)
+        if stop:
             break
         matvec = _matvec(loss_fn, theta, operator)
         # Inexact Newton: a loose solve far away, tighter as ‖g‖ → 0 (superlinear convergence near the end).
@@ -357,17 +363,12 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)
     gn2, loss0, gn2_0 = _sq(g), float(loss), _sq(g)
-    hvps, grads, it, stop = 0, 1, 0, "max_iters"
+    hvps, grads, it = 0, 1, 0
     alpha = 1.0 if lr is None else float(lr)
     history = _hist(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0)
     while True:
-        if gn2 < gtol2:
-            stop = "converged"
-            break
-        if it >= max_iters:
-            break
-        if _stalled(history["grad_norm2"], stall_window, stall_rtol):
-            stop = "stalled"
+        stop = _stop(gn2, gtol2, it, max_iters, history, stall_window, stall_rtol)
+        if stop:
             break
         d = -hvp_at(loss_fn, theta)(g)  # −∇(½‖g‖²)
         hvps += 1
