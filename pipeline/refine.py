@@ -238,6 +238,26 @@ def _stalled(gn2s: list, window: int, rtol: float) -> bool:
     return window > 0 and len(gn2s) > window and gn2s[-1] > (1.0 - rtol) * gn2s[-1 - window]
 
 
+def _backtrack(gv, theta: torch.Tensor, d: torch.Tensor, gn2: float, slope: float, alpha: float, c: float,
+               backtrack: float):
+    """Backtracking line search on ‖g‖² along ``d`` from step ``alpha``: the first α (shrunk by ``backtrack``)
+    with ‖g(θ+αd)‖² ≤ ‖g‖² + c·α·``slope`` (Armijo; ``slope`` = d/dα ‖g(θ+αd)‖² at 0, < 0 for descent).
+    Returns ``((θ+αd, g, loss, ‖g‖², α), gradient evaluations)``, or ``(None, evaluations)`` when no such
+    α exists above rounding level or ``d`` is no descent direction."""
+    d_norm = float(torch.linalg.vector_norm(d))
+    theta_norm = float(torch.linalg.vector_norm(theta))
+    evals = 0
+    while slope < 0 and alpha * d_norm > 1e-16 * (1.0 + theta_norm):
+        trial = theta + alpha * d
+        g_t, loss_t = gv(trial)
+        evals += 1
+        gn2_t = _sq(g_t)
+        if math.isfinite(gn2_t) and gn2_t <= gn2 + c * alpha * slope:
+            return (trial, g_t, loss_t, gn2_t, alpha), evals
+        alpha *= backtrack
+    return None, evals
+
+
 def _stop(gn2: float, gtol2: float, it: int, max_iters: int, history: dict, window: int, rtol: float) -> str:
     """Why a finder stops before its next step ("" to go on): converged, max_iters or stalled."""
     if gn2 < gtol2:
@@ -307,22 +327,13 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
         p = sol.x
         hp = -g - sol.residual  # H p, from r = −g − H p
         slope = 2.0 * float(hp @ g)  # d/dα ‖g(θ+αp)‖² at α = 0
-        alpha, accepted = 1.0, False
         p_norm = float(torch.linalg.vector_norm(p))
-        theta_norm = float(torch.linalg.vector_norm(theta))
-        while slope < 0 and alpha * p_norm > 1e-16 * (1.0 + theta_norm):
-            trial = theta + alpha * p
-            g_t, loss_t = gv(trial)
-            grads += 1
-            gn2_t = _sq(g_t)
-            if math.isfinite(gn2_t) and gn2_t <= gn2 + rho * alpha * slope:
-                accepted = True
-                break
-            alpha *= backtrack
-        if not accepted:
+        found, evals = _backtrack(gv, theta, p, gn2, slope, 1.0, rho, backtrack)
+        grads += evals
+        if found is None:
             stop = "line_search_failed"
             break
-        theta, g, loss, gn2 = trial, g_t, loss_t, gn2_t
+        theta, g, loss, gn2, alpha = found
         it += 1
         _push(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * p_norm,
               inner_iterations=sol.iterations, inner_stop=sol.stopped_because,
@@ -373,29 +384,22 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
         d = -hvp_at(loss_fn, theta)(g)  # −∇(½‖g‖²)
         hvps += 1
         dd = _sq(d)
-        d_norm, theta_norm = math.sqrt(dd), float(torch.linalg.vector_norm(theta))
-        accepted = False
+        d_norm = math.sqrt(dd)
+        found = None
         if lr is not None and dd > 0:
             trial = theta + alpha * d
             g_t, loss_t = gv(trial)
             grads += 1
-            accepted = bool(torch.isfinite(g_t).all())
-            gn2_t = _sq(g_t)
+            if bool(torch.isfinite(g_t).all()):
+                found = (trial, g_t, loss_t, _sq(g_t), alpha)
         else:
-            alpha = alpha * grow
-            while dd > 0 and alpha * d_norm > 1e-16 * (1.0 + theta_norm):
-                trial = theta + alpha * d
-                g_t, loss_t = gv(trial)
-                grads += 1
-                gn2_t = _sq(g_t)
-                if math.isfinite(gn2_t) and 0.5 * gn2_t <= 0.5 * gn2 - c * alpha * dd:
-                    accepted = True
-                    break
-                alpha *= backtrack
-        if not accepted:
+            # d/dα ‖g(θ+αd)‖² = 2 gᵀH d = −2‖d‖²: Armijo on ½‖g‖² with constant c.
+            found, evals = _backtrack(gv, theta, d, gn2, -2.0 * dd, alpha * grow, c, backtrack)
+            grads += evals
+        if found is None:
             stop = "line_search_failed"
             break
-        theta, g, loss, gn2 = trial, g_t, loss_t, gn2_t
+        theta, g, loss, gn2, alpha = found
         it += 1
         _push(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * d_norm)
     r, r_h, extra = _final_flatness(loss_fn, theta, g, stop, None, inner_rtol, inner_max_iters, rcond, "hvp")
