@@ -88,6 +88,7 @@ class HessianConfig:
     batch_checkpoints: int = 8  # checkpoints of one architecture analysed per task
     estimate_probes: int = 30  # method=estimate: Rademacher probes of the stochastic trace
     estimate_degree: int = 0  # method=estimate: Chebyshev degree; 0 = the least that resolves tol
+    naive_count: bool = True  # inertia: a third LDLᵀ (of H itself) for the naive #{λ > 0}; false skips it
 
 
 @dataclass

@@ -152,6 +152,14 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
     return result.status, refs
 
 
+def spectrum_options(h: dict) -> dict:
+    """The counting options of the ``hessian`` config section, as :func:`spectrum_at` takes them."""
+    return {"method": h["method"], "tol": h["abs_tol"] if h["tol_mode"] == "abs" else None,
+            "rel_tol": h["rel_tol"], "tol_mode": h["tol_mode"], "gap_ratio": h["gap_ratio"],
+            "naive": h["naive_count"],
+            "estimate": {"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]}}
+
+
 def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu",
                 node_id: str | None = None) -> int:
     """Analyse checkpoints of one group (same loss function): write a ``points`` and a ``spectra`` row
@@ -167,10 +175,8 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     try:
         results, fallback = spectra_at_many(
             lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
-            method=h["method"], tol=h["abs_tol"] if h["tol_mode"] == "abs" else None,
-            rel_tol=h["rel_tol"], tol_mode=h["tol_mode"], gap_ratio=h["gap_ratio"], dtype=h["dtype"],
-            device=device, chunk_size=h["chunk_size"], memory_budget_mb=h["memory_budget_mb"],
-            estimate={"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]})
+            dtype=h["dtype"], device=device, chunk_size=h["chunk_size"], memory_budget_mb=h["memory_budget_mb"],
+            **spectrum_options(h))
         errors = [None] * len(refs)
     except Exception as err:  # noqa: BLE001
         results, fallback = [None] * len(refs), None
@@ -226,9 +232,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         buf = io.BytesIO()
         torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **found.row()}, buf)
         store.write_bytes(f"{sweep}/refined/{ref.run_id}/step-{ref.step:09d}.pt", buf.getvalue())
-        res = spectrum_at(f, found.theta, method=h["method"], tol=h["abs_tol"] if h["tol_mode"] == "abs" else None,
-                          rel_tol=h["rel_tol"], tol_mode=h["tol_mode"], gap_ratio=h["gap_ratio"],
-                          estimate={"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]})
+        res = spectrum_at(f, found.theta, **spectrum_options(h))
         row = {**base, **point_values(res), **found.row(), "stalled": bool(meta["stalled"]),
                "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
                **critical_values(problem, found.theta.cpu(), res, cfg)}

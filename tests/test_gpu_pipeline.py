@@ -17,15 +17,20 @@ from pipeline.storage import Store
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_hessian_job_on_cuda_matches_cpu(tmp_path):
+def _checkpoints(tmp_path, *overrides: str):
     cfg = compose_config([f"results_root={tmp_path}", "sweep.seeds=2", "optim.max_steps=600",
-                          "stall.window=200", "model.width=16"])
+                          "stall.window=200", "model.width=16", *overrides])
     store = Store.open(str(tmp_path))
     refs = []
     for run in expand(cfg):
         status, got = jobs.train_job(store.uri, "cpu", run)
         assert status == "ok"
         refs += got
+    return store, refs
+
+
+def test_hessian_job_on_cuda_matches_cpu(tmp_path):
+    store, refs = _checkpoints(tmp_path)
     # The same checkpoints, analysed on each device in turn (the second job rewrites the same keys).
     jobs.hessian_job(store.uri, "cpu", refs, device="cuda")
     gpu = tables.read(store, "cpu", "points").to_pandas()
@@ -39,3 +44,27 @@ def test_hessian_job_on_cuda_matches_cpu(tmp_path):
         pd.testing.assert_series_equal(a[col], b[col], check_names=False)
     np.testing.assert_allclose(a["lam_max"], b["lam_max"], rtol=1e-9)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-9)
+
+
+def test_inertia_and_estimate_jobs_on_cuda_hold_the_exact_counts(tmp_path):
+    """The counts-only paths as the pipeline wires them on a GPU: two LDLᵀ in place on two streams
+    (no naive count), and the HVP-only estimator, whose intervals must hold the exact counts."""
+    key = ["run_id", "step", "stage"]
+    exact_store, refs = _checkpoints(tmp_path / "eigh", "hessian.method=eigh", "hessian.tol_mode=rel")
+    jobs.hessian_job(exact_store.uri, "cpu", refs, device="cpu")
+    exact = tables.read(exact_store, "cpu", "points").to_pandas().sort_values(["seed", "step", "stage"])
+    store, refs = _checkpoints(tmp_path / "inertia", "hessian.method=inertia", "hessian.naive_count=false")
+    jobs.hessian_job(store.uri, "cpu", refs, device="cuda")
+    got = tables.read(store, "cpu", "points").to_pandas().sort_values(["seed", "step", "stage"])
+    assert got["device"].str.startswith("cuda").all() and got["n_pos_naive"].isna().all()
+    for col in ("n_pos", "n_neg", "n_zero"):
+        assert got[col].tolist() == exact[col].tolist()
+    store, refs = _checkpoints(tmp_path / "estimate", "hessian.method=estimate", "hessian.rel_tol=1e-3")
+    jobs.hessian_job(store.uri, "cpu", refs, device="cuda")
+    est = tables.read(store, "cpu", "points").to_pandas().sort_values(["seed", "step", "stage"])
+    assert est["device"].str.startswith("cuda").all() and len(est) == len(exact)
+    spectra = tables.read(exact_store, "cpu", "spectra").to_pandas().set_index(key)
+    for (_, e), (_, x) in zip(est.iterrows(), exact.iterrows()):
+        lam = np.asarray(spectra.loc[(x.run_id, x.step, x.stage), "eigenvalues"])
+        n_pos, n_neg = int((lam > e.tol).sum()), int((lam < -e.tol).sum())
+        assert e.n_pos_lo <= n_pos <= e.n_pos_hi and e.n_neg_lo <= n_neg <= e.n_neg_hi, (e.seed, e.step, e.stage)
