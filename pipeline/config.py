@@ -89,6 +89,7 @@ class HessianConfig:
     estimate_probes: int = 30  # method=estimate: Rademacher probes of the stochastic trace
     estimate_degree: int = 0  # method=estimate: Chebyshev degree; 0 = the least that resolves tol
     naive_count: bool = True  # inertia: a third LDLᵀ (of H itself) for the naive #{λ > 0}; false skips it
+    data_workers: int = 0  # method=estimate: Ray actors that split the data for HVPs (0 = in the task)
 
 
 @dataclass
@@ -236,6 +237,9 @@ def validate(cfg: DictConfig) -> None:
     _require(not (h.method == "estimate" and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
              "rel or abs with hessian.method=estimate (a gap needs the full spectrum)")
     _require(h.batch_checkpoints >= 1, "hessian.batch_checkpoints", h.batch_checkpoints, "≥ 1")
+    _require(h.data_workers >= 0, "hessian.data_workers", h.data_workers, "≥ 0 (0 = HVPs in the Hessian task)")
+    _require(h.data_workers == 0 or h.method == "estimate", "hessian.data_workers", h.data_workers,
+             f"0 with hessian.method={h.method} (data-parallel HVPs serve method=estimate only)")
     _require(h.num_gpus <= 1 or float(h.num_gpus).is_integer(), "hessian.num_gpus", h.num_gpus,
              "a fraction ≤ 1 or a whole number")
     seeds_of(cfg.sweep.seeds)

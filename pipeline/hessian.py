@@ -319,7 +319,8 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
                 gap_ratio: float = 1e4, dtype: Optional[torch.dtype] = torch.float64,
                 device: Optional[Union[str, torch.device]] = None, chunk_size: int = 0,
                 memory_budget_mb: float = 0.0, hvp: str = "auto",
-                estimate: Optional[dict] = None, naive: bool = True) -> SpectrumResult:
+                estimate: Optional[dict] = None, naive: bool = True,
+                matvec: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> SpectrumResult:
     """Hessian spectrum summary of ``loss_fn`` at ``theta``.
 
     ``loss_fn`` maps a flat parameter tensor ``[N]`` to a scalar (or is a list of ``(weight, fn)``
@@ -338,13 +339,16 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     (:func:`pipeline.estimate.estimate_counts`, options in ``estimate``, e.g. ``{"n_probes": 30,
     "degree": 0}``), each with an interval in ``result.estimate``; the label is ``uncertain`` when the
     intervals allow two labels; a tolerance finer than the estimator's resolution raises ValueError.
-    It needs a relative or given tolerance (``tol_mode="gap"`` needs the full spectrum).
+    It needs a relative or given tolerance (``tol_mode="gap"`` needs the full spectrum). ``matvec``
+    (``V [N, k] -> H V``, e.g. data-parallel from :func:`pipeline.shards.sharded_hvp`) replaces the
+    in-process HVPs of ``loss_fn``, which then only gives the loss and gradient.
     """
     device = torch.device(device) if device is not None else theta.device
     theta = theta.detach().to(device=device, dtype=dtype or theta.dtype)
     method = resolve_method(method, theta.numel(), theta.device, theta.element_size())
     if method == "estimate":
-        return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, **(estimate or {}))
+        return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, matvec=matvec,
+                          **(estimate or {}))
     t0 = time.perf_counter()
     H = hessian(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     _sync(device)
@@ -356,13 +360,13 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     return _result(loss_fn, theta, summary, lam, method, {"build": t1 - t0, "count": time.perf_counter() - t1})
 
 
-def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, **options) -> SpectrumResult:
+def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=None, **options) -> SpectrumResult:
     from pipeline import estimate
 
     if tol is None and tol_mode == "gap":
         raise ValueError("tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance")
     t0 = time.perf_counter()
-    est = estimate.estimate_counts(estimate.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
+    est = estimate.estimate_counts(matvec or estimate.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
                                    rel_tol=None if tol is not None else rel_tol, dtype=theta.dtype,
                                    device=theta.device, **options)
     n_pos, n_neg = int(round(est.n_pos)), int(round(est.n_neg))
@@ -427,7 +431,8 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
                     dtype: Union[str, torch.dtype] = torch.float64, device: Union[str, torch.device] = "cpu",
                     chunk_size: int = 0, memory_budget_mb: float = 0.0, hvp: str = "auto",
                     batch_points: Optional[bool] = None, estimate: Optional[dict] = None,
-                    naive: bool = True) -> tuple[list[SpectrumResult], Optional[str]]:
+                    naive: bool = True, matvec_at: Optional[Callable] = None,
+                    ) -> tuple[list[SpectrumResult], Optional[str]]:
     """:func:`spectrum_at` for many points ``thetas`` ``[B, N]`` of one loss, as the pipeline runs it.
 
     ``loss_for(device, dtype)`` returns the (vmappable) loss on that device. ``memory_budget_mb`` is
@@ -438,6 +443,7 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
     memory the work falls back — one point at a time, then one point with 1/16 of the workspace, then
     the CPU — and the second value says what was done (None when nothing was needed). Each result's
     ``seconds`` is its share of its pass. The device's cached memory is released on return.
+    ``matvec_at(theta)`` (``estimate`` only) gives each point's Hessian operator, e.g. data-parallel.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = torch.device(device)
@@ -447,7 +453,8 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
     kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio, naive=naive)
     if method == "estimate":  # no dense Hessian, so nothing to batch and no memory fallback needed
         loss = loss_for(device, dtype)
-        return [spectrum_at(loss, t.to(device, dtype), method="estimate", estimate=estimate, **kw)
+        return [spectrum_at(loss, t.to(device, dtype), method="estimate", estimate=estimate,
+                            matvec=matvec_at(t.to(device, dtype)) if matvec_at else None, **kw)
                 for t in thetas], None
     batch_points = device.type in BATCH_POINTS_DEVICES if batch_points is None else batch_points
     try:

@@ -9,12 +9,14 @@ worker or node died, or the whole sweep was restarted) goes on from there instea
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -160,11 +162,25 @@ def spectrum_options(h: dict) -> dict:
             "estimate": {"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]}}
 
 
+def _hvp_operator(hvp_shards: Optional[Callable], ref: CheckpointRef, device: str):
+    """A context giving ``matvec_at(theta)`` over ``hessian.data_workers`` data shards, or None (in-process)."""
+    h = ref.config["hessian"]
+    workers = h.get("data_workers", 0)
+    if not workers:
+        return contextlib.nullcontext(None)
+    if hvp_shards is None:
+        raise ValueError(f"hessian.data_workers={workers} needs Ray: run it through the sweep")
+    cfg = Run(ref.run_id, ref.seed, {}, ref.config).cfg()
+    return hvp_shards(lambda: make_problem(cfg, ref.seed), workers, device=device, dtype=h["dtype"],
+                      num_cpus=h["num_cpus"], num_gpus=h["num_gpus"])
+
+
 def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu",
-                node_id: str | None = None) -> int:
+                node_id: str | None = None, hvp_shards: Optional[Callable] = None) -> int:
     """Analyse checkpoints of one group (same loss function): write a ``points`` and a ``spectra`` row
     each. Returns how many points were written. Failures become ``failed`` points rows.
-    ``node_id``: the Ray node this runs on, recorded in each row."""
+    ``node_id``: the Ray node this runs on, recorded in each row. ``hvp_shards``:
+    :func:`pipeline.shards.sharded_hvp`, which ``hessian.data_workers`` > 0 needs (the caller has Ray)."""
     store = Store.open(store_uri)
     h = refs[0].config["hessian"]
     metas = [load_checkpoint(store, r.path) for r in refs]
@@ -173,10 +189,11 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     thetas = torch.stack([m["theta"] for m in metas])
     t0 = time.perf_counter()
     try:
-        results, fallback = spectra_at_many(
-            lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
-            dtype=h["dtype"], device=device, chunk_size=h["chunk_size"], memory_budget_mb=h["memory_budget_mb"],
-            **spectrum_options(h))
+        with _hvp_operator(hvp_shards, refs[0], device) as matvec_at:
+            results, fallback = spectra_at_many(
+                lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
+                dtype=h["dtype"], device=device, chunk_size=h["chunk_size"],
+                memory_budget_mb=h["memory_budget_mb"], matvec_at=matvec_at, **spectrum_options(h))
         errors = [None] * len(refs)
     except Exception as err:  # noqa: BLE001
         results, fallback = [None] * len(refs), None

@@ -1,4 +1,4 @@
-"""The driver: the only module that imports Ray. It connects to Ray, checks the request against the
+"""The driver: with :mod:`pipeline.shards` (data-parallel HVPs), the only module that imports Ray. It connects to Ray, checks the request against the
 cluster before any work starts, skips what a previous run of the same command finished, and keeps a
 bounded number of tasks in flight with a ``ray.wait`` loop, so progress shows as results arrive and a
 sweep of 10,000 runs floods neither the scheduler nor the object store.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import jobs, tables
+from pipeline import jobs, shards, tables
 from pipeline.config import ConfigError, validate
 from pipeline.plan import Run, expand
 from pipeline.progress import Progress
@@ -75,7 +75,8 @@ def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
     # A task given a GPU by Ray on a machine where torch sees none (a CPU build) runs on the CPU.
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     try:
-        return jobs.hessian_job(store_uri, sweep, refs, device=device, node_id=_node_id())
+        return jobs.hessian_job(store_uri, sweep, refs, device=device, node_id=_node_id(),
+                                hvp_shards=shards.sharded_hvp)
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()  # give the GPU back to the next task sharing it
