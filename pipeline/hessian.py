@@ -49,10 +49,6 @@ CPU_WORKSPACE_MAX_BYTES = 256 * 2**20
 # Build several points in one vmapped pass only where it pays: on CUDA it turns B small launches into
 # one; on CPU the build is compute-bound and the multi-point pass measured 10-20 % slower.
 BATCH_POINTS_DEVICES = ("cuda",)
-# Streams (one host thread each) over which a pass's eigvalsh calls are spread on CUDA; 1 = one after
-# another. Measured by scripts/bench_hessian.py (the "eigvalsh streams" table).
-CUDA_EIGH_STREAMS = 4
-CUDA_EIGH_STREAMS_MAX_N = 4096  # each concurrent syevd holds its own workspace (~5·N²·8 bytes)
 # Eigenvalue error of a Hessian built in float32, relative to max|λ|: measured ≤ 4e-8 on tanh / ReLU /
 # softplus MLPs up to N = 1,732 (tests/test_hessian.py asserts ≤ 1e-6). A relative tolerance below
 # the floor would count rounding noise, so float32 raises rel_tol to it; float64 leaves it alone.
@@ -282,15 +278,14 @@ def effective_rel_tol(rel_tol: float, dtype: torch.dtype) -> float:
 
 def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] = None, rel_tol: float = 1e-6,
                 tol_mode: str = "auto", gap_ratio: float = 1e4,
-                extremes: Optional[tuple[float, float]] = None, naive: bool = True,
-                overwrite: bool = False) -> tuple[spectrum.Summary, Optional[np.ndarray]]:
+                extremes: Optional[tuple[float, float]] = None,
+                naive: bool = True) -> tuple[spectrum.Summary, Optional[np.ndarray]]:
     """Counts for a symmetric matrix ``H`` ``[N, N]`` by ``eigh`` (full spectrum) or ``inertia``.
 
     ``inertia`` knows no spectrum, so its tolerance is ``tol`` or ``rel_tol`` · max|λ| (``extremes``
     (λmin, λmax) if given, else from Lanczos); ``tol_mode='gap'`` needs ``eigh``. ``naive=False`` skips
-    inertia's third factorisation (#{λ > 0}; ``n_pos_naive`` is then None); ``overwrite=True`` lets it
-    consume ``H`` (see :func:`pipeline.inertia.counts`). Returns the summary and the ascending
-    eigenvalues (None for ``inertia``).
+    inertia's third factorisation (#{λ > 0}; ``n_pos_naive`` is then None). Returns the summary and the
+    ascending eigenvalues (None for ``inertia``).
     """
     rel_tol = effective_rel_tol(rel_tol, H.dtype)
     if method == "eigh":
@@ -305,7 +300,7 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
         tol, how = rel_tol * max(abs(lam_lo), abs(lam_hi)), "rel"
     else:
         how = "given"
-    c = inertia.counts(H, tol, naive=naive, overwrite=overwrite)
+    c = inertia.counts(H, tol, naive=naive)
     return spectrum.Summary(c, float(tol), how, lam_lo, lam_hi), None
 
 
@@ -354,7 +349,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     _sync(device)
     t1 = time.perf_counter()
     summary, lam = count_dense(H, method=method, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode,
-                               gap_ratio=gap_ratio, naive=naive, overwrite=True)  # H is not needed after
+                               gap_ratio=gap_ratio, naive=naive)
     _sync(device)
     del H
     return _result(loss_fn, theta, summary, lam, method, {"build": t1 - t0, "count": time.perf_counter() - t1})
@@ -511,52 +506,17 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         _sync(device)
         t1 = time.perf_counter()
         if method == "eigh":
-            lams = eigvalsh_batch(H).cpu().numpy().astype(np.float64)
+            lams = torch.linalg.eigvalsh(H).cpu().numpy().astype(np.float64)  # one batched call
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)
             sums = [(_summarize(lam, H.dtype, kw["tol"], rel, kw["tol_mode"], kw["gap_ratio"]), lam)
                     for lam in lams]
         else:
             extremes = inertia.extreme_eigenvalues_batch(H)  # batched: one matvec per step for the pass
-            sums = [count_dense(H[k], method=method, extremes=extremes[k], overwrite=True, **kw)
-                    for k in range(len(part))]
+            sums = [count_dense(H[k], method=method, extremes=extremes[k], **kw) for k in range(len(part))]
         _sync(device)
         secs = {"build": (t1 - t0) / len(part), "count": (time.perf_counter() - t1) / len(part)}
         del H
         out.extend(_result(loss, theta, summ, lam, method, dict(secs)) for theta, (summ, lam) in zip(part, sums))
-    return out
-
-
-def eigvalsh_batch(H: torch.Tensor, streams: Optional[int] = None) -> torch.Tensor:
-    """Ascending eigenvalues ``[B, N]`` of symmetric ``H`` ``[B, N, N]``.
-
-    On CUDA, torch runs one cuSOLVER syevd after another, and each leaves most of a large GPU idle (its
-    tridiagonal reduction is bandwidth- and latency-bound), so with ``streams`` > 1 (default
-    :data:`CUDA_EIGH_STREAMS`) the matrices are spread over that many streams, one host thread each
-    (eigvalsh waits for its own error check). On CPU, one batched call.
-    """
-    streams = CUDA_EIGH_STREAMS if streams is None else streams
-    b = H.shape[0]
-    if H.device.type != "cuda" or streams <= 1 or b <= 1 or H.shape[-1] > CUDA_EIGH_STREAMS_MAX_N:
-        return torch.linalg.eigvalsh(H)
-    from concurrent.futures import ThreadPoolExecutor
-
-    main = torch.cuda.current_stream(H.device)
-    pool = [torch.cuda.Stream(H.device) for _ in range(min(streams, b))]
-    out = torch.empty(H.shape[:-1], dtype=H.dtype, device=H.device)
-
-    def work(k: int) -> None:
-        stream = pool[k]
-        stream.wait_stream(main)  # H was written on the main stream
-        with torch.cuda.stream(stream):
-            for j in range(k, b, len(pool)):
-                out[j] = torch.linalg.eigvalsh(H[j])
-        H.record_stream(stream)
-        out.record_stream(stream)
-
-    with ThreadPoolExecutor(len(pool)) as ex:
-        list(ex.map(work, range(len(pool))))
-    for stream in pool:
-        main.wait_stream(stream)
     return out
 
 

@@ -12,20 +12,13 @@ import torch
 from pipeline.spectrum import Counts
 
 
-def inertia(A: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+def inertia(A: torch.Tensor) -> torch.Tensor:
     """``(n_pos, n_neg, n_zero)`` of symmetric ``A`` ``[..., N, N]``, as an int64 tensor ``[..., 3]``.
 
     Reads the lower triangle only. Singular ``A`` is fine: an exact zero pivot is a zero of D.
-    ``overwrite=True`` factors ``A`` in its own memory (no N×N copy; ``A`` holds the factor on return).
-    The result stays on ``A``'s device and nothing waits for it: reading it is the only sync.
     """
     # ldl_factor (without _ex) raises on an exact zero pivot, which is just a zero eigenvalue here.
-    if overwrite:
-        pivots = torch.empty(A.shape[:-1], dtype=torch.int32, device=A.device)
-        info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)
-        LD, pivots, _ = torch.linalg.ldl_factor_ex(A, check_errors=False, out=(A, pivots, info))
-    else:
-        LD, pivots, _ = torch.linalg.ldl_factor_ex(A, check_errors=False)
+    LD, pivots, _ = torch.linalg.ldl_factor_ex(A, check_errors=False)
     d = LD.diagonal(dim1=-2, dim2=-1)  # [..., N]
     e = torch.nn.functional.pad(LD.diagonal(offset=-1, dim1=-2, dim2=-1), (0, 1))  # sub-diagonal, [..., N]
     neg_piv = pivots < 0  # LAPACK (lower): a 2×2 block at rows k, k+1 has negative pivots at both
@@ -57,29 +50,21 @@ def _position_in_run(mask: torch.Tensor) -> torch.Tensor:
     return idx - last_false - 1
 
 
-def counts(H: torch.Tensor, tol: float, *, naive: bool = True, overwrite: bool = False) -> Counts:
+def counts(H: torch.Tensor, tol: float, *, naive: bool = True) -> Counts:
     """Tolerance-aware counts of symmetric ``H`` ``[N, N]``: #{λ > tol}, #{λ < −tol}, the rest, #{λ > 0}.
 
     One factorisation per count: H − tol·I for n_pos, H + tol·I for n_neg, and H itself for the naive
-    #{λ > 0} unless ``naive=False`` (then ``n_pos_naive`` is None and only two are needed; tol = 0
-    needs one).
-
-    ``overwrite=False``: the shifts go onto ``H``'s diagonal in place and are undone, so memory is ``H``
-    plus one factor and ``H`` is unchanged on return up to rounding of its diagonal (± tol then ∓ tol).
-    ``overwrite=True``: ``H`` is consumed (garbage on return); the two shifted factorisations work in
-    ``H`` and in one copy of it, so memory is the same 2×H, and on CUDA they run concurrently on two
-    streams (cuSOLVER's sytrf leaves most of a large GPU idle in its panel steps).
+    #{λ > 0} unless ``naive=False`` (then ``n_pos_naive`` is None: two factorisations instead of three;
+    tol = 0 needs one). The shifts are applied to ``H``'s diagonal in place and undone, so memory stays
+    at ``H`` plus one factor; ``H`` is unchanged on return up to rounding of its diagonal (± tol then ∓ tol).
     """
     if not tol >= 0:
         raise ValueError(f"tol must be ≥ 0, got {tol}")
     n = H.shape[-1]
     if tol == 0:
-        c = inertia(H, overwrite=overwrite).tolist()
+        c = inertia(H).tolist()
         return Counts(c[0], c[1], n - c[0] - c[1], c[0])
     n_naive = int(inertia(H)[0]) if naive else None
-    if overwrite:
-        n_pos, n_neg = _shifted_pair(H, tol)
-        return Counts(n_pos, n_neg, n - n_pos - n_neg, n_naive)
     diag = H.diagonal()
     shift = 0.0
     try:
@@ -92,27 +77,6 @@ def counts(H: torch.Tensor, tol: float, *, naive: bool = True, overwrite: bool =
     finally:  # leave H as it came, even after an out-of-memory error
         diag.sub_(shift)
     return Counts(n_pos, n_neg, n - n_pos - n_neg, n_naive)
-
-
-def _shifted_pair(H: torch.Tensor, tol: float) -> tuple[int, int]:
-    """(#{λ > tol}, #{λ < −tol}) from in-place factorisations of H − tol·I (in ``H``) and H + tol·I (in
-    a copy), on two CUDA streams when ``H`` is on a GPU."""
-    plus = H.clone()
-    H.diagonal().sub_(tol)
-    plus.diagonal().add_(tol)
-    if H.device.type != "cuda":
-        return int(inertia(H, overwrite=True)[0]), int(inertia(plus, overwrite=True)[1])
-    main = torch.cuda.current_stream(H.device)
-    streams = [torch.cuda.Stream(H.device) for _ in range(2)]
-    out = []
-    for stream, A in zip(streams, (H, plus)):
-        stream.wait_stream(main)  # H and its copy were written on the main stream
-        with torch.cuda.stream(stream):
-            out.append(inertia(A, overwrite=True))
-        A.record_stream(stream)
-    for stream in streams:
-        main.wait_stream(stream)
-    return int(out[0][0]), int(out[1][1])
 
 
 def extreme_eigenvalues(H: torch.Tensor, steps: int = 80, rtol: float = 1e-10) -> tuple[float, float]:

@@ -5,19 +5,17 @@ MLP 16-h-h-4, tanh, 512 Gaussian samples, MSE, float64, random initialisation; N
 For each N it times
 
 - ours: the Hessian build (HVP modes ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it) and ``inertia``:
-  Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I) done in place, on two
-  CUDA streams at once — as the pipeline runs them — and, for comparison, one by one in fresh memory
-  with the third factorisation behind the naive #{λ > 0}; one LDLᵀ alone, and (CUDA) under MAGMA;
-  parameters to counts in one ``spectrum_at`` call;
+  Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I), and with the third
+  behind the naive #{λ > 0} (``hessian.naive_count``); one LDLᵀ alone; parameters to counts in one
+  ``spectrum_at`` call;
 - the baselines: ``torch.autograd.functional.hessian`` as a row loop and with ``vectorize=True``,
   each followed by ``torch.linalg.eigvalsh`` — skipped when the estimate says > ``--max-baseline-s``
   or more memory than there is (the table says why);
 
 and prints times, speed-ups against the baseline measured in the same run, peak memory and whether the
 counts agree. Then 64 checkpoints (8 on CPU; ``--checkpoints``) of N ≈ 1,500: spectra per second,
-batched (``spectra_at_many``) against one by one (``spectrum_at``), and (CUDA) one pass's eigvalsh
-spread over 1-8 streams. A benchmark, not a test: nothing asserts. On a GPU the default run takes
-about 3 minutes.
+batched (``spectra_at_many``) against one by one (``spectrum_at``). A benchmark, not a test: nothing
+asserts. On a GPU the default run takes about 3 minutes.
 
     python scripts/bench_hessian.py                  # default sizes for the device
     python scripts/bench_hessian.py --quick          # one size, fewer checkpoints
@@ -134,20 +132,12 @@ def bench_size(n_target: int, device: torch.device, args) -> dict:
     tol = REL_TOL * float(lam.abs().max())
     r["lanczos"], _ = timed(lambda: inertia.extreme_eigenvalues(H), device, rep)
     r["ldl1"], _ = timed(lambda: inertia.inertia(H).tolist(), device, rep)
-    r["ldl1_magma"] = _magma_ldl(H, device)
-    r["inertia3"], c_three = timed(lambda: _counts_only(H, naive=True, overwrite=False), device, rep)
-    # Two factorisations in place (H is consumed, so each repeat gets a copy made outside the clock).
-    best = float("inf")
-    for _ in range(rep):
-        A = H.clone()
-        with Peak(device) as pk:
-            t, c_inertia = timed(lambda: _counts_only(A, naive=False, overwrite=True), device, 1)
-        best = min(best, t)
-        del A
-    r["inertia"] = best
-    r["peak_inertia"] = None if pk.bytes is None else pk.bytes + n * n * 8  # + the H it consumed
+    r["inertia3"], c_three = timed(lambda: _counts_only(H, naive=True), device, rep)
+    with Peak(device) as pk:
+        r["inertia"], c_inertia = timed(lambda: _counts_only(H, naive=False), device, rep)
+    r["peak_inertia"] = None if pk.bytes is None else pk.bytes + n * n * 8  # H was there before
     c_eigh = counts_of(lam, tol)
-    # Parameters to counts in one call, as the pipeline runs it (build + Lanczos + 2 LDLᵀ in place).
+    # Parameters to counts in one call, as the pipeline runs it with naive_count=false (build + Lanczos + 2 LDLᵀ).
     r["to_counts"], res = timed(lambda: hs.spectrum_at(f, theta, method="inertia", naive=False), device, 1)
     r["agree_ours"] = tolerant(c_eigh) == tolerant(c_inertia) == tolerant(c_three) == tolerant(res.counts)
     r["counts"] = tolerant(c_eigh)
@@ -190,20 +180,6 @@ def _counts_only(H: torch.Tensor, **how) -> spectrum.Counts:
     return inertia.counts(H, REL_TOL * max(abs(lo), abs(hi)), **how)
 
 
-def _magma_ldl(H: torch.Tensor, device: torch.device):
-    """Seconds for one LDLᵀ with torch's MAGMA backend instead of cuSOLVER, or why not."""
-    if device.type != "cuda":
-        return "n/a"
-    try:
-        torch.backends.cuda.preferred_linalg_library("magma")
-        t, _ = timed(lambda: inertia.inertia(H).tolist(), device, 1)
-        return t
-    except RuntimeError as err:
-        return f"failed: {str(err).splitlines()[0][:60]}"
-    finally:
-        torch.backends.cuda.preferred_linalg_library("default")
-
-
 def _estimate_row_loop(f, theta: torch.Tensor, device: torch.device, rows: int = 24) -> float:
     """Seconds for autograd's row loop over all N rows, from timing ``rows`` of them the same way
     (grad with create_graph, then one autograd.grad per row)."""
@@ -242,14 +218,6 @@ def bench_batched(n_target: int, checkpoints: int, device: torch.device) -> dict
             "build_one": sum(r.seconds["build"] for r in one), "build_batched": sum(r.seconds["build"] for r in many),
             "count_one": sum(r.seconds["count"] for r in one), "count_batched": sum(r.seconds["count"] for r in many),
             "agree": [tolerant(a.counts) for a in one] == [tolerant(b.counts) for b in many], "fallback": fallback}
-    if device.type == "cuda":  # one pass's eigvalsh calls spread over streams
-        H = hs.hessians(loss, thetas.to(device))
-        ref = torch.linalg.eigvalsh(H)
-        out["streams"] = {}
-        for k in (1, 2, 4, 8):
-            t, lam = timed(lambda: hs.eigvalsh_batch(H, k), device, 2)
-            out["streams"][k] = (t, bool(torch.equal(lam, ref) or torch.allclose(lam, ref, rtol=0, atol=1e-11)))
-        del H
     return out
 
 
@@ -329,14 +297,13 @@ def main(argv=None) -> None:
               f"{fmt_t(r['row'])}, vectorize {fmt_t(r['vec'])}, eigvalsh {fmt_t(r['eigvalsh'])}", flush=True)
 
     print("\n## Times (s)\n")
-    print("| N | build rev | build fwd | eigh | counts (Lanczos + 2 LDLᵀ in place) | counts + naive (Lanczos + 3 "
-          "LDLᵀ, one by one) | Lanczos | one LDLᵀ | one LDLᵀ, MAGMA | params→counts | autograd row loop "
-          "| autograd vectorize | eigvalsh |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | build rev | build fwd | eigh | counts (Lanczos + 2 LDLᵀ) | counts + naive (Lanczos + 3 LDLᵀ) "
+          "| Lanczos | one LDLᵀ | params→counts | autograd row loop | autograd vectorize | eigvalsh |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['N']:,} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} | {fmt_t(r['eigh'])} "
               f"| {fmt_t(r['inertia'])} | {fmt_t(r['inertia3'])} | {fmt_t(r['lanczos'])} | {fmt_t(r['ldl1'])} "
-              f"| {fmt_t(r['ldl1_magma'])} | {fmt_t(r['to_counts'])} | {fmt_t(r['row'])} | {fmt_t(r['vec'])} "
+              f"| {fmt_t(r['to_counts'])} | {fmt_t(r['row'])} | {fmt_t(r['vec'])} "
               f"| {fmt_t(r['eigvalsh'])} |")
 
     print("\n## Speed-ups against the baselines of this run, memory, agreement\n")
@@ -360,7 +327,7 @@ def main(argv=None) -> None:
         print(f"| {r['N']:,} | {ratio['row'][0]} | {ratio['row'][1]} | {ratio['vec'][0]} | {ratio['vec'][1]} "
               f"| {fmt_mem(r['peak_build_' + r['mode']], r['N'])} | {fmt_mem(r['peak_eigh'], r['N'])} "
               f"| {fmt_mem(r['peak_inertia'], r['N'])} | {agree} {r['counts']} | {diff} |")
-    print("\nPeaks: torch.cuda.max_memory_allocated, 'H' = N²·8 bytes (n/a on CPU); 'counts' is the in-place "
+    print("\nPeaks: torch.cuda.max_memory_allocated, 'H' = N²·8 bytes (n/a on CPU); 'counts' is the two-LDLᵀ "
           "path, H included. Counts: tolerance 1e-6·max|λ|; eigh and both LDLᵀ paths on our H, and eigvalsh of "
           "autograd's H with the same tolerance.")
 
@@ -377,13 +344,6 @@ def main(argv=None) -> None:
         print(f"| {method} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {speedup:.1f}× "
               f"| {m['build_one']:.2f} / {m['build_batched']:.2f} | {m['count_one']:.2f} / {m['count_batched']:.2f} "
               f"| {'yes' if m['agree'] else 'NO'}{'' if m['fallback'] is None else ' — ' + m['fallback']} |")
-    if "streams" in b:
-        st = b["streams"]
-        print(f"\n## One pass's {b['B']} eigvalsh calls (N = {b['N']:,}) spread over CUDA streams\n")
-        print("| streams | seconds | eigenvalues/s | vs 1 stream | equal to one batched call |")
-        print("|---|---|---|---|---|")
-        for k, (t, ok) in st.items():
-            print(f"| {k} | {t:.3f} | {b['B'] / t:.1f} | {st[1][0] / t:.2f}× | {'yes' if ok else 'NO'} |")
     print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
 
 

@@ -47,8 +47,8 @@ def test_hessian_job_on_cuda_matches_cpu(tmp_path):
 
 
 def test_inertia_and_estimate_jobs_on_cuda_hold_the_exact_counts(tmp_path):
-    """The counts-only paths as the pipeline wires them on a GPU: two LDLᵀ in place on two streams
-    (no naive count), and the HVP-only estimator, whose intervals must hold the exact counts."""
+    """The counts-only paths as the pipeline wires them on a GPU: two LDLᵀ (no naive count), and the
+    HVP-only estimator, whose intervals must hold the exact counts."""
     key = ["run_id", "step", "stage"]
     exact_store, refs = _checkpoints(tmp_path / "eigh", "hessian.method=eigh", "hessian.tol_mode=rel")
     jobs.hessian_job(exact_store.uri, "cpu", refs, device="cpu")
@@ -68,3 +68,25 @@ def test_inertia_and_estimate_jobs_on_cuda_hold_the_exact_counts(tmp_path):
         lam = np.asarray(spectra.loc[(x.run_id, x.step, x.stage), "eigenvalues"])
         n_pos, n_neg = int((lam > e.tol).sum()), int((lam < -e.tol).sum())
         assert e.n_pos_lo <= n_pos <= e.n_pos_hi and e.n_neg_lo <= n_neg <= e.n_neg_hi, (e.seed, e.step, e.stage)
+
+
+def test_cnn_hessians_on_cuda_match_cpu():
+    """The digits CNN (conv2d under vmapped HVPs, one point and several at once) on CUDA = CPU."""
+    from pipeline import hessian as hs
+    from pipeline.train import make_problem
+
+    cfg = compose_config(["model=cnn", "data.side=4", "data.n_samples=128"])  # 838 parameters
+    problem = make_problem(cfg, 0)
+    thetas = torch.stack([problem.model.init(s) for s in range(3)])
+    cpu = hs.hessian(problem.loss_fn(), thetas[0])
+    gpu_problem = problem.to("cuda", torch.float64)
+    gpu = hs.hessian(gpu_problem.loss_fn(), thetas[0].cuda()).cpu()
+    scale = float(cpu.abs().max())
+    assert float((gpu - cpu).abs().max()) <= 1e-12 * scale
+    many = hs.hessians(gpu_problem.loss_fn(), thetas.cuda()).cpu()
+    for k in range(3):
+        ref = cpu if k == 0 else hs.hessian(problem.loss_fn(), thetas[k])
+        assert float((many[k] - ref).abs().max()) <= 1e-12 * scale
+    a = hs.spectrum_at(problem.loss_fn(), thetas[0], method="eigh", tol_mode="rel")
+    b = hs.spectrum_at(gpu_problem.loss_fn(), thetas[0].cuda(), method="eigh", tol_mode="rel")
+    assert (a.n_pos, a.n_neg, a.n_zero) == (b.n_pos, b.n_neg, b.n_zero)
