@@ -1,7 +1,7 @@
-"""The driver: with :mod:`pipeline.shards` (data-parallel HVPs), the only module that imports Ray. It connects to Ray, checks the request against the
-cluster before any work starts, skips what a previous run of the same command finished, and keeps a
-bounded number of tasks in flight with a ``ray.wait`` loop, so progress shows as results arrive and a
-sweep of 10,000 runs floods neither the scheduler nor the object store.
+"""The driver — with :mod:`pipeline.shards` (data-parallel HVPs), the only Ray code. It connects to Ray,
+checks the request against the cluster before any work starts, skips what a previous run of the same
+command finished, and keeps a bounded number of tasks in flight with a ``ray.wait`` loop, so progress
+shows as results arrive and a sweep of 10,000 runs floods neither the scheduler nor the object store.
 
 Training tasks return small checkpoint descriptors; Hessian tasks for finished runs start while other
 runs still train, grouped by loss function up to ``hessian.batch_checkpoints`` per task.
