@@ -64,7 +64,7 @@ def summary_text(t: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, store: Store, rel: str) -> str:
+def save_figure(fig, store: Store, rel: str) -> str:
     import io
 
     buf = io.BytesIO()
@@ -194,13 +194,13 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[st
     ok = t["points"][t["points"]["status"] == "ok"]
     figs = []
     if len(ok):
-        figs.append(_save(fig_min_ratio(ok), store, f"{sweep}/figures/min_ratio_vs_loss.png"))
-        figs.append(_save(fig_grad_norm(ok), store, f"{sweep}/figures/grad_norm_vs_loss.png"))
-        figs.append(_save(fig_index(ok), store, f"{sweep}/figures/index_vs_loss.png"))
+        figs.append(save_figure(fig_min_ratio(ok), store, f"{sweep}/figures/min_ratio_vs_loss.png"))
+        figs.append(save_figure(fig_grad_norm(ok), store, f"{sweep}/figures/grad_norm_vs_loss.png"))
+        figs.append(save_figure(fig_index(ok), store, f"{sweep}/figures/index_vs_loss.png"))
         if (ok["stage"] == "refined").any():
-            figs.append(_save(fig_stalled_vs_refined(ok), store, f"{sweep}/figures/stalled_vs_refined.png"))
+            figs.append(save_figure(fig_stalled_vs_refined(ok), store, f"{sweep}/figures/stalled_vs_refined.png"))
     if len(t["spectra"]):
-        figs.append(_save(fig_ratio_vs_tol(t["spectra"]), store, f"{sweep}/figures/ratio_vs_tol.png"))
+        figs.append(save_figure(fig_ratio_vs_tol(t["spectra"]), store, f"{sweep}/figures/ratio_vs_tol.png"))
         spectra = t["spectra"]
         if checkpoint:
             run_id, _, step = checkpoint.partition(":")
@@ -213,10 +213,10 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[st
         if len(sel):
             row = sel.iloc[0]
             point = ok[(ok["run_id"] == row["run_id"]) & (ok["step"] == row["step"])].iloc[0]
-            figs.append(_save(fig_eigenvalues(row, point), store,
+            figs.append(save_figure(fig_eigenvalues(row, point), store,
                               f"{sweep}/figures/eigenvalues_{row['run_id']}_{row['step']}.png"))
     if len(t["curves"]):
-        figs.append(_save(fig_curves(t["curves"], t["points"]), store, f"{sweep}/figures/loss_curves.png"))
+        figs.append(save_figure(fig_curves(t["curves"], t["points"]), store, f"{sweep}/figures/loss_curves.png"))
     return summary_text(t), figs
 
 

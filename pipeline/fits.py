@@ -1,0 +1,74 @@
+"""Power-law fits of the index against the loss at critical points (Pennington & Bahri 2017).
+
+Their random-matrix model predicts, below a critical loss εc, an index (share of negative eigenvalues)
+α(ε) ≈ α0 · |(ε − εc)/εc|^{3/2} — zero at εc, where the critical points become minima. Given the critical
+points of one setting (loss ε_i, index α_i > 0), :func:`index_power_fit` fits α = A · (ε − εc)^p with εc
+profiled over a grid below the smallest loss (log α linear in log(ε − εc) for each εc; the εc with the
+least squared error wins) and a bootstrap over the points for the exponent's interval. Pure NumPy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PowerFit:
+    """α ≈ A · (ε − eps_c)^p over ``n`` points; ``p_ci``: the bootstrap interval (``confidence``)."""
+
+    p: float
+    p_ci: tuple[float, float]
+    eps_c: float
+    A: float
+    n: int
+    rms_log: float  # root-mean-square residual of log α (natural log)
+    confidence: float
+
+
+def _fit_at(eps: np.ndarray, alpha: np.ndarray, eps_c: float) -> tuple[float, float, float]:
+    """(p, log A, sum of squared log-residuals) of log α = log A + p·log(ε − eps_c)."""
+    x, y = np.log(eps - eps_c), np.log(alpha)
+    X = np.stack([np.ones_like(x), x], axis=1)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    r = y - X @ coef
+    return float(coef[1]), float(coef[0]), float(r @ r)
+
+
+def _profile(eps: np.ndarray, alpha: np.ndarray, grid: int) -> tuple[float, float, float, float]:
+    """Best (p, log A, sse, eps_c) over eps_c in [0, min ε) on a grid denser near min ε."""
+    lo = float(eps.min())
+    # eps_c = lo·(1 − s) for s log-spaced in [1e-4, 1]: resolves an εc just below the smallest loss.
+    cands = lo * (1.0 - np.logspace(-4, 0, grid))
+    best = None
+    for c in cands:
+        p, log_a, sse = _fit_at(eps, alpha, c)
+        if best is None or sse < best[2]:
+            best = (p, log_a, sse, float(c))
+    return best
+
+
+def index_power_fit(loss, index, *, grid: int = 200, n_boot: int = 300, confidence: float = 0.9,
+                    seed: int = 0) -> PowerFit:
+    """Fit ``index`` ≈ A·(``loss`` − εc)^p over the points with index > 0 (1-D arrays of equal length:
+    training loss, any units ≥ 0, and n_neg / n_params). Needs ≥ 4 such points with ≥ 3 distinct losses;
+    raises ValueError naming what it got otherwise."""
+    eps, alpha = np.asarray(loss, dtype=float), np.asarray(index, dtype=float)
+    if eps.shape != alpha.shape or eps.ndim != 1:
+        raise ValueError(f"loss and index must be 1-D of one length, got {eps.shape} and {alpha.shape}")
+    keep = (alpha > 0) & np.isfinite(eps) & np.isfinite(alpha) & (eps >= 0)
+    eps, alpha = eps[keep], alpha[keep]
+    if eps.size < 4 or np.unique(eps).size < 3:
+        raise ValueError(f"a power-law fit needs ≥ 4 points with index > 0 at ≥ 3 distinct losses, "
+                         f"got {eps.size} points at {np.unique(eps).size} losses")
+    p, log_a, sse, eps_c = _profile(eps, alpha, grid)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, eps.size, eps.size)
+        if np.unique(eps[idx]).size >= 3:
+            boots.append(_profile(eps[idx], alpha[idx], grid // 4)[0])
+    q = (1 - confidence) / 2
+    lo, hi = (float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))) if boots else (np.nan, np.nan)
+    return PowerFit(p, (lo, hi), eps_c, float(np.exp(log_a)), int(eps.size), float(np.sqrt(sse / eps.size)),
+                    confidence)

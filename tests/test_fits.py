@@ -1,0 +1,30 @@
+"""The index power-law fit against data with a known exponent and critical loss."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.fits import index_power_fit
+
+
+@pytest.mark.parametrize("p_true,eps_c", [(1.5, 0.2), (1.0, 0.05), (2.0, 0.5)])
+def test_recovers_a_planted_exponent_and_critical_loss(p_true, eps_c):
+    rng = np.random.default_rng(int(p_true * 10))
+    eps = eps_c + rng.uniform(0.01, 1.0, 60)
+    alpha = 0.4 * (eps - eps_c) ** p_true * np.exp(rng.normal(0, 0.05, eps.size))  # 5 % scatter
+    fit = index_power_fit(eps, alpha)
+    assert fit.p == pytest.approx(p_true, abs=0.1)
+    assert fit.p_ci[0] <= p_true <= fit.p_ci[1]
+    assert fit.eps_c == pytest.approx(eps_c, abs=0.02)
+    assert fit.A == pytest.approx(0.4, rel=0.2) and fit.n == 60
+
+
+def test_points_with_zero_index_are_left_out_and_too_few_points_refused():
+    eps = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    alpha = np.array([0.0, 0.0, 0.01, 0.03, 0.05, 0.08])
+    with pytest.raises(ValueError, match="got 3 points at 3 losses"):
+        index_power_fit(eps[:5], alpha[:5])  # two of the five have index 0
+    fit = index_power_fit(eps, alpha)
+    assert fit.n == 4 and fit.eps_c < 0.3
+    with pytest.raises(ValueError, match="1-D of one length"):
+        index_power_fit(eps, alpha[:3])
