@@ -1,4 +1,4 @@
-"""Stage 4 — models: MLPs written as pure functions of one flat parameter vector.
+"""Stage 4 — models: MLPs and small CNNs written as pure functions of one flat parameter vector.
 
 A flat ``theta`` of shape ``[n_params]`` is what the Hessian is taken with respect to, so the model is a
 function ``forward(theta, X) -> [n, out_dim]`` rather than an ``nn.Module``; it works under ``torch.func``
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +52,15 @@ class MLP:
     def init(self, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """A flat ``[n_params]`` vector, weights ~ U(±1/√fan_in) as in ``nn.Linear``; seeded, CPU."""
         g = torch.Generator().manual_seed(int(seed))
+        return torch.cat(self._init_parts(g)).to(dtype)
+
+    def _init_parts(self, g: torch.Generator) -> list[torch.Tensor]:
         parts = []
         for fan_in, fan_out in self.layer_dims:
-            bound = 1.0 / math.sqrt(fan_in)
-            parts.append((torch.rand(fan_in * fan_out, generator=g, dtype=torch.float64) * 2 - 1) * bound)
+            parts.append(_uniform(g, fan_in * fan_out, fan_in))
             if self.bias:
-                parts.append((torch.rand(fan_out, generator=g, dtype=torch.float64) * 2 - 1) * bound)
-        return torch.cat(parts).to(dtype)
+                parts.append(_uniform(g, fan_out, fan_in))
+        return parts
 
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Outputs ``[n, out_dim]`` for inputs ``X`` ``[n, in_dim]`` and parameters ``theta`` ``[n_params]``."""
@@ -76,13 +79,113 @@ class MLP:
         return h
 
 
-def make_model(model_cfg, in_dim: int, out_dim: int) -> MLP:
-    if model_cfg.name != "mlp":
-        raise ValueError(f"unknown model.name {model_cfg.name!r}: expected mlp")
-    return MLP(in_dim, out_dim, model_cfg.depth, model_cfg.width, model_cfg.activation, model_cfg.bias)
+def _uniform(g: torch.Generator, count: int, fan_in: int) -> torch.Tensor:
+    """``count`` draws from U(±1/√fan_in), the default of ``nn.Linear`` and ``nn.Conv2d`` (float64)."""
+    return (torch.rand(count, generator=g, dtype=torch.float64) * 2 - 1) * (1.0 / math.sqrt(fan_in))
 
 
-def loss_value(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, loss: str,
+@dataclass(frozen=True)
+class CNN:
+    """A small CNN for square one-channel images given as flat rows ``[n, side²]``.
+
+    ``conv_layers`` convolutions of ``channels`` channels, ``kernel`` × ``kernel``, stride 1, zero padding
+    that keeps the image size (``kernel`` odd), each followed by ``activation``; then the
+    ``channels · side²`` features, flattened channel-major as ``nn.Flatten`` does, go through an MLP head
+    with ``depth`` hidden layers of ``width`` units (``depth`` = 0: one linear layer) to ``out_dim``.
+
+    ``theta`` holds, layer by layer, each convolution's weight ``[out_c, in_c, k, k]`` (``nn.Conv2d``'s
+    layout) and bias ``[out_c]``, then the head's parameters in :class:`MLP`'s layout (weights
+    ``[fan_in, fan_out]``, the transpose of ``nn.Linear.weight``).
+    """
+
+    in_dim: int
+    out_dim: int
+    conv_layers: int = 2
+    channels: int = 4
+    kernel: int = 3
+    depth: int = 0
+    width: int = 8
+    activation: str = "tanh"
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
+        side = math.isqrt(self.in_dim)
+        if self.in_dim < 1 or side * side != self.in_dim:
+            raise ValueError(f"CNN in_dim must be side² for square images, got {self.in_dim}")
+        for name in ("conv_layers", "channels", "kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CNN {name} must be ≥ 1, got {getattr(self, name)}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"CNN kernel must be odd (same padding), got {self.kernel}")
+
+    @property
+    def side(self) -> int:
+        return math.isqrt(self.in_dim)
+
+    @property
+    def conv_dims(self) -> list[tuple[int, int]]:
+        """``(in_channels, out_channels)`` of each convolution."""
+        chans = [1] + [self.channels] * self.conv_layers
+        return list(zip(chans[:-1], chans[1:]))
+
+    @property
+    def head(self) -> MLP:
+        """The dense layers after the convolutions, as an :class:`MLP` on the flattened feature maps."""
+        return MLP(self.channels * self.in_dim, self.out_dim, self.depth, self.width, self.activation, self.bias)
+
+    @property
+    def n_conv_params(self) -> int:
+        k2 = self.kernel * self.kernel
+        return sum(i * o * k2 + (o if self.bias else 0) for i, o in self.conv_dims)
+
+    @property
+    def n_params(self) -> int:
+        return self.n_conv_params + self.head.n_params
+
+    def init(self, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """A flat ``[n_params]`` vector, weights and biases ~ U(±1/√fan_in) as in ``nn.Conv2d`` and
+        ``nn.Linear`` (fan_in = in_channels · k² for a convolution); seeded, CPU."""
+        g = torch.Generator().manual_seed(int(seed))
+        k2, parts = self.kernel * self.kernel, []
+        for c_in, c_out in self.conv_dims:
+            parts.append(_uniform(g, c_out * c_in * k2, c_in * k2))
+            if self.bias:
+                parts.append(_uniform(g, c_out, c_in * k2))
+        return torch.cat(parts + self.head._init_parts(g)).to(dtype)
+
+    def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[n, out_dim]`` for inputs ``X`` ``[n, side²]`` and parameters ``theta`` ``[n_params]``."""
+        act = ACTIVATIONS[self.activation]
+        k, s = self.kernel, self.side
+        h, i = X.reshape(X.shape[0], 1, s, s), 0
+        for c_in, c_out in self.conv_dims:
+            W = theta[i:i + c_out * c_in * k * k].reshape(c_out, c_in, k, k)
+            i += c_out * c_in * k * k
+            b = None
+            if self.bias:
+                b = theta[i:i + c_out]
+                i += c_out
+            h = act(F.conv2d(h, W, b, padding=k // 2))
+        return self.head.forward(theta[i:], h.reshape(h.shape[0], -1))
+
+
+Model = Union[MLP, CNN]
+MODEL_NAMES = ("mlp", "cnn")
+
+
+def make_model(model_cfg, in_dim: int, out_dim: int) -> Model:
+    """The network ``model_cfg`` describes (``model.name``: mlp or cnn) for ``in_dim`` inputs."""
+    if model_cfg.name == "mlp":
+        return MLP(in_dim, out_dim, model_cfg.depth, model_cfg.width, model_cfg.activation, model_cfg.bias)
+    if model_cfg.name == "cnn":
+        return CNN(in_dim, out_dim, model_cfg.conv_layers, model_cfg.channels, model_cfg.kernel,
+                   model_cfg.depth, model_cfg.width, model_cfg.activation, model_cfg.bias)
+    raise ValueError(f"unknown model.name {model_cfg.name!r}: expected one of {', '.join(MODEL_NAMES)}")
+
+
+def loss_value(model: Model, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, loss: str,
                weight_decay: float = 0.0) -> torch.Tensor:
     """Mean training loss over the rows of ``X`` (a scalar): ½‖f(x) − y‖² averaged, or cross-entropy,
     plus ``weight_decay``/2 · ‖θ‖² when ``weight_decay`` > 0."""

@@ -17,7 +17,7 @@ import torch
 
 from pipeline import critical, stall
 from pipeline.data import Dataset, batches, make_dataset
-from pipeline.models import MLP, loss_value, make_model
+from pipeline.models import Model, loss_value, make_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -73,7 +73,7 @@ class TrainState:
 class Problem:
     """Everything needed to evaluate a run's training loss: rebuilt identically from config + seed."""
 
-    model: MLP
+    model: Model  # MLP or CNN
     data: Dataset
     loss: str
     weight_decay: float
