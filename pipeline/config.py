@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 DATA_NAMES = ("synthetic", "digits", "gaussian")
+MODEL_NAMES = ("mlp", "cnn")
 ACTIVATIONS = ("tanh", "softplus", "relu", "swish", "linear")
 LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("gd", "sgd", "adam")
@@ -41,12 +42,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
-    depth: int = 1  # number of hidden layers
+    name: str = "mlp"  # mlp | cnn (cnn: image data, data.name=digits)
+    depth: int = 1  # number of hidden layers (cnn: hidden dense layers after the convolutions)
     width: int = 8
     activation: str = "tanh"
     bias: bool = True
     loss: str = "mse"  # mse | cross_entropy (cross_entropy needs a classification data set)
+    # cnn only (an MLP ignores them, and they do not enter an MLP run's id):
+    conv_layers: int = 2  # convolutions before the dense head
+    channels: int = 4  # channels of every convolution
+    kernel: int = 3  # kernel side, odd: zero padding of kernel // 2 keeps the image size
 
 
 @dataclass
@@ -178,7 +183,7 @@ def seeds_of(seeds: Any) -> list[int]:
 def validate(cfg: DictConfig) -> None:
     """Check every value of a composed config; raise :class:`ConfigError` naming the first bad field."""
     _one_of(cfg, "data.name", DATA_NAMES)
-    _one_of(cfg, "model.name", ("mlp",))
+    _one_of(cfg, "model.name", MODEL_NAMES)
     _one_of(cfg, "model.activation", ACTIVATIONS)
     _one_of(cfg, "model.loss", LOSSES)
     _one_of(cfg, "optim.name", OPTIMIZERS)
@@ -201,6 +206,15 @@ def validate(cfg: DictConfig) -> None:
     _require(d.batch_size >= 0, "data.batch_size", d.batch_size, "≥ 0 (0 = full batch)")
     _require(m.depth >= 0, "model.depth", m.depth, "≥ 0 hidden layers")
     _require(m.width >= 1, "model.width", m.width, "≥ 1")
+    if m.name == "cnn":
+        _require(d.name == "digits", "data.name", d.name, "digits with model.name=cnn (a CNN needs images)")
+        _require(m.conv_layers >= 1, "model.conv_layers", m.conv_layers, "≥ 1")
+        _require(m.channels >= 1, "model.channels", m.channels, "≥ 1")
+        _require(m.kernel >= 1 and m.kernel % 2 == 1, "model.kernel", m.kernel,
+                 "an odd size ≥ 1 (same padding needs a centre)")
+        # A wider kernel has weights that never meet a pixel: exact zero rows of the Hessian.
+        _require(m.kernel <= 2 * d.side - 1, "model.kernel", m.kernel,
+                 f"≤ {2 * d.side - 1} = 2·data.side − 1 (data.side={d.side})")
     _require(not (m.loss == "cross_entropy" and d.name != "digits"), "model.loss", m.loss,
              "mse for regression data (cross_entropy needs data.name=digits)")
     _require(o.lr > 0, "optim.lr", o.lr, "> 0")

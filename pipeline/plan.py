@@ -19,6 +19,9 @@ from pipeline.config import apply_overrides, seeds_of
 # does `refine` (refined points are keyed by stage=refined: use a new sweep.name to refine differently).
 ID_SECTIONS = ("data", "model", "optim", "stall")
 HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
+# Model keys only a CNN reads: left out of other models' ids, so that MLP runs keep the ids they had
+# before the CNN existed (and a sweep started then still resumes).
+CNN_ONLY_KEYS = ("conv_layers", "channels", "kernel")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class Run:
 def run_id(config: dict, seed: int) -> str:
     """12 hex digits of SHA-256 over the run's computation-relevant config and seed (canonical JSON)."""
     ident = {s: config[s] for s in ID_SECTIONS}
+    if ident["model"].get("name") != "cnn":
+        ident["model"] = {k: v for k, v in ident["model"].items() if k not in CNN_ONLY_KEYS}
     ident["hessian"] = {k: config["hessian"][k] for k in HESSIAN_ID_KEYS}
     ident["seed"] = int(seed)
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)

@@ -25,8 +25,10 @@ from pipeline.storage import Store
 # Version 2 added runs.node_id, runs.resumed_from_step and points.node_id; version 3 the stall tags,
 # honest labels, escape check and refinement columns of `points` and curves.lam_max/grad_cosine. Files of
 # an older version read with nulls in the columns they lack (see `read`); bump the version whenever a
-# column is added. Version 4 added the interval columns of hessian.method=estimate.
-SCHEMA_VERSION = 4
+# column is added. Version 4 added the interval columns of hessian.method=estimate; version 5 the runs
+# columns of the config fields added since: model_conv_layers, model_channels, model_kernel (the CNN),
+# hessian_naive_count and hessian_data_workers.
+SCHEMA_VERSION = 5
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
