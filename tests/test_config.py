@@ -13,7 +13,8 @@ from pipeline.config import ConfigError, seeds_of, validate
 from pipeline.plan import expand, run_id
 
 GROUP_OPTIONS = [
-    ("data", "synthetic"), ("data", "digits"), ("data", "gaussian"), ("model", "mlp"), ("optim", "gd"),
+    ("data", "synthetic"), ("data", "digits"), ("data", "gaussian"), ("model", "mlp"), ("model", "cnn"),
+    ("model", "wide_mlp"), ("optim", "gd"),
     ("optim", "sgd"), ("optim", "adam"), ("stall", "default"), ("hessian", "exact"), ("sweep", "default"),
     ("ray", "local"), ("ray", "cluster"), ("refine", "none"), ("refine", "newton_mr"), ("refine", "gnm"),
 ]
