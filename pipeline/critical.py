@@ -4,8 +4,9 @@ The spectrum labels of :mod:`pipeline.spectrum` (minimum, saddle, …) describe 
 critical point when the gradient vanishes. This module adds, as pure functions:
 
 - :func:`critical_label` — ``not_critical`` when ``‖g‖² ≥ gtol2``, ``gradient_flat`` when the gradient is
-  not small but lies (almost) in the Hessian's near-null space (Frye et al. 2021's test: relative residual
-  ``r > 0.9`` and co-kernel residual ``r_H < 5e-4``), else the spectrum label;
+  not small but lies (almost) in the Hessian's near-null space (Frye et al. 2021's test on the least-squares
+  Newton step p: relative residual ``r = ‖Hp + g‖/(‖H‖_F‖p‖ + ‖g‖) > 0.9`` and co-kernel residual
+  ``r_H = ‖H(Hp + g)‖/(‖H‖_F‖Hp + g‖) < 5e-4``), else the spectrum label;
 - :func:`gradient_shares` — the shares of ``‖g‖²`` in the negative, near-zero and positive eigenspaces;
 - :func:`escape_check` — the loss change along ``±v_min`` against the second-order prediction ½ε²λmin;
 - :func:`stall_tag` — ``small_gradient`` or ``oscillating``, with the values behind it;
@@ -29,8 +30,10 @@ from pipeline.refine import GTOL2, hvp_at
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
-FLAT_RESIDUAL = 0.9  # r = ‖g + Hp‖/‖g‖ above this: most of g is in the near-null space (Frye et al. 2021)
-FLAT_COKERNEL = 5e-4  # r_H = ‖H ρ‖/(‖H‖ ‖ρ‖) below this: the residual ρ really is in the near-null space
+# Frye et al. 2021 (arXiv:2003.10397; definitions as in Frye's 2020 thesis, ch. 3): a point is approximately
+# gradient-flat when r > 0.9 and r_H < 5e-4, with r and r_H MINRES-QLP's relres / relAres (Frobenius ‖H‖_F).
+FLAT_RESIDUAL = 0.9  # r = ‖g + Hp‖/(‖H‖_F‖p‖ + ‖g‖) above this: g almost all in the near-null space, p small
+FLAT_COKERNEL = 5e-4  # r_H = ‖H ρ‖/(‖H‖_F ‖ρ‖) below this: the residual ρ really is in the near-null space
 ESCAPE_STEPS = (1e-3, 1e-2, 1e-1)
 CRITICAL_LABELS = ("not_critical", "gradient_flat") + spectrum.LABELS
 STALL_TAGS = ("small_gradient", "oscillating")
@@ -77,9 +80,16 @@ def gradient_shares(g, eigvals, eigvecs, tol: float) -> GradientShares:
 class Flatness:
     """Frye et al.'s gradient-flat quantities for the least-squares Newton system ``H p = −g``.
 
-    ``relative_residual`` r = ‖g + Hp*‖/‖g‖ for the minimum-length least-squares solution p* (1: all of g is
-    in the null space; 0: g is in the range of H). ``cokernel_residual`` r_H = ‖Hρ‖/(‖H‖₂‖ρ‖) for the
-    residual ρ = g + Hp* (small: ρ is a null vector, so p* really solves the least-squares problem).
+    At the minimum-length least-squares solution p* (residual ρ = g + Hp*):
+
+    - ``relative_residual`` r = ‖ρ‖ / (‖H‖_F ‖p*‖ + ‖g‖) — MINRES-QLP's ``relres``, Frye et al.'s r; in [0, 1],
+      1 only when all of g is in the null space (then p* = 0), 0 when g is in the range of H. ``r > 0.9``
+      needs both ‖ρ‖ > 0.9‖g‖ and a small Newton step, ‖H‖_F‖p*‖ < ‖g‖/9; the bare null-space share
+      ‖ρ‖/‖g‖ (= √``grad_share_zero``) is a weaker, different quantity.
+    - ``cokernel_residual`` r_H = ‖Hρ‖ / (‖H‖_F ‖ρ‖) — MINRES-QLP's ``relAres`` (small: ρ is a null vector, so
+      p* really solves the least-squares problem).
+
+    ‖H‖_F is the Frobenius norm, as in Frye's definitions. Both are dimensionless.
     """
 
     relative_residual: float
@@ -88,19 +98,25 @@ class Flatness:
 
 def flatness_from_spectrum(g, eigvals, eigvecs, tol: float) -> Flatness:
     """:class:`Flatness` from a full eigendecomposition: p* = −H⁺g with eigenvalues |λ| ≤ ``tol`` treated as
-    zero (the same tolerance as the counts), so ρ is the part of ``g`` in the near-null eigenspace.
-    Shapes as in :func:`gradient_shares`. NaN when g = 0."""
+    zero (the same tolerance as the counts), so ρ is the part of ``g`` in the near-null eigenspace and
+    ‖p*‖² = Σ_{|λ|>tol} (vᵢᵀg)²/λᵢ². This is the limit a MINRES-QLP solve reaches, in exact arithmetic, when
+    its near-null space is |λ| ≤ ``tol``. Shapes as in :func:`gradient_shares`. NaN when g = 0."""
     lam, V, gv = _np(eigvals), _np(eigvecs), _np(g)
+    if V.shape != (lam.size, lam.size) or gv.shape != (lam.size,):
+        raise ValueError(f"need g [N], eigvals [N], eigvecs [N, N]; got {gv.shape}, {lam.shape}, {V.shape}")
+    if tol < 0:
+        raise ValueError(f"tol must be ≥ 0, got {tol}")
     c = V.T @ gv
     g_norm = float(np.linalg.norm(gv))
     if g_norm == 0.0:
         return Flatness(math.nan, math.nan)
     null = np.abs(lam) <= tol
     rho_norm = float(np.linalg.norm(c[null]))
-    h_norm = float(np.abs(lam).max())
+    p_norm = float(np.linalg.norm(c[~null] / lam[~null]))
+    h_fro = float(np.linalg.norm(lam))
     h_rho = float(np.linalg.norm(lam[null] * c[null]))
-    cok = h_rho / (h_norm * rho_norm) if rho_norm > 0 and h_norm > 0 else 0.0
-    return Flatness(rho_norm / g_norm, cok)
+    cok = h_rho / (h_fro * rho_norm) if rho_norm > 0 and h_fro > 0 else 0.0
+    return Flatness(rho_norm / (h_fro * p_norm + g_norm), cok)
 
 
 def is_gradient_flat(relative_residual: float, cokernel_residual: float, *, min_residual: float = FLAT_RESIDUAL,
@@ -114,8 +130,10 @@ def critical_label(grad_norm2: float, spectrum_label: str, relative_residual: fl
                    min_residual: float = FLAT_RESIDUAL, max_cokernel: float = FLAT_COKERNEL) -> str:
     """What the point is, honestly.
 
-    - ``‖g‖² < gtol2`` (absolute, default 1e-10 as in Frye et al.): a critical point → ``spectrum_label``;
-    - otherwise, if the gradient-flat test passes (:func:`is_gradient_flat` on r, r_H) → ``gradient_flat``;
+    - ``‖g‖² < gtol2`` (absolute, default 1e-10 as in Frye et al., who found 1e-8 too loose to recover the
+      loss and index of known critical points): a critical point → ``spectrum_label``;
+    - otherwise, if the gradient-flat test passes (:func:`is_gradient_flat` on r, r_H of :class:`Flatness`)
+      → ``gradient_flat``;
     - otherwise → ``not_critical``.
     """
     if spectrum_label not in spectrum.LABELS:

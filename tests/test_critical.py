@@ -48,8 +48,13 @@ def _quadratic_with_kernel(a: float, b: float):
     return (lambda t: a * (u @ t) + b * (w1 @ t) + 0.5 * t @ H @ t), H
 
 
-FLAT_CASES = [  # a (kernel part of g), b (range part), label at θ = 0, expected r = a / √(a² + b²)
-    ("in_kernel", 1.0, 0.3, "gradient_flat"),
+H_FRO = math.sqrt(0 + 1 + 4 + 2.25 + 9)  # ‖H‖_F of _quadratic_with_kernel
+
+FLAT_CASES = [  # a (kernel part of g), b (range part, λ = 1), label at θ = 0
+    ("in_kernel", 1.0, 0.02, "gradient_flat"),  # r = 1/(‖H‖_F·0.02 + ‖g‖) = 0.925
+    # 96 % of ‖g‖ is in the kernel, but the Newton step p* = −0.3·w₁ is not small: Frye's r = 0.44, not flat
+    # (the bare null-space share ‖ρ‖/‖g‖ = 0.958 would pass a 0.9 threshold).
+    ("kernel_share_but_big_step", 1.0, 0.3, "not_critical"),
     ("mostly_range", 1.0, 1.0, "not_critical"),
     ("tiny_gradient", 3e-6, 1e-6, "saddle"),  # ‖g‖² = 1e-11 < 1e-10: critical, whatever its direction
 ]
@@ -60,16 +65,49 @@ def test_gradient_flat_detection_on_a_constructed_kernel(name, a, b, label):
     f, H = _quadratic_with_kernel(a, b)
     theta = torch.zeros(5, dtype=F64)
     report = critical_report(f, theta)
-    r = a / math.hypot(a, b)
+    share = a / math.hypot(a, b)  # ‖ρ‖/‖g‖: ρ = a·u, the kernel part of g
+    r = a / (H_FRO * b + math.hypot(a, b))  # Frye et al.: ‖Hp* + g‖/(‖H‖_F‖p*‖ + ‖g‖), p* = −b·w₁
     assert report.flatness.relative_residual == pytest.approx(r, abs=1e-12)
     assert report.flatness.cokernel_residual < 1e-12  # the residual is exactly the kernel part a·u
-    assert report.shares.zero == pytest.approx(r * r, abs=1e-12)
+    assert report.shares.zero == pytest.approx(share * share, abs=1e-12)
     assert report.spectrum_label == "saddle" and report.label == label
     assert report.grad_curvature == pytest.approx(b * b / (3 * (a * a + b * b)), abs=1e-14)  # gᵀHg = b²·1, max|λ| = 3
-    # The MINRES route (what the finders record) gives the same r as the eigendecomposition.
-    sol = refine.minres(lambda v: H @ v, -grad(f)(theta), rtol=1e-12)
-    assert sol.relative_residual == pytest.approx(r, abs=1e-10)
+    # The MINRES route (what the finders record): its minimum-length solution is the same p*, so Frye's r
+    # computed from it matches the eigendecomposition; its own relative_residual is the share ‖ρ‖/‖g‖.
+    g = -grad(f)(theta)
+    sol = refine.minres(lambda v: H @ v, g, rtol=1e-12)
+    frye_r = float(torch.linalg.vector_norm(sol.residual)) / (
+        float(torch.linalg.norm(H)) * float(torch.linalg.vector_norm(sol.x)) + float(torch.linalg.vector_norm(g)))
+    assert frye_r == pytest.approx(r, abs=1e-10)
+    assert sol.relative_residual == pytest.approx(share, abs=1e-10)
     assert sol.cokernel_residual < 5e-4
+
+
+def test_flatness_is_frye_relres_not_the_null_space_share():
+    Q = _orthogonal(4, seed=3)
+    lam = torch.tensor([0.0, 1e-3, 2.0, 4.0], dtype=F64)
+    h_fro = math.sqrt(1e-6 + 4 + 16)
+    # All of g in the kernel: p* = 0, r = 1 and r_H = 0.
+    fl = critical.flatness_from_spectrum(Q[:, 0], lam, Q, tol=1e-6)
+    # (abs 1e-12: rounding in the range coefficients of g is amplified by 1/λ = 1e3.)
+    assert (fl.relative_residual, fl.cokernel_residual) == (pytest.approx(1.0, abs=1e-12), 0.0)
+    # 99.5 % of ‖g‖ in the kernel, the rest on λ = 1e-3 just above tol: p* is huge, so r is small.
+    c = torch.tensor([1.0, 0.1, 0.0, 0.0], dtype=F64)
+    fl = critical.flatness_from_spectrum(Q @ c, lam, Q, tol=1e-6)
+    assert fl.relative_residual == pytest.approx(1.0 / (h_fro * 100.0 + math.hypot(1.0, 0.1)), rel=1e-12)
+    assert fl.relative_residual < 0.003 and not critical.is_gradient_flat(fl.relative_residual, fl.cokernel_residual)
+    # Counting λ = 1e-3 as zero (tol 1e-2): all of g is "null", r = 1, and r_H = ‖Hρ‖/(‖H‖_F‖ρ‖) sees it.
+    fl = critical.flatness_from_spectrum(Q @ c, lam, Q, tol=1e-2)
+    assert fl.relative_residual == pytest.approx(1.0, abs=1e-12)
+    assert fl.cokernel_residual == pytest.approx(1e-4 / (h_fro * math.hypot(1.0, 0.1)), rel=1e-12)
+    # H = 0: the loss is linear, every direction is null.
+    linear = critical.flatness_from_spectrum(Q[:, 1], torch.zeros(4, dtype=F64), Q, 0.0)
+    assert linear.relative_residual == pytest.approx(1.0, abs=1e-15) and linear.cokernel_residual == 0.0
+    assert math.isnan(critical.flatness_from_spectrum(torch.zeros(4, dtype=F64), lam, Q, 1e-6).relative_residual)
+    with pytest.raises(ValueError, match="eigvecs"):
+        critical.flatness_from_spectrum(Q[:, 0], lam, Q[:3], 1e-6)
+    with pytest.raises(ValueError, match="tol"):
+        critical.flatness_from_spectrum(Q[:, 0], lam, Q, -1.0)
 
 
 def test_critical_label_rules():
