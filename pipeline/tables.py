@@ -133,8 +133,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("grad_share_neg", pa.float64()),  # share of ‖g‖² in eigenspaces with λ < −tol
         pa.field("grad_share_zero", pa.float64()),  # … with |λ| ≤ tol
         pa.field("grad_share_pos", pa.float64()),  # … with λ > tol
-        pa.field("flat_residual", pa.float64()),  # r = ‖g + H p*‖/‖g‖ of the least-squares Newton step
-        pa.field("flat_cokernel", pa.float64()),  # r_H: how much of that residual lies outside ker H
+        pa.field("flat_residual", pa.float64()),  # r = ‖g + Hp*‖/(‖H‖_F‖p*‖ + ‖g‖), p* = −H⁺g (Frye's relres)
+        pa.field("flat_cokernel", pa.float64()),  # r_H = ‖H(Hp* + g)‖/(‖H‖_F‖Hp* + g‖) (Frye's relAres)
         pa.field("grad_curvature", pa.float64()),  # gᵀHg / (‖g‖² max|λ|)
         pa.field("escape_drops", pa.bool_()),  # a step along ±v_min lowers the loss (saddles)
         pa.field("escape_step", pa.float64()),  # ε of that step
