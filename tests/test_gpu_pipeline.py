@@ -90,3 +90,20 @@ def test_cnn_hessians_on_cuda_match_cpu():
     a = hs.spectrum_at(problem.loss_fn(), thetas[0], method="eigh", tol_mode="rel")
     b = hs.spectrum_at(gpu_problem.loss_fn(), thetas[0].cuda(), method="eigh", tol_mode="rel")
     assert (a.n_pos, a.n_neg, a.n_zero) == (b.n_pos, b.n_neg, b.n_zero)
+
+
+def test_large_estimate_experiment_job_on_cuda(tmp_path):
+    """+experiment=large_estimate's Hessian job (99,985 parameters, HVP-only counts) on a GPU, from a
+    checkpoint trained on the CPU: counts with intervals, written like any other point."""
+    cfg = compose_config([f"results_root={tmp_path}", "+experiment=large_estimate", "sweep.seeds=1",
+                          "optim.max_steps=60", "stall.window=30"], shrink=False)
+    store = Store.open(str(tmp_path))
+    (run,) = expand(cfg)
+    status, refs = jobs.train_job(store.uri, "large_estimate", run)
+    assert status == "ok" and refs
+    jobs.hessian_job(store.uri, "large_estimate", refs[-1:], device="cuda")
+    (p,) = tables.read(store, "large_estimate", "points").to_pylist()
+    assert p["status"] == "ok" and p["device"].startswith("cuda") and p["method"] == "estimate"
+    assert p["n_params"] == 99_985 and p["estimate_resolution"] > 0
+    assert p["n_pos_lo"] <= p["n_pos"] <= p["n_pos_hi"] and p["n_neg_lo"] <= p["n_neg"] <= p["n_neg_hi"]
+    assert p["min_ratio_lo"] <= p["min_ratio"] <= p["min_ratio_hi"]
