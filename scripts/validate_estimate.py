@@ -7,6 +7,7 @@ its mean half-width and the estimate's error — next to SLQ as PyHessian comput
 density's mass above the tolerance) on the same points.
 
     python scripts/validate_estimate.py results/default results/refined [--rel 1e-3,1e-2] [--probes 30]
+    python scripts/validate_estimate.py results/lecture_digits --rel 1e-2 --max-points 60   # N = 1,210
 """
 from __future__ import annotations
 
@@ -48,13 +49,17 @@ def main() -> None:
     ap.add_argument("--rel", default="1e-3,1e-2", help="tolerances, relative to max|λ|")
     ap.add_argument("--probes", type=int, default=30)
     ap.add_argument("--slq-steps", type=int, default=100)
+    ap.add_argument("--max-points", type=int, default=0, help="at most this many points, in table order (0 = all)")
     args = ap.parse_args()
     rels = [float(r) for r in args.rel.split(",")]
     torch.set_num_threads(1)
     print(f"# validate_estimate on cpu ({platform.processor() or platform.machine()}), 1 thread, "
           f"{args.probes} probes, auto degree, 95 % intervals; SLQ {args.slq_steps} Lanczos steps, 1 run")
     rows, t0 = [], time.perf_counter()
-    for label, cfg, seed, theta, lam in (p for f in args.folders for p in points_of(f)):
+    points = (p for f in args.folders for p in points_of(f))
+    for i, (label, cfg, seed, theta, lam) in enumerate(points):
+        if args.max_points and i >= args.max_points:
+            break
         loss = make_problem(cfg, seed).to("cpu", torch.float64).loss_fn()
         mv = estimate.hvp_matvec(loss, theta.to(torch.float64))
         n, top = lam.size, np.abs(lam).max()
