@@ -161,6 +161,9 @@ def test_eigh_and_inertia_agree_on_network_hessians(case):
     np.testing.assert_allclose(full.eigenvalues, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
     rel = hs.spectrum_at(f, theta, method="inertia")  # tolerance from Lanczos' max|λ|
     assert rel.tol == pytest.approx(full.tol, rel=1e-8)
+    lean = hs.spectrum_at(f, theta, method="inertia", tol=full.tol, naive=False)  # two LDLᵀ, not three
+    assert (lean.n_pos, lean.n_neg, lean.n_zero) == (full.n_pos, full.n_neg, full.n_zero)
+    assert lean.n_pos_naive is None and counts.n_pos_naive is not None and np.isnan(lean.min_ratio_naive)
 
 
 def _loss_for(prob: Problem, calls: list, oom_first: int = 0):
