@@ -6,6 +6,7 @@ values and ranges before any run starts, and names the field and what is allowed
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -163,6 +164,13 @@ def _require(cond: bool, field_name: str, value: Any, allowed: str) -> None:
 def _one_of(cfg: DictConfig, key: str, allowed: tuple) -> None:
     value = OmegaConf.select(cfg, key)
     _require(value in allowed, key, value, "one of " + ", ".join(allowed))
+
+
+def section(config: dict, name: str) -> dict:
+    """Section ``name`` of a run's resolved config dict, with the schema's defaults for any key it lacks —
+    a config composed by an older minratio (a task running newer code than its driver) still works."""
+    schema = {"hessian": HessianConfig, "refine": RefineConfig}[name]
+    return {**dataclasses.asdict(schema()), **config.get(name, {})}
 
 
 def seeds_of(seeds: Any) -> list[int]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import critical, refine, tables
+from pipeline.config import section
 from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
 from pipeline.storage import Store
@@ -164,8 +165,8 @@ def spectrum_options(h: dict) -> dict:
 
 def _hvp_operator(hvp_shards: Optional[Callable], ref: CheckpointRef, device: str):
     """A context giving ``matvec_at(theta)`` over ``hessian.data_workers`` data shards, or None (in-process)."""
-    h = ref.config["hessian"]
-    workers = h.get("data_workers", 0)
+    h = section(ref.config, "hessian")
+    workers = h["data_workers"]
     if not workers:
         return contextlib.nullcontext(None)
     if hvp_shards is None:
@@ -182,7 +183,7 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     ``node_id``: the Ray node this runs on, recorded in each row. ``hvp_shards``:
     :func:`pipeline.shards.sharded_hvp`, which ``hessian.data_workers`` > 0 needs (the caller has Ray)."""
     store = Store.open(store_uri)
-    h = refs[0].config["hessian"]
+    h = section(refs[0].config, "hessian")
     metas = [load_checkpoint(store, r.path) for r in refs]
     problem = make_problem(Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg(), refs[0].seed)
     batch_size = refs[0].config["data"]["batch_size"]
@@ -221,7 +222,7 @@ def critical_values(problem, theta: torch.Tensor, res, config: dict) -> dict:
     """Honest-label columns at a point (pipeline.critical): gradient shares per eigenspace, the
     gradient-flat test, ``critical_label`` and the escape check. Needs eigenvectors, so only where the full
     spectrum was taken (``method=eigh``); elsewhere the label says only whether the gradient is small."""
-    gtol2 = config["refine"]["gtol2"] if "refine" in config else critical.GTOL2
+    gtol2 = section(config, "refine")["gtol2"]
     if res.eigenvalues is None:
         small = res.grad_norm ** 2 < gtol2
         return {"grad_norm2": res.grad_norm ** 2, "critical_label": res.label if small else "not_critical"}
@@ -236,7 +237,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
     ``refine_*`` columns) and its spectrum. A failure becomes a ``failed`` row."""
     store = Store.open(store_uri)
     cfg = ref.config
-    r, h = cfg["refine"], cfg["hessian"]
+    r, h = section(cfg, "refine"), section(cfg, "hessian")
     base = {"run_id": ref.run_id, "step": ref.step, "stage": "refined", "seed": ref.seed,
             "node": socket.gethostname(), "node_id": node_id, "refine_method": r["method"]}
     t0 = time.perf_counter()
