@@ -48,7 +48,8 @@ def main(argv=None) -> None:
             continue
         print(f"| {value} | {fit.n} / {len(grp)} | {fit.p:.2f} | [{fit.p_ci[0]:.2f}, {fit.p_ci[1]:.2f}] "
               f"| {fit.eps_c:.4g} | {fit.A:.3g} | {fit.rms_log:.2f} |")
-        x = np.linspace(fit.eps_c, grp["loss"].max(), 100)
+        top = grp["loss"].max()
+        x = np.linspace(fit.eps_c + 1e-3 * (top - fit.eps_c), top, 100)  # (x − εc)^p with p < 0 is ∞ at εc
         ax.plot(x, fit.A * (x - fit.eps_c) ** fit.p, lw=1)
     ax.set_xlabel("training loss ε at the critical point")
     ax.set_ylabel("index α = n_neg / n_params")
