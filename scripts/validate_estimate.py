@@ -48,13 +48,14 @@ def main() -> None:
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--rel", default="1e-3,1e-2", help="tolerances, relative to max|λ|")
     ap.add_argument("--probes", type=int, default=30)
+    ap.add_argument("--degree", type=int, default=0, help="Chebyshev degree (0 = the least that resolves tol)")
     ap.add_argument("--slq-steps", type=int, default=100)
     ap.add_argument("--max-points", type=int, default=0, help="at most this many points, in table order (0 = all)")
     args = ap.parse_args()
     rels = [float(r) for r in args.rel.split(",")]
     torch.set_num_threads(1)
     print(f"# validate_estimate on cpu ({platform.processor() or platform.machine()}), 1 thread, "
-          f"{args.probes} probes, auto degree, 95 % intervals; SLQ {args.slq_steps} Lanczos steps, 1 run")
+          f"{args.probes} probes, degree {args.degree or 'auto'}, 95 % intervals; SLQ {args.slq_steps} Lanczos steps, 1 run")
     rows, t0 = [], time.perf_counter()
     points = (p for f in args.folders for p in points_of(f))
     for i, (label, cfg, seed, theta, lam) in enumerate(points):
@@ -68,7 +69,7 @@ def main() -> None:
         for k, rel in enumerate(rels):
             exact = float((lam > rel * top).mean())
             try:
-                e = estimate.estimate_counts(mv, n, tol=rel * top, n_probes=args.probes, seed=1)
+                e = estimate.estimate_counts(mv, n, tol=rel * top, n_probes=args.probes, degree=args.degree, seed=1)
             except ValueError as err:
                 rows.append(dict(point=label, rel=rel, exact=exact, refused=str(err)[:80]))
                 continue
