@@ -163,16 +163,15 @@ def spectrum_options(h: dict) -> dict:
             "estimate": {"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]}}
 
 
-def _hvp_operator(hvp_shards: Optional[Callable], ref: CheckpointRef, device: str):
-    """A context giving ``matvec_at(theta)`` over ``hessian.data_workers`` data shards, or None (in-process)."""
-    h = section(ref.config, "hessian")
+def _hvp_operator(hvp_shards: Optional[Callable], h: dict, cfg, seed: int, device: str):
+    """A context giving ``matvec_at(theta)`` over ``hessian.data_workers`` data shards of the run ``cfg`` /
+    ``seed`` (``h``: its hessian section), or None (in-process HVPs)."""
     workers = h["data_workers"]
     if not workers:
         return contextlib.nullcontext(None)
     if hvp_shards is None:
         raise ValueError(f"hessian.data_workers={workers} needs Ray: run it through the sweep")
-    cfg = Run(ref.run_id, ref.seed, {}, ref.config).cfg()
-    return hvp_shards(lambda: make_problem(cfg, ref.seed), workers, device=device, dtype=h["dtype"],
+    return hvp_shards(lambda: make_problem(cfg, seed), workers, device=device, dtype=h["dtype"],
                       num_cpus=h["num_cpus"], num_gpus=h["num_gpus"])
 
 
@@ -185,12 +184,13 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     store = Store.open(store_uri)
     h = section(refs[0].config, "hessian")
     metas = [load_checkpoint(store, r.path) for r in refs]
-    problem = make_problem(Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg(), refs[0].seed)
+    cfg = Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg()
+    problem = make_problem(cfg, refs[0].seed)
     batch_size = refs[0].config["data"]["batch_size"]
     thetas = torch.stack([m["theta"] for m in metas])
     t0 = time.perf_counter()
     try:
-        with _hvp_operator(hvp_shards, refs[0], device) as matvec_at:
+        with _hvp_operator(hvp_shards, h, cfg, refs[0].seed, device) as matvec_at:
             results, fallback = spectra_at_many(
                 lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
                 dtype=h["dtype"], device=device, chunk_size=h["chunk_size"],

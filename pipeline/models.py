@@ -22,6 +22,11 @@ ACTIVATIONS = {
 }
 
 
+def _check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: expected one of {sorted(ACTIVATIONS)}")
+
+
 @dataclass(frozen=True)
 class MLP:
     """``depth`` hidden layers of ``width`` units between ``in_dim`` inputs and ``out_dim`` outputs."""
@@ -34,8 +39,7 @@ class MLP:
     bias: bool = True
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
+        _check_activation(self.activation)
         for name in ("in_dim", "out_dim", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MLP {name} must be ≥ 1, got {getattr(self, name)}")
@@ -109,8 +113,7 @@ class CNN:
     bias: bool = True
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
+        _check_activation(self.activation)
         side = math.isqrt(self.in_dim)
         if self.in_dim < 1 or side * side != self.in_dim:
             raise ValueError(f"CNN in_dim must be side² for square images, got {self.in_dim}")
