@@ -1,7 +1,11 @@
 """Stage 7 — the exact Hessian and its eigenvalue counts: :func:`spectrum_at`, the project's public API.
 
-The Hessian is built a block of rows at a time from Hessian-vector products with basis vectors, vmapped
-over the block, so the build is a few large batched kernels rather than N autograd calls. Two HVP modes:
+For an MLP's mean loss the Hessian comes in closed form, block by block (``closed_form``,
+:mod:`pipeline.mlp_hessian`, offered by the loss as ``loss_fn.closed_form``): about n·N² flops in GEMMs,
+5× faster than the HVP build on 2 CPU cores at N = 1,732 and the default wherever the loss offers it.
+Otherwise the Hessian is built a block of rows at a time from Hessian-vector products with basis
+vectors, vmapped over the block, so the build is a few large batched kernels rather than N autograd
+calls. Two HVP modes:
 
 - ``rev`` (reverse-over-reverse, ``vjp`` of ``grad``): the forward and backward pass are taken once per
   block and only the second backward is batched. Faster on CPU (0.48 vs 0.69 ms per column, one core,
@@ -10,8 +14,10 @@ over the block, so the build is a few large batched kernels rather than N autogr
   selectable with ``hvp="fwd"``; ``scripts/bench_hessian.py`` times both on the device at hand.
 
 Counting then uses the full spectrum (``eigh``) or, for counts only, the inertia of LDLᵀ factorisations
-(:mod:`pipeline.inertia`), which is several times cheaper. Peak memory is the Hessian, one N×N copy made
-by the factorisation, and one block's workspace (:func:`default_chunk_size`) — never an N×N identity.
+(:mod:`pipeline.inertia`), which is several times cheaper. Peak memory is the Hessian, then for ``eigh``
+one N×N copy made by the eigensolver (cuSOLVER's workspace on top) or for ``inertia`` a copy of H's lower
+triangle (0.53×H; the factorisations run in H's own memory), and one block's build workspace
+(:func:`default_chunk_size`) — never an N×N identity.
 
 No Ray, Hydra or files here: ``loss_fn`` is any function of a flat parameter vector.
 """
@@ -37,8 +43,11 @@ WeightedTerms = Sequence[tuple[float, LossFn]]
 # 0.88 s at N = 5,508; 4.3 s vs 3.4 s at 19,204; docs/bench/bench_hessian_h200.txt).
 AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 16384}
 METHODS = ("auto", "eigh", "inertia", "estimate")
-HVP_MODES = ("auto", "rev", "fwd")
+HVP_MODES = ("auto", "rev", "fwd", "closed_form")
 DEFAULT_HVP = {"cpu": "rev", "cuda": "rev"}
+# Closed-form build workspace on CPU: its temporaries are fastest cache-sized — 0.10-0.11 s at 4-16 MiB
+# against 0.24 s at 64 MiB (2 threads, N = 1,732, 512 samples).
+CLOSED_FORM_CPU_BYTES = 16 * 2**20
 # Build workspace on CPU per thread count. One thread: blocks whose activations stay in cache are
 # fastest — measured optima 32-64 columns at N = 172 (300 samples), 16-32 at N = 612 (1,000 samples),
 # 8-16 at N = 1,732 (512 samples); 16 MiB gives 61, 8 and 8 columns, each within 3 % of the best.
@@ -53,16 +62,33 @@ BATCH_POINTS_DEVICES = ("cuda",)
 # softplus MLPs up to N = 1,732 (tests/test_hessian.py asserts ≤ 1e-6). A relative tolerance below
 # the floor would count rounding noise, so float32 raises rel_tol to it; float64 leaves it alone.
 REL_NOISE_FLOOR = {torch.float32: 1e-6}
+# What one dense point holds while it is counted, in units of its Hessian (N² numbers): H and the copy
+# eigh takes (LAPACK; cuSOLVER's eigvalsh measured 6×H in all, and the out-of-memory fallback covers
+# that), or H and inertia's saved lower triangle.
+FOOTPRINT = {"eigh": 2.0, "inertia": 1.0 + inertia.SAVED_SHARE}
 
 
 def _terms(loss_fn: Union[LossFn, WeightedTerms]) -> list[tuple[float, LossFn]]:
     return [(1.0, loss_fn)] if callable(loss_fn) else [(float(w), f) for w, f in loss_fn]
 
 
-def resolve_hvp(hvp: str, device: torch.device) -> str:
+def resolve_hvp(hvp: str, device: torch.device, loss_fn: Union[LossFn, WeightedTerms, None] = None) -> str:
+    """How H is built: ``auto`` → ``closed_form`` when every term of ``loss_fn`` offers one, else the
+    device's HVP mode (``rev``). Asking for ``closed_form`` where a term has none is a ValueError."""
     if hvp not in HVP_MODES:
         raise ValueError(f"unknown hvp mode {hvp!r}: expected one of {', '.join(HVP_MODES)}")
-    return DEFAULT_HVP.get(device.type, "rev") if hvp == "auto" else hvp
+    offered = loss_fn is not None and all(_closed_form(f) is not None for _, f in _terms(loss_fn))
+    if hvp == "closed_form" and not offered:
+        raise ValueError("hvp='closed_form' needs a loss that offers one (an MLP's MeanLoss); "
+                         "use 'rev' or 'fwd' for other models")
+    if hvp == "auto":
+        return "closed_form" if offered else DEFAULT_HVP.get(device.type, "rev")
+    return hvp
+
+
+def _closed_form(fn) -> Optional[Callable[..., torch.Tensor]]:
+    """A loss term's closed-form Hessian builder (:attr:`pipeline.train.MeanLoss.closed_form`), or None."""
+    return getattr(fn, "closed_form", None)
 
 
 def activation_bytes(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> int:
@@ -150,17 +176,26 @@ def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk
     ``chunk_size``: columns per vmapped call (0: as many as ``memory_budget_mb`` MiB of build
     workspace hold — the Hessian itself comes on top — or the device default, see
     :func:`default_chunk_size`). ``hvp``: ``rev``, ``fwd`` or ``auto``. ``out``: an
-    ``[N, N]`` tensor to build into (e.g. a slice of a batch), else a new one.
+    ``[N, N]`` tensor to build into (e.g. a slice of a batch), else a new one. ``hvp='closed_form'``
+    (what ``auto`` picks when every term offers it) ignores ``chunk_size``; its temporaries stay within
+    the workspace (on CPU at most :data:`CLOSED_FORM_CPU_BYTES`).
     """
     if theta.dim() != 1:
         raise ValueError(f"theta must be a flat 1-D parameter vector, got shape {tuple(theta.shape)}")
     theta = theta.detach()
-    n, mode = theta.numel(), resolve_hvp(hvp, theta.device)
-    chunk = chunk_size or default_chunk_size(n, theta.device, column_bytes=_column_bytes(loss_fn, theta),
-                                             workspace_bytes=memory_budget_mb * 2**20)
+    n, mode = theta.numel(), resolve_hvp(hvp, theta.device, loss_fn)
     H = torch.empty(n, n, dtype=theta.dtype, device=theta.device) if out is None else out
     if H.shape != (n, n):
         raise ValueError(f"out must be [{n}, {n}], got {tuple(H.shape)}")
+    if mode == "closed_form":
+        workspace = memory_budget_mb * 2**20 or default_workspace_bytes(theta.device)
+        if theta.device.type == "cpu":
+            workspace = min(workspace, CLOSED_FORM_CPU_BYTES)
+        for i, (weight, fn) in enumerate(_terms(loss_fn)):
+            _closed_form(fn)(theta, out=H, weight=weight, accumulate=i > 0, workspace_bytes=workspace)
+        return H
+    chunk = chunk_size or default_chunk_size(n, theta.device, column_bytes=_column_bytes(loss_fn, theta),
+                                             workspace_bytes=memory_budget_mb * 2**20)
     for i, (weight, fn) in enumerate(_terms(loss_fn)):
         _fill(H, _hvp_rows(fn, theta, mode), weight, i == 0, chunk)
     symmetrize_(H)
@@ -171,12 +206,18 @@ def hessians(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, *, chu
              memory_budget_mb: float = 0.0, hvp: str = "auto") -> torch.Tensor:
     """Hessians ``[B, N, N]`` of one loss at many points ``thetas`` ``[B, N]`` (same architecture), built
     in one vmapped pass over the points: ``loss_fn`` must be vmappable in its parameter argument.
-    ``chunk_size`` counts columns per point; the default divides the workspace among the B points."""
+    ``chunk_size`` counts columns per point; the default divides the workspace among the B points.
+    A closed-form build (see :func:`hessian`) is GEMMs already and goes one point at a time."""
     if thetas.dim() != 2:
         raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
     thetas = thetas.detach()
     b, n = thetas.shape
-    mode = resolve_hvp(hvp, thetas.device)
+    mode = resolve_hvp(hvp, thetas.device, loss_fn)
+    if mode == "closed_form":
+        H = torch.empty(b, n, n, dtype=thetas.dtype, device=thetas.device)
+        for k in range(b):
+            hessian(loss_fn, thetas[k], memory_budget_mb=memory_budget_mb, hvp=mode, out=H[k])
+        return H
     chunk = chunk_size or default_chunk_size(n, thetas.device, column_bytes=_column_bytes(loss_fn, thetas[0]),
                                              workspace_bytes=memory_budget_mb * 2**20, n_points=b)
     H = torch.empty(b, n, n, dtype=thetas.dtype, device=thetas.device)
@@ -258,16 +299,18 @@ class SpectrumResult:
 def resolve_method(method: str, n_params: int, device: Union[str, torch.device] = "cpu",
                    itemsize: int = 8, memory_budget_mb: float = 0.0) -> str:
     """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above,
-    and ``estimate`` (no dense H) when the Hessian and one factor (2·N²·itemsize bytes) exceed the memory
-    the stage may hold (:func:`total_budget_bytes`)."""
+    and ``estimate`` (no dense H) when the dense method's footprint (:data:`FOOTPRINT`: 2·N²·itemsize
+    bytes for eigh, 1.53·N²·itemsize for inertia) exceeds the memory the stage may hold
+    (:func:`total_budget_bytes`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
         device = torch.device(device)
-        if 2 * n_params * n_params * itemsize > total_budget_bytes(device, memory_budget_mb):
-            return "estimate"
         limit = AUTO_EIGH_MAX_N.get(device.type, AUTO_EIGH_MAX_N["cpu"])
-        return "eigh" if n_params <= limit else "inertia"
+        dense = "eigh" if n_params <= limit else "inertia"
+        if FOOTPRINT[dense] * n_params * n_params * itemsize > total_budget_bytes(device, memory_budget_mb):
+            return "estimate"
+        return dense
     return method
 
 
@@ -326,8 +369,8 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     ``auto`` (``eigh`` up to N = 4,096 on CPU and 16,384 on CUDA, ``inertia`` above). ``tol``: |λ| ≤ tol counts as zero; when None
     it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``;
     see :func:`pipeline.spectrum.choose_tol`); in float32 ``rel_tol`` is at least 1e-6, its noise floor.
-    ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and one N×N copy made by
-    eigh or LDLᵀ come on top) / ``hvp``: see :func:`hessian`. ``naive=False``: ``inertia`` skips the
+    ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and what counting holds,
+    :data:`FOOTPRINT`, come on top) / ``hvp``: see :func:`hessian`. ``naive=False``: ``inertia`` skips the
     factorisation behind the naive #{λ > 0} (two LDLᵀ instead of three; ``n_pos_naive`` is None).
 
     ``method="estimate"`` never forms H: counts come from Hessian-vector products only
@@ -407,11 +450,17 @@ def total_budget_bytes(device: torch.device, memory_budget_mb: float = 0.0) -> f
         return 2 * 2**30
 
 
-def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_budget_mb: float = 0.0) -> int:
-    """How many Hessians one pass may hold: each needs its N² numbers and one N² copy made by eigh or
-    LDLᵀ, in three quarters of the budget; the last quarter is build workspace (:func:`pass_workspace_mb`)."""
-    per_point = 2 * n_params * n_params * itemsize
-    return max(1, int(0.75 * total_budget_bytes(device, memory_budget_mb) // per_point))
+def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_budget_mb: float = 0.0,
+                    method: str = "eigh") -> int:
+    """How many Hessians one pass may hold in three quarters of the budget (the last quarter is build
+    workspace, :func:`pass_workspace_mb`): ``eigh`` takes the pass's spectra in one batched call, so
+    each point needs :data:`FOOTPRINT` ["eigh"] × its N² numbers; ``inertia`` counts one point at a
+    time, so the pass needs N² numbers per point and one point's saved triangle."""
+    h = n_params * n_params * itemsize
+    room = 0.75 * total_budget_bytes(device, memory_budget_mb)
+    if method == "inertia":
+        return max(1, int((room - (FOOTPRINT["inertia"] - 1.0) * h) // h))
+    return max(1, int(room // (FOOTPRINT["eigh"] * h)))
 
 
 def pass_workspace_mb(device: torch.device, memory_budget_mb: float = 0.0) -> float:
@@ -491,7 +540,7 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
           batch_points: bool, kw: dict) -> list[SpectrumResult]:
     b, n = thetas.shape
     device = thetas.device
-    per = points_per_pass(n, thetas.element_size(), device, memory_budget_mb)
+    per = points_per_pass(n, thetas.element_size(), device, memory_budget_mb, method)
     workspace_mb = pass_workspace_mb(device, memory_budget_mb)
     out = []
     for s in range(0, b, per):

@@ -4,7 +4,8 @@ One run on one device (CUDA when present, else CPU; ``--device`` to choose). The
 MLP 16-h-h-4, tanh, 512 Gaussian samples, MSE, float64, random initialisation; N = h² + 22h + 4.
 For each N it times
 
-- ours: the Hessian build (HVP modes ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it) and ``inertia``:
+- ours: the Hessian build (closed form, :mod:`pipeline.mlp_hessian`, the default for MLPs; HVP modes
+  ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it) and ``inertia``:
   Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I), and with the third
   behind the naive #{λ > 0} (``hessian.naive_count``); one LDLᵀ alone; parameters to counts in one
   ``spectrum_at`` call;
@@ -14,7 +15,8 @@ For each N it times
 
 and prints times, speed-ups against the baseline measured in the same run, peak memory and whether the
 counts agree. Then 64 checkpoints (8 on CPU; ``--checkpoints``) of N ≈ 1,500: spectra per second,
-batched (``spectra_at_many``) against one by one (``spectrum_at``). A benchmark, not a test: nothing
+batched (``spectra_at_many``) against one by one (``spectrum_at``), with the closed-form build and with
+the vmapped HVP build. A benchmark, not a test: nothing
 asserts. On a GPU the default run takes about 3 minutes.
 
     python scripts/bench_hessian.py                  # default sizes for the device
@@ -33,7 +35,8 @@ import torch
 
 from pipeline import hessian as hs
 from pipeline import inertia, spectrum
-from pipeline.models import MLP, loss_value
+from pipeline.models import MLP
+from pipeline.train import MeanLoss
 
 F64 = torch.float64
 GPU_SIZES = [1999, 5508, 19204, 29124]
@@ -51,7 +54,7 @@ def problem(n_params: int, device: torch.device, seed: int = 0, samples: int = 5
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(samples, 16, generator=g, dtype=F64).to(device)
     Y = torch.randn(samples, 4, generator=g, dtype=F64).to(device)
-    return model, (lambda t: loss_value(model, t, X, Y, "mse"))
+    return model, MeanLoss(model, X, Y, "mse")
 
 
 def sync(device: torch.device) -> None:
@@ -116,13 +119,13 @@ def bench_size(n_target: int, device: torch.device, args) -> dict:
     theta = model.init(0).to(device)
     rep = 3 if n <= 2500 else 1  # best of 3 where a run is short
     r = {"N": n, "h": model.width}
-    for mode in ("rev", "fwd"):
+    for mode in ("closed_form", "rev", "fwd"):
         with Peak(device) as pk:
             r[f"build_{mode}"], H = timed(lambda: hs.hessian(f, theta, hvp=mode), device, rep)
         r[f"peak_build_{mode}"] = pk.bytes
         del H
         hs._empty_cache(device)
-    mode = hs.resolve_hvp("auto", device)
+    mode = hs.resolve_hvp("auto", device, f)
     r["mode"] = mode
     H = hs.hessian(f, theta, hvp=mode)
     r["build"] = r[f"build_{mode}"]
@@ -201,19 +204,18 @@ def bench_batched(n_target: int, checkpoints: int, device: torch.device) -> dict
 
     def loss_for(dev, dtype):
         Xd, Yd = X.to(dev, dtype), Y.to(dev, dtype)
-        return lambda t: loss_value(model, t, Xd, Yd, "mse")
+        return MeanLoss(model, Xd, Yd, "mse")
 
     thetas = torch.stack([model.init(s) for s in range(checkpoints)])
     loss = loss_for(device, F64)
     out = {"N": model.n_params, "B": checkpoints}
-    for method in ("eigh", "inertia"):
-        hs.spectra_at_many(loss_for, thetas[:2], device=device, method=method)  # warm
-        t1, one = timed(lambda: [hs.spectrum_at(loss, t, method=method, device=device) for t in thetas], device)
-        t2, (many, fallback) = timed(lambda: hs.spectra_at_many(loss_for, thetas, device=device, method=method,
-                                                                batch_points=True), device)
-        t3, (many_loop, _) = timed(lambda: hs.spectra_at_many(loss_for, thetas, device=device, method=method,
-                                                              batch_points=False), device)
-        out[method] = {
+    for method, build in [(m, b) for b in ("closed_form", "rev") for m in ("eigh", "inertia")]:
+        kw = dict(device=device, method=method, hvp=build)
+        hs.spectra_at_many(loss_for, thetas[:2], **kw)  # warm
+        t1, one = timed(lambda: [hs.spectrum_at(loss, t, **kw) for t in thetas], device)
+        t2, (many, fallback) = timed(lambda: hs.spectra_at_many(loss_for, thetas, batch_points=True, **kw), device)
+        t3, (many_loop, _) = timed(lambda: hs.spectra_at_many(loss_for, thetas, batch_points=False, **kw), device)
+        out[(method, build)] = {
             "one": checkpoints / t1, "batched": checkpoints / t2, "pass_loop": checkpoints / t3,
             "build_one": sum(r.seconds["build"] for r in one), "build_batched": sum(r.seconds["build"] for r in many),
             "count_one": sum(r.seconds["count"] for r in one), "count_batched": sum(r.seconds["count"] for r in many),
@@ -242,6 +244,7 @@ def warm_up(device: torch.device) -> None:
     for method in ("eigh", "inertia"):
         hs.spectrum_at(f, theta, method=method, hvp="rev")
         hs.spectrum_at(f, theta, method=method, hvp="fwd")
+        hs.spectrum_at(f, theta, method=method, hvp="closed_form")
     hs.hessians(f, torch.stack([theta, theta]))
     H = torch.autograd.functional.hessian(f, theta)
     torch.autograd.functional.hessian(f, theta, vectorize=True)
@@ -297,11 +300,13 @@ def main(argv=None) -> None:
               f"{fmt_t(r['row'])}, vectorize {fmt_t(r['vec'])}, eigvalsh {fmt_t(r['eigvalsh'])}", flush=True)
 
     print("\n## Times (s)\n")
-    print("| N | build rev | build fwd | eigh | counts (Lanczos + 2 LDLᵀ) | counts + naive (Lanczos + 3 LDLᵀ) "
-          "| Lanczos | one LDLᵀ | params→counts | autograd row loop | autograd vectorize | eigvalsh |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| N | build closed form | build rev | build fwd | eigh | counts (Lanczos + 2 LDLᵀ) "
+          "| counts + naive (Lanczos + 3 LDLᵀ) | Lanczos | one LDLᵀ | params→counts | autograd row loop "
+          "| autograd vectorize | eigvalsh |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['N']:,} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} | {fmt_t(r['eigh'])} "
+        print(f"| {r['N']:,} | {fmt_t(r['build_closed_form'])} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} "
+              f"| {fmt_t(r['eigh'])} "
               f"| {fmt_t(r['inertia'])} | {fmt_t(r['inertia3'])} | {fmt_t(r['lanczos'])} | {fmt_t(r['ldl1'])} "
               f"| {fmt_t(r['to_counts'])} | {fmt_t(r['row'])} | {fmt_t(r['vec'])} "
               f"| {fmt_t(r['eigvalsh'])} |")
@@ -334,14 +339,13 @@ def main(argv=None) -> None:
     print(f"#   batched: {checkpoints} checkpoints of N ≈ {args.batched_n:,} ...", flush=True)
     b = bench_batched(args.batched_n, checkpoints, device)
     print(f"\n## {b['B']} checkpoints of N = {b['N']:,}: spectra per second\n")
-    print("| method | one by one (spectrum_at) | spectra_at_many, points built in one vmap | spectra_at_many, "
-          "points built in a loop | speed-up (vmap vs one by one) | build s (one / vmap) | count s (one / vmap) "
-          "| counts agree |")
+    print("| method, build | one by one (spectrum_at) | spectra_at_many, batched pass | spectra_at_many, "
+          "points built in a loop | speed-up (batched vs one by one) | build s (one / batched) "
+          "| count s (one / batched) | counts agree |")
     print("|---|---|---|---|---|---|---|---|")
-    for method in ("eigh", "inertia"):
-        m = b[method]
+    for (method, build), m in ((k, v) for k, v in b.items() if isinstance(k, tuple)):
         speedup = m["batched"] / m["one"]
-        print(f"| {method} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {speedup:.1f}× "
+        print(f"| {method}, {build} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {speedup:.1f}× "
               f"| {m['build_one']:.2f} / {m['build_batched']:.2f} | {m['count_one']:.2f} / {m['count_batched']:.2f} "
               f"| {'yes' if m['agree'] else 'NO'}{'' if m['fallback'] is None else ' — ' + m['fallback']} |")
     print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")

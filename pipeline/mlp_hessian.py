@@ -1,0 +1,158 @@
+"""The exact Hessian of an MLP's mean loss in closed form, block by block, from per-sample layer quantities.
+
+For layers l ≤ m (z_l = a_{l-1} W_l + b_l, a_l = σ(z_l), f = z_L; ã = [a, 1] when there are biases, which
+is exactly the flat layout of W_l then b_l), the block of H between layer l's and layer m's parameters is
+
+    H[(j, i), (q, p)] = Σ_n ã_{l-1}[n, j] · K_n[i, q, p],
+    K_n[i, q, p] = Hz_n^{lm}[i, p] · ã_{m-1}[n, q] + δ_m[n, p] · ∂ã_{m-1}[n, q]/∂z_l[n, i]   (2nd term: m > l)
+
+with δ_m = ∂ℓ/∂z_m (backpropagation), Hz^{mm} = ∂²ℓ/∂z_m² (its second-order recursion, σ'' terms included)
+and Hz^{lm} = (∂z_m/∂z_l)ᵀ Hz^{mm}. The first term is the curvature through the pre-activations, the second
+the bilinear coupling of W_m with the activations that W_l moves. Each block is one GEMM over the samples,
+so the whole build is about n·N² flops (n samples), against about 5·n·N·width for N Hessian-vector products,
+and runs at GEMM speed. Checked against ``torch.autograd.functional.hessian`` in tests/test_mlp_hessian.py.
+
+Pure torch; no Ray, Hydra or files. Losses: ``mse`` (½‖f − y‖² averaged over rows) and ``cross_entropy``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.func import jvp
+
+from pipeline.hessian import symmetrize_
+from pipeline.models import ACTIVATIONS, MLP
+
+# Workspace for the per-block temporaries when none is given: 64 MiB.
+DEFAULT_WORKSPACE_BYTES = 64 * 2**20
+
+
+def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, loss: str,
+                weight_decay: float = 0.0, *, out: Optional[torch.Tensor] = None, weight: float = 1.0,
+                accumulate: bool = False, workspace_bytes: float = 0.0) -> torch.Tensor:
+    """``weight`` · the Hessian ``[N, N]`` of :func:`pipeline.models.loss_value` at ``theta`` ``[N]`` over
+    ``X`` ``[n, in_dim]``, ``Y`` (``[n, out_dim]`` targets for mse, ``[n]`` class indices for
+    cross_entropy), written into ``out`` (or added to it when ``accumulate``), else into a new tensor.
+
+    Exactly symmetric. ``workspace_bytes`` bounds each temporary (0: 64 MiB); the samples and the rows
+    of a block go in chunks that fit it. Runs on ``theta``'s device and dtype.
+    """
+    if theta.dim() != 1 or theta.numel() != model.n_params:
+        raise ValueError(f"theta must be a flat [{model.n_params}] vector for {model}, got {tuple(theta.shape)}")
+    n_par = model.n_params
+    H = out if out is not None else torch.empty(n_par, n_par, dtype=theta.dtype, device=theta.device)
+    if H.shape != (n_par, n_par):
+        raise ValueError(f"out must be [{n_par}, {n_par}], got {tuple(H.shape)}")
+    if not accumulate:
+        H.zero_()
+    budget = workspace_bytes if workspace_bytes > 0 else DEFAULT_WORKSPACE_BYTES
+    theta, X = theta.detach(), X.to(theta.dtype)
+    Ws, acts, d1, deltas, Hzz = _layer_quantities(model, theta, X, Y, loss)
+    offsets = _offsets(model)
+    L = len(Ws)
+    Jz = {}  # Jz[(m, l)] = ∂z_m/∂z_l, [n, h_m, h_l], for m > l
+    for l in range(L):
+        for m in range(l, L):
+            if m > l:
+                step = Ws[m].T[None] * d1[m - 1][:, None, :]  # ∂z_m/∂z_{m-1} = W_mᵀ diag σ'(z_{m-1})
+                Jz[(m, l)] = step if m == l + 1 else step @ Jz[(m - 1, l)]
+            _add_block(H, l, m, acts, d1, deltas, Hzz, Jz, offsets, weight, budget)
+    _mirror_upper_blocks(H, offsets)
+    if weight_decay:
+        H.diagonal().add_(weight * weight_decay)
+    return H
+
+
+def _layer_quantities(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, loss: str):
+    """Per layer: weights ``[h_{l-1}, h_l]``, inputs ã_{l-1} ``[n, h_{l-1}(+1)]``, σ'(z_l) ``[n, h_l]`` (hidden
+    layers), δ_l ``[n, h_l]`` and Hz^{ll} ``[n, h_l, h_l]``, all of the mean loss (the 1/n is in δ_L)."""
+    act = ACTIVATIONS[model.activation]
+    Ws, bs, i = [], [], 0
+    for fan_in, fan_out in model.layer_dims:
+        Ws.append(theta[i:i + fan_in * fan_out].reshape(fan_in, fan_out))
+        i += fan_in * fan_out
+        if model.bias:
+            bs.append(theta[i:i + fan_out])
+            i += fan_out
+    n, L = X.shape[0], len(Ws)
+    a, acts, d1, d2 = X, [], [], []
+    for l, W in enumerate(Ws):
+        acts.append(torch.cat([a, a.new_ones(n, 1)], dim=1) if model.bias else a)
+        z = a @ W + (bs[l] if model.bias else 0)
+        if l < L - 1:
+            ones = torch.ones_like(z)
+            first = lambda x: jvp(act, (x,), (ones,))[1]  # noqa: E731 — σ' elementwise
+            a, s1 = jvp(act, (z,), (ones,))
+            d1.append(s1)
+            d2.append(jvp(first, (z,), (ones,))[1])  # σ'' elementwise
+        else:
+            f = z
+    delta, Hz = _loss_derivatives(f, Y, loss)
+    deltas, Hzz = [None] * L, [None] * L
+    deltas[-1], Hzz[-1] = delta, Hz
+    for l in range(L - 2, -1, -1):
+        back = deltas[l + 1] @ Ws[l + 1].T  # [n, h_l]
+        deltas[l] = d1[l] * back
+        G = Ws[l + 1][None] @ Hzz[l + 1] @ Ws[l + 1].T[None]  # W Hz Wᵀ, [n, h_l, h_l]
+        Hzz[l] = d1[l][:, :, None] * G * d1[l][:, None, :] + torch.diag_embed(d2[l] * back)
+    return Ws, acts, d1, deltas, Hzz
+
+
+def _loss_derivatives(f: torch.Tensor, Y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂ℓ/∂f ``[n, k]`` and ∂²ℓ/∂f² ``[n, k, k]`` of the mean loss over the ``n`` rows of ``f``."""
+    n, k = f.shape
+    if loss == "mse":
+        eye = torch.eye(k, dtype=f.dtype, device=f.device)
+        return (f - Y) / n, eye.expand(n, k, k) / n
+    if loss == "cross_entropy":
+        p = torch.softmax(f, dim=1)
+        onehot = torch.nn.functional.one_hot(Y.long(), k).to(f.dtype)
+        return (p - onehot) / n, (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / n
+    raise ValueError(f"unknown loss {loss!r}: expected mse or cross_entropy")
+
+
+def _offsets(model: MLP) -> list[tuple[int, int, int]]:
+    """``(start, rows in, units)`` of each layer's parameter block in θ: rows in = fan_in (+1 with bias)."""
+    out, i = [], 0
+    for fan_in, fan_out in model.layer_dims:
+        rows = fan_in + (1 if model.bias else 0)
+        out.append((i, rows, fan_out))
+        i += rows * fan_out
+    return out
+
+
+def _add_block(H, l, m, acts, d1, deltas, Hzz, Jz, offsets, weight, budget) -> None:
+    """H[block l, block m] += weight · Σ_n ã_{l-1} ⊗ K_n (see the module docstring), for l ≤ m."""
+    (r0, d_l, h_l), (c0, d_m, h_m) = offsets[l], offsets[m]
+    n = acts[l].shape[0]
+    Hz_lm = Hzz[m] if m == l else Jz[(m, l)].transpose(1, 2) @ Hzz[m]  # [n, h_l, h_m]
+    if m > l:  # ∂ã_{m-1}/∂z_l, [n, d_m, h_l]; the bias row of ã is constant
+        dA = d1[m - 1][:, :, None] * (Jz[(m - 1, l)] if m - 1 > l else torch.diag_embed(torch.ones_like(d1[l])))
+        if d_m > dA.shape[1]:
+            dA = torch.cat([dA, dA.new_zeros(n, 1, h_l)], dim=1)
+    cols = d_m * h_m
+    row_bytes = h_l * cols * H.element_size()  # one sample's K, or one input row's part of the block
+    n_chunk = max(1, min(n, int(budget // row_bytes)))
+    j_chunk = max(1, min(d_l, int(budget // row_bytes)))
+    for s in range(0, n, n_chunk):
+        e = min(n, s + n_chunk)
+        K = Hz_lm[s:e, :, None, :] * acts[m][s:e, None, :, None]  # [c, h_l, d_m, h_m]
+        if m > l:
+            K = K + dA[s:e].transpose(1, 2)[:, :, :, None] * deltas[m][s:e, None, None, :]
+        K = K.reshape(e - s, h_l * cols)
+        A = acts[l][s:e]
+        for j in range(0, d_l, j_chunk):
+            jj = min(d_l, j + j_chunk)
+            part = (A[:, j:jj].T @ K).reshape((jj - j) * h_l, cols)  # rows (j, i), columns (q, p)
+            H[r0 + j * h_l:r0 + jj * h_l, c0:c0 + cols].add_(part, alpha=weight)
+
+
+def _mirror_upper_blocks(H: torch.Tensor, offsets) -> None:
+    """Fill the blocks below the diagonal (layer m > l) with the transposes of those above, then make
+    the diagonal blocks exactly symmetric (their two triangles differ by rounding)."""
+    for l, (r0, d_l, h_l) in enumerate(offsets):
+        size = d_l * h_l
+        for c0, d_m, h_m in offsets[l + 1:]:
+            H[c0:c0 + d_m * h_m, r0:r0 + size].copy_(H[r0:r0 + size, c0:c0 + d_m * h_m].T)
+    symmetrize_(H)

@@ -1,0 +1,118 @@
+"""The closed-form MLP Hessian against torch.autograd.functional.hessian (float64) for every activation, both
+losses, depths 0-3, with and without biases and weight decay; chunked equals unchunked; weighted batch terms
+equal one batch; what `auto` picks; CUDA against CPU where a GPU exists."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from pipeline import hessian as hs
+from pipeline.data import Dataset
+from pipeline.mlp_hessian import mlp_hessian
+from pipeline.models import ACTIVATIONS, CNN, MLP
+from pipeline.train import MeanLoss, Problem
+
+F64 = torch.float64
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(model, n: int, loss: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, model.in_dim, generator=g, dtype=F64)
+    if loss == "cross_entropy":
+        return X, torch.randint(0, model.out_dim, (n,), generator=g)
+    return X, torch.randn(n, model.out_dim, generator=g, dtype=F64)
+
+
+def _close(a, b, tol=1e-12):
+    scale = max(float(b.abs().max()), 1e-300)
+    assert float((a - b).abs().max()) <= tol * scale, float((a - b).abs().max()) / scale
+
+
+GRID = list(itertools.product(sorted(ACTIVATIONS), ["mse", "cross_entropy"], [0, 1, 3], [True, False]))
+
+
+@pytest.mark.parametrize("activation,loss,depth,bias", GRID,
+                         ids=[f"{a}-{lo}-d{d}-{'b' if b else 'nob'}" for a, lo, d, b in GRID])
+def test_closed_form_equals_autograd(activation, loss, depth, bias):
+    model = MLP(5, 3, depth=depth, width=4, activation=activation, bias=bias)
+    X, Y = _data(model, 23, loss, seed=depth)
+    theta = model.init(depth + 7)
+    for wd in (0.0, 0.03):
+        f = MeanLoss(model, X, Y, loss, wd)
+        got = mlp_hessian(model, theta, X, Y, loss, wd)
+        _close(got, torch.autograd.functional.hessian(f, theta))
+        assert torch.equal(got, got.T)
+
+
+def test_chunks_of_samples_and_rows_change_nothing_but_rounding():
+    """A workspace of a few hundred bytes forces one sample and one input row per temporary."""
+    model = MLP(6, 4, depth=2, width=7, activation="tanh")
+    X, Y = _data(model, 40, "mse")
+    theta = model.init(2)
+    whole = mlp_hessian(model, theta, X, Y, "mse", workspace_bytes=2**30)
+    for budget in (300, 5_000, 200_000):
+        _close(mlp_hessian(model, theta, X, Y, "mse", workspace_bytes=budget), whole, tol=1e-14)
+
+
+def test_weighted_batch_terms_accumulate_to_the_full_batch():
+    """hessian() over batch terms (n_b/n, L2 counted once) takes the closed form for each and equals one
+    batch — and the HVP build of the same terms."""
+    model = MLP(4, 3, depth=2, width=5, activation="softplus")
+    X, Y = _data(model, 50, "cross_entropy")
+    prob = Problem(model, Dataset(X, Y, 3), "cross_entropy", 1e-3)
+    theta = model.init(4)
+    terms = prob.batched_loss_terms(16)
+    assert len(terms) == 4 and hs.resolve_hvp("auto", theta.device, terms) == "closed_form"
+    one = hs.hessian(prob.loss_fn(), theta)
+    _close(hs.hessian(terms, theta), one)
+    _close(hs.hessian(terms, theta, hvp="rev"), one)
+    _close(one, torch.autograd.functional.hessian(prob.loss_fn(), theta))
+
+
+def test_auto_picks_the_closed_form_only_where_the_loss_offers_one():
+    mlp = MLP(4, 2, depth=1, width=3)
+    X, Y = _data(mlp, 10, "mse")
+    assert hs.resolve_hvp("auto", torch.device("cpu"), MeanLoss(mlp, X, Y, "mse")) == "closed_form"
+    cnn = CNN(16, 2, conv_layers=1, channels=2)
+    X, Y = _data(cnn, 10, "mse")
+    cnn_loss = MeanLoss(cnn, X, Y, "mse")
+    assert cnn_loss.closed_form is None
+    assert hs.resolve_hvp("auto", torch.device("cpu"), cnn_loss) == "rev"
+    assert hs.resolve_hvp("auto", torch.device("cpu"), lambda t: (t ** 4).sum()) == "rev"
+    with pytest.raises(ValueError, match="closed_form"):
+        hs.hessian(cnn_loss, cnn.init(0), hvp="closed_form")
+
+
+def test_float32_closed_form_is_within_the_noise_floor():
+    model = MLP(8, 3, depth=2, width=10, activation="tanh")
+    X, Y = _data(model, 64, "mse")
+    theta = model.init(5)
+    ref = mlp_hessian(model, theta, X, Y, "mse")
+    lam64 = torch.linalg.eigvalsh(ref)
+    lam32 = torch.linalg.eigvalsh(mlp_hessian(model, theta.float(), X.float(), Y.float(), "mse").double())
+    assert float((lam32 - lam64).abs().max()) <= hs.REL_NOISE_FLOOR[torch.float32] * float(lam64.abs().max())
+
+
+def test_bad_theta_names_its_shape():
+    model = MLP(3, 2, depth=1, width=4)
+    X, Y = _data(model, 5, "mse")
+    with pytest.raises(ValueError, match=r"flat \[26\] vector"):
+        mlp_hessian(model, torch.zeros(25, dtype=F64), X, Y, "mse")
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        mlp_hessian(model, model.init(0), X, Y, "hinge")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_closed_form_equals_cpu():
+    model = MLP(16, 4, depth=2, width=40, activation="tanh")
+    X, Y = _data(model, 300, "cross_entropy")
+    theta = model.init(3)
+    cpu = mlp_hessian(model, theta, X, Y, "cross_entropy", 1e-4)
+    gpu = mlp_hessian(model, theta.cuda(), X.cuda(), Y.cuda(), "cross_entropy", 1e-4)
+    _close(gpu.cpu(), cpu, tol=1e-13)
