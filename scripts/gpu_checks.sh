@@ -30,7 +30,7 @@ status=0
 } 2>&1 | tee -a "$OUT/env.txt"
 
 tests=(tests/test_hessian.py tests/test_inertia.py tests/test_refine.py tests/test_estimate.py
-       tests/test_gpu_pipeline.py)
+       tests/test_gpu_pipeline.py tests/test_mlp_hessian.py)
 [ -f tests/test_models.py ] && tests+=(tests/test_models.py)
 python3 -c "import ray" 2>/dev/null && tests+=(tests/test_cluster.py)
 timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.txt"

@@ -50,7 +50,7 @@ def test_closed_form_equals_autograd(activation, loss, depth, bias):
 
 
 def test_chunks_of_samples_and_rows_change_nothing_but_rounding():
-    """A workspace of a few hundred bytes forces one sample and one input row per temporary."""
+    """A workspace of a few hundred bytes forces one sample per chunk and one input row per product."""
     model = MLP(6, 4, depth=2, width=7, activation="tanh")
     X, Y = _data(model, 40, "mse")
     theta = model.init(2)
