@@ -173,7 +173,8 @@ def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk
     accumulated, so data that does not fit one batch never has to be in memory at once.
     ``chunk_size``: columns per vmapped call (0: as many as ``memory_budget_mb`` MiB of build
     workspace hold — the Hessian itself comes on top — or the device default, see
-    :func:`default_chunk_size`). ``hvp``: ``rev``, ``fwd`` or ``auto``. ``out``: an
+    :func:`default_chunk_size`). ``hvp``: ``auto``, ``closed_form``, ``rev`` or ``fwd`` (see
+    :func:`resolve_hvp`). ``out``: an
     ``[N, N]`` tensor to build into (e.g. a slice of a batch), else a new one. ``hvp='closed_form'``
     (what ``auto`` picks when every term offers it) ignores ``chunk_size``; its temporaries stay within
     the same workspace.
@@ -294,19 +295,20 @@ class SpectrumResult:
 
 def resolve_method(method: str, n_params: int, device: Union[str, torch.device] = "cpu",
                    itemsize: int = 8, memory_budget_mb: float = 0.0) -> str:
-    """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above,
-    and ``estimate`` (no dense H) when the dense method's footprint (:data:`FOOTPRINT`: 2·N²·itemsize
-    bytes for eigh, 1.53·N²·itemsize for inertia) exceeds the memory the stage may hold
-    (:func:`total_budget_bytes`)."""
+    """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above
+    or where eigh's footprint does not fit, and ``estimate`` (no dense H) where neither does
+    (:data:`FOOTPRINT`: 2·N²·itemsize bytes for eigh, 1.53·N²·itemsize for inertia, against the memory
+    the stage may hold, :func:`total_budget_bytes`)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
         device = torch.device(device)
         limit = AUTO_EIGH_MAX_N.get(device.type, AUTO_EIGH_MAX_N["cpu"])
-        dense = "eigh" if n_params <= limit else "inertia"
-        if FOOTPRINT[dense] * n_params * n_params * itemsize > total_budget_bytes(device, memory_budget_mb):
-            return "estimate"
-        return dense
+        room = total_budget_bytes(device, memory_budget_mb)
+        for dense in (("eigh", "inertia") if n_params <= limit else ("inertia",)):
+            if FOOTPRINT[dense] * n_params * n_params * itemsize <= room:
+                return dense
+        return "estimate"
     return method
 
 

@@ -358,6 +358,8 @@ def test_auto_takes_the_estimator_only_when_the_dense_hessian_does_not_fit():
     assert hs.resolve_method("auto", 5_000, "cpu") == "inertia"
     # 2·N²·8 bytes at N = 10⁶ is 16 TB: no dense Hessian, counts from HVPs.
     assert hs.resolve_method("auto", 1_000_000, "cpu") == "estimate"
-    # …and a budget decides it for smaller N too: 2·3000²·8 B = 144 MB > 100 MiB.
+    # …and a budget decides it for smaller N too: inertia holds 1.53·3000²·8 B = 105 MiB > 100 MiB.
     assert hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=100) == "estimate"
+    # H is 72 MB: eigh's 2×H (137 MiB) does not fit 120 MiB, inertia's 1.53×H (105 MiB) does
+    assert hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=120) == "inertia"
     assert hs.resolve_method("eigh", 1_000_000, "cpu") == "eigh"
