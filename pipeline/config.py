@@ -107,7 +107,7 @@ class RefineConfig:
     inner_rtol: float = 1e-10
     forcing: float = 0.1  # inexact Newton: MINRES tolerance min(forcing, max(inner_rtol, ‖g‖^½))
     rcond: float = 1e-10
-    operator: str = "hvp"  # hvp | dense
+    operator: str = "auto"  # auto | hvp | dense (pipeline.refine.resolve_operator)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
@@ -240,7 +240,7 @@ def validate(cfg: DictConfig) -> None:
     _require(s.curvature_every >= 0, "stall.curvature_every", s.curvature_every, "≥ 0 (0 = off)")
     r = cfg.refine
     _one_of(cfg, "refine.method", ("none", "newton_mr", "gnm"))
-    _one_of(cfg, "refine.operator", ("hvp", "dense"))
+    _one_of(cfg, "refine.operator", ("auto", "hvp", "dense"))
     _require(r.gtol2 > 0, "refine.gtol2", r.gtol2, "> 0")
     _require(r.max_iters >= 1, "refine.max_iters", r.max_iters, "≥ 1")
     _require(r.inner_max_iters >= 1, "refine.inner_max_iters", r.inner_max_iters, "≥ 1")

@@ -15,6 +15,7 @@ from pipeline.critical import critical_label, critical_report
 from pipeline.data import autoencoder
 from pipeline.hessian import spectrum_at
 from pipeline.models import MLP, loss_value
+from pipeline.train import MeanLoss
 
 F64 = torch.float64
 # XᵀX/4 = diag(3, 1) exactly in binary: the sample second moment is Σ with no rounding at all.
@@ -254,3 +255,23 @@ def test_newton_mr_on_cuda(operator):
                            operator=operator)
     assert gpu.grad_norm2 < gpu.grad_norm2_0
     assert gpu.grad_norm2 == pytest.approx(cpu.grad_norm2, rel=1e-6, abs=1e-14)
+
+
+def test_auto_operator_builds_the_closed_form_for_small_mlps_only():
+    """``auto``: dense (closed-form H per Newton step) for an MLP's MeanLoss up to AUTO_DENSE_MAX_N, HVPs for
+    plain functions and bigger N; the dense and HVP Newton steps agree."""
+    model = MLP(4, 3, depth=2, width=8, activation="tanh")
+    gen = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(64, 4, generator=gen, dtype=F64), torch.randn(64, 3, generator=gen, dtype=F64)
+    f, theta0 = MeanLoss(model, X, Y, "mse"), model.init(1)
+    assert refine.resolve_operator("auto", f, theta0) == "dense"
+    assert refine.resolve_operator("auto", lambda t: loss_value(model, t, X, Y, "mse"), theta0) == "hvp"
+    big = MLP(4, 3, depth=1, width=refine.AUTO_DENSE_MAX_N // 8 + 1)
+    assert big.n_params > refine.AUTO_DENSE_MAX_N
+    assert refine.resolve_operator("auto", MeanLoss(big, X, Y, "mse"), big.init(0)) == "hvp"
+    with pytest.raises(ValueError, match="unknown operator 'sparse'"):
+        refine.resolve_operator("sparse", f, theta0)
+    dense = refine.newton_mr(f, theta0, max_iters=3)
+    hvp = refine.newton_mr(f, theta0, max_iters=3, operator="hvp")
+    assert dense.iterations == hvp.iterations == 3
+    assert dense.grad_norm2 == pytest.approx(hvp.grad_norm2, rel=1e-6, abs=1e-14)
