@@ -1,7 +1,7 @@
 """Stage 7 — the exact Hessian and its eigenvalue counts: :func:`spectrum_at`, the project's public API.
 
 For an MLP's mean loss the Hessian comes in closed form, block by block (``closed_form``,
-:mod:`pipeline.mlp_hessian`, offered by the loss as ``loss_fn.closed_form``): about n·N² flops in GEMMs,
+:mod:`pipeline.mlp_hessian`, offered by the loss as ``loss_fn.closed_form``): about 2·n·N² flops in GEMMs,
 10× faster than the HVP build on 2 CPU cores at N = 1,732 and 3,852 (0.05 s and 0.23 s), and the
 default wherever the loss offers it.
 Otherwise the Hessian is built a block of rows at a time from Hessian-vector products with basis
@@ -61,8 +61,8 @@ BATCH_POINTS_DEVICES = ("cuda",)
 # the floor would count rounding noise, so float32 raises rel_tol to it; float64 leaves it alone.
 REL_NOISE_FLOOR = {torch.float32: 1e-6}
 # What one dense point holds while it is counted, in units of its Hessian (N² numbers): H and the copy
-# eigh takes (LAPACK; cuSOLVER's eigvalsh measured 6×H in all, and the out-of-memory fallback covers
-# that), or H and inertia's saved lower triangle.
+# eigh takes — LAPACK's figure; cuSOLVER's eigvalsh measured 6×H in all, which the out-of-memory
+# fallback covers — or H and inertia's saved lower triangle.
 FOOTPRINT = {"eigh": 2.0, "inertia": 1.0 + inertia.SAVED_SHARE}
 
 

@@ -35,29 +35,32 @@ def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
                 accumulate: bool = False, workspace_bytes: float = 0.0) -> torch.Tensor:
     """``weight`` · the Hessian ``[N, N]`` of :func:`pipeline.models.loss_value` at ``theta`` ``[N]`` over
     ``X`` ``[n, in_dim]``, ``Y`` (``[n, out_dim]`` targets for mse, ``[n]`` class indices for
-    cross_entropy), written into ``out`` (or added to it when ``accumulate``), else into a new tensor.
+    cross_entropy), written into ``out`` (or added to it when ``accumulate``: ``out`` must then be
+    symmetric, as a sum of Hessians is), else into a new tensor.
 
-    Exactly symmetric. ``workspace_bytes`` (0: 64 MiB) bounds the per-sample layer quantities (about
-    width² numbers per pair of layers per sample: the samples go in chunks that fit, each weighted by
-    its share of the mean) and a block's products (its rows go in chunks that fit). Runs on ``theta``'s
-    device and dtype.
+    Exactly symmetric. ``workspace_bytes`` (0: 64 MiB) bounds the temporaries: half of it for the
+    per-sample layer quantities (about width² numbers per pair of layers per sample — the samples go in
+    chunks that fit, each weighted by its share of the mean), half for a block's products and their
+    factors (a block's rows go in chunks that fit). Runs on ``theta``'s device and dtype.
     """
     if theta.dim() != 1 or theta.numel() != model.n_params:
         raise ValueError(f"theta must be a flat [{model.n_params}] vector for {model}, got {tuple(theta.shape)}")
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("mlp_hessian needs at least one sample: the mean loss over no rows is undefined")
     n_par = model.n_params
     H = out if out is not None else torch.empty(n_par, n_par, dtype=theta.dtype, device=theta.device)
     if H.shape != (n_par, n_par):
         raise ValueError(f"out must be [{n_par}, {n_par}], got {tuple(H.shape)}")
     if not accumulate:
         H.zero_()
-    budget = workspace_bytes if workspace_bytes > 0 else DEFAULT_WORKSPACE_BYTES
+    half = 0.5 * (workspace_bytes if workspace_bytes > 0 else DEFAULT_WORKSPACE_BYTES)
     theta, X = theta.detach(), X.to(theta.dtype)
     offsets = _offsets(model)
-    n = X.shape[0]
-    step = max(1, min(n, int(budget // _bytes_per_sample(offsets, H.element_size()))))
-    for s in range(0, n, step):
-        Xc, Yc = X[s:s + step], Y[s:s + step]
-        _add_samples(H, model, theta, Xc, Yc, loss, offsets, weight * Xc.shape[0] / n, budget)
+    per_chunk = max(1, min(n, int(half // _bytes_per_sample(offsets, H.element_size()))))
+    for s in range(0, n, per_chunk):
+        Xc, Yc = X[s:s + per_chunk], Y[s:s + per_chunk]
+        _add_samples(H, model, theta, Xc, Yc, loss, offsets, weight * Xc.shape[0] / n, half)
     _mirror_upper_blocks(H, offsets)
     if weight_decay:
         H.diagonal().add_(weight * weight_decay)
@@ -65,23 +68,25 @@ def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
 
 
 def _bytes_per_sample(offsets, itemsize: int) -> int:
-    """Memory one sample's layer quantities take: Hz^{ll}, ∂z_m/∂z_l and Hz^{lm} for every pair of layers
-    (width² numbers each), plus its activations and derivatives."""
+    """Memory one sample's layer quantities take at most: Hz^{ll} per layer, ∂z_m/∂z_l for one l and all
+    m > l, and a block's Hz^{lm} and ∂ã_{m-1}/∂z_l; plus its inputs ã, σ', σ'' and δ per layer."""
     widths = [h for _, _, h in offsets]
-    pairs = sum(h_l * h_m for i, h_l in enumerate(widths) for h_m in widths[i:])
-    return itemsize * (2 * pairs + 6 * sum(d + h for _, d, h in offsets))
+    hz = sum(h * h for h in widths)
+    jz = max(sum(widths[l] * h for h in widths[l + 1:]) for l in range(len(widths)))
+    block = max(h_l * h_m + d_m * h_l for _, _, h_l in offsets for _, d_m, h_m in offsets)
+    return itemsize * (hz + jz + block + sum(d + 3 * h for _, d, h in offsets))
 
 
 def _add_samples(H, model, theta, X, Y, loss, offsets, weight, budget) -> None:
     """H[upper blocks] += weight · the Hessian of the mean loss over the rows of ``X``, ``Y``."""
     Ws, acts, d1, deltas, Hzz = _layer_quantities(model, theta, X, Y, loss)
     L = len(Ws)
-    Jz = {}  # Jz[(m, l)] = ∂z_m/∂z_l, [n, h_m, h_l], for m > l
     for l in range(L):
+        Jz = {}  # Jz[m] = ∂z_m/∂z_l, [n, h_m, h_l], for m > l
         for m in range(l, L):
             if m > l:
-                step = Ws[m].T[None] * d1[m - 1][:, None, :]  # ∂z_m/∂z_{m-1} = W_mᵀ diag σ'(z_{m-1})
-                Jz[(m, l)] = step if m == l + 1 else step @ Jz[(m - 1, l)]
+                one_layer = Ws[m].T * d1[m - 1][:, None, :]  # ∂z_m/∂z_{m-1} = W_mᵀ diag σ'(z_{m-1})
+                Jz[m] = one_layer if m == l + 1 else one_layer @ Jz[m - 1]
             _add_block(H, l, m, acts, d1, deltas, Hzz, Jz, offsets, weight, budget)
 
 
@@ -107,15 +112,13 @@ def _layer_quantities(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch
             a, s1 = jvp(act, (z,), (ones,))
             d1.append(s1)
             d2.append(jvp(first, (z,), (ones,))[1])  # σ'' elementwise
-        else:
-            f = z
-    delta, Hz = _loss_derivatives(f, Y, loss)
+    delta, Hz = _loss_derivatives(z, Y, loss)  # z is the output f = z_L
     deltas, Hzz = [None] * L, [None] * L
     deltas[-1], Hzz[-1] = delta, Hz
     for l in range(L - 2, -1, -1):
         back = deltas[l + 1] @ Ws[l + 1].T  # [n, h_l]
         deltas[l] = d1[l] * back
-        G = Ws[l + 1][None] @ Hzz[l + 1] @ Ws[l + 1].T[None]  # W Hz Wᵀ, [n, h_l, h_l]
+        G = Ws[l + 1] @ Hzz[l + 1] @ Ws[l + 1].T  # W Hz Wᵀ, [n, h_l, h_l]
         Hzz[l] = d1[l][:, :, None] * G * d1[l][:, None, :] + torch.diag_embed(d2[l] * back)
     return Ws, acts, d1, deltas, Hzz
 
@@ -125,7 +128,7 @@ def _loss_derivatives(f: torch.Tensor, Y: torch.Tensor, loss: str) -> tuple[torc
     n, k = f.shape
     if loss == "mse":
         eye = torch.eye(k, dtype=f.dtype, device=f.device)
-        return (f - Y) / n, eye.expand(n, k, k) / n
+        return (f - Y.to(f.dtype)) / n, eye.expand(n, k, k) / n
     if loss == "cross_entropy":
         p = torch.softmax(f, dim=1)
         onehot = torch.nn.functional.one_hot(Y.long(), k).to(f.dtype)
@@ -145,31 +148,30 @@ def _offsets(model: MLP) -> list[tuple[int, int, int]]:
 
 def _add_block(H, l, m, acts, d1, deltas, Hzz, Jz, offsets, weight, budget) -> None:
     """H[block l, block m] += weight · Σ_n ã_{l-1} ⊗ K_n (see the module docstring), for l ≤ m.
+    ``Jz[m']`` is ∂z_{m'}/∂z_l ``[n, h_{m'}, h_l]`` for l < m' ≤ m.
 
     The two terms of K go as two GEMMs over the samples whose factors are small — (ã_{l-1} ⊗ ã_{m-1})
     against Hz^{lm}, and (ã_{l-1} ⊗ δ_m) against ∂ã_{m-1}/∂z_l — and their products are permuted into
-    the block's (j, i), (q, p) layout as they are added. Input rows j go in chunks whose product fits
-    ``budget`` bytes."""
+    the block's (j, i), (q, p) layout as they are added. Input rows j go in chunks whose products and
+    factors fit ``budget`` bytes."""
     (r0, d_l, h_l), (c0, d_m, h_m) = offsets[l], offsets[m]
     n = acts[l].shape[0]
     block = H[r0:r0 + d_l * h_l, c0:c0 + d_m * h_m].view(d_l, h_l, d_m, h_m)  # [j, i, q, p]
-    Hz_lm = Hzz[m] if m == l else Jz[(m, l)].transpose(1, 2) @ Hzz[m]  # [n, h_l, h_m]
-    Y = Hz_lm.reshape(n, h_l * h_m)
-    if m > l:  # ∂ã_{m-1}/∂z_l, [n, d_m, h_l]; the bias entry of ã is constant
-        dA = d1[m - 1][:, :, None] * (Jz[(m - 1, l)] if m - 1 > l else torch.diag_embed(torch.ones_like(d1[l])))
-        if d_m > dA.shape[1]:
-            dA = torch.cat([dA, dA.new_zeros(n, 1, h_l)], dim=1)
-        Yb = dA.reshape(n, d_m * h_l)
-    A, A_m, delta = acts[l], acts[m], deltas[m]
-    chunk = max(1, min(d_l, int(budget // (d_m * h_l * h_m * H.element_size()))))
+    hz = (Hzz[m] if m == l else Jz[m].transpose(1, 2) @ Hzz[m]).reshape(n, h_l * h_m)  # Hz^{lm}, [n, (i, p)]
+    if m > l:  # ∂ã_{m-1}/∂z_l, [n, (q, i)]; the bias entry of ã is constant
+        da = torch.diag_embed(d1[l]) if m == l + 1 else d1[m - 1][:, :, None] * Jz[m - 1]
+        da = torch.nn.functional.pad(da, (0, 0, 0, d_m - da.shape[1])).reshape(n, d_m * h_l)
+    a_l, a_m, delta = acts[l], acts[m], deltas[m]
+    per_row = H.element_size() * (d_m * h_l * h_m + n * (d_m + h_m))  # one row j's product and factors
+    chunk = max(1, min(d_l, int(budget // per_row)))
     for j in range(0, d_l, chunk):
-        a = A[:, j:j + chunk]
+        a = a_l[:, j:j + chunk]
         c = a.shape[1]
-        X = (a[:, :, None] * A_m[:, None, :]).reshape(n, c * d_m)  # ã_{l-1} ⊗ ã_{m-1}, [n, (j, q)]
-        block[j:j + c].add_((X.T @ Y).view(c, d_m, h_l, h_m).permute(0, 2, 1, 3), alpha=weight)
+        aa = (a[:, :, None] * a_m[:, None, :]).reshape(n, c * d_m)  # ã_{l-1} ⊗ ã_{m-1}, [n, (j, q)]
+        block[j:j + c].add_((aa.T @ hz).view(c, d_m, h_l, h_m).permute(0, 2, 1, 3), alpha=weight)
         if m > l:
-            Xb = (a[:, :, None] * delta[:, None, :]).reshape(n, c * h_m)  # ã_{l-1} ⊗ δ_m, [n, (j, p)]
-            block[j:j + c].add_((Yb.T @ Xb).view(d_m, h_l, c, h_m).permute(2, 1, 0, 3), alpha=weight)
+            ad = (a[:, :, None] * delta[:, None, :]).reshape(n, c * h_m)  # ã_{l-1} ⊗ δ_m, [n, (j, p)]
+            block[j:j + c].add_((da.T @ ad).view(d_m, h_l, c, h_m).permute(2, 1, 0, 3), alpha=weight)
 
 
 def _mirror_upper_blocks(H: torch.Tensor, offsets) -> None:

@@ -32,8 +32,9 @@ MINRES_STOPS = ("solved", "least_squares", "invariant", "max_iters", "zero_rhs")
 GTOL2 = 1e-10
 OPERATORS = ("auto", "hvp", "dense")
 # `auto` builds H (closed form) per Newton step up to this N. One CPU thread, 5 Newton-MR steps of 110-130
-# MINRES iterations each, 512 samples: dense/HVP time 0.33 at N = 1,210 (64-16-10), 0.83 at 1,732, 1.6 at
-# 2,908 and 2.6 at 3,852 (16-h-h-4): an HVP call costs 2-4 ms, a dense product of a large H is memory-bound.
+# MINRES iterations each, 512 samples: the ratio of dense to HVP time was 0.33 at N = 1,210 (64-16-10), 0.83
+# at 1,732, 1.6 at 2,908 and 2.6 at 3,852 (16-h-h-4): an HVP call costs 2-4 ms, a product with a large H is
+# memory-bound. Measured on CPU only; CUDA uses the same bound.
 AUTO_DENSE_MAX_N = 2048
 
 
@@ -288,7 +289,7 @@ def resolve_operator(operator: str, loss_fn: LossFn, theta: torch.Tensor) -> str
 
 
 def _matvec(loss_fn: LossFn, theta: torch.Tensor, operator: str) -> MatVec:
-    operator = resolve_operator(operator, loss_fn, theta)
+    """``v -> H v`` at ``theta`` for a resolved ``operator`` (``hvp`` or ``dense``)."""
     if operator == "hvp":
         return hvp_at(loss_fn, theta)
     from pipeline.hessian import hessian  # one N×N build per point, then cheap products
@@ -325,6 +326,7 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
     """
     t0 = time.perf_counter()
     theta = _start(theta0)
+    operator = resolve_operator(operator, loss_fn, theta)
     start = theta.clone()
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)

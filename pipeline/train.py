@@ -107,7 +107,7 @@ class Problem:
     weight_decay: float
 
     def loss_fn(self, X: Optional[torch.Tensor] = None, Y: Optional[torch.Tensor] = None,
-                weight_decay: Optional[float] = None) -> "MeanLoss":
+                weight_decay: Optional[float] = None) -> MeanLoss:
         X = self.data.X if X is None else X
         Y = self.data.Y if Y is None else Y
         wd = self.weight_decay if weight_decay is None else weight_decay

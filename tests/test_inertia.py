@@ -121,16 +121,21 @@ def test_counts_leave_the_matrix_as_it_was_bit_for_bit():
 
 def test_counts_read_the_lower_triangle_in_place_and_on_a_strided_view():
     """Like LAPACK, counts read the lower triangle: garbage above the diagonal changes nothing, and H
-    comes back as its lower triangle mirrored. A transposed (non-contiguous) view takes the copying
-    path and must give the same counts."""
+    comes back as its lower triangle mirrored. Column-major H is factored in place as it is, a strided
+    view as a copy; both give the same counts and leave the memory around them alone."""
     A, _ = _planted(70, 15)
     junk = A.tril() + torch.randn(70, 70, dtype=F64, generator=torch.Generator().manual_seed(1)).triu(1)
     ref = inertia.counts(A.clone(), TOL)
     assert ref == inertia.counts(junk, TOL)
     assert torch.equal(junk, A.tril() + A.tril(-1).T)
-    strided = A.clone().T  # symmetric, so the same matrix, but column-major
-    assert not strided.is_contiguous()
-    assert inertia.counts(strided, TOL) == ref
+    column_major = A.clone().T  # symmetric, so the same matrix: factored in place as it is
+    assert not column_major.is_contiguous()
+    assert inertia.counts(column_major, TOL) == ref and torch.equal(column_major, A)
+    holder = torch.zeros(140, 140, dtype=F64)
+    holder[::2, ::2] = A
+    neither = holder[::2, ::2]  # neither row- nor column-major: factored as a copy
+    assert inertia.counts(neither, TOL) == ref and torch.equal(neither, A)
+    assert holder[1::2].abs().max() == 0 and holder[:, 1::2].abs().max() == 0
 
 
 def test_counts_factor_in_the_matrix_own_memory():
