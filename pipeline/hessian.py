@@ -2,7 +2,7 @@
 
 For an MLP's mean loss the Hessian comes in closed form, block by block (``closed_form``,
 :mod:`pipeline.mlp_hessian`, offered by the loss as ``loss_fn.closed_form``): about 2·n·N² flops in GEMMs,
-10× faster than the HVP build on 2 CPU cores at N = 1,732 and 3,852 (0.05 s and 0.23 s), and the
+10× faster than the HVP build on 2 CPU cores at N = 1,732 and 3,852 (0.05 s and 0.24 s), and the
 default wherever the loss offers it.
 Otherwise the Hessian is built a block of rows at a time from Hessian-vector products with basis
 vectors, vmapped over the block, so the build is a few large batched kernels rather than N autograd
