@@ -161,3 +161,21 @@ def test_cuda_closed_form_equals_cpu():
     cpu = mlp_hessian(model, theta, X, Y, "cross_entropy", 1e-4)
     gpu = mlp_hessian(model, theta.cuda(), X.cuda(), Y.cuda(), "cross_entropy", 1e-4)
     _close(gpu.cpu(), cpu, tol=1e-13)
+
+
+def test_a_teacher_net_is_a_degenerate_global_minimum_as_science_md_says():
+    """SCIENCE.md's case: a 1-128-1 ReLU net (385 parameters) at an exact global minimum. With targets made by
+    the net itself from 6 inputs the loss is 0, the residuals vanish and H = JᵀJ/n has rank 6: 6 positive and
+    379 zero eigenvalues, a gap of many decades between them, whatever the naive sign count says."""
+    model = MLP(1, 1, depth=1, width=128, activation="relu")
+    assert model.n_params == 385
+    theta = model.init(3)
+    X = torch.linspace(-1.5, 1.5, 6, dtype=F64)[:, None]
+    f = MeanLoss(model, X, model.forward(theta, X), "mse")
+    assert float(f(theta)) == 0.0
+    exact = hs.spectrum_at(f, theta, method="eigh")
+    counted = hs.spectrum_at(f, theta, method="inertia", tol=exact.tol)
+    assert exact.tol_method == "gap"
+    assert (exact.n_pos, exact.n_neg, exact.n_zero) == (counted.n_pos, counted.n_neg, counted.n_zero) == (6, 0, 379)
+    assert exact.label == "degenerate_minimum" and exact.min_ratio == pytest.approx(6 / 385)
+    assert exact.min_ratio_naive > 0.2  # the zeros' rounding signs: 0.506 here, SCIENCE.md's 0.504
