@@ -94,18 +94,13 @@ def _layer_quantities(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch
     """Per layer: weights ``[h_{l-1}, h_l]``, inputs ã_{l-1} ``[n, h_{l-1}(+1)]``, σ'(z_l) ``[n, h_l]`` (hidden
     layers), δ_l ``[n, h_l]`` and Hz^{ll} ``[n, h_l, h_l]``, all of the mean loss (the 1/n is in δ_L)."""
     act = ACTIVATIONS[model.activation]
-    Ws, bs, i = [], [], 0
-    for fan_in, fan_out in model.layer_dims:
-        Ws.append(theta[i:i + fan_in * fan_out].reshape(fan_in, fan_out))
-        i += fan_in * fan_out
-        if model.bias:
-            bs.append(theta[i:i + fan_out])
-            i += fan_out
-    n, L = X.shape[0], len(Ws)
+    layers = model.layers(theta)
+    Ws = [W for W, _ in layers]
+    n, L = X.shape[0], len(layers)
     a, acts, d1, d2 = X, [], [], []
-    for l, W in enumerate(Ws):
-        acts.append(torch.cat([a, a.new_ones(n, 1)], dim=1) if model.bias else a)
-        z = a @ W + (bs[l] if model.bias else 0)
+    for l, (W, b) in enumerate(layers):
+        acts.append(a if b is None else torch.cat([a, a.new_ones(n, 1)], dim=1))
+        z = a @ W if b is None else a @ W + b
         if l < L - 1:
             ones = torch.ones_like(z)
             first = lambda x: jvp(act, (x,), (ones,))[1]  # noqa: E731 — σ' elementwise
@@ -181,4 +176,4 @@ def _mirror_upper_blocks(H: torch.Tensor, offsets) -> None:
         size = d_l * h_l
         for c0, d_m, h_m in offsets[l + 1:]:
             H[c0:c0 + d_m * h_m, r0:r0 + size].copy_(H[r0:r0 + size, c0:c0 + d_m * h_m].T)
-    symmetrize_(H)
+        symmetrize_(H[r0:r0 + size, r0:r0 + size])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -66,19 +66,26 @@ class MLP:
                 parts.append(_uniform(g, fan_out, fan_in))
         return parts
 
+    def layers(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Views of ``theta`` ``[n_params]`` as each layer's weight ``[fan_in, fan_out]`` and bias ``[fan_out]``
+        (None without biases): the flat layout, layer by layer, weight then bias."""
+        out, i = [], 0
+        for fan_in, fan_out in self.layer_dims:
+            W = theta[i:i + fan_in * fan_out].reshape(fan_in, fan_out)
+            i += fan_in * fan_out
+            b = theta[i:i + fan_out] if self.bias else None
+            i += fan_out if self.bias else 0
+            out.append((W, b))
+        return out
+
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Outputs ``[n, out_dim]`` for inputs ``X`` ``[n, in_dim]`` and parameters ``theta`` ``[n_params]``."""
         act = ACTIVATIONS[self.activation]
-        h, i = X, 0
-        last = len(self.layer_dims) - 1
-        for k, (fan_in, fan_out) in enumerate(self.layer_dims):
-            W = theta[i:i + fan_in * fan_out].reshape(fan_in, fan_out)
-            i += fan_in * fan_out
-            h = h @ W
-            if self.bias:
-                h = h + theta[i:i + fan_out]
-                i += fan_out
-            if k < last:
+        h = X
+        layers = self.layers(theta)
+        for k, (W, b) in enumerate(layers):
+            h = h @ W if b is None else h @ W + b
+            if k < len(layers) - 1:
                 h = act(h)
         return h
 
