@@ -27,6 +27,20 @@ def compose_config(overrides: list[str] | None = None, shrink: bool = True):
         return compose("config", overrides=overrides)
 
 
+def peak_rss_growth_mib(setup: str, measured: str, env: dict | None = None) -> float:
+    """Run the Python source ``setup``, then ``measured``, in a fresh one-thread interpreter (with ``torch``
+    imported); return how much its peak resident set grew during ``measured``, in MiB."""
+    import subprocess
+    import sys
+
+    peak = "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
+    code = (f"import resource, torch\ntorch.set_num_threads(1)\n{setup}\nbase = {peak}\n{measured}\n"
+            f"print(({peak} - base) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=None if env is None else {**os.environ, **env})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """``make_cfg([...overrides])`` → a composed config whose results go under this test's tmp dir."""

@@ -4,13 +4,11 @@ equal one batch; what `auto` picks; CUDA against CPU where a GPU exists."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from conftest import peak_rss_growth_mib
 from pipeline import hessian as hs
 from pipeline.data import Dataset
 from pipeline.mlp_hessian import mlp_hessian
@@ -105,24 +103,17 @@ def test_temporaries_stay_within_the_workspace():
     """Peak resident memory above H while building a 1,698-parameter Hessian from 4,000 samples with a 32 MiB
     workspace, in a fresh process whose allocator returns freed blocks at once (MALLOC_MMAP_THRESHOLD_):
     within the workspace. (Sizing the row chunks by the products alone once took 720 MiB here.)"""
-    code = (
-        "import resource, torch\n"
+    setup = (
         "from pipeline.models import MLP\n"
         "from pipeline.mlp_hessian import mlp_hessian\n"
-        "torch.set_num_threads(1)\n"
         "m, n = MLP(200, 10, depth=1, width=8), 4000\n"
         "g = torch.Generator().manual_seed(0)\n"
         "X, Y = torch.randn(n, 200, generator=g, dtype=torch.float64), torch.randn(n, 10, generator=g, dtype=torch.float64)\n"
-        "H = torch.zeros(m.n_params, m.n_params, dtype=torch.float64)\n"
+        "H = torch.ones(m.n_params, m.n_params, dtype=torch.float64)\n"  # pages touched before measuring
         "mlp_hessian(MLP(3, 2, 1, 2), MLP(3, 2, 1, 2).init(0), X[:4, :3], Y[:4, :2], 'mse')\n"
-        "kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "base = kib()\n"
-        "mlp_hessian(m, m.init(0), X, Y, 'mse', out=H, workspace_bytes=32 * 2**20)\n"
-        "print((kib() - base) / 1024)\n"
     )
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    extra_mib = float(out.stdout.strip().splitlines()[-1])
+    extra_mib = peak_rss_growth_mib(setup, "mlp_hessian(m, m.init(0), X, Y, 'mse', out=H, workspace_bytes=32 * 2**20)",
+                                    env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert extra_mib <= 32 + 8, extra_mib
 
 
