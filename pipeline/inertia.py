@@ -4,12 +4,18 @@ By Sylvester's law of inertia, A = L D Lᵀ has as many positive / negative / ze
 block-diagonal D (1×1 and 2×2 blocks). So #{λ > tol} is the positive count of H − tol·I and
 #{λ < −tol} the negative count of H + tol·I: two factorisations (N³/3 flops each) instead of an
 eigendecomposition (about 9N³ on CPU). Works on CPU (LAPACK sytrf) and CUDA (cuSOLVER sytrf), batched.
+:func:`counts` on a CUDA float64 matrix factors with :mod:`pipeline.block_ldl` instead (GEMM speed),
+falling back to Bunch–Kaufman where that gives up.
 """
 from __future__ import annotations
 
 import torch
 
+from pipeline import block_ldl
 from pipeline.spectrum import Counts
+
+FACTORS = ("auto", "bunch_kaufman", "blocked")
+BLOCKED_ACCURACY = 1e-3  # the blocked factorisation's rounding stays within this × tol (tol = 0: Bunch–Kaufman)
 
 
 def inertia(A: torch.Tensor) -> torch.Tensor:
@@ -56,24 +62,53 @@ def _position_in_run(mask: torch.Tensor) -> torch.Tensor:
     return idx - last_false - 1
 
 
-def counts(H: torch.Tensor, tol: float, *, naive: bool = True) -> Counts:
+def counts(H: torch.Tensor, tol: float, *, naive: bool = True, factor: str = "auto") -> Counts:
     """Tolerance-aware counts of symmetric ``H`` ``[N, N]``: #{λ > tol}, #{λ < −tol}, the rest, #{λ > 0}.
 
     One factorisation per count: H − tol·I for n_pos, H + tol·I for n_neg, and H itself for the naive
     #{λ > 0} unless ``naive=False`` (then ``n_pos_naive`` is None: two factorisations instead of three;
-    tol = 0 needs one). Reads the lower triangle of ``H`` only. Each factorisation runs in ``H``'s own
-    memory (:func:`_factor_in_place`), and ``H`` is put back from a copy of its lower triangle kept in
-    row blocks, so peak memory is about 1.53×H (H = N² numbers) rather than 2×H. On return — also
-    after an out-of-memory error in a factorisation — ``H`` is its lower triangle mirrored: unchanged,
-    bit for bit, when it was exactly symmetric, as :func:`pipeline.hessian.hessian` builds it.
+    tol = 0 needs one). Reads the lower triangle of ``H`` only, and factors in ``H``'s own memory.
+    ``factor``: ``bunch_kaufman`` (LAPACK / cuSOLVER sytrf, in place, H put back from a copy of its lower
+    triangle kept in row blocks: peak about 1.53×H, H = N² numbers), ``blocked``
+    (:func:`pipeline.block_ldl.inertia_`, on the lower triangle while the upper one keeps H: peak about
+    1.0×H plus a few N×512 panels; its rounding is held within :data:`BLOCKED_ACCURACY` × tol, and
+    Bunch–Kaufman takes over for a shift where it gives up, or for tol = 0) or ``auto``
+    (:func:`resolve_factor`). On return — also after an error in a factorisation — ``H`` is its lower
+    triangle mirrored: unchanged, bit for bit, when it was exactly symmetric, as
+    :func:`pipeline.hessian.hessian` builds it.
     """
     if not tol >= 0:
         raise ValueError(f"tol must be ≥ 0, got {tol}")
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square [N, N] matrix, got shape {tuple(H.shape)}")
+    factor = resolve_factor(factor, H)
     H = H.detach()  # same memory; in-place work on a tensor that requires grad would be refused
     n = H.shape[-1]
     shifts = [0.0] if tol == 0 else ([0.0] if naive else []) + [-tol, tol]
+    if factor == "blocked" and tol > 0:
+        found = _blocked_counts(H, shifts, atol=BLOCKED_ACCURACY * tol)
+    else:
+        found = _bunch_kaufman_counts(H, shifts)
+    if tol == 0:
+        pos, neg = found[0.0][:2]
+        return Counts(pos, neg, n - pos - neg, pos)
+    n_pos, n_neg = found[-tol][0], found[tol][1]
+    return Counts(n_pos, n_neg, n - n_pos - n_neg, found[0.0][0] if naive else None)
+
+
+def resolve_factor(factor: str, H: torch.Tensor) -> str:
+    """``auto`` → ``blocked`` for a float64 matrix on CUDA (where cuSOLVER's sytrf is the slow part:
+    ``scripts/bench_hessian.py``), ``bunch_kaufman`` otherwise (LAPACK's sytrf is fast on CPU, and
+    float32 leaves the blocked growth bound too little room)."""
+    if factor not in FACTORS:
+        raise ValueError(f"factor must be one of {FACTORS}, got {factor!r}")
+    if factor != "auto":
+        return factor
+    return "blocked" if H.device.type == "cuda" and H.dtype == torch.float64 else "bunch_kaufman"
+
+
+def _bunch_kaufman_counts(H: torch.Tensor, shifts: list[float]) -> dict[float, list[int]]:
+    """Inertia ``[pos, neg, zero]`` of H + shift·I for each shift, by in-place sytrf; H put back."""
     found = {}
     saved = _LowerTriangle(H)
     try:
@@ -84,11 +119,27 @@ def counts(H: torch.Tensor, tol: float, *, naive: bool = True) -> Counts:
             found[shift] = _factor_in_place(H).tolist()
     finally:
         saved.restore(H)
-    if tol == 0:
-        pos, neg = found[0.0][:2]
-        return Counts(pos, neg, n - pos - neg, pos)
-    n_pos, n_neg = found[-tol][0], found[tol][1]
-    return Counts(n_pos, n_neg, n - n_pos - n_neg, found[0.0][0] if naive else None)
+    return found
+
+
+def _blocked_counts(H: torch.Tensor, shifts: list[float], atol: float) -> dict[float, list[int]]:
+    """Inertia of H + shift·I for each shift by :func:`pipeline.block_ldl.inertia_` (rounding within
+    ``atol``), which works on the lower triangle while the upper one keeps H; Bunch–Kaufman for a shift
+    where it gives up."""
+    found = {}
+    block_ldl.mirror_(H, from_upper=False)  # H is its lower triangle mirrored, and the upper keeps it
+    diag = H.diagonal().clone()
+    try:
+        for shift in shifts:
+            H.diagonal().copy_(diag + shift)
+            result = block_ldl.inertia_(H, atol=atol)
+            block_ldl.mirror_(H, from_upper=True)
+            H.diagonal().copy_(diag)
+            found[shift] = list(result) if result is not None else _bunch_kaufman_counts(H, [shift])[shift]
+    finally:
+        block_ldl.mirror_(H, from_upper=True)
+        H.diagonal().copy_(diag)
+    return found
 
 
 def _factor_in_place(H: torch.Tensor) -> torch.Tensor:

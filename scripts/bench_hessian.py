@@ -34,7 +34,7 @@ import time
 import torch
 
 from pipeline import hessian as hs
-from pipeline import inertia, spectrum
+from pipeline import block_ldl, inertia, spectrum
 from pipeline.models import MLP
 from pipeline.train import MeanLoss
 
@@ -42,6 +42,7 @@ F64 = torch.float64
 GPU_SIZES = [1999, 5508, 19204, 29124]
 CPU_SIZES = [1732, 3852]
 REL_TOL = 1e-6
+BLOCKS_GPU, BLOCKS_CPU = (256, 512, 1024), (256, 512)  # windows of the blocked LDLᵀ to time
 
 
 def width_for(n_params: int) -> int:
@@ -135,6 +136,8 @@ def bench_size(n_target: int, device: torch.device, args) -> dict:
     tol = REL_TOL * float(lam.abs().max())
     r["lanczos"], _ = timed(lambda: inertia.extreme_eigenvalues(H), device, rep)
     r["ldl1"], _ = timed(lambda: inertia.inertia(H).tolist(), device, rep)
+    r["inertia_bk"], c_bk = timed(lambda: _counts_only(H, naive=False, factor="bunch_kaufman"), device, rep)
+    r["blocked"] = {b: _time_blocked(H, tol, b, device, rep) for b in (BLOCKS_GPU if device.type == "cuda" else BLOCKS_CPU)}
     r["inertia3"], c_three = timed(lambda: _counts_only(H, naive=True), device, rep)
     with Peak(device) as pk:
         r["inertia"], c_inertia = timed(lambda: _counts_only(H, naive=False), device, rep)
@@ -142,7 +145,9 @@ def bench_size(n_target: int, device: torch.device, args) -> dict:
     c_eigh = counts_of(lam, tol)
     # Parameters to counts in one call, as the pipeline runs it with naive_count=false (build + Lanczos + 2 LDLᵀ).
     r["to_counts"], res = timed(lambda: hs.spectrum_at(f, theta, method="inertia", naive=False), device, 1)
-    r["agree_ours"] = tolerant(c_eigh) == tolerant(c_inertia) == tolerant(c_three) == tolerant(res.counts)
+    r["agree_ours"] = tolerant(c_eigh) == tolerant(c_inertia) == tolerant(c_three) == tolerant(res.counts) \
+        == tolerant(c_bk)
+    r["factor"] = inertia.resolve_factor("auto", H)
     r["counts"] = tolerant(c_eigh)
 
     # Baselines: row loop, then vectorize=True, each + eigvalsh; the same tolerance for the counts.
@@ -176,6 +181,23 @@ def bench_size(n_target: int, device: torch.device, args) -> dict:
     del H, lam
     hs._empty_cache(device)
     return r
+
+
+def _time_blocked(H: torch.Tensor, tol: float, block: int, device: torch.device, repeat: int):
+    """(best seconds, gave up?) of one :func:`pipeline.block_ldl.inertia_` of H − tol·I, on a fresh copy
+    each time (the copy is not timed)."""
+    best, gave_up = float("inf"), False
+    for _ in range(repeat):
+        M = H.clone()
+        M.diagonal().sub_(tol)
+        sync(device)
+        t0 = CLOCK()
+        gave_up = block_ldl.inertia_(M, atol=inertia.BLOCKED_ACCURACY * tol, block=block) is None
+        sync(device)
+        best = min(best, CLOCK() - t0)
+        del M
+    hs._empty_cache(device)
+    return best, gave_up
 
 
 def _counts_only(H: torch.Tensor, **how) -> spectrum.Counts:
@@ -300,8 +322,8 @@ def main(argv=None) -> None:
               f"{fmt_t(r['row'])}, vectorize {fmt_t(r['vec'])}, eigvalsh {fmt_t(r['eigvalsh'])}", flush=True)
 
     print("\n## Times (s)\n")
-    print("| N | build closed form | build rev | build fwd | eigh | counts (Lanczos + 2 LDLᵀ) "
-          "| counts + naive (Lanczos + 3 LDLᵀ) | Lanczos | one LDLᵀ | params→counts | autograd row loop "
+    print("| N | build closed form | build rev | build fwd | eigh | counts (Lanczos + 2 LDLᵀ, auto) "
+          "| counts + naive (Lanczos + 3 LDLᵀ) | Lanczos | one sytrf | params→counts | autograd row loop "
           "| autograd vectorize | eigvalsh |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -310,6 +332,16 @@ def main(argv=None) -> None:
               f"| {fmt_t(r['inertia'])} | {fmt_t(r['inertia3'])} | {fmt_t(r['lanczos'])} | {fmt_t(r['ldl1'])} "
               f"| {fmt_t(r['to_counts'])} | {fmt_t(r['row'])} | {fmt_t(r['vec'])} "
               f"| {fmt_t(r['eigvalsh'])} |")
+
+    print("\n## Counts: Bunch–Kaufman (LAPACK / cuSOLVER sytrf) against the blocked LDLᵀ (pipeline.block_ldl)\n")
+    blocks = list(rows[0]["blocked"]) if rows else []
+    print("| N | counts, Bunch–Kaufman (Lanczos + 2 sytrf) | counts, auto | auto's factor | one sytrf (copy) | "
+          + " | ".join(f"one blocked, window {b}" for b in blocks) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(blocks))
+    for r in rows:
+        cells = [fmt_t(r["blocked"][b][0]) + (" (gave up)" if r["blocked"][b][1] else "") for b in blocks]
+        print(f"| {r['N']:,} | {fmt_t(r['inertia_bk'])} | {fmt_t(r['inertia'])} | {r['factor']} | {fmt_t(r['ldl1'])} | "
+              + " | ".join(cells) + " |")
 
     print("\n## Speed-ups against the baselines of this run, memory, agreement\n")
     print("| N | full spectrum vs row loop+eigvalsh | counts vs row loop+eigvalsh | full vs vectorize+eigvalsh "
@@ -333,8 +365,8 @@ def main(argv=None) -> None:
               f"| {fmt_mem(r['peak_build_' + r['mode']], r['N'])} | {fmt_mem(r['peak_eigh'], r['N'])} "
               f"| {fmt_mem(r['peak_inertia'], r['N'])} | {agree} {r['counts']} | {diff} |")
     print("\nPeaks: torch.cuda.max_memory_allocated, 'H' = N²·8 bytes (n/a on CPU); 'counts' is the two-LDLᵀ "
-          "path, H included. Counts: tolerance 1e-6·max|λ|; eigh and both LDLᵀ paths on our H, and eigvalsh of "
-          "autograd's H with the same tolerance.")
+          "path (auto's factor), H included. Counts: tolerance 1e-6·max|λ|; eigh, both factors and the three-"
+          "factorisation path on our H, and eigvalsh of autograd's H with the same tolerance.")
 
     print(f"#   batched: {checkpoints} checkpoints of N ≈ {args.batched_n:,} ...", flush=True)
     b = bench_batched(args.batched_n, checkpoints, device)

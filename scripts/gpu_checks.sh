@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one command, for a fresh GPU machine with torch + CUDA and no internet
 # (about 5 minutes). Fails soft: a failing step is reported and the next one still runs.
 #   1. the tests marked `gpu` that need no Ray: CUDA against CPU for the Hessian build, eigh, LDLᵀ inertia
-#      with cuSOLVER's pivots, the multi-point path, Newton-MR, the estimator, the pipeline's Hessian job;
+#      with cuSOLVER's pivots and the blocked LDLᵀ, the multi-point path, Newton-MR, the estimator, the pipeline's Hessian job;
 #      (tests/test_cluster.py's GPU test needs Ray on the GPU machine and runs there only if Ray is installed)
 #   2. scripts/bench_hessian.py on the GPU (times, ratios against autograd, peak memory, checkpoints/s);
 #   3. scripts/bench_refine.py on the GPU (Newton-MR on dense products against HVPs: refine.operator=auto's bound);
@@ -32,7 +32,7 @@ status=0
 } 2>&1 | tee -a "$OUT/env.txt"
 
 tests=(tests/test_hessian.py tests/test_inertia.py tests/test_refine.py tests/test_estimate.py
-       tests/test_gpu_pipeline.py tests/test_mlp_hessian.py)
+       tests/test_gpu_pipeline.py tests/test_mlp_hessian.py tests/test_block_ldl.py)
 [ -f tests/test_models.py ] && tests+=(tests/test_models.py)
 python3 -c "import ray" 2>/dev/null && tests+=(tests/test_cluster.py)
 timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.txt"
@@ -41,7 +41,7 @@ rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "gpu tests: exit $rc" | tee -a "$
 timeout 300 python3 scripts/bench_hessian.py --device cuda --max-baseline-s 40 2>&1 | tee "$OUT/bench_gpu.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_hessian: exit $rc" | tee -a "$OUT/bench_gpu.txt"; status=1; }
 
-timeout 120 python3 scripts/bench_refine.py --device cuda 2>&1 | tee "$OUT/bench_refine_gpu.txt"
+timeout 75 python3 scripts/bench_refine.py --device cuda 2>&1 | tee "$OUT/bench_refine_gpu.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_refine: exit $rc" | tee -a "$OUT/bench_refine_gpu.txt"; status=1; }
 
 [ "${ESTIMATE:-0}" = 1 ] || exit $status

@@ -210,12 +210,15 @@ def test_cuda_inertia_equals_cpu_including_two_by_two_pivots():
     for A in cases:
         gpu_piv = torch.linalg.ldl_factor_ex(A.cuda())[1]
         assert (gpu_piv < 0).any() or A.diagonal().abs().min() > 0
-        for tol in (1e-9, TOL, 1e-2):
-            assert _tolerant(inertia.counts(A.cuda(), tol)) == _tolerant(inertia.counts(A.clone(), tol)) \
-                == _tolerant(_truth(A, tol))
-        shifted = A + 1e-3 * torch.eye(A.shape[0], dtype=F64)  # no eigenvalue near 0: naive count exact
-        assert inertia.counts(shifted.cuda(), 0.0) == inertia.counts(shifted.clone(), 0.0) == _truth(shifted, 0.0)
-        assert inertia.counts(A.cuda(), 1e-2, naive=False) == inertia.counts(A.clone(), 1e-2, naive=False)
+        for factor in ("bunch_kaufman", "blocked"):  # blocked: auto's choice on CUDA
+            for tol in (1e-9, TOL, 1e-2):
+                assert _tolerant(inertia.counts(A.cuda(), tol, factor=factor)) \
+                    == _tolerant(inertia.counts(A.clone(), tol)) == _tolerant(_truth(A, tol))
+            shifted = A + 1e-3 * torch.eye(A.shape[0], dtype=F64)  # no eigenvalue near 0: naive count exact
+            assert inertia.counts(shifted.cuda(), 0.0, factor=factor) == inertia.counts(shifted.clone(), 0.0) \
+                == _truth(shifted, 0.0)
+            assert inertia.counts(A.cuda(), 1e-2, naive=False, factor=factor) \
+                == inertia.counts(A.clone(), 1e-2, naive=False)
     batch = torch.stack(cases[1:2] * 3)
     assert inertia.inertia(batch.cuda()).cpu().tolist() == inertia.inertia(batch).tolist()
     pair = torch.stack([cases[0], -2 * cases[0]])
