@@ -35,8 +35,10 @@ OPERATORS = ("auto", "hvp", "dense")
 # MINRES iterations each, 512 samples: the ratio of dense to HVP time was 0.33 at N = 1,210 (64-16-10, the
 # lecture net); scripts/bench_refine.py (16-h-h-4, docs/bench/bench_refine_cpu.txt): 0.38 at 1,252, 0.89 at
 # 1,732, 1.16 at 2,092, 1.8 at 2,908, 2.6 at 3,852 — an HVP call costs 2-4 ms, a product with a large H is
-# memory-bound. So the crossover is near 1,900 and the bound slightly above it. CPU only; CUDA uses the same.
-AUTO_DENSE_MAX_N = 2048
+# memory-bound. So the crossover is near 1,900 and the bound slightly above it. On an H100
+# (docs/bench/bench_refine_h100.txt) dense took 0.09-0.11 of the HVP time at every N from 1,252 to 3,852, the
+# largest measured: the bound there is just above that.
+AUTO_DENSE_MAX_N = {"cpu": 2048, "cuda": 4096}
 
 
 def hvp_at(loss_fn: LossFn, theta: torch.Tensor) -> MatVec:
@@ -278,14 +280,14 @@ def _stop(gn2: float, gtol2: float, it: int, max_iters: int, history: dict, wind
 
 def resolve_operator(operator: str, loss_fn: LossFn, theta: torch.Tensor) -> str:
     """``auto`` → ``dense`` where the loss offers a closed-form Hessian (an MLP's, so one build costs a few
-    dozen HVPs' time) and N ≤ :data:`AUTO_DENSE_MAX_N`, else ``hvp``."""
+    dozen HVPs' time) and N ≤ :data:`AUTO_DENSE_MAX_N` for ``theta``'s device type, else ``hvp``."""
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
     if operator != "auto":
         return operator
     from pipeline.hessian import resolve_hvp
 
-    small = theta.numel() <= AUTO_DENSE_MAX_N
+    small = theta.numel() <= AUTO_DENSE_MAX_N.get(theta.device.type, AUTO_DENSE_MAX_N["cpu"])
     return "dense" if small and resolve_hvp("auto", theta.device, loss_fn) == "closed_form" else "hvp"
 
 

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     print(f"# bench_refine on {device}: {device_name(device)}")
     print(f"# MLP 16-h-h-4 tanh, 512 samples, MSE, float64; {args.steps} Newton-MR steps from 1,000 GD steps; "
-          f"auto's bound N ≤ {refine.AUTO_DENSE_MAX_N:,}\n")
+          f"auto's bound N ≤ {refine.AUTO_DENSE_MAX_N.get(device.type, refine.AUTO_DENSE_MAX_N['cpu']):,}\n")
     print("| N | hvp s | dense s | dense / hvp | MINRES iterations (hvp / dense) | final ‖g‖² (hvp / dense) |")
     print("|---|---|---|---|---|---|")
     for n_target in (int(s) for s in args.sizes.split(",") if s.strip()):

@@ -266,8 +266,8 @@ def test_auto_operator_builds_the_closed_form_for_small_mlps_only():
     f, theta0 = MeanLoss(model, X, Y, "mse"), model.init(1)
     assert refine.resolve_operator("auto", f, theta0) == "dense"
     assert refine.resolve_operator("auto", lambda t: loss_value(model, t, X, Y, "mse"), theta0) == "hvp"
-    big = MLP(4, 3, depth=1, width=refine.AUTO_DENSE_MAX_N // 8 + 1)
-    assert big.n_params > refine.AUTO_DENSE_MAX_N
+    big = MLP(4, 3, depth=1, width=refine.AUTO_DENSE_MAX_N["cpu"] // 8 + 1)
+    assert big.n_params > refine.AUTO_DENSE_MAX_N["cpu"]
     assert refine.resolve_operator("auto", MeanLoss(big, X, Y, "mse"), big.init(0)) == "hvp"
     with pytest.raises(ValueError, match="unknown operator 'sparse'"):
         refine.resolve_operator("sparse", f, theta0)
