@@ -335,14 +335,20 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
     if method != "inertia":
         raise ValueError(f"count_dense method must be eigh or inertia, got {method!r}")
     lam_lo, lam_hi = extremes or inertia.extreme_eigenvalues(H)
-    if tol is None:
-        if tol_mode == "gap":
-            raise ValueError("tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance")
-        tol, how = rel_tol * max(abs(lam_lo), abs(lam_hi)), "rel"
-    else:
-        how = "given"
+    tol, how = _inertia_tol((lam_lo, lam_hi), tol, rel_tol, tol_mode)
     c = inertia.counts(H, tol, naive=naive)
-    return spectrum.Summary(c, float(tol), how, lam_lo, lam_hi), None
+    return spectrum.Summary(c, tol, how, lam_lo, lam_hi), None
+
+
+def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: float, tol_mode: str
+                 ) -> tuple[float, str]:
+    """The tolerance of an ``inertia`` count and how it was set: ``tol`` if given, else ``rel_tol`` ·
+    max|λ| from the Lanczos ``extremes`` (λmin, λmax)."""
+    if tol is not None:
+        return float(tol), "given"
+    if tol_mode == "gap":
+        raise ValueError("tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance")
+    return rel_tol * max(abs(extremes[0]), abs(extremes[1])), "rel"
 
 
 def _summarize(lam: np.ndarray, dtype: torch.dtype, tol, rel_tol, tol_mode, gap_ratio) -> spectrum.Summary:
@@ -559,7 +565,10 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
                     for lam in lams]
         else:
             extremes = inertia.extreme_eigenvalues_batch(H)  # batched: one matvec per step for the pass
-            sums = [count_dense(H[k], method=method, extremes=extremes[k], **kw) for k in range(len(part))]
+            rel = effective_rel_tol(kw["rel_tol"], H.dtype)
+            tols = [_inertia_tol(ex, kw["tol"], rel, kw["tol_mode"]) for ex in extremes]
+            found = inertia.counts_many(H, [t for t, _ in tols], naive=kw["naive"])  # batched where it pays
+            sums = [(spectrum.Summary(c, t, how, *ex), None) for c, (t, how), ex in zip(found, tols, extremes)]
         _sync(device)
         secs = {"build": (t1 - t0) / len(part), "count": (time.perf_counter() - t1) / len(part)}
         del H

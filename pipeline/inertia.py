@@ -84,16 +84,51 @@ def counts(H: torch.Tensor, tol: float, *, naive: bool = True, factor: str = "au
     factor = resolve_factor(factor, H)
     H = H.detach()  # same memory; in-place work on a tensor that requires grad would be refused
     n = H.shape[-1]
-    shifts = [0.0] if tol == 0 else ([0.0] if naive else []) + [-tol, tol]
     if factor == "blocked" and tol > 0:
-        found = _blocked_counts(H, shifts, atol=BLOCKED_ACCURACY * tol)
+        found = _blocked_counts(H[None], torch.tensor([tol], dtype=torch.float64), _signs(tol, naive))
+        found = {sign: rows[0] for sign, rows in found.items()}
     else:
-        found = _bunch_kaufman_counts(H, shifts)
-    if tol == 0:
-        pos, neg = found[0.0][:2]
+        found = _bunch_kaufman_counts(H, [sign * tol for sign in _signs(tol, naive)])
+        found = {sign: found[sign * tol] for sign in _signs(tol, naive)}
+    return _counts_from(found, n, naive)
+
+
+def counts_many(H: torch.Tensor, tols: list[float], *, naive: bool = True, factor: str = "auto") -> list[Counts]:
+    """:func:`counts` of each matrix of ``H`` ``[B, N, N]`` with its own tolerance ``tols[k]``. With the
+    ``blocked`` factor the matrices are factored together (:func:`pipeline.block_ldl.inertia_` on a
+    batch, in groups that keep its panels within :data:`BATCH_PANEL_BYTES`): on a GPU that turns B
+    launches of small kernels into one. Each ``H[k]`` comes back as :func:`counts` leaves it."""
+    if H.dim() != 3 or H.shape[-1] != H.shape[-2] or len(tols) != H.shape[0]:
+        raise ValueError(f"H must be [B, N, N] with one tol per matrix, got shape {tuple(H.shape)} "
+                         f"and {len(tols)} tols")
+    if resolve_factor(factor, H) != "blocked" or not all(t > 0 for t in tols) or H.shape[0] == 1:
+        return [counts(H[k], t, naive=naive, factor=factor) for k, t in enumerate(tols)]
+    H = H.detach()
+    b, n = H.shape[0], H.shape[-1]
+    group = max(1, int(BATCH_PANEL_BYTES // (8 * n * 2 * block_ldl.BATCH_BLOCK * H.element_size())))
+    out = []
+    for s in range(0, b, group):
+        part = torch.tensor(tols[s:s + group], dtype=torch.float64)
+        found = _blocked_counts(H[s:s + group], part, _signs(1.0, naive))
+        out += [_counts_from({sign: rows[k] for sign, rows in found.items()}, n, naive) for k in range(len(part))]
+    return out
+
+
+BATCH_PANEL_BYTES = 2**30  # a batch's [B, N, window] panels (about eight of them) stay within this
+
+
+def _signs(tol: float, naive: bool) -> list[int]:
+    """Shifts, in units of tol: −1 for n_pos (H − tol·I), +1 for n_neg, 0 for the naive #{λ > 0}."""
+    return [0] if tol == 0 else ([0] if naive else []) + [-1, 1]
+
+
+def _counts_from(found: dict[int, list[int]], n: int, naive: bool) -> Counts:
+    """Counts from the inertia ``[pos, neg, zero]`` of H + sign·tol·I for each sign of :func:`_signs`."""
+    if list(found) == [0]:  # tol = 0
+        pos, neg = found[0][:2]
         return Counts(pos, neg, n - pos - neg, pos)
-    n_pos, n_neg = found[-tol][0], found[tol][1]
-    return Counts(n_pos, n_neg, n - n_pos - n_neg, found[0.0][0] if naive else None)
+    n_pos, n_neg = found[-1][0], found[1][1]
+    return Counts(n_pos, n_neg, n - n_pos - n_neg, found[0][0] if naive else None)
 
 
 def resolve_factor(factor: str, H: torch.Tensor) -> str:
@@ -122,23 +157,29 @@ def _bunch_kaufman_counts(H: torch.Tensor, shifts: list[float]) -> dict[float, l
     return found
 
 
-def _blocked_counts(H: torch.Tensor, shifts: list[float], atol: float) -> dict[float, list[int]]:
-    """Inertia of H + shift·I for each shift by :func:`pipeline.block_ldl.inertia_` (rounding within
-    ``atol``), which works on the lower triangle while the upper one keeps H; Bunch–Kaufman for a shift
-    where it gives up."""
+def _blocked_counts(H: torch.Tensor, tols: torch.Tensor, signs: list[int]) -> dict[int, list[list[int]]]:
+    """Inertia of H[k] + sign·tols[k]·I for each sign and each matrix of ``H`` ``[B, N, N]``, by
+    :func:`pipeline.block_ldl.inertia_` (rounding within :data:`BLOCKED_ACCURACY` · tol), which works on
+    the lower triangles while the upper ones keep H. Where a batch gives up, its matrices go one by one;
+    where one matrix gives up, Bunch–Kaufman counts it. H is put back from its upper triangles."""
     found = {}
     block_ldl.mirror_(H, from_upper=False)  # H is its lower triangle mirrored, and the upper keeps it
-    diag = H.diagonal().clone()
+    diag = H.diagonal(dim1=-2, dim2=-1).clone()
+    tols = tols.to(H.device, H.dtype)
     try:
-        for shift in shifts:
-            H.diagonal().copy_(diag + shift)
-            result = block_ldl.inertia_(H, atol=atol)
+        for sign in signs:
+            H.diagonal(dim1=-2, dim2=-1).copy_(diag + sign * tols[:, None])
+            rows = block_ldl.inertia_(H, atol=BLOCKED_ACCURACY * tols)
             block_ldl.mirror_(H, from_upper=True)
-            H.diagonal().copy_(diag)
-            found[shift] = list(result) if result is not None else _bunch_kaufman_counts(H, [shift])[shift]
+            H.diagonal(dim1=-2, dim2=-1).copy_(diag)
+            if rows is None and H.shape[0] > 1:
+                rows = [_blocked_counts(H[k:k + 1], tols[k:k + 1], [sign])[sign][0] for k in range(H.shape[0])]
+            elif rows is None:
+                rows = [_bunch_kaufman_counts(H[0], [sign * float(tols[0])])[sign * float(tols[0])]]
+            found[sign] = [list(r) for r in rows]
     finally:
         block_ldl.mirror_(H, from_upper=True)
-        H.diagonal().copy_(diag)
+        H.diagonal(dim1=-2, dim2=-1).copy_(diag)
     return found
 
 

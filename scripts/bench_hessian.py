@@ -6,7 +6,7 @@ For each N it times
 
 - ours: the Hessian build (closed form, :mod:`pipeline.mlp_hessian`, the default for MLPs; HVP modes
   ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it) and ``inertia``:
-  Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I), and with the third
+  Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I: Bunch–Kaufman and the blocked one), and with the third
   behind the naive #{λ > 0} (``hessian.naive_count``); one LDLᵀ alone; parameters to counts in one
   ``spectrum_at`` call;
 - the baselines: ``torch.autograd.functional.hessian`` as a row loop and with ``vectorize=True``,
@@ -245,6 +245,20 @@ def bench_batched(n_target: int, checkpoints: int, device: torch.device) -> dict
     return out
 
 
+def bench_windows(device: torch.device, batch: int = 64, sizes=(32, 48, 64, 128, 512)) -> list[tuple]:
+    """The blocked LDLᵀ's windows: seconds for ``batch`` eigendecompositions of m × m in one batched call
+    and one by one — what sets :data:`pipeline.block_ldl.BATCH_BLOCK`."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for m in sizes:
+        A = torch.randn(batch, m, m, generator=g, dtype=F64).to(device)
+        A = A + A.mT
+        t_batched, _ = timed(lambda: torch.linalg.eigh(A), device, 3)
+        t_loop, _ = timed(lambda: [torch.linalg.eigh(a) for a in A], device, 3)
+        out.append((m, t_batched, t_loop))
+    return out
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -367,6 +381,12 @@ def main(argv=None) -> None:
     print("\nPeaks: torch.cuda.max_memory_allocated, 'H' = N²·8 bytes (n/a on CPU); 'counts' is the two-LDLᵀ "
           "path (auto's factor), H included. Counts: tolerance 1e-6·max|λ|; eigh, both factors and the three-"
           "factorisation path on our H, and eigvalsh of autograd's H with the same tolerance.")
+
+    print(f"\n## The blocked LDLᵀ's windows: {checkpoints} eigendecompositions (torch.linalg.eigh) of m × m\n")
+    print("| m | one batched call, s | one by one, s | one by one / batched |")
+    print("|---|---|---|---|")
+    for m, t_b, t_l in bench_windows(device, checkpoints):
+        print(f"| {m} | {t_b:.4f} | {t_l:.4f} | {t_l / t_b:.1f}× |")
 
     print(f"#   batched: {checkpoints} checkpoints of N ≈ {args.batched_n:,} ...", flush=True)
     b = bench_batched(args.batched_n, checkpoints, device)

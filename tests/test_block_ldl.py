@@ -92,6 +92,33 @@ def test_counts_fall_back_to_bunch_kaufman_where_the_blocked_one_gives_up(monkey
     assert torch.equal(A, before)
 
 
+def test_a_batch_is_counted_as_one_by_one_and_comes_back_bit_for_bit(monkeypatch):
+    """Checkpoints of one network factored together: each its own tolerance, its own delayed directions
+    (padded to the batch's most), the same counts as Bunch–Kaufman one at a time."""
+    model = MLP(8, 3, depth=2, width=12, activation="tanh")
+    g = torch.Generator().manual_seed(4)
+    X, Y = torch.randn(96, 8, generator=g, dtype=F64), torch.randn(96, 3, generator=g, dtype=F64)
+    f = MeanLoss(model, X, Y, "mse")
+    H = torch.stack([hs.hessian(f, model.init(seed)) for seed in range(5)] + [_planted(model.n_params, 3)[0]])
+    tols = [TOL * float(np.abs(np.linalg.eigvalsh(h.numpy())).max()) for h in H]
+    before = H.clone()
+    for block in (8, 32):
+        monkeypatch.setattr(block_ldl, "BATCH_BLOCK", block)
+        got = inertia.counts_many(H, tols, naive=False, factor="blocked")
+        assert torch.equal(H, before)
+        assert got == [inertia.counts(h.clone(), t, naive=False, factor="bunch_kaufman") for h, t in zip(H, tols)]
+    # One matrix that makes the batch give up: the batch goes one by one, that one by Bunch–Kaufman.
+    stuck = torch.stack([H[0, :90, :90], _two_halves(90, 7), H[1, :90, :90]])
+    monkeypatch.setattr(block_ldl, "BATCH_BLOCK", 4)
+    monkeypatch.setattr(block_ldl, "BLOCK", 4)
+    before = stuck.clone()
+    got = inertia.counts_many(stuck, [1e-6] * 3, factor="blocked")
+    assert torch.equal(stuck, before)
+    assert [_tolerant(c) for c in got] == [_tolerant(_truth(m, 1e-6)) for m in before]
+    with pytest.raises(ValueError, match="one tol per matrix, got shape .* and 2 tols"):
+        inertia.counts_many(stuck, [1e-6] * 2)
+
+
 def test_exact_zeros_and_decoupled_rows():
     assert block_ldl.inertia_(torch.zeros(50, 50, dtype=F64), atol=1e-9, block=8) == (0, 0, 50)
     A = _rotate(torch.linspace(-2, 2, 40, dtype=F64), 8)
@@ -151,6 +178,10 @@ def test_cuda_blocked_counts_equal_the_cpu_and_stay_in_hs_memory():
         cpu = inertia.counts(H.clone(), tol, naive=False, factor="bunch_kaufman")
         assert _tolerant(inertia.counts(G, tol, naive=False, factor="blocked")) == _tolerant(cpu)
         assert torch.equal(G.cpu(), H)
+    batch = torch.stack([h[:100, :100] for h in _net_hessians()])  # a batch, as a pass counts it
+    tols = [TOL * float(np.abs(np.linalg.eigvalsh(h.numpy())).max()) for h in batch]
+    assert inertia.counts_many(batch.cuda(), tols) \
+        == [inertia.counts(h.clone(), t, factor="bunch_kaufman") for h, t in zip(batch, tols)]
     # Memory: H's own plus a few [N, block] panels, where Bunch–Kaufman in place keeps 0.53×H more.
     model = MLP(16, 4, depth=2, width=80, activation="tanh")  # N = 8,324
     g = torch.Generator().manual_seed(3)
