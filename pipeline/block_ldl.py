@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 BLOCK = 512  # window of one matrix (H100: 0.59 s at N = 29,124 for 512, 0.57 for 1,024, 256 gave up)
-BATCH_BLOCK = 32  # window of a batch: cuSOLVER decomposes ≤ 32 × 32 matrices of a batch in one call
+BATCH_BLOCK = 32  # window of a batch: cuSOLVER decomposes a batch of ≤ 32 × 32 in one call (H100: 64 of
+# them in 0.3 ms, against 38 ms for 48 × 48 and 16 ms for 32 × 32 one by one)
 GROWTH = 8.0  # per window: each row's D_i may reach at most this × the current bound on the entries
 
 
@@ -46,14 +47,14 @@ def inertia_(M: torch.Tensor, *, atol, block: Optional[int] = None, growth: floa
     by about u·√N·max D; directions that would take that past ``atol`` are not eliminated. The inertia
     returned is then exact for a matrix within about ``atol`` of ``M`` (the eigendecompositions' own
     rounding, u·‖M‖ as for Bunch–Kaufman, comes on top). ``block``: new indices per window (default
-    :data:`BLOCK`, :data:`BATCH_BLOCK` for a batch). ``max_carried``: most delayed directions before
+    :data:`BLOCK`, :data:`BATCH_BLOCK` for a batch of more than one). ``max_carried``: most delayed directions before
     giving up (default 4·``block``).
     """
     if M.dim() not in (2, 3) or M.shape[-1] != M.shape[-2]:
         raise ValueError(f"M must be a square [N, N] matrix or a batch [B, N, N], got shape {tuple(M.shape)}")
     batch = M if M.dim() == 3 else M[None]
     b, n = batch.shape[0], batch.shape[-1]
-    block = (BLOCK if M.dim() == 2 else BATCH_BLOCK) if block is None else block
+    block = (BLOCK if b == 1 else BATCH_BLOCK) if block is None else block
     if block < 1:
         raise ValueError(f"block must be ≥ 1, got {block}")
     atol = torch.as_tensor(atol, dtype=M.dtype).expand(b).to(M.device)

@@ -95,13 +95,15 @@ def counts(H: torch.Tensor, tol: float, *, naive: bool = True, factor: str = "au
 
 def counts_many(H: torch.Tensor, tols: list[float], *, naive: bool = True, factor: str = "auto") -> list[Counts]:
     """:func:`counts` of each matrix of ``H`` ``[B, N, N]`` with its own tolerance ``tols[k]``. With the
-    ``blocked`` factor the matrices are factored together (:func:`pipeline.block_ldl.inertia_` on a
-    batch, in groups that keep its panels within :data:`BATCH_PANEL_BYTES`): on a GPU that turns B
+    ``blocked`` factor and N ≤ :data:`BATCH_MAX_N` the matrices are factored together
+    (:func:`pipeline.block_ldl.inertia_` on a batch, in groups that keep its panels within
+    :data:`BATCH_PANEL_BYTES`): on a GPU that turns B
     launches of small kernels into one. Each ``H[k]`` comes back as :func:`counts` leaves it."""
     if H.dim() != 3 or H.shape[-1] != H.shape[-2] or len(tols) != H.shape[0]:
         raise ValueError(f"H must be [B, N, N] with one tol per matrix, got shape {tuple(H.shape)} "
                          f"and {len(tols)} tols")
-    if resolve_factor(factor, H) != "blocked" or not all(t > 0 for t in tols) or H.shape[0] == 1:
+    if resolve_factor(factor, H) != "blocked" or not all(t > 0 for t in tols) or H.shape[0] == 1 \
+            or H.shape[-1] > BATCH_MAX_N:
         return [counts(H[k], t, naive=naive, factor=factor) for k, t in enumerate(tols)]
     H = H.detach()
     b, n = H.shape[0], H.shape[-1]
@@ -115,6 +117,9 @@ def counts_many(H: torch.Tensor, tols: list[float], *, naive: bool = True, facto
 
 
 BATCH_PANEL_BYTES = 2**30  # a batch's [B, N, window] panels (about eight of them) stay within this
+# Larger matrices go one at a time: their factorisations are GEMM-bound, and a 32-wide window would take
+# N/32 steps. Measured at N = 1,483 (64 checkpoints, H100: 16× the throughput of one by one).
+BATCH_MAX_N = 2048
 
 
 def _signs(tol: float, naive: bool) -> list[int]:
