@@ -180,8 +180,9 @@ def test_cuda_blocked_counts_equal_the_cpu_and_stay_in_hs_memory():
         assert torch.equal(G.cpu(), H)
     batch = torch.stack([h[:100, :100] for h in _net_hessians()])  # a batch, as a pass counts it
     tols = [TOL * float(np.abs(np.linalg.eigvalsh(h.numpy())).max()) for h in batch]
-    assert inertia.counts_many(batch.cuda(), tols) \
-        == [inertia.counts(h.clone(), t, factor="bunch_kaufman") for h, t in zip(batch, tols)]
+    # (tolerant counts: these principal blocks have exact zero eigenvalues, whose naive signs are noise)
+    assert [_tolerant(c) for c in inertia.counts_many(batch.cuda(), tols)] \
+        == [_tolerant(inertia.counts(h.clone(), t, factor="bunch_kaufman")) for h, t in zip(batch, tols)]
     # Memory: H's own plus a few [N, block] panels, where Bunch–Kaufman in place keeps 0.53×H more.
     model = MLP(16, 4, depth=2, width=80, activation="tanh")  # N = 8,324
     g = torch.Generator().manual_seed(3)
