@@ -39,10 +39,11 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 # A loss given as a weighted sum of terms, e.g. per-data-batch losses weighted by n_b / n.
 WeightedTerms = Sequence[tuple[float, LossFn]]
 
-# `auto` takes the full spectrum up to this many parameters, counts only (LDLᵀ) above. On CPU LDLᵀ wins
-# early; on a GPU cuSOLVER's eigvalsh beats Lanczos + three LDLᵀ up to ~19k parameters (H200: 0.23 s vs
-# 0.88 s at N = 5,508; 4.3 s vs 3.4 s at 19,204; docs/bench/bench_hessian_h200.txt).
-AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 16384}
+# `auto` takes the full spectrum up to this many parameters, counts only (LDLᵀ) above: about where the
+# spectrum stops costing no more than the counts. CPU (2 cores): eigh 0.18 s vs counts 0.17 s at N = 1,732,
+# 1.25 s vs 0.97 s at 3,852. H100 with the blocked LDLᵀ (docs/bench/bench_hessian_h100.txt): eigh 0.025 s vs
+# 0.080 s at 1,999, 0.25 s vs 0.16 s (0.22 s with the naive count) at 5,508, 5.3 s vs 0.69 s at 19,204.
+AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 4096}
 METHODS = ("auto", "eigh", "inertia", "estimate")
 HVP_MODES = ("auto", "rev", "fwd", "closed_form")
 DEFAULT_HVP = {"cpu": "rev", "cuda": "rev"}
@@ -370,7 +371,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     keeps ``theta``'s) on ``device`` (default: ``theta``'s).
 
     ``method``: ``eigh`` (full spectrum), ``inertia`` (counts from LDLᵀ of H ∓ tol·I, no eigenvalues) or
-    ``auto`` (``eigh`` up to N = 4,096 on CPU and 16,384 on CUDA, ``inertia`` above). ``tol``: |λ| ≤ tol counts as zero; when None
+    ``auto`` (``eigh`` up to N = 4,096, ``inertia`` above). ``tol``: |λ| ≤ tol counts as zero; when None
     it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``;
     see :func:`pipeline.spectrum.choose_tol`); in float32 ``rel_tol`` is at least 1e-6, its noise floor.
     ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and what counting holds,
