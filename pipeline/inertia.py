@@ -107,7 +107,9 @@ def counts_many(H: torch.Tensor, tols: list[float], *, naive: bool = True, facto
         return [counts(H[k], t, naive=naive, factor=factor) for k, t in enumerate(tols)]
     H = H.detach()
     b, n = H.shape[0], H.shape[-1]
-    group = max(1, int(BATCH_PANEL_BYTES // (8 * n * 2 * block_ldl.BATCH_BLOCK * H.element_size())))
+    cols = min(n, 2 * block_ldl.BLOCK)  # sub_lower_'s diagonal blocks: one cols² product per matrix
+    per_matrix = (8 * n * 2 * block_ldl.BATCH_BLOCK + cols * cols) * H.element_size()
+    group = max(1, int(BATCH_PANEL_BYTES // per_matrix))
     out = []
     for s in range(0, b, group):
         part = torch.tensor(tols[s:s + group], dtype=torch.float64)
@@ -116,7 +118,7 @@ def counts_many(H: torch.Tensor, tols: list[float], *, naive: bool = True, facto
     return out
 
 
-BATCH_PANEL_BYTES = 2**30  # a batch's [B, N, window] panels (about eight of them) stay within this
+BATCH_PANEL_BYTES = 2**30  # a batch's [B, N, window] panels (about eight) and products stay within this
 # Larger matrices go one at a time: their factorisations are GEMM-bound, and a 32-wide window would take
 # N/32 steps. Measured at N = 1,483 (64 checkpoints, H100: 16× the throughput of one by one).
 BATCH_MAX_N = 2048
