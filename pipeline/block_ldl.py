@@ -102,7 +102,8 @@ def _factor(M: torch.Tensor, atol: torch.Tensor, block: int, growth: float, max_
         good, d = _eliminable(R, lam, grown[:, end:], budget)
         pos += (good & (lam > 0)).sum(-1)
         neg += (good & (lam < 0)).sum(-1)
-        inv = torch.where(good & (lam != 0), 1 / lam, 0.0)  # λ = 0 is eliminated only uncoupled
+        inv = torch.where(good, 1 / lam, 0.0)
+        inv = torch.where(inv.isfinite(), inv, 0.0)  # λ = 0 (or 1/λ past the range) is eliminated only uncoupled
         sub_lower_(M[:, end:, end:], R, R * inv[:, None, :])
         grown[:, end:] += (d * good[:, None, :]).sum(-1)
         late = ~good
@@ -153,8 +154,8 @@ def sub_lower_(C: torch.Tensor, R: torch.Tensor, W: torch.Tensor, cols: int = 2 
 def max_abs_lower(M: torch.Tensor, rows: int = BLOCK) -> torch.Tensor:
     """max |M_ij| over the lower triangle of each matrix of ``M`` ``[..., N, N]``, ``[...]``, in row
     blocks of ``rows`` (no N² temporary)."""
-    n = M.shape[-1]
-    parts = [M[..., s:s + rows, :s + rows].abs().amax((-2, -1)) for s in range(0, n, max(rows, 64))]
+    n, rows = M.shape[-1], max(rows, 64)
+    parts = [M[..., s:s + rows, :s + rows].tril(s).abs().amax((-2, -1)) for s in range(0, n, rows)]
     return torch.stack(parts).amax(0) if parts else M.new_zeros(M.shape[:-2])
 
 

@@ -84,7 +84,7 @@ def counts(H: torch.Tensor, tol: float, *, naive: bool = True, factor: str = "au
     factor = resolve_factor(factor, H)
     H = H.detach()  # same memory; in-place work on a tensor that requires grad would be refused
     n = H.shape[-1]
-    if factor == "blocked" and tol > 0:
+    if factor == "blocked" and BLOCKED_ACCURACY * tol > 0:
         found = _blocked_counts(H[None], torch.tensor([tol], dtype=torch.float64), _signs(tol, naive))
         found = {sign: rows[0] for sign, rows in found.items()}
     else:
@@ -102,14 +102,14 @@ def counts_many(H: torch.Tensor, tols: list[float], *, naive: bool = True, facto
     if H.dim() != 3 or H.shape[-1] != H.shape[-2] or len(tols) != H.shape[0]:
         raise ValueError(f"H must be [B, N, N] with one tol per matrix, got shape {tuple(H.shape)} "
                          f"and {len(tols)} tols")
-    if resolve_factor(factor, H) != "blocked" or not all(t > 0 for t in tols) or H.shape[0] == 1 \
+    if resolve_factor(factor, H) != "blocked" or not all(BLOCKED_ACCURACY * t > 0 for t in tols) or H.shape[0] < 2 \
             or H.shape[-1] > BATCH_MAX_N:
         return [counts(H[k], t, naive=naive, factor=factor) for k, t in enumerate(tols)]
     H = H.detach()
     b, n = H.shape[0], H.shape[-1]
     cols = min(n, 2 * block_ldl.BLOCK)  # sub_lower_'s diagonal blocks: one cols² product per matrix
     per_matrix = (8 * n * 2 * block_ldl.BATCH_BLOCK + cols * cols) * H.element_size()
-    group = max(1, int(BATCH_PANEL_BYTES // per_matrix))
+    group = max(1, int(BATCH_PANEL_BYTES // max(per_matrix, 1)))
     out = []
     for s in range(0, b, group):
         part = torch.tensor(tols[s:s + group], dtype=torch.float64)
@@ -176,7 +176,10 @@ def _blocked_counts(H: torch.Tensor, tols: torch.Tensor, signs: list[int]) -> di
     try:
         for sign in signs:
             H.diagonal(dim1=-2, dim2=-1).copy_(diag + sign * tols[:, None])
-            rows = block_ldl.inertia_(H, atol=BLOCKED_ACCURACY * tols)
+            try:
+                rows = block_ldl.inertia_(H, atol=BLOCKED_ACCURACY * tols)
+            except torch.linalg.LinAlgError:  # an eigendecomposition that did not converge: give up too
+                rows = None
             block_ldl.mirror_(H, from_upper=True)
             H.diagonal(dim1=-2, dim2=-1).copy_(diag)
             if rows is None and H.shape[0] > 1:

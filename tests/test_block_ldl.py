@@ -133,12 +133,32 @@ def test_exact_zeros_and_decoupled_rows():
 
 
 def test_only_the_lower_triangle_is_read_and_written():
-    A, _ = _planted(100, 10)
+    A, _ = _planted(300, 10)
     A.diagonal().sub_(TOL)
-    upper = torch.ones(100, 100, dtype=torch.bool).triu(1)
+    upper = torch.ones(300, 300, dtype=torch.bool).triu(1)
     M = A.masked_fill(upper, float("nan"))  # a NaN read from the upper triangle would spread
-    assert block_ldl.inertia_(M, atol=1e-9, block=24) == block_ldl.inertia_(A.clone(), atol=1e-9, block=24)
+    clean = block_ldl.inertia_(A.clone(), atol=1e-9, block=24)
+    assert clean is not None and block_ldl.inertia_(M, atol=1e-9, block=24) == clean
     assert torch.isnan(M[upper]).all() and not torch.isnan(M[~upper]).any()  # upper never written
+    Z = torch.zeros(128, 128, dtype=F64)
+    Z[40, 40], Z[100, 100], Z[3, 90] = 5.0, -7.0, 99.0  # (3, 90) is in the upper triangle
+    assert float(block_ldl.max_abs_lower(Z, 32)) == 7.0
+
+
+def test_a_decoupled_eigenvalue_below_the_float_range_is_no_nan():
+    """1/λ overflows for |λ| < 5.6e-309; a direction with such a λ and no coupling must be eliminated
+    without its 0·∞ = NaN reaching the Schur complement (found in review: a wrong naive count)."""
+    M = torch.tensor([[1e-310, 0, 0], [0, 1.0, 2.0], [0, 2.0, 1.0]], dtype=F64)
+    assert block_ldl.inertia_(M, atol=1e-9, block=1) == (2, 1, 0)
+    A = torch.randn(200, 200, generator=torch.Generator().manual_seed(14), dtype=F64)
+    A = A + A.T
+    A[0, :], A[:, 0] = 0.0, 0.0
+    A[0, 0] = 1e-310
+    lam = torch.linalg.eigvalsh(A)
+    got = inertia.counts(A.clone(), 1e-3, factor="blocked")
+    assert (got.n_pos, got.n_neg, got.n_pos_naive) == (int((lam > 1e-3).sum()), int((lam < -1e-3).sum()),
+                                                        int((lam > 0).sum()))
+    # (LAPACK's sytrf gets this naive count wrong: it scales the pivot's column by 1/1e-310 = ∞.)
 
 
 def test_lower_update_and_mirror_leave_the_other_triangle_alone():
