@@ -17,7 +17,8 @@ calls. Two HVP modes:
 Counting then uses the full spectrum (``eigh``) or, for counts only, the inertia of LDLᵀ factorisations
 (:mod:`pipeline.inertia`), which is several times cheaper. Peak memory is the Hessian, then for ``eigh``
 one N×N copy made by the eigensolver (cuSOLVER's workspace on top) or for ``inertia`` a copy of H's lower
-triangle (0.53×H; the factorisations run in H's own memory), and one block's build workspace
+triangle (0.53×H; the factorisations run in H's own memory; on CUDA the blocked LDLᵀ needs no copy, and
+the copy is only made where it falls back), and one block's build workspace
 (:func:`default_chunk_size`) — never an N×N identity.
 
 No Ray, Hydra or files here: ``loss_fn`` is any function of a flat parameter vector.

@@ -6,7 +6,8 @@ For each N it times
 
 - ours: the Hessian build (closed form, :mod:`pipeline.mlp_hessian`, the default for MLPs; HVP modes
   ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it) and ``inertia``:
-  Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I: Bunch–Kaufman and the blocked one), and with the third
+  Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I: Bunch–Kaufman and
+  the blocked one), and with the third
   behind the naive #{λ > 0} (``hessian.naive_count``); one LDLᵀ alone; parameters to counts in one
   ``spectrum_at`` call;
 - the baselines: ``torch.autograd.functional.hessian`` as a row loop and with ``vectorize=True``,
