@@ -203,7 +203,7 @@ def test_cuda_blocked_counts_equal_the_cpu_and_stay_in_hs_memory():
     assert [_tolerant(c) for c in inertia.counts_many(batch.cuda(), tols)] \
         == [_tolerant(inertia.counts(h.clone(), t, factor="bunch_kaufman")) for h, t in zip(batch, tols)]
     # Memory: H's own plus a few [N, block] panels, where Bunch–Kaufman in place keeps 0.53×H more.
-    model = MLP(16, 4, depth=2, width=80, activation="tanh")  # N = 8,324
+    model = MLP(16, 4, depth=2, width=80, activation="tanh")  # N = 8,164
     g = torch.Generator().manual_seed(3)
     X, Y = torch.randn(512, 16, generator=g, dtype=F64), torch.randn(512, 4, generator=g, dtype=F64)
     H = hs.hessian(MeanLoss(model, X.cuda(), Y.cuda(), "mse"), model.init(0).cuda())
