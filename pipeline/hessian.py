@@ -440,7 +440,11 @@ def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Option
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+    """Out of memory on a GPU (torch.OutOfMemoryError) or on the CPU, where torch's allocator raises a
+    plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    text = str(err).lower()
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text \
+        or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
 def total_budget_bytes(device: torch.device, memory_budget_mb: float = 0.0) -> float:
@@ -503,8 +507,8 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
     kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio, naive=naive)
     if method == "estimate":  # no dense Hessian, so nothing to batch and no memory fallback needed
         loss = loss_for(device, dtype)
-        return [spectrum_at(loss, t.to(device, dtype), method="estimate", estimate=estimate,
-                            matvec=matvec_at(t.to(device, dtype)) if matvec_at else None, **kw)
+        return [spectrum_at(loss, t.to(device, dtype), method="estimate", estimate=estimate, dtype=dtype,
+                            device=device, matvec=matvec_at(t.to(device, dtype)) if matvec_at else None, **kw)
                 for t in thetas], None
     batch_points = device.type in BATCH_POINTS_DEVICES if batch_points is None else batch_points
     try:
@@ -527,7 +531,7 @@ def _with_fallbacks(loss_for, thetas, method, dtype, device, chunk_size, memory_
     cpu = torch.device("cpu")
     workspace_mb = pass_workspace_mb(device, memory_budget_mb)
     tries = [(device, chunk_size, workspace_mb, f"one point at a time after out of memory on {device}"),
-             (device, max(1, chunk_size // 16), workspace_mb / 16,
+             (device, chunk_size and max(1, chunk_size // 16), workspace_mb / 16,  # 0: auto in 1/16
               f"one point at a time, 1/16 workspace, after out of memory on {device}"),
              (cpu, chunk_size, 0.0, f"moved to CPU after out of memory on {device}")]
     for dev, chunk, budget, what in tries:

@@ -166,9 +166,10 @@ def test_eigh_and_inertia_agree_on_network_hessians(case):
     assert lean.n_pos_naive is None and counts.n_pos_naive is not None and np.isnan(lean.min_ratio_naive)
 
 
-def _loss_for(prob: Problem, calls: list, oom_first: int = 0):
-    """``loss_for`` as jobs.py builds it; the first ``oom_first`` losses it hands out raise a real
-    torch.OutOfMemoryError when evaluated, as a CUDA allocation failure would."""
+def _loss_for(prob: Problem, calls: list, oom_first: int = 0, where: str = "cuda"):
+    """``loss_for`` as jobs.py builds it; the first ``oom_first`` losses it hands out run out of memory
+    when evaluated: a torch.OutOfMemoryError as from CUDA, or (``where="cpu"``) a real allocation the
+    CPU cannot hold, which torch reports as a plain RuntimeError."""
     def loss_for(device, dtype):
         calls.append(str(device))
         real = prob.to(device, dtype).batched_loss_terms(prob.data.n // 2)
@@ -176,6 +177,8 @@ def _loss_for(prob: Problem, calls: list, oom_first: int = 0):
             return real
 
         def boom(theta):
+            if where == "cpu":
+                torch.empty(2**50, dtype=F64)  # 8 PiB
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return [(1.0, boom)]
     return loss_for
@@ -200,17 +203,32 @@ def test_spectra_at_many_matches_spectrum_at_batched_or_not():
     assert all(c.eigenvalues is None for c in counts)
 
 
-@pytest.mark.parametrize("oom_first,what", [(1, "one point at a time after"), (2, "1/16 workspace"),
-                                            (3, "moved to CPU")])
-def test_spectra_at_many_falls_back_after_out_of_memory(oom_first, what):
+@pytest.mark.parametrize("oom_first,what,where", [(1, "one point at a time after", "cuda"),
+                                                  (2, "1/16 workspace", "cuda"), (3, "moved to CPU", "cuda"),
+                                                  (1, "one point at a time after", "cpu")])
+def test_spectra_at_many_falls_back_after_out_of_memory(oom_first, what, where):
     model, n, loss, wd = CASES[1]
     prob = _problem(model, n, loss, wd)
     thetas = torch.stack([model.init(s) for s in range(3)])
     calls = []
-    got, fallback = hs.spectra_at_many(_loss_for(prob, calls, oom_first), thetas, method="auto", chunk_size=8)
+    got, fallback = hs.spectra_at_many(_loss_for(prob, calls, oom_first, where), thetas, method="auto",
+                                       chunk_size=8)
     assert what in fallback and len(calls) == oom_first + 1
     ref = [hs.spectrum_at(prob.loss_fn(), t) for t in thetas]
     assert [(r.n_pos, r.n_neg, r.n_zero) for r in got] == [(r.n_pos, r.n_neg, r.n_zero) for r in ref]
+
+
+def test_the_small_workspace_fallback_keeps_an_automatic_chunk(monkeypatch):
+    """chunk_size=0 (automatic, the config's default) stays automatic within 1/16 of the workspace; it
+    once became 1, one column per vmapped call."""
+    model, n, loss, wd = CASES[0]
+    prob = _problem(model, n, loss, wd)
+    used, fill = [], hs._fill
+    monkeypatch.setattr(hs, "_fill", lambda H, rows_for, weight, first, chunk:
+                        used.append(chunk) or fill(H, rows_for, weight, first, chunk))
+    thetas = torch.stack([model.init(s) for s in range(2)])
+    _, fallback = hs.spectra_at_many(_loss_for(prob, [], 2), thetas, method="eigh", hvp="rev", chunk_size=0)
+    assert "1/16 workspace" in fallback and used and min(used) > 1, used
 
 
 def test_spectra_at_many_gives_up_loudly_and_passes_other_errors_through():
@@ -348,6 +366,24 @@ def test_spectrum_at_estimate_intervals_contain_the_exact_counts():
     assert np.isnan(est.min_ratio_naive)  # tol = 0 cannot be estimated: not reported rather than guessed
     with pytest.raises(ValueError, match="resolution"):
         hs.spectrum_at(f, theta, method="estimate", tol=1e-12 * exact.lam_max, estimate={"degree": 50})
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_spectra_at_many_estimates_in_the_dtype_asked_for(dtype):
+    """The estimator in a pipeline pass takes the pass's dtype (float32 once failed: float64 parameters
+    against float32 data)."""
+    torch.manual_seed(0)
+    model = MLP(6, 2, depth=1, width=24, activation="tanh")
+    prob = _problem_xy(model, torch.randn(120, 6, dtype=F64), torch.randn(120, 2, dtype=F64))
+    thetas = torch.stack([model.init(s) for s in range(2)])
+    got, fallback = hs.spectra_at_many(lambda dev, dt: prob.to(dev, dt).loss_fn(), thetas, method="estimate",
+                                       dtype=dtype, tol_mode="rel", rel_tol=0.3, estimate={"degree": 0})
+    assert fallback is None and [r.dtype for r in got] == [dtype, dtype]
+    for r, theta in zip(got, thetas):
+        exact = hs.spectrum_at(prob.loss_fn(), theta, method="eigh", tol=r.tol)
+        for name in ("n_pos", "n_neg", "n_zero"):
+            lo, hi = r.estimate[f"{name}_ci"]
+            assert lo <= getattr(exact, name) <= hi, (name, lo, getattr(exact, name), hi)
 
 
 def _problem_xy(model, X, Y):
