@@ -25,6 +25,7 @@ No Ray, Hydra or files here: ``loss_fn`` is any function of a flat parameter vec
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -389,12 +390,14 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     """
     device = torch.device(device) if device is not None else theta.device
     theta = theta.detach().to(device=device, dtype=dtype or theta.dtype)
+    _check_finite(theta[None], "parameters")
     method = resolve_method(method, theta.numel(), theta.device, theta.element_size())
     if method == "estimate":
         return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, matvec=matvec,
                           **(estimate or {}))
     t0 = time.perf_counter()
     H = hessian(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
+    _check_finite(H[None], "Hessian")
     _sync(device)
     t1 = time.perf_counter()
     summary, lam = count_dense(H, method=method, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode,
@@ -428,15 +431,28 @@ def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Option
             seconds: dict) -> SpectrumResult:
     terms = _terms(loss_fn)
     with torch.no_grad():
-        value = sum(w * f(theta) for w, f in terms)
+        value = float(sum(w * f(theta) for w, f in terms))
+    if not math.isfinite(value):
+        raise ValueError(f"the loss is {value} at this point: no spectrum of a non-finite loss")
     g = sum(w * grad(f)(theta) for w, f in terms)
     c = summary.counts
     return SpectrumResult(
-        n_params=theta.numel(), loss=float(value), grad_norm=float(torch.linalg.vector_norm(g)),
+        n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)),
         n_pos=c.n_pos, n_neg=c.n_neg, n_zero=c.n_zero, n_pos_naive=c.n_pos_naive,
         tol=summary.tol, tol_method=summary.tol_method, lam_min=summary.lam_min, lam_max=summary.lam_max,
         method=method, dtype=str(theta.dtype).replace("torch.", ""), device=_device_name(theta.device),
         eigenvalues=lam, seconds=seconds)
+
+
+def _check_finite(X: torch.Tensor, what: str, first: int = 0) -> None:
+    """Raise ValueError naming the points of ``X`` ``[B, ...]`` (parameters or Hessians; numbered from
+    ``first``) that hold a NaN or inf — before an eigensolver fails on them with a convergence error or a
+    factorisation counts garbage. One min/max pass, no copy of X."""
+    lo, hi = torch.aminmax(X.reshape(X.shape[0], -1), dim=1)  # NaN propagates into both
+    bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).nonzero().flatten().tolist()
+    if bad:
+        where = f" of point(s) {[first + k for k in bad]}" if X.shape[0] > 1 or first else ""
+        raise ValueError(f"NaN or inf in the {what}{where}")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -503,6 +519,7 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
     device = torch.device(device)
     if thetas.dim() != 2:
         raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
+    _check_finite(thetas.detach(), "parameters")
     method = resolve_method(method, thetas.shape[1], device, dtype.itemsize, memory_budget_mb)
     kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio, naive=naive)
     if method == "estimate":  # no dense Hessian, so nothing to batch and no memory fallback needed
@@ -562,6 +579,7 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
             H = torch.empty(len(part), n, n, dtype=thetas.dtype, device=device)
             for k, theta in enumerate(part):
                 hessian(loss, theta, chunk_size=chunk_size, memory_budget_mb=workspace_mb, hvp=hvp, out=H[k])
+        _check_finite(H, "Hessian", first=s)
         _sync(device)
         t1 = time.perf_counter()
         if method == "eigh":

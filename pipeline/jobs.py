@@ -138,7 +138,7 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
     except Exception as err:  # noqa: BLE001 — any failure of one run is recorded, the sweep goes on
         tables.write(store, sweep, "runs", [run_row(
             sweep, run, node_id, status="failed", wall_seconds=time.perf_counter() - t0,
-            error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")])
+            error=_error_text(err))])
         return "failed", []
     c = result.curves
     tables.write(store, sweep, "curves", [
@@ -178,44 +178,64 @@ def _hvp_operator(hvp_shards: Optional[Callable], h: dict, cfg, seed: int, devic
 def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu",
                 node_id: str | None = None, hvp_shards: Optional[Callable] = None) -> int:
     """Analyse checkpoints of one group (same loss function): write a ``points`` and a ``spectra`` row
-    each. Returns how many points were written. Failures become ``failed`` points rows.
-    ``node_id``: the Ray node this runs on, recorded in each row. ``hvp_shards``:
-    :func:`pipeline.shards.sharded_hvp`, which ``hessian.data_workers`` > 0 needs (the caller has Ray)."""
+    each. Returns how many points were written. Failures become ``failed`` points rows: when the group's
+    pass fails, each point is tried alone, so a point that cannot be analysed (say, NaN parameters) fails
+    by itself with its own error. ``node_id``: the Ray node this runs on, recorded in each row.
+    ``hvp_shards``: :func:`pipeline.shards.sharded_hvp`, which ``hessian.data_workers`` > 0 needs (the
+    caller has Ray)."""
     store = Store.open(store_uri)
     h = section(refs[0].config, "hessian")
     metas = [load_checkpoint(store, r.path) for r in refs]
     cfg = Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg()
     problem = make_problem(cfg, refs[0].seed)
     batch_size = refs[0].config["data"]["batch_size"]
-    thetas = torch.stack([m["theta"] for m in metas])
-    t0 = time.perf_counter()
-    try:
+
+    def analyse(thetas: torch.Tensor) -> list[tuple]:
         with _hvp_operator(hvp_shards, h, cfg, refs[0].seed, device) as matvec_at:
             results, fallback = spectra_at_many(
                 lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
                 dtype=h["dtype"], device=device, chunk_size=h["chunk_size"],
                 memory_budget_mb=h["memory_budget_mb"], matvec_at=matvec_at, **spectrum_options(h))
-        errors = [None] * len(refs)
+        return [(res, fallback, None) for res in results]
+
+    def alone(theta: torch.Tensor) -> tuple:
+        try:
+            return analyse(theta[None])[0]
+        except Exception as err:  # noqa: BLE001
+            return None, None, _error_text(err)
+
+    t0 = time.perf_counter()
+    thetas = torch.stack([m["theta"] for m in metas])
+    try:
+        outcomes = analyse(thetas)
     except Exception as err:  # noqa: BLE001
-        results, fallback = [None] * len(refs), None
-        errors = [f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"] * len(refs)
+        outcomes = [(None, None, _error_text(err))] if len(refs) == 1 else [alone(t) for t in thetas]
     per_point = (time.perf_counter() - t0) / len(refs)
-    for ref, meta, res, err in zip(refs, metas, results, errors):
+    for ref, meta, (res, fallback, err) in zip(refs, metas, outcomes):
         base = {"run_id": ref.run_id, "step": ref.step, "stage": ref.stage, "seed": ref.seed,
                 "stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
                 "node_id": node_id, "seconds": per_point}
+        if res is not None:
+            try:
+                row = {**base, **point_values(res), **meta.get("tag", {}), "fallback": fallback,
+                       **critical_values(problem, meta["theta"], res, refs[0].config)}
+            except Exception as error:  # noqa: BLE001
+                res, err = None, _error_text(error)
         if res is None:
             tables.write(store, sweep, "points", [{**base, "status": "failed", "error": err,
                                                    "loss": meta["loss"], "grad_norm": meta["grad_norm"]}])
             continue
-        row = {**base, **point_values(res), **meta.get("tag", {}), "fallback": fallback,
-               **critical_values(problem, meta["theta"], res, refs[0].config)}
         tables.write(store, sweep, "points", [row])
         if res.eigenvalues is not None:
             tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": ref.stage,
                                                     "n_params": res.n_params,
                                                     "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
     return len(refs)
+
+
+def _error_text(err: BaseException) -> str:
+    """A failed row's ``error``: the exception and the traceback being handled (call inside ``except``)."""
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
 
 
 def critical_values(problem, theta: torch.Tensor, res, config: dict) -> dict:
@@ -256,7 +276,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
                **critical_values(problem, found.theta.cpu(), res, cfg)}
     except Exception as err:  # noqa: BLE001
         tables.write(store, sweep, "points", [{**base, "status": "failed", "seconds": time.perf_counter() - t0,
-                                               "error": f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"}])
+                                               "error": _error_text(err)}])
         return
     tables.write(store, sweep, "points", [row])
     if res.eigenvalues is not None:

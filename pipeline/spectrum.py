@@ -66,7 +66,7 @@ def choose_tol(abs_eigs: np.ndarray, rel_tol: float = 1e-6, gap_ratio: float = 1
 
 def count(eigenvalues: np.ndarray, tol: float) -> Counts:
     """Counts of λ above ``tol``, below ``−tol`` and in between (inclusive) for eigenvalues ``[n]``."""
-    if tol < 0:
+    if not tol >= 0:  # also NaN
         raise ValueError(f"tol must be ≥ 0, got {tol}")
     lam = np.asarray(eigenvalues, dtype=np.float64)
     n_pos, n_neg = int((lam > tol).sum()), int((lam < -tol).sum())

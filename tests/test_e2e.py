@@ -204,3 +204,31 @@ def test_jobs_accept_a_config_composed_before_newer_keys_existed(make_cfg):
     jobs.refine_job(store.uri, "old", refs[0])
     points = tables.read(store, "old", "points").to_pandas()
     assert (points["status"] == "ok").all() and set(points["stage"]) >= {"refined"}, points["error"].tolist()
+
+
+def test_a_point_that_cannot_be_analysed_fails_alone(make_cfg):
+    """One checkpoint of a group with NaN parameters: its points row fails with an error that says so,
+    and the other points of the same pass are analysed as usual (the group is retried point by point)."""
+    import io
+
+    import torch
+
+    from pipeline import jobs
+    from pipeline.storage import Store
+
+    cfg = make_cfg(["sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])  # two stalls
+    store = Store.open(cfg.results_root)
+    (run,) = expand(cfg)
+    status, refs = jobs.train_job(store.uri, "nan", run)
+    assert status == "ok" and len(refs) >= 2 and len({r.group for r in refs}) == 1
+    meta = jobs.load_checkpoint(store, refs[0].path)
+    meta["theta"][3] = float("nan")
+    buf = io.BytesIO()
+    torch.save(meta, buf)
+    store.write_bytes(refs[0].path, buf.getvalue())
+    jobs.hessian_job(store.uri, "nan", refs)
+    points = tables.read(store, "nan", "points").to_pandas().set_index("step")
+    bad = points.loc[refs[0].step]
+    assert bad["status"] == "failed" and bad["error"].startswith("ValueError: NaN or inf in the parameters")
+    others = points.drop(index=refs[0].step)
+    assert len(others) == len(refs) - 1 and (others["status"] == "ok").all(), others["error"].tolist()

@@ -255,6 +255,27 @@ def test_bad_arguments_name_the_bad_value():
         hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), method="inertia", tol_mode="gap")
 
 
+def test_non_finite_points_are_named_before_any_eigensolver_sees_them():
+    """NaN or inf parameters, a Hessian with NaN (finite parameters), an infinite loss, a NaN tol: a
+    ValueError that says which, not an eigensolver's "failed to converge" or an ``ok`` point."""
+    model, n, loss, wd = CASES[0]
+    prob = _problem(model, n, loss, wd)
+    thetas = torch.stack([model.init(s) for s in range(3)])
+    thetas[1, 0] = float("inf")
+    for method in ("eigh", "inertia"):
+        with pytest.raises(ValueError, match=r"NaN or inf in the parameters of point\(s\) \[1\]"):
+            hs.spectra_at_many(_loss_for(prob, []), thetas, method=method)
+    cone = lambda t: torch.linalg.vector_norm(t)  # noqa: E731 — finite at 0, its Hessian is not
+    with pytest.raises(ValueError, match="NaN or inf in the Hessian$"):
+        hs.spectrum_at(cone, torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match=r"NaN or inf in the Hessian of point\(s\) \[0, 1\]"):
+        hs.spectra_at_many(lambda dev, dt: cone, torch.zeros(2, 3, dtype=F64), batch_points=True)
+    with pytest.raises(ValueError, match="the loss is inf"):
+        hs.spectrum_at(lambda t: (t ** 2).sum() + float("inf"), torch.ones(3, dtype=F64), method="inertia")
+    with pytest.raises(ValueError, match="tol must be ≥ 0, got nan"):
+        hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), method="eigh", tol=float("nan"))
+
+
 def test_symmetrize_in_blocks_equals_the_dense_formula():
     g = torch.Generator().manual_seed(6)
     A = torch.randn(2, 1100, 1100, generator=g, dtype=F64)  # 1100 = two 512 blocks and a ragged one
