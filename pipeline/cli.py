@@ -32,8 +32,8 @@ def run(cfg: DictConfig) -> int:
         print(f"minratio: {err}", file=sys.stderr)
         return 2
     folder = f"{summary.root.rstrip('/')}/{summary.sweep}"
-    print(f"sweep {summary.sweep!r}: {summary.runs_total} runs in this command ({summary.runs_skipped} already "
-          f"done before), {summary.seconds:.1f}s; the sweep's tables now hold runs {summary.run_status}, "
+    print(f"sweep {summary.sweep!r}: {summary.runs_total} runs in this command ({summary.runs_skipped} finished "
+          f"earlier, skipped), {summary.seconds:.1f}s; the sweep's tables now hold runs {summary.run_status}, "
           f"{summary.points} analysed points ({summary.points_failed} failed), labels {summary.labels}")
     print(f"tables: {folder}/{{runs,points,spectra,curves}}/")
     if cfg.figures and summary.points:
@@ -41,7 +41,12 @@ def run(cfg: DictConfig) -> int:
         text, figs = analysis.analyze(store, name)
         print(text)
         print("figures:\n  " + "\n  ".join(figs))
-    return 0 if not summary.run_status.get("failed") else 1
+    failed_runs, failed_points = summary.run_status.get("failed", 0), summary.points_failed
+    if failed_runs or failed_points:
+        print(f"minratio: {failed_runs} failed run(s), {failed_points} failed point(s): see the `error` column of "
+              f"{folder}/runs and /points; running the same command again retries them", file=sys.stderr)
+        return 1
+    return 0
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
@@ -51,17 +56,18 @@ def sweep_main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
-def _folder_arg(description: str) -> argparse.Namespace:
+def _folder_arg(description: str, checkpoint: bool = False) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("folder", help="a sweep's results folder, <results_root>/<sweep.name> (path or URI)")
-    p.add_argument("--checkpoint", help="RUN_ID:STEP whose eigenvalue histogram to draw (analyze only)")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="RUN_ID:STEP whose eigenvalue histogram to draw")
     return p.parse_args()
 
 
 def analyze_main() -> None:
     from pipeline import analysis
 
-    args = _folder_arg("Write figures and print the summary of a minratio sweep.")
+    args = _folder_arg("Write figures and print the summary of a minratio sweep.", checkpoint=True)
     try:
         store, sweep = analysis.open_results(args.folder)
         text, figs = analysis.analyze(store, sweep, args.checkpoint)

@@ -106,7 +106,7 @@ def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_pa
 
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert re.search(rf"4 runs in this command \({finished} already done before\)", rerun.stdout), rerun.stdout
+    assert re.search(rf"4 runs in this command \({finished} finished earlier, skipped\)", rerun.stdout), rerun.stdout
     assert_same_tables(root / "faults", uninterrupted)
     assert not list((root / "faults" / "state").glob("*.pt"))  # finished runs leave no training state
 
