@@ -81,7 +81,7 @@ class StallConfig:
 
 @dataclass
 class HessianConfig:
-    method: str = "auto"  # auto | eigh | inertia
+    method: str = "auto"  # auto | eigh | inertia | estimate
     dtype: str = "float64"
     tol_mode: str = "auto"  # auto (gap, else rel) | gap | rel | abs
     rel_tol: float = 1e-6  # tol = rel_tol · max|λ| when no clear gap
