@@ -256,8 +256,8 @@ def validate(cfg: DictConfig) -> None:
     _require(h.memory_budget_mb >= 0, "hessian.memory_budget_mb", h.memory_budget_mb, "≥ 0")
     _require(h.estimate_probes >= 2, "hessian.estimate_probes", h.estimate_probes, "≥ 2")
     _require(h.estimate_degree >= 0, "hessian.estimate_degree", h.estimate_degree, "≥ 0 (0 = auto)")
-    _require(not (h.method == "estimate" and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
-             "rel or abs with hessian.method=estimate (a gap needs the full spectrum)")
+    _require(not (h.method in ("estimate", "inertia") and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
+             f"auto, rel or abs with hessian.method={h.method} (a gap needs the full spectrum: method=eigh)")
     _require(h.batch_checkpoints >= 1, "hessian.batch_checkpoints", h.batch_checkpoints, "≥ 1")
     _require(h.data_workers >= 0, "hessian.data_workers", h.data_workers, "≥ 0 (0 = HVPs in the Hessian task)")
     _require(h.data_workers == 0 or h.method == "estimate", "hessian.data_workers", h.data_workers,

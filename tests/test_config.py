@@ -41,6 +41,7 @@ BAD = [
     ("hessian.num_gpus=-1", "hessian.num_gpus"),
     ("refine.method=newton", "refine.method"),
     ("hessian.method=estimate hessian.tol_mode=gap", "hessian.tol_mode"),
+    ("hessian.method=inertia hessian.tol_mode=gap", "hessian.tol_mode"),
     ("hessian.estimate_probes=1", "hessian.estimate_probes"),
     ("refine=newton_mr refine.forcing=1.5", "refine.forcing"),
     ("stall.curvature_every=-1", "stall.curvature_every"),
