@@ -67,6 +67,7 @@ REL_NOISE_FLOOR = {torch.float32: 1e-6}
 # eigh takes — LAPACK's figure; cuSOLVER's eigvalsh measured 6×H in all, which the out-of-memory
 # fallback covers — or H and inertia's saved lower triangle.
 FOOTPRINT = {"eigh": 2.0, "inertia": 1.0 + inertia.SAVED_SHARE}
+HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
 
 
 def _terms(loss_fn: Union[LossFn, WeightedTerms]) -> list[tuple[float, LossFn]]:
@@ -300,14 +301,15 @@ def resolve_method(method: str, n_params: int, device: Union[str, torch.device] 
                    itemsize: int = 8, memory_budget_mb: float = 0.0) -> str:
     """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above
     or where eigh's footprint does not fit, and ``estimate`` (no dense H) where neither does
-    (:data:`FOOTPRINT`: 2·N²·itemsize bytes for eigh, 1.53·N²·itemsize for inertia, against the memory
-    the stage may hold, :func:`total_budget_bytes`)."""
+    (:data:`FOOTPRINT`: 2·N²·itemsize bytes for eigh, 1.53·N²·itemsize for inertia, against the
+    :data:`HESSIAN_SHARE` of the memory the stage may hold, :func:`total_budget_bytes`, that a pass gives
+    its Hessians — the rest is the build's workspace)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
         device = torch.device(device)
         limit = AUTO_EIGH_MAX_N.get(device.type, AUTO_EIGH_MAX_N["cpu"])
-        room = total_budget_bytes(device, memory_budget_mb)
+        room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
         for dense in (("eigh", "inertia") if n_params <= limit else ("inertia",)):
             if FOOTPRINT[dense] * n_params * n_params * itemsize <= room:
                 return dense
@@ -483,7 +485,7 @@ def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_b
     each point needs :data:`FOOTPRINT` ["eigh"] × its N² numbers; ``inertia`` counts one point at a
     time, so the pass needs N² numbers per point and one point's saved triangle."""
     h = n_params * n_params * itemsize
-    room = 0.75 * total_budget_bytes(device, memory_budget_mb)
+    room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
     if method == "inertia":
         return max(1, int((room - (FOOTPRINT["inertia"] - 1.0) * h) // h))
     return max(1, int(room // (FOOTPRINT["eigh"] * h)))
@@ -491,7 +493,7 @@ def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_b
 
 def pass_workspace_mb(device: torch.device, memory_budget_mb: float = 0.0) -> float:
     """Build workspace of a pass, MiB: a quarter of the budget, and no more than the device default."""
-    quarter = 0.25 * total_budget_bytes(device, memory_budget_mb)
+    quarter = (1 - HESSIAN_SHARE) * total_budget_bytes(device, memory_budget_mb)
     return min(quarter, default_workspace_bytes(device)) / 2**20
 
 

@@ -416,8 +416,15 @@ def test_auto_takes_the_estimator_only_when_the_dense_hessian_does_not_fit():
     assert hs.resolve_method("auto", 5_000, "cpu") == "inertia"
     # 2·N²·8 bytes at N = 10⁶ is 16 TB: no dense Hessian, counts from HVPs.
     assert hs.resolve_method("auto", 1_000_000, "cpu") == "estimate"
-    # …and a budget decides it for smaller N too: inertia holds 1.53·3000²·8 B = 105 MiB > 100 MiB.
+    # …and a budget decides it for smaller N too, through the 3/4 of it a pass gives its Hessians (the
+    # rest is build workspace): H is 72 MB; inertia holds 1.53×H = 105 MiB > ¾·100 MiB.
     assert hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=100) == "estimate"
-    # H is 72 MB: eigh's 2×H (137 MiB) does not fit 120 MiB, inertia's 1.53×H (105 MiB) does
-    assert hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=120) == "inertia"
+    # eigh's 2×H (137 MiB) does not fit ¾·160 MiB, inertia's 105 MiB does; ¾·190 MiB holds eigh
+    assert hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=160) == "inertia"
+    assert hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=190) == "eigh"
+    for budget in (160, 190):  # and the pass it plans fits the budget: one point, its counting, workspace
+        method = hs.resolve_method("auto", 3_000, "cpu", memory_budget_mb=budget)
+        per = hs.points_per_pass(3_000, 8, torch.device("cpu"), budget, method)
+        held = (per + hs.FOOTPRINT[method] - 1) * 3_000 ** 2 * 8 / 2**20
+        assert per == 1 and held + hs.pass_workspace_mb(torch.device("cpu"), budget) <= budget
     assert hs.resolve_method("eigh", 1_000_000, "cpu") == "eigh"
