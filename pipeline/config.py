@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.spectrum import TOL_MODES
+
 DATA_NAMES = ("synthetic", "digits", "gaussian")
 MODEL_NAMES = ("mlp", "cnn")
 ACTIVATIONS = ("tanh", "softplus", "relu", "swish", "linear")
@@ -20,7 +22,6 @@ LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("gd", "sgd", "adam")
 DTYPES = ("float32", "float64")
 HESSIAN_METHODS = ("auto", "eigh", "inertia", "estimate")
-TOL_MODES = ("auto", "gap", "rel", "abs")
 
 
 class ConfigError(ValueError):

@@ -393,6 +393,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     device = torch.device(device) if device is not None else theta.device
     theta = theta.detach().to(device=device, dtype=dtype or theta.dtype)
     _check_finite(theta[None], "parameters")
+    _check_tol_mode(tol, tol_mode)
     method = resolve_method(method, theta.numel(), theta.device, theta.element_size())
     if method == "estimate":
         return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, matvec=matvec,
@@ -444,6 +445,14 @@ def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Option
         tol=summary.tol, tol_method=summary.tol_method, lam_min=summary.lam_min, lam_max=summary.lam_max,
         method=method, dtype=str(theta.dtype).replace("torch.", ""), device=_device_name(theta.device),
         eigenvalues=lam, seconds=seconds)
+
+
+def _check_tol_mode(tol: Optional[float], tol_mode: str) -> None:
+    """The same refusal from every method: an unknown mode, or ``abs`` without the ``tol`` it needs."""
+    if tol_mode not in spectrum.TOL_MODES:
+        raise ValueError(f"unknown tol_mode {tol_mode!r}: expected one of {', '.join(spectrum.TOL_MODES)}")
+    if tol_mode == "abs" and tol is None:
+        raise ValueError("tol_mode='abs' needs tol (the absolute tolerance)")
 
 
 def _check_finite(X: torch.Tensor, what: str, first: int = 0) -> None:
@@ -522,6 +531,7 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
     if thetas.dim() != 2:
         raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
     _check_finite(thetas.detach(), "parameters")
+    _check_tol_mode(tol, tol_mode)
     method = resolve_method(method, thetas.shape[1], device, dtype.itemsize, memory_budget_mb)
     kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio, naive=naive)
     if method == "estimate":  # no dense Hessian, so nothing to batch and no memory fallback needed

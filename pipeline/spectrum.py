@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 LABELS = ("minimum", "degenerate_minimum", "saddle", "maximum", "degenerate_maximum", "flat")
+TOL_MODES = ("auto", "gap", "rel", "abs")  # see choose_tol
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,12 @@ def test_bad_arguments_name_the_bad_value():
         hs.hessian(_saddle_loss, torch.zeros(2, 1, dtype=F64))
     with pytest.raises(ValueError, match="gap"):
         hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), method="inertia", tol_mode="gap")
+    for method in ("eigh", "inertia"):  # once: eigh took tol 0 and inertia a relative one
+        with pytest.raises(ValueError, match="tol_mode='abs' needs tol"):
+            hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), method=method, tol_mode="abs")
+        with pytest.raises(ValueError, match="'relative'"):
+            hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), method=method, tol_mode="relative")
+    assert hs.spectrum_at(_saddle_loss, torch.zeros(2, dtype=F64), tol_mode="abs", tol=0.5).tol == 0.5
 
 
 def test_non_finite_points_are_named_before_any_eigensolver_sees_them():
