@@ -44,15 +44,21 @@ def run(cfg: DictConfig) -> int:
     failed_runs, failed_points = summary.run_status.get("failed", 0), summary.points_failed
     if failed_runs or failed_points:
         print(f"minratio: {failed_runs} failed run(s), {failed_points} failed point(s): see the `error` column of "
-              f"{folder}/runs and /points; running the same command again retries them", file=sys.stderr)
+              f"{folder}/runs and /points; running the command that planned them again retries them",
+              file=sys.stderr)
         return 1
     return 0
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
 def sweep_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     code = run(cfg)
-    if code:
+    # Under --multirun a job's failures are reported above and the next job still runs (exiting would
+    # end the multirun); a single run exits with its code.
+    if code and HydraConfig.get().mode != RunMode.MULTIRUN:
         sys.exit(code)
 
 

@@ -153,6 +153,19 @@ def test_failed_points_make_the_command_fail_and_say_where(make_cfg, ray_session
     assert (points["status"] == "failed").all() and points["error"].str.contains("cannot be resolved").all()
 
 
+def test_a_multirun_goes_on_past_a_job_with_failed_points(tmp_path):
+    """Under Hydra's --multirun a job whose points failed reports it and the next job still runs."""
+    res = subprocess.run([sys.executable, "-m", "pipeline", "-m", "sweep.name=first,second", "sweep.seeds=1",
+                          "optim.max_steps=300", "hessian.method=estimate", "hessian.tol_mode=rel",
+                          "hessian.estimate_probes=4", "figures=false", "sweep.progress=plain",
+                          f"results_root={tmp_path}", f"hydra.sweep.dir={tmp_path}/multirun"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("failed point(s)") == 2, res.stderr[-3000:]
+    for name in ("first", "second"):
+        assert (pd.read_parquet(tmp_path / name / "points")["status"] == "failed").all()
+
+
 def test_diverged_run_is_recorded(make_cfg, ray_session):
     cfg = make_cfg(["sweep.name=div", "sweep.seeds=1", "optim.lr=1e6", "figures=false"])
     summary = run_sweep(cfg)
