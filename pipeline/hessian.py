@@ -455,18 +455,20 @@ def _check_tol_mode(tol: Optional[float], tol_mode: str) -> None:
         raise ValueError("tol_mode='abs' needs tol (the absolute tolerance)")
 
 
-def _check_finite(X: torch.Tensor, what: str, first: int = 0) -> None:
+def _check_finite(X: torch.Tensor, what: str, first: int = 0, of: int = 0) -> None:
     """Raise ValueError naming the points of ``X`` ``[B, ...]`` (parameters or Hessians; numbered from
-    ``first``) that hold a NaN or inf — before an eigensolver fails on them with a convergence error or a
-    factorisation counts garbage. One min/max pass, no copy of X."""
+    ``first`` among ``of`` points, default B) that hold a NaN or inf — before an eigensolver fails on them
+    with a convergence error or a factorisation counts garbage. One min/max pass, no copy of X."""
+    if X.numel() == 0:
+        return
     lo, hi = torch.aminmax(X.reshape(X.shape[0], -1), dim=1)  # NaN propagates into both
     bad = (~(torch.isfinite(lo) & torch.isfinite(hi))).nonzero().flatten().tolist()
     if bad:
-        where = f" of point(s) {[first + k for k in bad]}" if X.shape[0] > 1 or first else ""
+        where = f" of point(s) {[first + k for k in bad]}" if max(of, X.shape[0]) > 1 else ""
         raise ValueError(f"NaN or inf in the {what}{where}")
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
     """Out of memory on a GPU (torch.OutOfMemoryError) or on the CPU, where torch's allocator raises a
     plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
     text = str(err).lower()
@@ -554,7 +556,7 @@ def _with_fallbacks(loss_for, thetas, method, dtype, device, chunk_size, memory_
         return _many(loss_for(device, dtype), thetas.to(device, dtype), method, chunk_size,
                      memory_budget_mb, hvp, batch_points, kw), None
     except Exception as err:  # noqa: BLE001 — only out-of-memory falls through to the next try
-        if not _is_oom(err):
+        if not is_oom(err):
             raise
     _empty_cache(device)
     cpu = torch.device("cpu")
@@ -569,7 +571,7 @@ def _with_fallbacks(loss_for, thetas, method, dtype, device, chunk_size, memory_
             return [spectrum_at(loss, t, method=method, dtype=dtype, device=dev, chunk_size=chunk,
                                 memory_budget_mb=budget, hvp=hvp, **kw) for t in thetas], what
         except Exception as err:  # noqa: BLE001
-            if not _is_oom(err):
+            if not is_oom(err):
                 raise
         _empty_cache(dev)
     raise MemoryError(f"Hessian of {n} parameters does not fit in memory on {device} or the CPU")
@@ -591,7 +593,7 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
             H = torch.empty(len(part), n, n, dtype=thetas.dtype, device=device)
             for k, theta in enumerate(part):
                 hessian(loss, theta, chunk_size=chunk_size, memory_budget_mb=workspace_mb, hvp=hvp, out=H[k])
-        _check_finite(H, "Hessian", first=s)
+        _check_finite(H, "Hessian", first=s, of=b)
         _sync(device)
         t1 = time.perf_counter()
         if method == "eigh":

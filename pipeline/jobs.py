@@ -23,7 +23,7 @@ import torch
 
 from pipeline import critical, refine, tables
 from pipeline.config import section
-from pipeline.hessian import spectra_at_many, spectrum_at
+from pipeline.hessian import is_oom, spectra_at_many, spectrum_at
 from pipeline.plan import Run
 from pipeline.storage import Store
 from pipeline.train import Checkpoint, Curves, TrainState, make_problem, train
@@ -244,13 +244,20 @@ def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str
     spectrum was taken (``method=eigh``); elsewhere the label says only whether the gradient is small.
     Runs in float64 on ``device``, the task's: its eigh with eigenvectors is the costliest step of an eigh
     point (6.9 s against 1.7 s for the spectrum at N = 3,979 on 2 CPU cores), so a GPU task does it on its
-    GPU rather than on the node's CPUs."""
+    GPU rather than on the node's CPUs (and on the CPU when the GPU runs out of memory)."""
     gtol2 = section(config, "refine")["gtol2"]
     if res.eigenvalues is None:
         small = res.grad_norm ** 2 < gtol2
         return {"grad_norm2": res.grad_norm ** 2, "critical_label": res.label if small else "not_critical"}
-    f = problem.to(device, torch.float64).loss_fn()
-    return critical.critical_report(f, theta.to(device, torch.float64), tol=res.tol, gtol2=gtol2).row()
+    for dev in dict.fromkeys([device, "cpu"]):  # the task's device, then the CPU if that runs out of memory
+        try:
+            f = problem.to(dev, torch.float64).loss_fn()
+            return critical.critical_report(f, theta.to(dev, torch.float64), tol=res.tol, gtol2=gtol2).row()
+        except Exception as err:  # noqa: BLE001 — only out-of-memory goes on to the CPU
+            if dev == "cpu" or not is_oom(err):
+                raise
+            torch.cuda.empty_cache()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cpu",

@@ -67,6 +67,8 @@ def lanczos(matvec: MatVec, n: int, steps: int, *, v0: Optional[torch.Tensor] = 
     for j in range(steps):
         Q[:, j] = q
         w = matvec(q[:, None])[:, 0]
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"NaN or inf in the Hessian-vector product at Lanczos step {j}")
         alpha[j] = float(q @ w)
         basis = Q[:, :j + 1]
         # Two passes of classical Gram–Schmidt: one pass loses orthogonality once Ritz values converge.

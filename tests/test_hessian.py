@@ -276,6 +276,11 @@ def test_non_finite_points_are_named_before_any_eigensolver_sees_them():
         hs.spectrum_at(cone, torch.zeros(3, dtype=F64))
     with pytest.raises(ValueError, match=r"NaN or inf in the Hessian of point\(s\) \[0, 1\]"):
         hs.spectra_at_many(lambda dev, dt: cone, torch.zeros(2, 3, dtype=F64), batch_points=True)
+    with pytest.raises(ValueError, match=r"NaN or inf in the Hessian of point\(s\) \[0\]"):  # one per pass
+        hs.spectra_at_many(lambda dev, dt: cone, torch.zeros(2, 3, dtype=F64), method="eigh", memory_budget_mb=1e-4)
+    with pytest.raises(ValueError, match="NaN or inf in the Hessian-vector product"):
+        hs.spectrum_at(cone, torch.zeros(3, dtype=F64), method="estimate", tol=0.1)
+    assert hs.spectra_at_many(lambda dev, dt: cone, torch.zeros(0, 3, dtype=F64)) == ([], None)
     with pytest.raises(ValueError, match="the loss is inf"):
         hs.spectrum_at(lambda t: (t ** 2).sum() + float("inf"), torch.ones(3, dtype=F64), method="inertia")
     with pytest.raises(ValueError, match="tol must be ≥ 0, got nan"):
