@@ -279,11 +279,15 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
         ray.get(obj)
         prog.points_done += len(refs)
     except ray.exceptions.RayError as err:
-        rows = [{"run_id": r.run_id, "step": r.step, "stage": r.stage, "seed": r.seed, "status": "failed",
-                 "error": f"{type(err).__name__}: {err}"} for r in refs]
-        for row in rows:
-            tables.write(store, name, "points", [row])
-        prog.points_failed += len(refs)
+        # The task may have written some points before its worker died: keep those, fail the rest.
+        done = tables.done_keys(store, name, "points")
+        lost = [r for r in refs if (r.run_id, r.step, r.stage) not in done]
+        for r in lost:
+            tables.write(store, name, "points", [{"run_id": r.run_id, "step": r.step, "stage": r.stage,
+                                                  "seed": r.seed, "status": "failed",
+                                                  "error": f"{type(err).__name__}: {err}"}])
+        prog.points_done += len(refs) - len(lost)
+        prog.points_failed += len(lost)
 
 
 def summarize(store: Store, name: str, total: int, skipped: int, seconds: float) -> SweepSummary:

@@ -253,3 +253,30 @@ def test_diverged_and_failed_runs_become_rows_and_the_sweep_goes_on(ray_session,
     blocked.unlink()  # the fault is repaired: the same command redoes only the failed run
     again = run_sweep(cfg)
     assert again.runs_skipped == 3 and again.run_status == {"ok": 2, "diverged": 2}
+
+
+def test_a_hessian_task_that_dies_keeps_the_points_it_wrote(ray_session, make_cfg, tmp_path):
+    """A Hessian task whose worker dies after writing one of its two points: the driver records the other
+    as failed and leaves the written one ok (every points key is one file, so a failed row would replace it)."""
+    import ray
+
+    from pipeline.progress import Progress
+    from pipeline.sweep import _finish_hessian
+
+    cfg = make_cfg(["sweep.name=dies", "sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])
+    store = Store.open(cfg.results_root)
+    (run,) = expand(cfg)
+    status, refs = jobs.train_job(store.uri, "dies", run)
+    assert status == "ok" and len(refs) >= 2
+
+    @ray.remote(max_retries=0)
+    def analyse_one_then_die(uri, refs):
+        jobs.hessian_job(uri, "dies", refs[:1])
+        os._exit(1)  # the worker process dies: the driver sees a RayError
+
+    prog = Progress(total_runs=1, mode="none")
+    _finish_hessian(store, "dies", analyse_one_then_die.remote(store.uri, refs[:2]), refs[:2], prog)
+    points = tables.read(store, "dies", "points").to_pandas().set_index("step")
+    assert points.loc[refs[0].step, "status"] == "ok"
+    assert points.loc[refs[1].step, "status"] == "failed" and "Error" in points.loc[refs[1].step, "error"]
+    assert (prog.points_done, prog.points_failed) == (1, 1)
