@@ -2,10 +2,10 @@
 
 Why: issue #3's batched target for full spectra (64 checkpoints of N ≈ 1,500, ≥ 3× one by one) is not
 met with torch 2.11, whose CUDA ``eigvalsh`` loops cuSOLVER's ``syevd`` over a batch of matrices larger
-than 32 × 32 (1.0–1.2×, ``docs/bench/bench_hessian_h100_final.txt``), and eigh peaks at 6×H. Later torch
-releases route batched eigh to cuSOLVER's batched solver ``cusolverDnXsyevBatched`` (pytorch/pytorch
-#175403); a pass of ``pipeline.hessian.spectra_at_many`` already makes one batched ``eigvalsh`` call, so it
-would take that path by itself. This script measures, on the torch that is installed, what that solver
+than 32 × 32 (1.0–1.2×, ``docs/bench/bench_hessian_h100_final.txt``), and eigh peaks at 6×H.
+pytorch/pytorch#175403 routes batched eigh to cuSOLVER's batched solver ``cusolverDnXsyevBatched`` (torch
+2.12, by a later PyTorch issue thread); a pass of ``pipeline.hessian.spectra_at_many`` already makes one
+batched ``eigvalsh`` call, so it would take that path by itself. This script measures, on the torch that is installed, what that solver
 does for our Hessians — without changing the project's code:
 
 1. device workspace that ``cusolverDnXsyevd`` asks for (eigenvalues only / with vectors) and that
