@@ -249,15 +249,17 @@ def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str
     if res.eigenvalues is None:
         small = res.grad_norm ** 2 < gtol2
         return {"grad_norm2": res.grad_norm ** 2, "critical_label": res.label if small else "not_critical"}
-    for dev in dict.fromkeys([device, "cpu"]):  # the task's device, then the CPU if that runs out of memory
-        try:
-            f = problem.to(dev, torch.float64).loss_fn()
-            return critical.critical_report(f, theta.to(dev, torch.float64), tol=res.tol, gtol2=gtol2).row()
-        except Exception as err:  # noqa: BLE001 — only out-of-memory goes on to the CPU
-            if dev == "cpu" or not is_oom(err):
-                raise
-            torch.cuda.empty_cache()
-    raise AssertionError("unreachable")  # pragma: no cover
+    def report(dev: str) -> dict:
+        f = problem.to(dev, torch.float64).loss_fn()
+        return critical.critical_report(f, theta.to(dev, torch.float64), tol=res.tol, gtol2=gtol2).row()
+
+    try:
+        return report(device)
+    except Exception as err:  # noqa: BLE001 — only out-of-memory on a GPU goes on to the CPU
+        if device == "cpu" or not is_oom(err):
+            raise
+    torch.cuda.empty_cache()
+    return report("cpu")
 
 
 def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cpu",
