@@ -5,8 +5,8 @@ met with torch 2.11, whose CUDA ``eigvalsh`` loops cuSOLVER's ``syevd`` over a b
 than 32 × 32 (1.0–1.2×, ``docs/bench/bench_hessian_h100_final.txt``), and eigh peaks at 6×H.
 pytorch/pytorch#175403 routes batched eigh to cuSOLVER's batched solver ``cusolverDnXsyevBatched`` (torch
 2.12, by a later PyTorch issue thread); a pass of ``pipeline.hessian.spectra_at_many`` already makes one
-batched ``eigvalsh`` call, so it would take that path by itself. This script measures, on the torch that is installed, what that solver
-does for our Hessians — without changing the project's code:
+batched ``eigvalsh`` call, so it would take that path by itself. This script measures, on the torch that
+is installed, what that solver does for our Hessians — without changing the project's code:
 
 1. device workspace that ``cusolverDnXsyevd`` asks for (eigenvalues only / with vectors) and that
    ``cusolverDnXsyevBatched`` asks for a pass, in units of H = N²·8 bytes — where eigh's 6×H comes from;
@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import time
 
 import torch
 
-from bench_hessian import F64, device_name, problem, timed  # the same MLP problem as bench_hessian
+from bench_hessian import F64, Peak, device_name, problem, timed  # the same MLP problem and clocks as bench_hessian
 from pipeline import hessian as hs
 
 # Enumerations from cusolver_common.h, cublas_api.h and library_types.h.
@@ -147,13 +146,9 @@ class Cusolver:
 
 def peak_of(fn, device: torch.device):
     """(seconds, torch-allocated peak bytes above the start, result) of one call."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    start = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) - start, out
+    with Peak(device) as peak:
+        seconds, out = timed(fn, device)
+    return seconds, peak.bytes, out
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
