@@ -41,6 +41,21 @@ def peak_rss_growth_mib(setup: str, measured: str, env: dict | None = None) -> f
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def two_stalls(make_cfg, sweep: str):
+    """One run of the default net trained in this process (no Ray) until it has stalled twice: its store
+    and its two checkpoints, one group of the Hessian stage."""
+    from pipeline import jobs
+    from pipeline.plan import expand
+    from pipeline.storage import Store
+
+    cfg = make_cfg([f"sweep.name={sweep}", "sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])
+    store = Store.open(cfg.results_root)
+    (run,) = expand(cfg)
+    status, refs = jobs.train_job(store.uri, sweep, run)
+    assert status == "ok" and len(refs) >= 2 and len({r.group for r in refs}) == 1, (status, refs)
+    return store, refs
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """``make_cfg([...overrides])`` → a composed config whose results go under this test's tmp dir."""

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
+from conftest import two_stalls
 from pipeline import tables
 from pipeline.plan import expand
 from pipeline.sweep import run_sweep
@@ -241,13 +242,8 @@ def test_a_point_that_cannot_be_analysed_fails_alone(make_cfg):
     import torch
 
     from pipeline import jobs
-    from pipeline.storage import Store
 
-    cfg = make_cfg(["sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])  # two stalls
-    store = Store.open(cfg.results_root)
-    (run,) = expand(cfg)
-    status, refs = jobs.train_job(store.uri, "nan", run)
-    assert status == "ok" and len(refs) >= 2 and len({r.group for r in refs}) == 1
+    store, refs = two_stalls(make_cfg, "nan")
     meta = jobs.load_checkpoint(store, refs[0].path)
     meta["theta"][3] = float("nan")
     buf = io.BytesIO()

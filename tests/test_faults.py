@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import two_stalls
 from pipeline import jobs, tables
 from pipeline.plan import expand
 from pipeline.storage import Store
@@ -263,11 +264,7 @@ def test_a_hessian_task_that_dies_keeps_the_points_it_wrote(ray_session, make_cf
     from pipeline.progress import Progress
     from pipeline.sweep import _finish_hessian
 
-    cfg = make_cfg(["sweep.name=dies", "sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])
-    store = Store.open(cfg.results_root)
-    (run,) = expand(cfg)
-    status, refs = jobs.train_job(store.uri, "dies", run)
-    assert status == "ok" and len(refs) >= 2
+    store, refs = two_stalls(make_cfg, "dies")
 
     @ray.remote(max_retries=0)
     def analyse_one_then_die(uri, refs):
