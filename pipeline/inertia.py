@@ -72,7 +72,8 @@ def counts(H: torch.Tensor, tol: float, *, naive: bool = True, factor: str = "au
     triangle kept in row blocks: peak about 1.53×H, H = N² numbers), ``blocked``
     (:func:`pipeline.block_ldl.inertia_`, on the lower triangle while the upper one keeps H: peak about
     1.0×H plus a few N×512 panels — 1.12–1.18×H measured on CUDA at N ≥ 19k; on CPU, where it is not the
-    default, the resident set grew by 0.8–1.7×H at N = 2–4k, the allocator keeping the freed panels; its
+    default, the resident set grew by 0.8–1.7×H at N = 2–4k (one-off, measured as tests/test_inertia.py
+    measures), the allocator keeping the freed panels; its
     rounding is held within :data:`BLOCKED_ACCURACY` × tol, and
     Bunch–Kaufman takes over for a shift where it gives up, or for tol = 0) or ``auto``
     (:func:`resolve_factor`). On return — also after an error in a factorisation — ``H`` is its lower
