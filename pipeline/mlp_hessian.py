@@ -56,7 +56,7 @@ def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
         H.zero_()
     half = 0.5 * (workspace_bytes if workspace_bytes > 0 else DEFAULT_WORKSPACE_BYTES)
     theta, X = theta.detach(), X.to(theta.dtype)
-    offsets = _offsets(model)
+    offsets = model.blocks()
     per_chunk = max(1, min(n, int(half // _bytes_per_sample(offsets, H.element_size()))))
     for s in range(0, n, per_chunk):
         Xc, Yc = X[s:s + per_chunk], Y[s:s + per_chunk]
@@ -129,16 +129,6 @@ def _loss_derivatives(f: torch.Tensor, Y: torch.Tensor, loss: str) -> tuple[torc
         onehot = torch.nn.functional.one_hot(Y.long(), k).to(f.dtype)
         return (p - onehot) / n, (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / n
     raise ValueError(f"unknown loss {loss!r}: expected mse or cross_entropy")
-
-
-def _offsets(model: MLP) -> list[tuple[int, int, int]]:
-    """``(start, rows in, units)`` of each layer's parameter block in θ: rows in = fan_in (+1 with bias)."""
-    out, i = [], 0
-    for fan_in, fan_out in model.layer_dims:
-        rows = fan_in + (1 if model.bias else 0)
-        out.append((i, rows, fan_out))
-        i += rows * fan_out
-    return out
 
 
 def _add_block(H, l, m, acts, d1, deltas, Hzz, Jz, offsets, weight, budget) -> None:

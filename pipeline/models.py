@@ -66,16 +66,24 @@ class MLP:
                 parts.append(_uniform(g, fan_out, fan_in))
         return parts
 
-    def layers(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """Views of ``theta`` ``[n_params]`` as each layer's weight ``[fan_in, fan_out]`` and bias ``[fan_out]``
-        (None without biases): the flat layout, layer by layer, weight then bias."""
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """The flat layout: ``(start, rows, fan_out)`` of each layer's block of θ, layer by layer — the
+        weight ``[fan_in, fan_out]`` then the bias ``[fan_out]``, so one ``[rows, fan_out]`` matrix whose
+        last row is the bias (rows = fan_in, + 1 with biases)."""
         out, i = [], 0
         for fan_in, fan_out in self.layer_dims:
-            W = theta[i:i + fan_in * fan_out].reshape(fan_in, fan_out)
-            i += fan_in * fan_out
-            b = theta[i:i + fan_out] if self.bias else None
-            i += fan_out if self.bias else 0
-            out.append((W, b))
+            rows = fan_in + (1 if self.bias else 0)
+            out.append((i, rows, fan_out))
+            i += rows * fan_out
+        return out
+
+    def layers(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Views of ``theta`` ``[n_params]`` as each layer's weight ``[fan_in, fan_out]`` and bias ``[fan_out]``
+        (None without biases), as :meth:`blocks` lays them out."""
+        out = []
+        for (start, rows, fan_out), (fan_in, _) in zip(self.blocks(), self.layer_dims):
+            block = theta[start:start + rows * fan_out].reshape(rows, fan_out)
+            out.append((block[:fan_in], block[fan_in] if self.bias else None))
         return out
 
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
