@@ -11,7 +11,8 @@ critical point when the gradient vanishes. This module adds, as pure functions:
 - :func:`escape_check` — the loss change along ``±v_min`` against the second-order prediction ½ε²λmin;
 - :func:`stall_tag` — ``small_gradient`` or ``oscillating``, with the values behind it;
 - :func:`power_lambda_max` and :func:`gradient_cosine` — cheap curvature and direction logs for training;
-- :func:`critical_report` — all of the above at one point from its dense Hessian, as table columns.
+- :func:`critical_report` — all of the above at one point from its dense Hessian, as table columns;
+  :func:`report_from_eigen` the same from an eigendecomposition already taken (the pipeline's).
 
 Everything is float64 PyTorch/NumPy and knows nothing of Ray, Hydra or files.
 """
@@ -63,12 +64,22 @@ def gradient_shares(g, eigvals, eigvecs, tol: float) -> GradientShares:
     ``g`` ``[N]``; ``eigvals`` ``[N]``; ``eigvecs`` ``[N, N]`` with eigenvector ``i`` in column ``i`` (as
     ``torch.linalg.eigh`` returns them); ``tol`` ≥ 0: |λ| ≤ tol counts as zero (the tolerance of the counts).
     """
+    lam, c = _coefficients(g, eigvals, eigvecs, tol)
+    return _shares(lam, c, tol)
+
+
+def _coefficients(g, eigvals, eigvecs, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """λ ``[N]`` and g's coordinates in the eigenbasis, Vᵀg ``[N]``, after checking shapes and ``tol``."""
     lam, V, gv = _np(eigvals), _np(eigvecs), _np(g)
     if V.shape != (lam.size, lam.size) or gv.shape != (lam.size,):
         raise ValueError(f"need g [N], eigvals [N], eigvecs [N, N]; got {gv.shape}, {lam.shape}, {V.shape}")
     if tol < 0:
         raise ValueError(f"tol must be ≥ 0, got {tol}")
-    c2 = (V.T @ gv) ** 2
+    return lam, V.T @ gv
+
+
+def _shares(lam: np.ndarray, c: np.ndarray, tol: float) -> GradientShares:
+    c2 = c ** 2
     total = float(c2.sum())
     if total == 0.0:
         return GradientShares(math.nan, math.nan, math.nan)
@@ -101,13 +112,11 @@ def flatness_from_spectrum(g, eigvals, eigvecs, tol: float) -> Flatness:
     zero (the same tolerance as the counts), so ρ is the part of ``g`` in the near-null eigenspace and
     ‖p*‖² = Σ_{|λ|>tol} (vᵢᵀg)²/λᵢ². This is the limit a MINRES-QLP solve reaches, in exact arithmetic, when
     its near-null space is |λ| ≤ ``tol``. Shapes as in :func:`gradient_shares`. NaN when g = 0."""
-    lam, V, gv = _np(eigvals), _np(eigvecs), _np(g)
-    if V.shape != (lam.size, lam.size) or gv.shape != (lam.size,):
-        raise ValueError(f"need g [N], eigvals [N], eigvecs [N, N]; got {gv.shape}, {lam.shape}, {V.shape}")
-    if tol < 0:
-        raise ValueError(f"tol must be ≥ 0, got {tol}")
-    c = V.T @ gv
-    g_norm = float(np.linalg.norm(gv))
+    lam, c = _coefficients(g, eigvals, eigvecs, tol)
+    return _flatness(lam, c, tol, float(np.linalg.norm(_np(g))))
+
+
+def _flatness(lam: np.ndarray, c: np.ndarray, tol: float, g_norm: float) -> Flatness:
     if g_norm == 0.0:
         return Flatness(math.nan, math.nan)
     null = np.abs(lam) <= tol
@@ -373,35 +382,55 @@ class CriticalReport:
 
 
 def critical_report(loss_fn: LossFn, theta: torch.Tensor, *, H: Optional[torch.Tensor] = None,
-                    tol: Optional[float] = None, rel_tol: float = 1e-6, tol_mode: str = "auto",
-                    gap_ratio: float = 1e4, gtol2: float = GTOL2, min_residual: float = FLAT_RESIDUAL,
-                    max_cokernel: float = FLAT_COKERNEL,
-                    escape_steps: Sequence[float] = ESCAPE_STEPS) -> CriticalReport:
+                    **options) -> CriticalReport:
     """Dense analysis of one point ``theta`` ``[N]`` in float64: counts and tolerance exactly as
     :func:`pipeline.spectrum.summarize` gives them, gradient shares, the gradient-flat test, the honest
     label, and — when some λ < −tol — the escape check along the most negative eigenvector.
 
     ``H`` ``[N, N]``: the Hessian if already built (else built here with :func:`pipeline.hessian.hessian`).
+    ``options``: those of :func:`report_from_eigen` (``tol``, ``rel_tol``, ``tol_mode``, ``gtol2``, …).
     Cost: one ``eigh`` of N×N (with eigenvectors), so meant for N up to a few thousand.
     """
     from pipeline.hessian import hessian
 
     theta = theta.detach().to(torch.float64)
     H = hessian(loss_fn, theta) if H is None else H.to(theta.device, torch.float64)
-    lam_t, V = torch.linalg.eigh(H)
-    lam = lam_t.cpu().numpy()
+    lam, V = torch.linalg.eigh(H)
+    return report_from_eigen(loss_fn, theta, lam, V.mT @ grad(loss_fn)(theta), V[:, 0], **options)
+
+
+def report_from_eigen(loss_fn: LossFn, theta: torch.Tensor, eigvals, grad_coeffs, v_min, *,
+                      tol: Optional[float] = None, rel_tol: float = 1e-6, tol_mode: str = "auto",
+                      gap_ratio: float = 1e4, gtol2: float = GTOL2, min_residual: float = FLAT_RESIDUAL,
+                      max_cokernel: float = FLAT_COKERNEL,
+                      escape_steps: Sequence[float] = ESCAPE_STEPS) -> CriticalReport:
+    """:func:`critical_report` from an eigendecomposition of the Hessian at ``theta`` ``[N]`` taken
+    already (the pipeline's pass: :func:`pipeline.hessian.spectrum_at` with ``vectors=True``), so no
+    N×N matrix is needed here.
+
+    ``eigvals`` ``[N]`` ascending; ``grad_coeffs`` ``[N]``: the gradient at ``theta`` in the eigenbasis,
+    Vᵀg, in the same order; ``v_min`` ``[N]``: the eigenvector of ``eigvals[0]``. The shares, the
+    flatness and gᵀHg come from ``grad_coeffs`` (so from the decomposition's dtype); the loss, ‖g‖² and
+    the escape check's losses from ``loss_fn`` at ``theta`` in float64. ``tol`` etc. as in
+    :func:`pipeline.spectrum.summarize` (a given ``tol`` gives the counts it was given).
+    """
+    theta = theta.detach().to(torch.float64)
+    lam, c = _np(eigvals), _np(grad_coeffs)
+    if lam.shape != (theta.numel(),) or c.shape != lam.shape or _np(v_min).shape != lam.shape:
+        raise ValueError(f"need eigvals, grad_coeffs and v_min of theta's shape ({theta.numel()},); got "
+                         f"{lam.shape}, {c.shape}, {_np(v_min).shape}")
     summary = spectrum.summarize(lam, tol=tol, rel_tol=rel_tol, gap_ratio=gap_ratio, tol_mode=tol_mode)
     g = grad(loss_fn)(theta)
     with torch.no_grad():
         loss = float(loss_fn(theta))
     gn2 = float(g @ g)
-    Vn = V.cpu().numpy()
-    shares = gradient_shares(g, lam, Vn, summary.tol)
-    flat = flatness_from_spectrum(g, lam, Vn, summary.tol)
+    c2 = float(c @ c)
+    shares = _shares(lam, c, summary.tol)
+    flat = _flatness(lam, c, summary.tol, math.sqrt(c2))
     top = float(np.abs(lam).max())
-    curv = float(g @ (H @ g)) / (gn2 * top) if gn2 > 0 and top > 0 else math.nan
+    curv = float(lam @ c ** 2) / (c2 * top) if c2 > 0 and top > 0 else math.nan
     label = critical_label(gn2, summary.label, flat.relative_residual, flat.cokernel_residual, gtol2=gtol2,
                            min_residual=min_residual, max_cokernel=max_cokernel)
-    escape = escape_check(loss_fn, theta, V[:, 0], float(lam[0]), escape_steps) if lam[0] < -summary.tol else None
+    escape = escape_check(loss_fn, theta, v_min, float(lam[0]), escape_steps) if lam[0] < -summary.tol else None
     return CriticalReport(loss, gn2, summary.counts, summary.tol, summary.tol_method, float(lam[0]),
                           float(lam[-1]), summary.label, label, shares, flat, curv, escape)

@@ -65,8 +65,9 @@ BATCH_POINTS_DEVICES = ("cuda",)
 REL_NOISE_FLOOR = {torch.float32: 1e-6}
 # What one dense point holds while it is counted, in units of its Hessian (N² numbers): H and the copy
 # eigh takes — LAPACK's figure; cuSOLVER's eigvalsh measured 6×H in all, which the out-of-memory
-# fallback covers — or H and inertia's saved lower triangle.
-FOOTPRINT = {"eigh": 2.0, "inertia": 1.0 + inertia.SAVED_SHARE}
+# fallback covers — or H and inertia's saved lower triangle, or, for eigh with eigenvectors
+# (``vectors=True``), H, the eigenvectors and LAPACK dsyevd's 2N² + 6N + 1 workspace.
+FOOTPRINT = {"eigh": 2.0, "inertia": 1.0 + inertia.SAVED_SHARE, "eigh_vectors": 4.0}
 HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
 
 
@@ -268,6 +269,10 @@ class SpectrumResult:
     # method="estimate" only: intervals (lo, hi) of the counts, the resolution δ and the settings
     # (pipeline.estimate.CountEstimate); the counts above are then the rounded point estimates.
     estimate: Optional[dict] = None
+    # eigh with vectors=True only, [N] float64 NumPy: the gradient's coordinates in the eigenbasis (Vᵀg, in
+    # the eigenvalues' order) and the eigenvector of λmin — what pipeline.critical.report_from_eigen needs.
+    grad_coeffs: Optional[np.ndarray] = None
+    v_min: Optional[np.ndarray] = None
 
     @property
     def counts(self) -> spectrum.Counts:
@@ -298,12 +303,12 @@ class SpectrumResult:
 
 
 def resolve_method(method: str, n_params: int, device: Union[str, torch.device] = "cpu",
-                   itemsize: int = 8, memory_budget_mb: float = 0.0) -> str:
+                   itemsize: int = 8, memory_budget_mb: float = 0.0, vectors: bool = False) -> str:
     """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above
     or where eigh's footprint does not fit, and ``estimate`` (no dense H) where neither does
-    (:data:`FOOTPRINT`: 2·N²·itemsize bytes for eigh, 1.53·N²·itemsize for inertia, against the
-    :data:`HESSIAN_SHARE` of the memory the stage may hold, :func:`total_budget_bytes`, that a pass gives
-    its Hessians — the rest is the build's workspace)."""
+    (:data:`FOOTPRINT`: 2·N²·itemsize bytes for eigh, 4·N²·itemsize with ``vectors``, 1.53·N²·itemsize
+    for inertia, against the :data:`HESSIAN_SHARE` of the memory the stage may hold,
+    :func:`total_budget_bytes`, that a pass gives its Hessians — the rest is the build's workspace)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
@@ -311,10 +316,14 @@ def resolve_method(method: str, n_params: int, device: Union[str, torch.device] 
         limit = AUTO_EIGH_MAX_N.get(device.type, AUTO_EIGH_MAX_N["cpu"])
         room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
         for dense in (("eigh", "inertia") if n_params <= limit else ("inertia",)):
-            if FOOTPRINT[dense] * n_params * n_params * itemsize <= room:
+            if FOOTPRINT[_footprint_key(dense, vectors)] * n_params * n_params * itemsize <= room:
                 return dense
         return "estimate"
     return method
+
+
+def _footprint_key(method: str, vectors: bool) -> str:
+    return "eigh_vectors" if method == "eigh" and vectors else method
 
 
 def effective_rel_tol(rel_tol: float, dtype: torch.dtype) -> float:
@@ -367,7 +376,8 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
                 device: Optional[Union[str, torch.device]] = None, chunk_size: int = 0,
                 memory_budget_mb: float = 0.0, hvp: str = "auto",
                 estimate: Optional[dict] = None, naive: bool = True,
-                matvec: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> SpectrumResult:
+                matvec: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                vectors: bool = False) -> SpectrumResult:
     """Hessian spectrum summary of ``loss_fn`` at ``theta``.
 
     ``loss_fn`` maps a flat parameter tensor ``[N]`` to a scalar (or is a list of ``(weight, fn)``
@@ -381,6 +391,10 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and what counting holds,
     :data:`FOOTPRINT`, come on top) / ``hvp``: see :func:`hessian`. ``naive=False``: ``inertia`` skips the
     factorisation behind the naive #{λ > 0} (two LDLᵀ instead of three; ``n_pos_naive`` is None).
+    ``vectors=True`` (``eigh`` only): one eigh with eigenvectors instead of eigvalsh, keeping the
+    gradient's coordinates in the eigenbasis (``result.grad_coeffs``) and the eigenvector of λmin
+    (``result.v_min``), both ``[N]`` — what :func:`pipeline.critical.report_from_eigen` needs; it
+    costs about 4× eigvalsh on CPU and holds 4×H (:data:`FOOTPRINT`).
 
     ``method="estimate"`` never forms H: counts come from Hessian-vector products only
     (:func:`pipeline.estimate.estimate_counts`, options in ``estimate``, e.g. ``{"n_probes": 30,
@@ -394,7 +408,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     theta = theta.detach().to(device=device, dtype=dtype or theta.dtype)
     _check_finite(theta[None], "parameters")
     _check_tol_mode(tol, tol_mode)
-    method = resolve_method(method, theta.numel(), theta.device, theta.element_size())
+    method = resolve_method(method, theta.numel(), theta.device, theta.element_size(), vectors=vectors)
     if method == "estimate":
         return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, matvec=matvec,
                           **(estimate or {}))
@@ -403,11 +417,45 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     _check_finite(H[None], "Hessian")
     _sync(device)
     t1 = time.perf_counter()
-    summary, lam = count_dense(H, method=method, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode,
-                               gap_ratio=gap_ratio, naive=naive)
+    eigen = {}
+    if method == "eigh" and vectors:
+        g = _gradient(loss_fn, theta)
+        lams, coeffs, v_mins = _eigen(H[None], g[None])
+        del H
+        lam = lams[0]
+        summary = _summarize(lam, theta.dtype, tol, effective_rel_tol(rel_tol, theta.dtype), tol_mode, gap_ratio)
+        eigen = {"g": g, "grad_coeffs": coeffs[0], "v_min": v_mins[0]}
+    else:
+        summary, lam = count_dense(H, method=method, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode,
+                                   gap_ratio=gap_ratio, naive=naive)
+        del H
     _sync(device)
-    del H
-    return _result(loss_fn, theta, summary, lam, method, {"build": t1 - t0, "count": time.perf_counter() - t1})
+    return _result(loss_fn, theta, summary, lam, method, {"build": t1 - t0, "count": time.perf_counter() - t1},
+                   **eigen)
+
+
+def _gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> torch.Tensor:
+    """∇ of the (weighted) loss at ``theta`` ``[N]``."""
+    return sum(w * grad(f)(theta) for w, f in _terms(loss_fn))
+
+
+def _eigen(H: torch.Tensor, G: Optional[torch.Tensor]
+           ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+    """Eigenvalues of each ``H`` ``[B, N, N]``, ascending, ``[B, N]`` float64 NumPy — one batched eigvalsh.
+    With the points' gradients ``G`` ``[B, N]``, an eigh with eigenvectors instead, one point at a time
+    (so a pass holds its Hessians and one point's V and workspace, :data:`FOOTPRINT` ["eigh_vectors"]),
+    and also each gradient's coordinates in its eigenbasis, Vᵀg, and the eigenvector of λmin, both
+    ``[B, N]`` float64 NumPy (None without ``G``)."""
+    if G is None:
+        return torch.linalg.eigvalsh(H).cpu().numpy().astype(np.float64), None, None
+    lams, coeffs, v_mins = [], [], []
+    for Hk, g in zip(H, G):
+        lam, V = torch.linalg.eigh(Hk)
+        lams.append(lam)
+        coeffs.append(V.mT @ g)
+        v_mins.append(V[:, 0].clone())
+        del V
+    return tuple(torch.stack(x).cpu().numpy().astype(np.float64) for x in (lams, coeffs, v_mins))
 
 
 def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=None, **options) -> SpectrumResult:
@@ -431,20 +479,21 @@ def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=N
 
 
 def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Optional[np.ndarray], method: str,
-            seconds: dict) -> SpectrumResult:
-    terms = _terms(loss_fn)
+            seconds: dict, g: Optional[torch.Tensor] = None, grad_coeffs: Optional[np.ndarray] = None,
+            v_min: Optional[np.ndarray] = None) -> SpectrumResult:
+    """The result at ``theta``: the loss and gradient norm (``g`` when already taken) with the counts."""
     with torch.no_grad():
-        value = float(sum(w * f(theta) for w, f in terms))
+        value = float(sum(w * f(theta) for w, f in _terms(loss_fn)))
     if not math.isfinite(value):
         raise ValueError(f"the loss is {value} at this point: no spectrum of a non-finite loss")
-    g = sum(w * grad(f)(theta) for w, f in terms)
+    g = _gradient(loss_fn, theta) if g is None else g
     c = summary.counts
     return SpectrumResult(
         n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)),
         n_pos=c.n_pos, n_neg=c.n_neg, n_zero=c.n_zero, n_pos_naive=c.n_pos_naive,
         tol=summary.tol, tol_method=summary.tol_method, lam_min=summary.lam_min, lam_max=summary.lam_max,
         method=method, dtype=str(theta.dtype).replace("torch.", ""), device=_device_name(theta.device),
-        eigenvalues=lam, seconds=seconds)
+        eigenvalues=lam, seconds=seconds, grad_coeffs=grad_coeffs, v_min=v_min)
 
 
 def _check_tol_mode(tol: Optional[float], tol_mode: str) -> None:
@@ -490,15 +539,17 @@ def total_budget_bytes(device: torch.device, memory_budget_mb: float = 0.0) -> f
 
 
 def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_budget_mb: float = 0.0,
-                    method: str = "eigh") -> int:
+                    method: str = "eigh", vectors: bool = False) -> int:
     """How many Hessians one pass may hold in three quarters of the budget (the last quarter is build
     workspace, :func:`pass_workspace_mb`): ``eigh`` takes the pass's spectra in one batched call, so
-    each point needs :data:`FOOTPRINT` ["eigh"] × its N² numbers; ``inertia`` counts one point at a
-    time, so the pass needs N² numbers per point and one point's saved triangle."""
+    each point needs :data:`FOOTPRINT` ["eigh"] × its N² numbers; ``inertia`` and eigh with
+    ``vectors`` count one point at a time, so the pass needs N² numbers per point and what one point's
+    counting adds (the saved triangle; the eigenvectors and LAPACK's workspace)."""
     h = n_params * n_params * itemsize
     room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
-    if method == "inertia":
-        return max(1, int((room - (FOOTPRINT["inertia"] - 1.0) * h) // h))
+    key = _footprint_key(method, vectors)
+    if key != "eigh":
+        return max(1, int((room - (FOOTPRINT[key] - 1.0) * h) // h))
     return max(1, int(room // (FOOTPRINT["eigh"] * h)))
 
 
@@ -514,7 +565,7 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
                     dtype: Union[str, torch.dtype] = torch.float64, device: Union[str, torch.device] = "cpu",
                     chunk_size: int = 0, memory_budget_mb: float = 0.0, hvp: str = "auto",
                     batch_points: Optional[bool] = None, estimate: Optional[dict] = None,
-                    naive: bool = True, matvec_at: Optional[Callable] = None,
+                    naive: bool = True, matvec_at: Optional[Callable] = None, vectors: bool = False,
                     ) -> tuple[list[SpectrumResult], Optional[str]]:
     """:func:`spectrum_at` for many points ``thetas`` ``[B, N]`` of one loss, as the pipeline runs it.
 
@@ -527,6 +578,7 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
     the CPU — and the second value says what was done (None when nothing was needed). Each result's
     ``seconds`` is its share of its pass. The device's cached memory is released on return.
     ``matvec_at(theta)`` (``estimate`` only) gives each point's Hessian operator, e.g. data-parallel.
+    ``vectors``: see :func:`spectrum_at` (the pass then takes its eigh one point at a time).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = torch.device(device)
@@ -534,8 +586,8 @@ def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn
         raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
     _check_finite(thetas.detach(), "parameters")
     _check_tol_mode(tol, tol_mode)
-    method = resolve_method(method, thetas.shape[1], device, dtype.itemsize, memory_budget_mb)
-    kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio, naive=naive)
+    method = resolve_method(method, thetas.shape[1], device, dtype.itemsize, memory_budget_mb, vectors)
+    kw = dict(tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, gap_ratio=gap_ratio, naive=naive, vectors=vectors)
     if method == "estimate":  # no dense Hessian, so nothing to batch and no memory fallback needed
         loss = loss_for(device, dtype)
         return [spectrum_at(loss, t.to(device, dtype), method="estimate", estimate=estimate, dtype=dtype,
@@ -581,7 +633,7 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
           batch_points: bool, kw: dict) -> list[SpectrumResult]:
     b, n = thetas.shape
     device = thetas.device
-    per = points_per_pass(n, thetas.element_size(), device, memory_budget_mb, method)
+    per = points_per_pass(n, thetas.element_size(), device, memory_budget_mb, method, kw["vectors"])
     workspace_mb = pass_workspace_mb(device, memory_budget_mb)
     out = []
     for s in range(0, b, per):
@@ -596,11 +648,15 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         _check_finite(H, "Hessian", first=s, of=b)
         _sync(device)
         t1 = time.perf_counter()
+        eigen = [{} for _ in part]
         if method == "eigh":
-            lams = torch.linalg.eigvalsh(H).cpu().numpy().astype(np.float64)  # one batched call
+            G = torch.stack([_gradient(loss, theta) for theta in part]) if kw["vectors"] else None
+            lams, coeffs, v_mins = _eigen(H, G)
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)
             sums = [(_summarize(lam, H.dtype, kw["tol"], rel, kw["tol_mode"], kw["gap_ratio"]), lam)
                     for lam in lams]
+            if G is not None:
+                eigen = [{"g": g, "grad_coeffs": c, "v_min": v} for g, c, v in zip(G, coeffs, v_mins)]
         else:
             extremes = inertia.extreme_eigenvalues_batch(H)  # batched: one matvec per step for the pass
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)
@@ -610,7 +666,8 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         _sync(device)
         secs = {"build": (t1 - t0) / len(part), "count": (time.perf_counter() - t1) / len(part)}
         del H
-        out.extend(_result(loss, theta, summ, lam, method, dict(secs)) for theta, (summ, lam) in zip(part, sums))
+        out.extend(_result(loss, theta, summ, lam, method, dict(secs), **e)
+                   for theta, (summ, lam), e in zip(part, sums, eigen))
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 
 from pipeline import critical, refine, tables
 from pipeline.config import section
-from pipeline.hessian import is_oom, spectra_at_many, spectrum_at
+from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
 from pipeline.storage import Store
 from pipeline.train import Checkpoint, Curves, TrainState, make_problem, train
@@ -156,10 +156,11 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
 
 
 def spectrum_options(h: dict) -> dict:
-    """The counting options of the ``hessian`` config section, as :func:`spectrum_at` takes them."""
+    """The counting options of the ``hessian`` config section, as :func:`spectrum_at` takes them; full
+    spectra keep what :func:`critical_values` needs of their eigenvectors (``vectors``)."""
     return {"method": h["method"], "tol": h["abs_tol"] if h["tol_mode"] == "abs" else None,
             "rel_tol": h["rel_tol"], "tol_mode": h["tol_mode"], "gap_ratio": h["gap_ratio"],
-            "naive": h["naive_count"],
+            "naive": h["naive_count"], "vectors": True,
             "estimate": {"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]}}
 
 
@@ -240,26 +241,18 @@ def _error_text(err: BaseException) -> str:
 
 def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str = "cpu") -> dict:
     """Honest-label columns at a point (pipeline.critical): gradient shares per eigenspace, the
-    gradient-flat test, ``critical_label`` and the escape check. Needs eigenvectors, so only where the full
-    spectrum was taken (``method=eigh``); elsewhere the label says only whether the gradient is small.
-    Runs in float64 on ``device``, the task's: its eigh with eigenvectors is the costliest step of an eigh
-    point (a one-off timing on 2 CPU cores, N = 3,979: 6.9 s against 1.7 s for the spectrum), so a GPU task
-    does it on its GPU rather than on the node's CPUs (and on the CPU when the GPU runs out of memory)."""
+    gradient-flat test, ``critical_label`` and the escape check. They need the gradient in the Hessian's
+    eigenbasis, which the pass kept (``vectors=True``) where it took the full spectrum (``method=eigh``)
+    — from the same decomposition as the counts, so ``critical_label`` and ``label`` always agree at a
+    critical point; elsewhere the label says only whether the gradient is small. The loss, ‖g‖² and
+    the escape check are evaluated in float64 on ``device``, the task's."""
     gtol2 = section(config, "refine")["gtol2"]
-    if res.eigenvalues is None:
+    if res.grad_coeffs is None:
         small = res.grad_norm ** 2 < gtol2
         return {"grad_norm2": res.grad_norm ** 2, "critical_label": res.label if small else "not_critical"}
-    def report(dev: str) -> dict:
-        f = problem.to(dev, torch.float64).loss_fn()
-        return critical.critical_report(f, theta.to(dev, torch.float64), tol=res.tol, gtol2=gtol2).row()
-
-    try:
-        return report(device)
-    except Exception as err:  # noqa: BLE001 — only out-of-memory on a GPU goes on to the CPU
-        if device == "cpu" or not is_oom(err):
-            raise
-    torch.cuda.empty_cache()
-    return report("cpu")
+    f = problem.to(device, torch.float64).loss_fn()
+    return critical.report_from_eigen(f, theta.to(device, torch.float64), res.eigenvalues, res.grad_coeffs,
+                                      res.v_min, tol=res.tol, gtol2=gtol2).row()
 
 
 def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cpu",

@@ -7,13 +7,15 @@
 #   2. scripts/bench_hessian.py on the GPU (times, ratios against autograd, peak memory, checkpoints/s);
 #   2b. scripts/bench_cusolver_eigh.py: cuSOLVER's batched eigensolver (what newer torch calls for a pass)
 #      and syevd in H's own memory, through ctypes, against eigvalsh — its own step, as a foreign call could crash;
+#   2c. scripts/bench_label.py: a full-spectrum point with its honest label, one eigh with eigenvectors
+#      against the old eigvalsh + critical_report;
 #   3. scripts/bench_refine.py on the GPU (Newton-MR on dense products against HVPs: refine.operator=auto's bound);
 #   4. with ESTIMATE=1: scripts/bench_estimate.py --parts gpu (the HVP-only estimator at N = 10⁵ and 10⁶).
 # The row-loop baseline is skipped where it would take over 40 s (N ≈ 29k, ~55 s): the 29k target is
 # an absolute time, and the ratio targets are at N ≈ 19k.
 # Pure-Python wheels the machine lacks (hydra-core, omegaconf, antlr4) may be carried in .whl/.
 # Output goes to $OUT (default ./gpu_out): env.txt, gpu_tests.txt, bench_gpu.txt, bench_cusolver_eigh.txt,
-# bench_refine_gpu.txt, bench_estimate_gpu.txt.
+# bench_label_gpu.txt, bench_refine_gpu.txt, bench_estimate_gpu.txt.
 #   bash scripts/gpu_checks.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -45,6 +47,9 @@ rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_hessian: exit $rc" | tee -
 
 timeout 120 python3 scripts/bench_cusolver_eigh.py 2>&1 | tee "$OUT/bench_cusolver_eigh.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_cusolver_eigh: exit $rc" | tee -a "$OUT/bench_cusolver_eigh.txt"; status=1; }
+
+timeout 60 python3 scripts/bench_label.py --device cuda 2>&1 | tee "$OUT/bench_label_gpu.txt"
+rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_label: exit $rc" | tee -a "$OUT/bench_label_gpu.txt"; status=1; }
 
 timeout 75 python3 scripts/bench_refine.py --device cuda 2>&1 | tee "$OUT/bench_refine_gpu.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_refine: exit $rc" | tee -a "$OUT/bench_refine_gpu.txt"; status=1; }

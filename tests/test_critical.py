@@ -271,3 +271,29 @@ def test_report_at_a_non_critical_point_is_not_critical():
                         "flat_residual", "flat_cokernel", "grad_curvature", "escape_drops", "escape_delta", "escape_predicted"}
     assert row["grad_share_neg"] + row["grad_share_zero"] + row["grad_share_pos"] == pytest.approx(1.0)
     assert critical.CRITICAL_LABELS[:2] == ("not_critical", "gradient_flat")
+
+
+@pytest.mark.parametrize("where", ["ae_saddle", "ae_near_saddle", "tanh_mlp"])
+def test_report_from_the_pipelines_decomposition_equals_the_dense_report(where):
+    """The pipeline's pass keeps only Vᵀg and v_min of its eigh (spectrum_at(..., vectors=True)); the report
+    built from them (report_from_eigen) equals critical_report's, which takes its own eigh of the Hessian."""
+    from pipeline.hessian import spectrum_at
+
+    if where == "tanh_mlp":
+        model = MLP(3, 2, depth=1, width=5, activation="tanh")
+        gen = torch.Generator().manual_seed(0)
+        X, Y = torch.randn(30, 3, generator=gen, dtype=F64), torch.randn(30, 2, generator=gen, dtype=F64)
+        f, theta = (lambda t: loss_value(model, t, X, Y, "mse")), model.init(0)
+    else:
+        f, theta = ae_loss, torch.tensor([0.0, 0.0, 0.0, 0.0] if where == "ae_saddle" else [0.05, 1, 0, 1], dtype=F64)
+    res = spectrum_at(f, theta, method="eigh", vectors=True)
+    got = critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs, res.v_min, tol=res.tol).row()
+    want = critical_report(f, theta, tol=res.tol).row()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+        else:
+            assert got[key] == value, key
+    with pytest.raises(ValueError, match="theta's shape"):
+        critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs[:-1], res.v_min)

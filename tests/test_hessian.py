@@ -203,6 +203,50 @@ def test_spectra_at_many_matches_spectrum_at_batched_or_not():
     assert all(c.eigenvalues is None for c in counts)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(F64, 1e-10), (torch.float32, 1e-4)])
+def test_vectors_give_the_gradient_in_the_eigenbasis_and_the_lowest_eigenvector(dtype, rtol):
+    """vectors=True (what the pipeline's honest label needs) keeps Vᵀg and v_min, checked against the
+    autograd Hessian: Σc² = ‖g‖², Σλc² = gᵀHg, Σλ²c² = ‖Hg‖² (sign- and basis-free), Hv_min = λmin·v_min;
+    the same numbers from spectra_at_many's pass (several points, one eigh each) and from spectrum_at, and
+    the eigenvalues those of eigvalsh."""
+    model, n, loss, wd = CASES[0]
+    prob = _problem(model, n, loss, wd)
+    thetas = torch.stack([model.init(s) for s in range(3)])
+    got, _ = hs.spectra_at_many(_loss_for(prob, []), thetas, method="eigh", dtype=dtype, vectors=True)
+    alone = [hs.spectrum_at(prob.to("cpu", dtype).loss_fn(), t, method="eigh", dtype=dtype, vectors=True)
+             for t in thetas]
+    plain, _ = hs.spectra_at_many(_loss_for(prob, []), thetas, method="eigh", dtype=dtype)
+    for theta, a, b, p in zip(thetas, got, alone, plain):
+        f = prob.loss_fn()
+        H, g = _oracle(f, theta).numpy(), torch.func.grad(f)(theta).numpy()
+        scale = np.abs(a.eigenvalues).max()
+        for r in (a, b):
+            c, lam = r.grad_coeffs, r.eigenvalues
+            assert c.shape == lam.shape == r.v_min.shape == (model.n_params,) and c.dtype == np.float64
+            assert np.sum(c ** 2) == pytest.approx(g @ g, rel=rtol)
+            assert np.sum(lam * c ** 2) == pytest.approx(g @ H @ g, rel=rtol, abs=rtol * scale * (g @ g))
+            assert np.sum(lam ** 2 * c ** 2) == pytest.approx(np.sum((H @ g) ** 2), rel=rtol)
+            v = r.v_min
+            assert np.linalg.norm(H @ v - lam[0] * v) <= rtol * scale and np.linalg.norm(v) == pytest.approx(1, rel=rtol)
+            np.testing.assert_allclose(lam, p.eigenvalues, rtol=0, atol=rtol * scale)
+            assert (r.n_pos, r.n_neg, r.n_zero) == (p.n_pos, p.n_neg, p.n_zero)
+        assert p.grad_coeffs is None and p.v_min is None  # eigvalsh alone unless asked
+
+
+def test_a_pass_with_vectors_plans_for_one_points_eigenvectors():
+    """eigh with vectors goes one point at a time: a pass holds its Hessians plus one point's V and LAPACK's
+    2N² workspace (B + 3 Hessians' worth, not 2B), and auto falls to inertia where 4×H does not fit."""
+    n, h_mib, cpu = 3_000, 3_000 ** 2 * 8 / 2**20, torch.device("cpu")
+    for budget in (400, 1_000, 4_000):
+        per = hs.points_per_pass(n, 8, cpu, budget, "eigh", vectors=True)
+        held = (per + hs.FOOTPRINT["eigh_vectors"] - 1) * h_mib
+        assert held + hs.pass_workspace_mb(cpu, budget) <= budget
+        assert per == int((0.75 * budget - 3 * h_mib) // h_mib) or per == 1
+    assert hs.resolve_method("auto", n, "cpu", memory_budget_mb=190) == "eigh"  # 2×H = 137 MiB ≤ ¾·190
+    assert hs.resolve_method("auto", n, "cpu", memory_budget_mb=190, vectors=True) == "inertia"  # 4×H does not
+    assert hs.resolve_method("auto", n, "cpu", memory_budget_mb=380, vectors=True) == "eigh"
+
+
 @pytest.mark.parametrize("oom_first,what,where", [(1, "one point at a time after", "cuda"),
                                                   (2, "1/16 workspace", "cuda"), (3, "moved to CPU", "cuda"),
                                                   (1, "one point at a time after", "cpu")])
