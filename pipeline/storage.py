@@ -77,13 +77,18 @@ class Store:
 
     def list_files(self, rel: str, suffix: str = "") -> list[str]:
         """Relative paths of the visible files directly under ``rel`` ending in ``suffix`` (sorted)."""
+        return sorted(self.stamps(rel, suffix))
+
+    def stamps(self, rel: str, suffix: str = "") -> dict[str, tuple]:
+        """``{relative path: (size, mtime)}`` of the files :meth:`list_files` lists: what tells whether a
+        file was rewritten since (an atomic rewrite replaces the file, so both change)."""
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
-        out = []
+        out = {}
         for info in self.fs.get_file_info(sel):
             name = posixpath.basename(info.path)
             if info.type == pafs.FileType.File and not name.startswith((".", "_")) and name.endswith(suffix):
-                out.append(posixpath.join(rel, name))
-        return sorted(out)
+                out[posixpath.join(rel, name)] = (info.size, info.mtime_ns)
+        return out
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))

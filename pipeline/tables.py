@@ -8,6 +8,7 @@ a later version is never lost) and keeps one row per key; :func:`compact` merges
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import time
@@ -27,8 +28,10 @@ from pipeline.storage import Store
 # an older version read with nulls in the columns they lack (see `read`); bump the version whenever a
 # column is added. Version 4 added the interval columns of hessian.method=estimate; version 5 the runs
 # columns of the config fields added since: model_conv_layers, model_channels, model_kernel (the CNN),
-# hessian_naive_count and hessian_data_workers.
-SCHEMA_VERSION = 5
+# hessian_naive_count and hessian_data_workers. Version 6 changed no column but a meaning: points.flat_residual
+# is Frye et al.'s relative residual r (version-5 rows written before 2026-11-26 hold ‖Hp + g‖/‖g‖), so
+# bump the version for a changed definition too.
+SCHEMA_VERSION = 6
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
@@ -215,11 +218,14 @@ def write(store: Store, sweep: str, name: str, rows: list[dict], stem: str | Non
     default the first row's key (the usual case: one task, one key)."""
     if not rows:
         return
-    table = to_table(name, rows)
+    fname = f"{stem}.parquet" if stem else file_name(name, rows[0])
+    _put(store, f"{sweep}/{name}/{fname}", to_table(name, rows))
+
+
+def _put(store: Store, rel: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    fname = f"{stem}.parquet" if stem else file_name(name, rows[0])
-    store.write_bytes(f"{sweep}/{name}/{fname}", buf.getvalue())
+    store.write_bytes(rel, buf.getvalue())
 
 
 def read(store: Store, sweep: str, name: str, dedupe: bool = True, columns: list | None = None) -> pa.Table:
@@ -242,6 +248,7 @@ READ_BATCH_FILES = 64
 def _read_files(store: Store, sweep: str, name: str, columns: list | None = None,
                 attempts: int = 3) -> tuple[pa.Table, list, list]:
     """All rows of a table's files, with the declared schema. Returns ``(table, files read, files skipped)``.
+    ``columns`` may name pyarrow's ``__filename`` (each row's file, as a full path).
 
     A file that is not valid Parquet is skipped with a warning naming it, never read as data. Our own
     writers cannot leave one (they rename whole files into place), but a copy cut off by hand can; a
@@ -249,7 +256,10 @@ def _read_files(store: Store, sweep: str, name: str, columns: list | None = None
     (a concurrent :func:`compact` merged it) makes the listing start again.
     """
     schema = SCHEMAS[name]
-    empty = schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    declared = [c for c in columns if c in schema.names] if columns is not None else None
+    empty = schema.empty_table() if columns is None else schema.empty_table().select(declared)
+    if columns is not None and "__filename" in columns:
+        empty = empty.append_column("__filename", pa.array([], pa.string()))
     for _ in range(attempts):
         files = store.list_files(f"{sweep}/{name}", ".parquet")
         parts, good, bad = [], [], []
@@ -303,25 +313,57 @@ def _latest_per_key(table: pa.Table, key: tuple) -> pa.Table:
 
 
 def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
-    """Merge a table's files into one, keeping one row per key. Returns ``(files_before, rows_after)``.
+    """Merge a table's finished rows into one file, keeping one row per key. Returns
+    ``(files_before, rows_after)``.
 
-    The merged file is written (atomically) before any small file is deleted, and it holds every key of
-    the files it replaces, so a crash at any moment loses no row; duplicates it leaves behind for a
-    moment are removed by :func:`read`'s de-duplication. Only files that were read are deleted (a file
-    written meanwhile, or an unreadable one, stays). Temporary files of writers that crashed long ago go.
-    Run it when no sweep writes to the folder.
+    A row not finished (``status`` failed: a resume retries it) stays in a file of its own, named after
+    its key — the name the retry writes — so readers without de-duplication (pandas, DuckDB, polars)
+    never see a failed row beside its retry. The merged file is written (atomically) before any small
+    file is deleted, and it holds every key of the files it replaces, so a crash at any moment loses no
+    row; duplicates it leaves behind for a moment are removed by :func:`read`'s de-duplication. Only
+    files that were read and have not changed since are deleted or rewritten (a file written meanwhile,
+    or an unreadable one, stays). Temporary files of writers that crashed long ago go. Meant for a
+    folder no sweep is writing to: a sweep's new rows are never lost, but they may stay unmerged.
     """
-    store.remove_stale_temps(f"{sweep}/{name}")
-    table, files, _ = _read_files(store, sweep, name)
-    table = _latest_per_key(table, KEYS[name]) if table.num_rows else table
-    if len(files) <= 1:
-        return len(files), table.num_rows
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.write_bytes(f"{sweep}/{name}/part-{uuid.uuid4().hex}.parquet", buf.getvalue())
-    for f in files:
-        store.delete(f)
+    folder = f"{sweep}/{name}"
+    store.remove_stale_temps(folder)
+    stamps = store.stamps(folder, ".parquet")
+    raw, files, _ = _read_files(store, sweep, name, columns=[*SCHEMAS[name].names, "__filename"])
+    rel = {store.path(f): f for f in files}
+    table = _latest_per_key(raw, KEYS[name]) if raw.num_rows else raw
+    sources = [rel[p] for p in table.column("__filename").to_pylist()]
+    table = table.drop_columns(["__filename"])
+    keys = table.select(list(KEYS[name])).to_pylist()
+    targets = [f"{folder}/{file_name(name, k)}" if waiting else None
+               for k, waiting in zip(keys, _unfinished(name, table))]
+    stay = {src for src, t in zip(sources, targets) if t == src}
+    moves = [(i, t) for i, (src, t) in enumerate(zip(sources, targets)) if t is not None and t != src]
+    merged = table.filter(pa.array([t is None for t in targets], pa.bool_()))
+    rest = [f for f in files if f not in stay]
+    raw_rows = collections.Counter(rel[p] for p in raw.column("__filename").to_pylist())
+    if not moves and len(rest) <= 1 and all(raw_rows[f] == merged.num_rows for f in rest):
+        return len(files), table.num_rows  # already one merged file and the failed rows' own files
+
+    def unchanged(f: str) -> bool:
+        return f in stamps and store.stamps(folder, ".parquet").get(f) == stamps[f]
+
+    if merged.num_rows:
+        _put(store, f"{folder}/part-{uuid.uuid4().hex}.parquet", merged)
+    for i, target in moves:
+        if (target not in files and not store.exists(target)) or (target in files and unchanged(target)):
+            _put(store, target, table.slice(i, 1))
+    written = {t for _, t in moves}
+    for f in rest:
+        if f not in written and unchanged(f):
+            store.delete(f)
     return len(files), table.num_rows
+
+
+def _unfinished(name: str, table: pa.Table) -> list[bool]:
+    """Per row: not finished (a ``status`` other than ok or diverged), so a resume will retry its key."""
+    if "status" not in table.column_names:
+        return [False] * table.num_rows
+    return [s not in ("ok", "diverged") for s in table.column("status").to_pylist()]
 
 
 def done_keys(store: Store, sweep: str, name: str, where_ok: bool = True) -> set:
@@ -331,7 +373,6 @@ def done_keys(store: Store, sweep: str, name: str, where_ok: bool = True) -> set
     if table.num_rows == 0:
         return set()
     if where_ok and has_status:
-        ok = [s in ("ok", "diverged") for s in table.column("status").to_pylist()]
-        table = table.filter(pa.array(ok))
+        table = table.filter(pa.array([not u for u in _unfinished(name, table)], pa.bool_()))
     cols = [table.column(k).to_pylist() for k in KEYS[name]]
     return set(zip(*cols))

@@ -124,6 +124,11 @@ def test_a_column_missing_from_older_files_reads_as_null_and_is_not_lost(tmp_pat
     got = duckdb.sql(f"select run_id, node_id from read_parquet('{folder}/*.parquet', union_by_name=true) "
                      "order by run_id").fetchall()
     assert got == [("new", "abc123"), ("old", None)]
+    import polars as pl
+
+    schema = pl.from_arrow(tables.SCHEMAS["points"].empty_table()).schema
+    got = pl.read_parquet(f"{folder}/*.parquet", missing_columns="insert", schema=schema).sort("run_id")
+    assert got.select("run_id", "node_id").rows() == [("new", "abc123"), ("old", None)]
     # After compaction one file holds the full schema, so even a plain read keeps the column.
     tables.compact(store, SWEEP, "points")
     assert pd.read_parquet(folder).set_index("run_id").loc["new", "node_id"] == "abc123"
@@ -183,20 +188,68 @@ def test_compact_loses_and_duplicates_nothing(tmp_path):
 
     assert tables.compact(store, SWEEP, "runs") == (25, 20)
     files = store.list_files(f"{SWEEP}/runs", ".parquet")
-    assert len(files) == 1
+    # the 5 finished rows in one merged file; the 15 failed ones keep the files their retries will replace
+    failed = [f"{SWEEP}/runs/run{i:03d}.parquet" for i in range(20) if not 3 <= i < 8]
+    merged = [f for f in files if f not in failed]
+    assert len(files) == 16 and len(merged) == 1 and pq.read_table(store.path(merged[0])).num_rows == 5
     after = by_key(tables.read(store, SWEEP, "runs"))
     pd.testing.assert_frame_equal(before, after)
     assert (after["status"] == "ok").sum() == 5
-    assert tables.compact(store, SWEEP, "runs") == (1, 20)  # idempotent
+    assert tables.compact(store, SWEEP, "runs") == (16, 20)  # idempotent: nothing left to merge
+    assert store.list_files(f"{SWEEP}/runs", ".parquet") == files
 
-    # A crash after the merged file was written but before the small files went: duplicates on disk,
-    # one row per key when read, and the next compact removes them.
-    write_each(store, run_rows(3, status="failed"))
+    # A crash after a merged file was written but before the small files went: duplicates on disk, one
+    # row per key when read, and the next compact removes them.
+    tables.write(store, SWEEP, "runs", run_rows(5, status="ok", offset=3), stem="part-leftover")
     write_each(store, run_rows(1, status="ok", offset=30))
     assert tables.read(store, SWEEP, "runs").num_rows == 21
-    assert tables.compact(store, SWEEP, "runs") == (5, 21)
+    assert tables.compact(store, SWEEP, "runs") == (18, 21)
     final = by_key(tables.read(store, SWEEP, "runs"))
     assert final["run_id"].is_unique and len(final) == 21
+    assert len(store.list_files(f"{SWEEP}/runs", ".parquet")) == 16
+
+
+def test_a_retry_after_compaction_leaves_one_row_per_key_for_every_reader(tmp_path):
+    """pandas, DuckDB and polars do not de-duplicate: a failed row merged into a part file would stay
+    beside its retry's row. Compaction leaves failed rows in their own files (and moves one out of an
+    older part file), which the retry then replaces."""
+    import polars as pl
+
+    store = Store.open(str(tmp_path))
+    write_each(store, run_rows(2, status="ok"))
+    write_each(store, run_rows(2, status="failed", offset=2))
+    tables.write(store, SWEEP, "runs", run_rows(1, status="failed", offset=4), stem="part-older-compaction")
+    tables.compact(store, SWEEP, "runs")
+    write_each(store, run_rows(3, status="ok", offset=2))  # the resume retries the failed keys
+    folder = tmp_path / SWEEP / "runs"
+    for reader, df in (("pandas", pd.read_parquet(folder)),
+                       ("duckdb", duckdb.sql(f"select * from read_parquet('{folder}/*.parquet')").df()),
+                       ("polars", pl.read_parquet(f"{folder}/*.parquet").to_pandas())):
+        assert sorted(df["run_id"]) == [f"run{i:03d}" for i in range(5)], reader
+        assert (df["status"] == "ok").all(), reader
+
+
+def test_compact_leaves_alone_what_a_writer_changed_after_it_read(tmp_path, monkeypatch):
+    """A file rewritten between compact's read and its deletes is neither deleted nor overwritten."""
+    store = Store.open(str(tmp_path))
+    write_each(store, run_rows(2, status="ok"))
+    tables.write(store, SWEEP, "runs", run_rows(1, status="failed", offset=2), stem="part-older-compaction")
+    read_files = tables._read_files
+
+    def then_a_sweep_writes(*args, **kwargs):
+        out = read_files(*args, **kwargs)
+        tables.write(store, SWEEP, "runs", [{**run_rows(1, offset=1)[0], "final_loss": -1.0}])
+        write_each(store, run_rows(1, status="ok", offset=2))  # run002's retry, in its own file
+        return out
+
+    monkeypatch.setattr(tables, "_read_files", then_a_sweep_writes)
+    tables.compact(store, SWEEP, "runs")
+    monkeypatch.undo()
+    files = store.list_files(f"{SWEEP}/runs", ".parquet")
+    assert f"{SWEEP}/runs/run000.parquet" not in files  # merged and deleted
+    assert {f"{SWEEP}/runs/run001.parquet", f"{SWEEP}/runs/run002.parquet"} <= set(files)
+    df = by_key(tables.read(store, SWEEP, "runs")).set_index("run_id")
+    assert df.loc["run001", "final_loss"] == -1.0 and df.loc["run002", "status"] == "ok"
 
 
 def test_unknown_columns_are_an_error_naming_them():
