@@ -3,10 +3,12 @@
 Figures (under ``<results>/<sweep>/figures/``):
 
 - ``min_ratio_vs_loss.png`` — the lecture's figure: minimum ratio against training loss, one point per
-  checkpoint, coloured by label; tolerance-aware ratio (left) beside the naive one (right);
+  checkpoint where training stopped (marker: stalled or final), coloured by label; tolerance-aware ratio
+  (left, with the estimator's intervals as bars where counts were estimated) beside the naive one (right);
 - ``grad_norm_vs_loss.png`` — gradient norm at each analysed point: a stall is not a critical point;
-- ``ratio_vs_tol.png`` — the minimum ratio as the tolerance varies, per checkpoint;
-- ``eigenvalues_<run_id>_<step>.png`` — the eigenvalue histogram of one checkpoint (symlog axis);
+- ``ratio_vs_tol.png`` — the minimum ratio as the tolerance varies, per checkpoint, with a dot at the
+  tolerance its counts used;
+- ``eigenvalues_<run_id>_<step>_<stage>.png`` — the eigenvalue histogram of one point (symlog axis);
 - ``loss_curves.png`` — training loss of each run, stalls marked;
 - ``index_vs_loss.png`` — index n_neg / n_params against loss (Dauphin et al.; Pennington & Bahri);
 - ``stalled_vs_refined.png`` — with refinement: minimum ratio vs loss at the stalled points and at the
@@ -29,6 +31,8 @@ from pipeline.storage import Store  # noqa: E402
 COLORS = {"minimum": "tab:green", "degenerate_minimum": "tab:olive", "saddle": "tab:red",
           "maximum": "tab:purple", "degenerate_maximum": "tab:pink", "flat": "tab:gray"}
 REL_TOLS = np.logspace(-12, -1, 45)
+STAGE_MARKERS = {"stalled": "o", "final": "s", "refined": "^"}
+KEY = ["run_id", "step", "stage"]
 
 
 def open_results(folder: str) -> tuple[Store, str]:
@@ -50,8 +54,19 @@ def summary_text(t: dict[str, pd.DataFrame]) -> str:
     runs, points = t["runs"], t["points"]
     lines = [f"runs: {len(runs)}  " + "  ".join(f"{k}={v}" for k, v in runs["status"].value_counts().items())]
     ok = points[points["status"] == "ok"]
-    lines.append(f"checkpoints analysed: {len(ok)}  failed: {int((points['status'] == 'failed').sum())}")
+    refined = int((ok["stage"] == "refined").sum())
+    lines.append(f"checkpoints analysed: {len(ok) - refined}" + (f"  refined points: {refined}" if refined else "")
+                 + f"  failed: {int((points['status'] == 'failed').sum())}")
     if len(ok):
+        rel = ok["tol"] / np.maximum(ok["lam_min"].abs(), ok["lam_max"].abs())
+        lines.append("tolerance |λ| ≤ tol counted as zero: " + ", ".join(
+            f"{k} {v}" for k, v in ok["tol_method"].value_counts().items())
+            + f"; tol / max|λ| median {rel.median():.2g} (range {rel.min():.2g} to {rel.max():.2g})")
+        est = ok[ok["min_ratio_lo"].notna()]
+        if len(est):
+            half = (est["min_ratio_hi"] - est["min_ratio_lo"]) / 2
+            lines.append(f"estimated counts (method=estimate) at {len(est)} points: minimum ratio ± {half.median():.2g} "
+                         "(median half-width of the intervals; the medians below are of the point estimates)")
         by = ok.groupby(["stage", "label"]).agg(
             n=("run_id", "size"), loss_median=("loss", "median"), grad_norm_median=("grad_norm", "median"),
             min_ratio_median=("min_ratio", "median"), min_ratio_naive_median=("min_ratio_naive", "median"),
@@ -74,21 +89,36 @@ def save_figure(fig, store: Store, rel: str) -> str:
     return store.path(rel)
 
 
-def _by_label(ax, df: pd.DataFrame, x: str, y: str) -> None:
-    for lab, part in df.groupby("label"):
-        ax.scatter(part[x], part[y], s=22, alpha=0.8, color=COLORS.get(lab, "k"), label=f"{lab} ({len(part)})",
-                   marker="o" if (part["stage"] != "final").all() else None)
+def _by_label(ax, df: pd.DataFrame, x: str, y: str, bars: tuple[str, str] | None = None) -> None:
+    """``y`` against ``x``, coloured by label, one marker per stage; ``bars`` (lo, hi columns): vertical
+    bars where they are set (the estimator's intervals)."""
+    for (lab, stage), part in df.groupby(["label", "stage"]):
+        color = COLORS.get(lab, "k")
+        ax.scatter(part[x], part[y], s=22, alpha=0.8, color=color, marker=STAGE_MARKERS.get(stage, "o"),
+                   label=f"{lab}, {stage} ({len(part)})")
+        if bars is not None and part[bars[0]].notna().any():
+            ax.errorbar(part[x], part[y], yerr=[part[y] - part[bars[0]], part[bars[1]] - part[y]], fmt="none",
+                        ecolor=color, alpha=0.5, lw=1)
     ax.set_xlabel("training loss at the point")
     if (df[x] > 0).all() and len(df):
         ax.set_xscale("log")
 
 
 def fig_min_ratio(ok: pd.DataFrame):
+    """The lecture's figure at the points where training stopped (refined points: fig_stalled_vs_refined)."""
+    stops = ok[ok["stage"] != "refined"]
+    estimated = bool(stops["min_ratio_lo"].notna().any())
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    _by_label(axes[0], ok, "loss", "min_ratio")
+    _by_label(axes[0], stops, "loss", "min_ratio", ("min_ratio_lo", "min_ratio_hi"))
     axes[0].set_ylabel("minimum ratio")
-    axes[0].set_title("n_pos / n_params, |λ| ≤ tol counted as zero")
-    _by_label(axes[1], ok, "loss", "min_ratio_naive")
+    axes[0].set_title("n_pos / n_params, |λ| ≤ tol counted as zero" + ("\n(bars: the estimator's intervals)"
+                                                                        if estimated else ""))
+    naive = stops[stops["min_ratio_naive"].notna()]
+    _by_label(axes[1], naive, "loss", "min_ratio_naive")
+    if len(naive) < len(stops):
+        axes[1].text(0.5, 0.5, f"naive count not taken at {len(stops) - len(naive)} of {len(stops)} points\n"
+                     "(hessian.method=estimate, or hessian.naive_count=false)", ha="center", va="center",
+                     transform=axes[1].transAxes, fontsize=9)
     axes[1].set_title("naive: share of λ > 0 (the lecture's count)")
     for ax in axes:
         ax.set_ylim(-0.03, 1.03)
@@ -100,7 +130,7 @@ def fig_min_ratio(ok: pd.DataFrame):
 def _fig_by_stage(ok: pd.DataFrame, y: str, ylabel: str, title: str, log_y: bool):
     """``y`` against training loss, one marker per stage (stalled, final, refined)."""
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for stage, marker in (("stalled", "o"), ("final", "s"), ("refined", "^")):
+    for stage, marker in STAGE_MARKERS.items():
         part = ok[ok["stage"] == stage]
         if len(part):
             ax.scatter(part["loss"], part[y], marker=marker, s=22, alpha=0.8, label=stage)
@@ -146,15 +176,21 @@ def fig_stalled_vs_refined(ok: pd.DataFrame):
     return fig
 
 
-def fig_ratio_vs_tol(spectra: pd.DataFrame):
+def fig_ratio_vs_tol(spectra: pd.DataFrame, points: pd.DataFrame):
+    """Each spectrum's #{λ > tol}/n as tol/max|λ| varies, with a dot at the tolerance its counts used
+    (``points.tol``)."""
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for lam in spectra["eigenvalues"]:
-        ax.plot(REL_TOLS, spectrum.ratio_vs_tol(np.asarray(lam), REL_TOLS), alpha=0.35, lw=1)
+    used = spectra.merge(points[KEY + ["tol"]], on=KEY, how="left")
+    for lam, tol in zip(used["eigenvalues"], used["tol"]):
+        lam = np.asarray(lam)
+        line, = ax.plot(REL_TOLS, spectrum.ratio_vs_tol(lam, REL_TOLS), alpha=0.35, lw=1)
+        top = float(np.abs(lam).max()) if lam.size else 0.0
+        if top > 0 and tol > 0:  # NaN (no points row) compares False
+            ax.scatter([tol / top], [(lam > tol).sum() / lam.size], s=14, color=line.get_color(), zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("tol / max|λ|")
     ax.set_ylabel("minimum ratio #{λ > tol} / n")
-    ax.axvline(1e-6, color="k", ls=":", lw=1)
-    ax.set_title("minimum ratio against the tolerance")
+    ax.set_title("minimum ratio against the tolerance (• the one used)")
     ax.grid(alpha=0.3)
     return fig
 
@@ -165,7 +201,7 @@ def fig_eigenvalues(row: pd.Series, point: pd.Series):
     ax.hist(np.sign(lam) * np.log10(1 + np.abs(lam) / max(point["tol"], 1e-300)), bins=60, color="tab:blue")
     ax.set_xlabel("sign(λ) · log10(1 + |λ| / tol)")
     ax.set_ylabel("count")
-    ax.set_title(f"run {row['run_id']} step {row['step']}: {point['label']}, n+={point['n_pos']} "
+    ax.set_title(f"run {row['run_id']} step {row['step']} ({row['stage']}): {point['label']}, n+={point['n_pos']} "
                  f"n-={point['n_neg']} n0={point['n_zero']}, tol={point['tol']:.2g}", fontsize=9)
     return fig
 
@@ -184,11 +220,30 @@ def fig_curves(curves: pd.DataFrame, points: pd.DataFrame):
     return fig
 
 
+def _histogram_point(spectra: pd.DataFrame, checkpoint: str | None, sweep: str) -> pd.DataFrame:
+    """The spectrum (joined with its points row) whose histogram to draw: ``checkpoint`` =
+    ``RUN:STEP[:STAGE]`` (a stalled or final point before a refined one), else the lowest-loss point."""
+    if not checkpoint:
+        return spectra.sort_values("loss").head(1)
+    run_id, step, *stage = checkpoint.split(":")
+    try:
+        step = int(step)
+    except ValueError:
+        raise ValueError(f"--checkpoint {checkpoint!r}: expected RUN_ID:STEP[:STAGE] with an integer step") from None
+    sel = spectra[(spectra["run_id"] == run_id) & (spectra["step"] == step)]
+    if stage:
+        sel = sel[sel["stage"] == stage[0]]
+    if sel.empty:
+        raise ValueError(f"checkpoint {checkpoint!r} has no spectrum in {sweep!r}")
+    return sel.assign(_refined=sel["stage"] == "refined").sort_values("_refined").head(1)
+
+
 def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[str, list[str]]:
     """Write the figures of a sweep and return ``(summary text, figure paths)``.
 
-    ``checkpoint`` = ``"<run_id>:<step>"`` picks the eigenvalue histogram; by default the analysed point
-    with the lowest loss.
+    ``checkpoint`` = ``"<run_id>:<step>[:<stage>]"`` picks the eigenvalue histogram (without a stage, the
+    point where training stopped rather than its refined one); by default the analysed point with the
+    lowest loss.
     """
     t = load(store, sweep)
     ok = t["points"][t["points"]["status"] == "ok"]
@@ -200,21 +255,12 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[st
         if (ok["stage"] == "refined").any():
             figs.append(save_figure(fig_stalled_vs_refined(ok), store, f"{sweep}/figures/stalled_vs_refined.png"))
     if len(t["spectra"]):
-        figs.append(save_figure(fig_ratio_vs_tol(t["spectra"]), store, f"{sweep}/figures/ratio_vs_tol.png"))
-        spectra = t["spectra"]
-        if checkpoint:
-            run_id, _, step = checkpoint.partition(":")
-            sel = spectra[(spectra["run_id"] == run_id) & (spectra["step"] == int(step))]
-            if sel.empty:
-                raise ValueError(f"checkpoint {checkpoint!r} has no spectrum in {sweep!r}")
-        else:
-            best = ok[ok["method"] == "eigh"].sort_values("loss").head(1)
-            sel = spectra.merge(best[["run_id", "step", "stage"]], on=["run_id", "step", "stage"])
+        figs.append(save_figure(fig_ratio_vs_tol(t["spectra"], ok), store, f"{sweep}/figures/ratio_vs_tol.png"))
+        sel = _histogram_point(t["spectra"].merge(ok, on=KEY, suffixes=("", "_point")), checkpoint, sweep)
         if len(sel):
             row = sel.iloc[0]
-            point = ok[(ok["run_id"] == row["run_id"]) & (ok["step"] == row["step"])].iloc[0]
-            figs.append(save_figure(fig_eigenvalues(row, point), store,
-                              f"{sweep}/figures/eigenvalues_{row['run_id']}_{row['step']}.png"))
+            figs.append(save_figure(fig_eigenvalues(row, row), store,
+                                    f"{sweep}/figures/eigenvalues_{row['run_id']}_{row['step']}_{row['stage']}.png"))
     if len(t["curves"]):
         figs.append(save_figure(fig_curves(t["curves"], t["points"]), store, f"{sweep}/figures/loss_curves.png"))
     return summary_text(t), figs

@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> int:
           f"earlier, skipped), {summary.seconds:.1f}s; the sweep's tables now hold runs {summary.run_status}, "
           f"{summary.points} analysed points ({summary.points_failed} failed), labels {summary.labels}")
     print(f"tables: {folder}/{{runs,points,spectra,curves}}/")
-    if cfg.figures and summary.points:
+    if cfg.figures:  # also when every point failed: the summary says so, and the loss curves still help
         store, name = analysis.open_results(folder)
         text, figs = analysis.analyze(store, name)
         print(text)
@@ -66,7 +66,8 @@ def _folder_arg(description: str, checkpoint: bool = False) -> argparse.Namespac
     p = argparse.ArgumentParser(description=description)
     p.add_argument("folder", help="a sweep's results folder, <results_root>/<sweep.name> (path or URI)")
     if checkpoint:
-        p.add_argument("--checkpoint", help="RUN_ID:STEP whose eigenvalue histogram to draw")
+        p.add_argument("--checkpoint", help="RUN_ID:STEP[:STAGE] whose eigenvalue histogram to draw (without "
+                       "STAGE, the point where training stopped rather than its refined one)")
     return p.parse_args()
 
 
@@ -86,11 +87,14 @@ def analyze_main() -> None:
 def compact_main() -> None:
     from pipeline import analysis, tables
 
-    args = _folder_arg("Merge the small Parquet files of each table of a sweep into one file per table.")
+    args = _folder_arg("Merge the small Parquet files of each table of a sweep into one file per table (failed "
+                       "rows keep their own files, which the resume that retries them replaces). Run it when no "
+                       "sweep is writing to the folder.")
     try:
         store, sweep = analysis.open_results(args.folder)
     except FileNotFoundError as err:
         sys.exit(f"minratio-compact: {err}")
     for name in tables.TABLES:
         before, rows = tables.compact(store, sweep, name)
-        print(f"{name}: {before} file(s) -> 1, {rows} rows")
+        after = len(store.list_files(f"{sweep}/{name}", ".parquet"))
+        print(f"{name}: {before} file(s) -> {after}, {rows} rows")

@@ -142,13 +142,15 @@ def test_estimate_method_end_to_end(make_cfg, ray_session):
 
 def test_failed_points_make_the_command_fail_and_say_where(make_cfg, ray_session, capsys):
     """A tolerance the estimator cannot resolve (rel_tol 1e-6) fails every point with its reason; the
-    command exits 1 and says where the errors are, though every run trained."""
+    command exits 1 and says where the errors are, though every run trained; the summary and the loss
+    curves are still drawn."""
     from pipeline import cli
 
     cfg = make_cfg(["sweep.name=unresolved", "sweep.seeds=1", "hessian.method=estimate", "hessian.tol_mode=rel",
-                    "hessian.estimate_probes=4", "figures=false"])
+                    "hessian.estimate_probes=4", "figures=true"])
     assert cli.run(cfg) == 1
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "checkpoints analysed: 0  failed:" in out and "loss_curves.png" in out
     assert "0 failed run(s)" in err and "failed point(s)" in err and "unresolved/runs and /points" in err
     points = pd.read_parquet(f"{cfg.results_root}/unresolved/points")
     assert (points["status"] == "failed").all() and points["error"].str.contains("cannot be resolved").all()

@@ -1,0 +1,101 @@
+"""Figures and summary on hand-made tables: one point per checkpoint in the lecture's figure, the estimator's
+intervals drawn, each point's own tolerance marked and named, a histogram of the stage asked for, and a
+summary even when every point failed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.collections import PathCollection
+from matplotlib.container import ErrorbarContainer
+
+from pipeline import analysis, tables
+from pipeline.storage import Store
+
+SWEEP = "a"
+LAM_STALLED = [-0.5, 1e-9, 0.2, 1.0]
+LAM_REFINED = [-0.1, 2e-9, 0.3, 2.0]
+
+
+def _point(run_id, step, stage, **extra):
+    row = {"run_id": run_id, "step": step, "stage": stage, "status": "ok", "loss": 0.1, "grad_norm": 1e-3,
+           "method": "eigh", "label": "saddle", "critical_label": "not_critical", "n_params": 4, "n_pos": 2,
+           "n_neg": 1, "n_zero": 1, "n_pos_naive": 3, "min_ratio": 0.5, "min_ratio_naive": 0.75, "index": 0.25,
+           "tol": 1e-6, "tol_method": "rel", "lam_min": -0.5, "lam_max": 1.0}
+    return {**row, **extra}
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store.open(str(tmp_path))
+    for run_id in ("r1", "r2", "r3"):
+        tables.write(store, SWEEP, "runs", [{"run_id": run_id, "status": "ok"}])
+    tables.write(store, SWEEP, "points", [_point("r1", 100, "stalled", loss=0.2)])
+    tables.write(store, SWEEP, "points", [_point("r1", 100, "refined", loss=0.19, tol=2e-5, lam_max=2.0)])
+    tables.write(store, SWEEP, "points", [_point(  # counted by the estimator: intervals, no naive count
+        "r2", 300, "final", method="estimate", label="uncertain", n_pos_naive=None, min_ratio_naive=None,
+        min_ratio=0.6, min_ratio_lo=0.5, min_ratio_hi=0.7)])
+    tables.write(store, SWEEP, "points", [{"run_id": "r3", "step": 50, "stage": "stalled", "status": "failed",
+                                           "error": "ValueError: …"}])
+    tables.write(store, SWEEP, "spectra", [{"run_id": "r1", "step": 100, "stage": "stalled", "n_params": 4,
+                                            "eigenvalues": LAM_STALLED}])
+    tables.write(store, SWEEP, "spectra", [{"run_id": "r1", "step": 100, "stage": "refined", "n_params": 4,
+                                            "eigenvalues": LAM_REFINED}])
+    tables.write(store, SWEEP, "curves", [{"run_id": "r1", "step": s, "loss": 1.0 / (s + 1), "grad_norm": 0.1}
+                                          for s in range(0, 101, 10)], stem="r1")
+    return store
+
+
+def _ok(store):
+    t = analysis.load(store, SWEEP)
+    return t, t["points"][t["points"]["status"] == "ok"]
+
+
+def test_the_lecture_figure_has_one_point_per_checkpoint_and_the_estimators_bars(store):
+    _, ok = _ok(store)
+    fig = analysis.fig_min_ratio(ok)
+    left, right = fig.axes
+    drawn = sum(len(c.get_offsets()) for c in left.collections if isinstance(c, PathCollection))  # scatters
+    assert drawn == 2  # r1's stalled point and r2's final one; the refined point has its own figure
+    assert sorted(t.get_text() for t in left.get_legend().get_texts()) == ["saddle, stalled (1)", "uncertain, final (1)"]
+    bars = [c for c in left.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1  # the estimated point's interval 0.5–0.7
+    assert "not taken at 1 of 2 points" in " ".join(t.get_text() for t in right.texts)
+
+
+def test_ratio_vs_tol_marks_the_tolerance_each_count_used(store):
+    t, ok = _ok(store)
+    ax = analysis.fig_ratio_vs_tol(t["spectra"], ok).axes[0]
+    assert len(ax.lines) == 2  # the two spectra's curves and no fixed reference line
+    dots = sorted(tuple(np.round(c.get_offsets()[0], 12)) for c in ax.collections)
+    # stalled: tol 1e-6 / max|λ| 1.0 → ratio 2/4; refined: tol 2e-5 / 2.0 = 1e-5 → ratio 2/4
+    assert dots == [(1e-6, 0.5), (1e-5, 0.5)]
+
+
+def test_the_summary_counts_refined_points_apart_and_names_the_tolerance(store):
+    t, _ = _ok(store)
+    text = analysis.summary_text(t)
+    assert "checkpoints analysed: 2  refined points: 1  failed: 1" in text
+    assert "tolerance |λ| ≤ tol counted as zero: rel 3; tol / max|λ| median 1e-06" in text
+    assert "estimated counts (method=estimate) at 1 points: minimum ratio ± 0.1" in text
+
+
+def test_the_histogram_is_of_the_stage_asked_for(store):
+    _, figs = analysis.analyze(store, SWEEP, "r1:100")
+    assert any(f.endswith("eigenvalues_r1_100_stalled.png") for f in figs)  # not the refined point
+    _, figs = analysis.analyze(store, SWEEP, "r1:100:refined")
+    assert any(f.endswith("eigenvalues_r1_100_refined.png") for f in figs)
+    with pytest.raises(ValueError, match="integer step"):
+        analysis.analyze(store, SWEEP, "r1:last")
+    with pytest.raises(ValueError, match="has no spectrum"):
+        analysis.analyze(store, SWEEP, "r1:100:final")
+
+
+def test_a_sweep_whose_points_all_failed_still_gets_its_summary_and_curves(tmp_path):
+    store = Store.open(str(tmp_path))
+    tables.write(store, SWEEP, "runs", [{"run_id": "r1", "status": "ok"}])
+    tables.write(store, SWEEP, "points", [{"run_id": "r1", "step": 5, "stage": "stalled", "status": "failed"}])
+    tables.write(store, SWEEP, "curves", [{"run_id": "r1", "step": s, "loss": 1.0 / (s + 1)} for s in range(5)],
+                 stem="r1")
+    text, figs = analysis.analyze(store, SWEEP)
+    assert "checkpoints analysed: 0  failed: 1" in text
+    assert [f.rsplit("/", 1)[-1] for f in figs] == ["loss_curves.png"]
