@@ -19,6 +19,7 @@ from __future__ import annotations
 import posixpath
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -100,8 +101,21 @@ def _by_label(ax, df: pd.DataFrame, x: str, y: str, bars: tuple[str, str] | None
             ax.errorbar(part[x], part[y], yerr=[part[y] - part[bars[0]], part[bars[1]] - part[y]], fmt="none",
                         ecolor=color, alpha=0.5, lw=1)
     ax.set_xlabel("training loss at the point")
-    if (df[x] > 0).all() and len(df):
-        ax.set_xscale("log")
+    _log_loss_axis(ax, df[x])
+
+
+def _log_loss_axis(ax, values: pd.Series) -> None:
+    """A log x axis where every value is positive. Over less than two decades matplotlib labels every minor
+    tick in scientific notation, and the labels run into each other: plain numbers at 1, 2, 3 and 5 ×
+    10ᵏ instead."""
+    if not len(values) or not (values > 0).all():
+        return
+    ax.set_xscale("log")
+    if np.log10(values.max() / values.min()) < 2:
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 3, 5)))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
 
 
 def fig_min_ratio(ok: pd.DataFrame):
@@ -136,8 +150,7 @@ def _fig_by_stage(ok: pd.DataFrame, y: str, ylabel: str, title: str, log_y: bool
             ax.scatter(part["loss"], part[y], marker=marker, s=22, alpha=0.8, label=stage)
     ax.set_xlabel("training loss")
     ax.set_ylabel(ylabel)
-    if len(ok) and (ok["loss"] > 0).all():
-        ax.set_xscale("log")
+    _log_loss_axis(ax, ok["loss"])
     if log_y and len(ok) and (ok[y] > 0).all():
         ax.set_yscale("log")
     ax.set_title(title)
@@ -167,8 +180,7 @@ def fig_stalled_vs_refined(ok: pd.DataFrame):
                        label=f"{lab} ({len(sub)})")
         ax.set_title(title)
         ax.set_xlabel("training loss")
-        if len(part) and (part["loss"] > 0).all():
-            ax.set_xscale("log")
+        _log_loss_axis(ax, part["loss"])
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
