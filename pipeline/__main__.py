@@ -1,5 +1,5 @@
 """``python -m pipeline`` runs the sweep (same as ``minratio-sweep``)."""
-from pipeline.cli import sweep_main
+from pipeline.cli import main
 
 if __name__ == "__main__":
-    sweep_main()
+    main()

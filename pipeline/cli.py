@@ -41,13 +41,19 @@ def run(cfg: DictConfig) -> int:
         text, figs = analysis.analyze(store, name)
         print(text)
         print("figures:\n  " + "\n  ".join(figs))
-    failed_runs, failed_points = summary.run_status.get("failed", 0), summary.points_failed
+    failed_runs, failed_points = summary.runs_failed_planned, summary.points_failed_planned
+    others = summary.run_status.get("failed", 0) - failed_runs + summary.points_failed - failed_points
+    if others:
+        print(f"the folder also holds {others} failed row(s) of runs this command did not plan (another grid "
+              f"or seeds under the same sweep.name); the command that planned them retries them")
     if failed_runs or failed_points:
         print(f"minratio: {failed_runs} failed run(s), {failed_points} failed point(s): see the `error` column of "
-              f"{folder}/runs and /points; running the command that planned them again retries them",
-              file=sys.stderr)
+              f"{folder}/runs and /points; running this command again retries them", file=sys.stderr)
         return 1
     return 0
+
+
+_MULTIRUN_CODE = 0  # the worst exit code of the jobs of a --multirun so far
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
@@ -55,11 +61,21 @@ def sweep_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    global _MULTIRUN_CODE
     code = run(cfg)
     # Under --multirun a job's failures are reported above and the next job still runs (exiting would
-    # end the multirun); a single run exits with its code.
-    if code and HydraConfig.get().mode != RunMode.MULTIRUN:
+    # end the multirun): main() exits with the worst code once all have run. A single run exits here.
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        _MULTIRUN_CODE = max(_MULTIRUN_CODE, code)
+    elif code:
         sys.exit(code)
+
+
+def main() -> None:
+    """``minratio-sweep`` and ``python -m pipeline``: the Hydra app, exiting non-zero when runs or points
+    of the sweep failed (under ``--multirun``, after every job has run)."""
+    sweep_main()
+    sys.exit(_MULTIRUN_CODE)
 
 
 def _folder_arg(description: str, checkpoint: bool = False) -> argparse.Namespace:

@@ -6,12 +6,14 @@ values and ranges before any run starts, and names the field and what is allowed
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from pipeline.spectrum import TOL_MODES
 
@@ -22,6 +24,9 @@ LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("gd", "sgd", "adam")
 DTYPES = ("float32", "float64")
 HESSIAN_METHODS = ("auto", "eigh", "inertia", "estimate")
+# The hessian keys that change what a run computes, so enter its id (pipeline.plan.run_id) and may vary
+# over a sweep's grid; the rest (resources, batching, estimator settings) are shared by the whole sweep.
+HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
 
 
 class ConfigError(ValueError):
@@ -248,6 +253,8 @@ def validate(cfg: DictConfig) -> None:
     _require(0 < r.forcing < 1, "refine.forcing", r.forcing, "in (0, 1)")
     _require(r.num_cpus > 0, "refine.num_cpus", r.num_cpus, "> 0")
     _require(r.num_gpus >= 0, "refine.num_gpus", r.num_gpus, "≥ 0")
+    _require(r.num_gpus <= 1 or float(r.num_gpus).is_integer(), "refine.num_gpus", r.num_gpus,
+             "a fraction ≤ 1 or a whole number")
     _require(0 <= h.rel_tol < 1, "hessian.rel_tol", h.rel_tol, "in [0, 1)")
     _require(h.abs_tol >= 0, "hessian.abs_tol", h.abs_tol, "≥ 0")
     _require(h.gap_ratio > 1, "hessian.gap_ratio", h.gap_ratio, "> 1")
@@ -267,9 +274,12 @@ def validate(cfg: DictConfig) -> None:
              "a fraction ≤ 1 or a whole number")
     seeds_of(cfg.sweep.seeds)
     _require(cfg.sweep.max_in_flight >= 0, "sweep.max_in_flight", cfg.sweep.max_in_flight, "≥ 0")
-    _require(bool(str(cfg.sweep.name)) and "/" not in str(cfg.sweep.name), "sweep.name", cfg.sweep.name,
-             "a non-empty name without '/'")
+    name = str(cfg.sweep.name)
+    _require(bool(name) and name not in (".", "..") and not set(name) & set("/\\"), "sweep.name", name,
+             "a folder name under results_root: not empty, '.' or '..', without '/' or '\\'")
     _require(cfg.ray.train_num_cpus > 0, "ray.train_num_cpus", cfg.ray.train_num_cpus, "> 0")
+    _require(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus", cfg.ray.num_cpus,
+             "≥ 1, or null (all of this machine's)")
     _require(cfg.ray.max_retries >= 0, "ray.max_retries", cfg.ray.max_retries, "≥ 0")
     _require(cfg.ray.state_every_s >= 0, "ray.state_every_s", cfg.ray.state_every_s, "≥ 0 seconds")
     for key, values in cfg.sweep.grid.items():
@@ -279,11 +289,21 @@ def validate(cfg: DictConfig) -> None:
                  "keys under data., model., optim., stall. or hessian.")
         _require(OmegaConf.select(cfg, key, default=MISSING) is not MISSING or _has_key(cfg, key),
                  "sweep.grid", key, "a key that exists in the config")
-    if cfg.sweep.grid:
-        # Each grid point must itself be valid: check every value of every key (one key at a time).
-        for key, values in cfg.sweep.grid.items():
-            for value in values:
-                validate_point(cfg, {key: value})
+        _require(not key.startswith("hessian.") or key.split(".", 1)[1] in HESSIAN_ID_KEYS, "sweep.grid", key,
+                 f"hessian keys of the run id ({', '.join(HESSIAN_ID_KEYS)}); the others are settings the "
+                 "whole sweep shares, which a grid point cannot change")
+    # Each grid point must itself be valid, values and their combination (model=cnn with data=synthetic).
+    for point in grid_points(OmegaConf.to_container(cfg.sweep.grid, resolve=True)):
+        if point:
+            validate_point(cfg, point)
+
+
+def grid_points(grid: dict) -> list[dict]:
+    """Cartesian product of ``{key: [values]}`` as a list of ``{key: value}``; ``[{}]`` for no grid."""
+    if not grid:
+        return [{}]
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(list(grid[k]) for k in keys))]
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
@@ -296,14 +316,19 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
 
 
 def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
-    """A copy of ``cfg`` with dotted-key ``overrides`` set (struct mode keeps unknown keys out)."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    """A resolved, plain copy of ``cfg`` with dotted-key ``overrides`` set. They are set before
+    interpolations are resolved (``model.width: ${data.n_features}`` follows a grid over
+    ``data.n_features``) and checked against the typed schema (``model.width=8.5`` is refused)."""
+    out = copy.deepcopy(cfg)
     OmegaConf.set_struct(out, True)
     for key, value in overrides.items():
         if not _has_key(out, key):
             raise ConfigError(f"sweep.grid key {key!r} does not exist in the config")
-        OmegaConf.update(out, key, value, merge=False)
-    return out
+        try:
+            OmegaConf.update(out, key, value, merge=False)
+        except ValidationError as err:
+            raise ConfigError(f"sweep.grid {key}={value!r}: {str(err).splitlines()[0]}") from None
+    return OmegaConf.create(OmegaConf.to_container(out, resolve=True))
 
 
 def validate_point(cfg: DictConfig, overrides: dict) -> None:

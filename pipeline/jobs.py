@@ -179,7 +179,7 @@ def _hvp_operator(hvp_shards: Optional[Callable], h: dict, cfg, seed: int, devic
 def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu",
                 node_id: str | None = None, hvp_shards: Optional[Callable] = None) -> int:
     """Analyse checkpoints of one group (same loss function): write a ``points`` and a ``spectra`` row
-    each. Returns how many points were written. Failures become ``failed`` points rows: when the group's
+    each. Returns how many of them failed. Failures become ``failed`` points rows: when the group's
     pass fails, each point is tried alone, so a point that cannot be analysed (say, NaN parameters) fails
     by itself with its own error. ``node_id``: the Ray node this runs on, recorded in each row.
     ``hvp_shards``: :func:`pipeline.shards.sharded_hvp`, which ``hessian.data_workers`` > 0 needs (the
@@ -212,6 +212,7 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     except Exception as err:  # noqa: BLE001
         outcomes = [(None, None, _error_text(err))] if len(refs) == 1 else [alone(t) for t in thetas]
     per_point = (time.perf_counter() - t0) / len(refs)
+    failed = 0
     for ref, meta, (res, fallback, err) in zip(refs, metas, outcomes):
         base = {"run_id": ref.run_id, "step": ref.step, "stage": ref.stage, "seed": ref.seed,
                 "stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
@@ -225,13 +226,14 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
         if res is None:
             tables.write(store, sweep, "points", [{**base, "status": "failed", "error": err,
                                                    "loss": meta["loss"], "grad_norm": meta["grad_norm"]}])
+            failed += 1
             continue
         tables.write(store, sweep, "points", [row])
         if res.eigenvalues is not None:
             tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": ref.stage,
                                                     "n_params": res.n_params,
                                                     "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
-    return len(refs)
+    return failed
 
 
 def _error_text(err: BaseException) -> str:
@@ -256,10 +258,11 @@ def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str
 
 
 def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cpu",
-               node_id: str | None = None) -> None:
+               node_id: str | None = None) -> int:
     """Move one checkpoint to a nearby critical point (``refine.method``), save the refined parameters
     under ``<sweep>/refined/<run_id>/``, and write its ``points`` row (``stage=refined``, with the
-    ``refine_*`` columns) and its spectrum. A failure becomes a ``failed`` row."""
+    ``refine_*`` columns) and its spectrum. A failure becomes a ``failed`` row. Returns 1 if it failed,
+    else 0 (as :func:`hessian_job` counts its failed points)."""
     store = Store.open(store_uri)
     cfg = ref.config
     r, h = section(cfg, "refine"), section(cfg, "hessian")
@@ -282,12 +285,13 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
     except Exception as err:  # noqa: BLE001
         tables.write(store, sweep, "points", [{**base, "status": "failed", "seconds": time.perf_counter() - t0,
                                                "error": _error_text(err)}])
-        return
+        return 1
     tables.write(store, sweep, "points", [row])
     if res.eigenvalues is not None:
         tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": "refined",
                                                 "n_params": res.n_params,
                                                 "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
+    return 0
 
 
 def point_values(res) -> dict:

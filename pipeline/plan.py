@@ -7,18 +7,16 @@ computes: the same config gives the same id on any machine, and resources or swe
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import apply_overrides, seeds_of
+from pipeline.config import HESSIAN_ID_KEYS, apply_overrides, grid_points, seeds_of
 
 # Sections whose values change what a run computes, hence its id. Hessian *resources* do not, and neither
 # does `refine` (refined points are keyed by stage=refined: use a new sweep.name to refine differently).
 ID_SECTIONS = ("data", "model", "optim", "stall")
-HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
 # Model keys only a CNN reads: left out of other models' ids, so that MLP runs keep the ids they had
 # before the CNN existed (and a sweep started then still resumes).
 CNN_ONLY_KEYS = ("conv_layers", "channels", "kernel")
@@ -44,14 +42,6 @@ def run_id(config: dict, seed: int) -> str:
     ident["seed"] = int(seed)
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def grid_points(grid: dict) -> list[dict]:
-    """Cartesian product of ``{key: [values]}`` as a list of ``{key: value}``; ``[{}]`` for no grid."""
-    if not grid:
-        return [{}]
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(list(grid[k]) for k in keys))]
 
 
 def expand(cfg: DictConfig) -> list[Run]:

@@ -36,6 +36,8 @@ class SweepSummary:
     points_failed: int = 0
     labels: dict = field(default_factory=dict)
     seconds: float = 0.0
+    runs_failed_planned: int = 0  # failed runs among this command's plan (the exit code's business)
+    points_failed_planned: int = 0  # failed points of this plan's runs
 
 
 def _threads(num_cpus: float) -> None:
@@ -82,20 +84,33 @@ def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
             torch.cuda.empty_cache()  # give the GPU back to the next task sharing it
 
 
+_CONNECTED = None  # the ray config connect() last started or attached a Ray with, while it runs
+
+
 def connect(ray_cfg) -> None:
     """Start a local Ray, or attach to ``ray.address`` (``auto``, ``host:port``, ``ray://host:port``).
 
-    Under ``ray job submit`` (``RAY_ADDRESS`` set) the default attaches to the job's cluster. A Ray
-    already initialised in this process is reused as it is.
+    Under ``ray job submit`` (``RAY_ADDRESS`` set) the default attaches to the job's cluster; otherwise
+    it starts its own Ray even where ``ray start`` left one running (``ray=cluster`` attaches to that).
+    A Ray this function started is reused by the next sweep of the process (the jobs of a Hydra
+    multirun) when that asks for the same, and restarted when it asks for another address, CPU count or
+    runtime_env; a Ray initialised by someone else is reused as it is.
     """
+    global _CONNECTED
+    wanted = OmegaConf.to_container(ray_cfg, resolve=True)
+    wanted = {k: wanted.get(k) for k in ("address", "num_cpus", "runtime_env")}
     if ray.is_initialized():
-        return
+        if _CONNECTED is None or _CONNECTED == wanted:
+            return
+        ray.shutdown()
+    _CONNECTED = None
     kwargs = {"log_to_driver": True}
     if ray_cfg.runtime_env:
         kwargs["runtime_env"] = OmegaConf.to_container(ray_cfg.runtime_env, resolve=True)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        ray.init(num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+        _CONNECTED = wanted
         return
     name = "ray.address" if ray_cfg.address else "RAY_ADDRESS (environment)"
     if ray_cfg.num_cpus is not None:
@@ -104,10 +119,11 @@ def connect(ray_cfg) -> None:
     check_reachable(address, name)
     try:
         ray.init(address=address, **kwargs)
+        _CONNECTED = wanted
     except (ConnectionError, RuntimeError, ValueError) as err:
         hint = ""
-        if "auth" in str(err).lower():
-            hint = " (a cluster started with token auth needs RAY_AUTH_MODE=token in this process too)"
+        if os.environ.get("RAY_AUTH_MODE") != "token":  # Ray's own message does not say it was auth
+            hint = " (if the cluster uses token auth, as `ray start` does from Ray 2.60, set RAY_AUTH_MODE=token)"
         raise ConfigError(f"{name}={address!r}: cannot connect: {err}{hint}") from None
 
 
@@ -158,17 +174,27 @@ def preflight(cfg: DictConfig) -> None:
     max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
     max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     h = cfg.hessian
-    for section in ("hessian", "refine"):
+    for section in ("hessian", "refine") if cfg.refine.method != "none" else ("hessian",):
         gpus = cfg[section].num_gpus
         if gpus > 0 and max_gpu == 0:
             raise ConfigError(f"{section}.num_gpus={gpus} but the Ray cluster has no GPU; "
                               f"use {section}.num_gpus=0 to run on CPU")
         if gpus > max_gpu:
             raise ConfigError(f"{section}.num_gpus={gpus} but the largest node has {max_gpu:g} GPU(s)")
-    for key, need in (("ray.train_num_cpus", cfg.ray.train_num_cpus), ("hessian.num_cpus", h.num_cpus),
-                      ("refine.num_cpus", cfg.refine.num_cpus)):
+    needs = [("ray.train_num_cpus", cfg.ray.train_num_cpus), ("hessian.num_cpus", h.num_cpus)]
+    if cfg.refine.method != "none":
+        needs.append(("refine.num_cpus", cfg.refine.num_cpus))
+    for key, need in needs:
         if need > max_cpu:
             raise ConfigError(f"{key}={need} but the largest node has {max_cpu:g} CPU(s)")
+    if h.data_workers and data_parallel_cap(h) == 0:
+        k = h.data_workers
+        raise ConfigError(f"hessian.data_workers={k}: a Hessian task and its {k} workers hold "
+                          f"{k + 1}×hessian.num_cpus={(k + 1) * h.num_cpus:g} CPU(s)"
+                          + (f" and {(k + 1) * h.num_gpus:g} GPU(s)" if h.num_gpus else "")
+                          + f" at once, more than the cluster's {_total('CPU'):g} CPU(s)"
+                          + (f" and {_total('GPU'):g} GPU(s)" if h.num_gpus else "")
+                          + ": use fewer workers or fewer CPUs/GPUs each")
     if h.memory_budget_mb > 0:
         max_mem = max((n["Resources"].get("memory", 0) for n in nodes), default=0) / 2**20
         if max_mem and h.memory_budget_mb > max_mem:
@@ -176,9 +202,24 @@ def preflight(cfg: DictConfig) -> None:
                               f"{max_mem:.0f} MB to Ray tasks")
 
 
+def _total(resource: str) -> float:
+    return float(ray.cluster_resources().get(resource, 0))
+
+
+def data_parallel_cap(h) -> int:
+    """How many Hessian tasks with ``hessian.data_workers`` > 0 may run at once: each holds its own
+    resources while it waits for its workers' (``num_cpus`` / ``num_gpus`` each), so tasks that together
+    hold more than the cluster has could each wait for the others for ever. 0: not even one fits."""
+    k = h.data_workers
+    cap = int(_total("CPU") // ((k + 1) * h.num_cpus))
+    if h.num_gpus:
+        cap = min(cap, int(_total("GPU") // ((k + 1) * h.num_gpus)))
+    return cap
+
+
 def resolve_root(cfg: DictConfig) -> str:
     root = str(cfg.results_root)
-    return root if "://" in root else os.path.abspath(root)
+    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
 def run_sweep(cfg: DictConfig) -> SweepSummary:
@@ -206,7 +247,11 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
     prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo), queued=len(todo))
     in_flight: dict = {}  # object ref -> ("train", Run) | ("hessian", [CheckpointRef]); at most `cap`
 
+    hessian_cap = data_parallel_cap(h) if h.data_workers else None
+
     def submit_hessians(force: bool) -> bool:
+        if hessian_cap is not None and sum(k == "hessian" for k, _ in in_flight.values()) >= hessian_cap:
+            return False
         for key, refs in list(groups.items()):
             if refs and (force or len(refs) >= h.batch_checkpoints):
                 batch, groups[key] = refs[: h.batch_checkpoints], refs[h.batch_checkpoints:]
@@ -259,7 +304,7 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
                 _finish_hessian(store, name, obj, [payload] if kind == "refine" else payload, prog)
     prog.points_pending = 0
     prog.close()
-    return summarize(store, name, len(runs), prog.skipped, time.monotonic() - t0)
+    return summarize(store, name, runs, prog.skipped, time.monotonic() - t0)
 
 
 def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False) -> tuple[list[Run], list]:
@@ -299,9 +344,11 @@ def _finish_train(store: Store, name: str, obj, run: Run, prog: Progress) -> lis
 
 
 def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) -> None:
+    """Record a finished Hessian or refinement task: the job returns how many of its points failed."""
     try:
-        ray.get(obj)
-        prog.points_done += len(refs)
+        failed = ray.get(obj)
+        prog.points_done += len(refs) - failed
+        prog.points_failed += failed
     except ray.exceptions.RayError as err:
         # The task may have written some points before its worker died: keep those, fail the rest.
         done = tables.done_keys(store, name, "points")
@@ -314,12 +361,18 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
         prog.points_failed += len(lost)
 
 
-def summarize(store: Store, name: str, total: int, skipped: int, seconds: float) -> SweepSummary:
+def summarize(store: Store, name: str, planned: list[Run], skipped: int, seconds: float) -> SweepSummary:
+    """What the sweep's tables hold now; the failures among ``planned`` runs and their points apart."""
     runs = tables.read(store, name, "runs", columns=["status"]).to_pandas()
     points = tables.read(store, name, "points", columns=["status", "label"]).to_pandas()
     ok_points = points[points["status"] == "ok"] if len(points) else points
+    ids = {run.run_id for run in planned}
+    failed_runs = runs[runs["status"] == "failed"] if len(runs) else runs
+    failed_points = points[points["status"] == "failed"] if len(points) else points
     return SweepSummary(
-        sweep=name, root=store.uri, runs_total=total, runs_skipped=max(skipped, 0),
+        sweep=name, root=store.uri, runs_total=len(planned), runs_skipped=max(skipped, 0),
         run_status=runs["status"].value_counts().to_dict() if len(runs) else {},
-        points=len(ok_points), points_failed=int((points["status"] == "failed").sum()) if len(points) else 0,
-        labels=ok_points["label"].value_counts().to_dict() if len(ok_points) else {}, seconds=seconds)
+        points=len(ok_points), points_failed=len(failed_points),
+        labels=ok_points["label"].value_counts().to_dict() if len(ok_points) else {}, seconds=seconds,
+        runs_failed_planned=int(failed_runs["run_id"].isin(ids).sum()) if len(failed_runs) else 0,
+        points_failed_planned=int(failed_points["run_id"].isin(ids).sum()) if len(failed_points) else 0)

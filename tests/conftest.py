@@ -82,6 +82,7 @@ def ray_session():
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a Ray of its own, even where `ray start` left a cluster this ray.init would join
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -126,15 +126,18 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
+    """…and the default ray=local sweep beside it starts its own Ray rather than joining that cluster."""
     gcs, dash, client, agent, agent_grpc = (free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="mr-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # `ray start --head` turns token auth on
+    # RAY_TMPDIR: the head records its address under temp_dir/ray (not /tmp/ray), where a ray.init()
+    # with the same RAY_TMPDIR finds it — as one on a head node finds `ray start`'s cluster.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": temp_dir}  # `ray start --head`: token auth
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}", "--num-cpus=2",
          # The agent's default port (52365) is taken when another Ray runs here, e.g. the tests' shared one.
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         root = tmp_path / "results"
@@ -150,6 +153,12 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "sweep 'job': 2 runs" in proc.stdout
         assert_tables_complete(make_cfg(job), root / "job")
+        local = subprocess.run([sys.executable, "-m", "pipeline", f"results_root={root}", "sweep.name=local", *job],
+                               cwd=REPO, env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},
+                               capture_output=True, text=True, timeout=240)
+        assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
+        assert "existing Ray cluster" not in local.stdout + local.stderr
+        assert_tables_complete(make_cfg(job), root / "local")
     finally:
         stop_group(head)
         subprocess.run(["rm", "-rf", temp_dir], check=False)
@@ -204,6 +213,9 @@ CLUSTER_CANNOT = [  # (override, what the message must name) on the shared 2-CPU
     ("hessian.num_gpus=0.25", "hessian.num_gpus=0.25"),
     ("ray.train_num_cpus=64", "ray.train_num_cpus=64"),
     ("hessian.memory_budget_mb=1e9", "hessian.memory_budget_mb=1e+09"),
+    # a Hessian task and its 2 data workers hold 3 CPUs at once: never schedulable on 2
+    ("hessian.method=estimate hessian.tol_mode=rel hessian.data_workers=2", "hessian.data_workers=2"),
+    ("refine=newton_mr refine.num_gpus=1", "refine.num_gpus=1"),
 ]
 
 
@@ -212,8 +224,44 @@ def test_requests_the_cluster_cannot_meet_fail_before_work(ray_session, make_cfg
     from pipeline.sweep import run_sweep
 
     with pytest.raises(ConfigError, match=named.replace("+", r"\+")):
-        run_sweep(make_cfg([override]))
+        run_sweep(make_cfg(override.split()))
     assert no_work_done(tmp_path / "results")
+
+
+def test_a_later_sweep_in_the_process_gets_the_ray_it_asks_for():
+    """The jobs of a Hydra multirun share a process: a job asking for another local Ray (here 1 CPU, then 2)
+    gets it rather than the first job's; one asking for the same reuses it."""
+    script = """
+import ray
+from omegaconf import OmegaConf
+from pipeline.sweep import connect
+seen = []
+for cpus in (1, 1, 2):
+    connect(OmegaConf.create({"address": None, "num_cpus": cpus, "runtime_env": {}}))
+    seen.append((int(ray.cluster_resources()["CPU"]), ray.get_runtime_context().get_job_id()))
+print([c for c, _ in seen], seen[0][1] == seen[1][1])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[1, 1, 2] True"
+
+
+def test_resources_of_refinement_are_not_checked_when_there_is_none(ray_session, make_cfg):
+    from pipeline.sweep import preflight
+
+    preflight(make_cfg(["refine=none", "refine.num_gpus=1"]))  # no refinement task will ask for the GPU
+
+
+def test_data_parallel_hessian_tasks_are_capped_to_what_the_cluster_holds_at_once(ray_session, make_cfg):
+    """Each task waits for its workers while holding its own CPUs: two that together need more than the
+    cluster has could wait for each other for ever, so the sweep runs only as many as fit at once."""
+    from pipeline.sweep import data_parallel_cap
+
+    def cap(workers, cpus):
+        return data_parallel_cap(make_cfg(["hessian.method=estimate", f"hessian.data_workers={workers}",
+                                           f"hessian.num_cpus={cpus}"]).hessian)
+
+    assert (cap(1, 0.5), cap(3, 0.5), cap(1, 1), cap(2, 1)) == (2, 1, 1, 0)  # the shared Ray has 2 CPUs
 
 
 @pytest.mark.gpu

@@ -49,6 +49,15 @@ BAD = [
     ("data=synthetic model.loss=cross_entropy", "model.loss"),  # synthetic data is regression
     ("+sweep.grid={model.widht:[4,8]}", "model.widht"),
     ("+sweep.grid={model.width:[4,0]}", "model.width"),
+    ("+sweep.grid={model.width:[4,8.5]}", "model.width=8.5"),  # typed like the config, not truncated to 8
+    ("+sweep.grid={model.width:[4,abc]}", "model.width='abc'"),
+    # each key's values are valid, one combination is not: a CNN needs image data
+    ("+sweep.grid={model.name:[mlp,cnn],data.name:[digits,synthetic]}", "'model.name': 'cnn', 'data.name': 'synth"),
+    ("+sweep.grid={hessian.estimate_probes:[4,8]}", "hessian.estimate_probes"),  # not in the run id
+    ("refine=newton_mr refine.num_gpus=1.5", "refine.num_gpus"),
+    ("sweep.name=..", "sweep.name"),
+    ("sweep.name=.", "sweep.name"),
+    ("ray.num_cpus=-1", "ray.num_cpus"),
 ]
 
 
@@ -93,6 +102,16 @@ def test_plan_expands_seeds_times_grid_with_stable_ids():
     moved = expand(compose_config(["sweep.seeds=[0,1]", "sweep.name=other", "hessian.num_gpus=0.5",
                                    "+sweep.grid={model.width:[3,5],optim.lr:[0.1,0.2]}"], shrink=False))
     assert [r.run_id for r in moved] == [r.run_id for r in runs]
+
+
+def test_grid_values_reach_the_settings_that_interpolate_them():
+    """``model.width: ${data.n_features}`` follows a grid over data.n_features: the grid point is set before
+    interpolations are resolved, as a Hydra override would be."""
+    cfg = compose_config(["data=synthetic", "sweep.seeds=1", "+sweep.grid={data.n_features:[4,9]}",
+                          "model.width=${data.n_features}"],
+                         shrink=False)
+    validate(cfg)
+    assert [(r.config["data"]["n_features"], r.config["model"]["width"]) for r in expand(cfg)] == [(4, 4), (9, 9)]
 
 
 def test_run_id_is_a_pure_function_of_config_and_seed():

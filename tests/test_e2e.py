@@ -154,16 +154,24 @@ def test_failed_points_make_the_command_fail_and_say_where(make_cfg, ray_session
     assert "0 failed run(s)" in err and "failed point(s)" in err and "unresolved/runs and /points" in err
     points = pd.read_parquet(f"{cfg.results_root}/unresolved/points")
     assert (points["status"] == "failed").all() and points["error"].str.contains("cannot be resolved").all()
+    # Another plan under the same sweep.name that goes well exits 0: those failures are not its own.
+    other = make_cfg(["sweep.name=unresolved", "sweep.seeds=[1]", "hessian.method=estimate", "hessian.tol_mode=rel",
+                      "hessian.rel_tol=1e-2", "hessian.estimate_probes=4", "figures=false"])
+    assert cli.run(other) == 0
+    out, err = capsys.readouterr()
+    assert f"also holds {len(points)} failed row(s) of runs this command did not plan" in out
+    assert "failed point(s)" not in err
 
 
 def test_a_multirun_goes_on_past_a_job_with_failed_points(tmp_path):
-    """Under Hydra's --multirun a job whose points failed reports it and the next job still runs."""
+    """Under Hydra's --multirun a job whose points failed reports it, the next job still runs, and the
+    command exits 1 at the end."""
     res = subprocess.run([sys.executable, "-m", "pipeline", "-m", "sweep.name=first,second", "sweep.seeds=1",
                           "optim.max_steps=300", "hessian.method=estimate", "hessian.tol_mode=rel",
                           "hessian.estimate_probes=4", "figures=false", "sweep.progress=plain",
                           f"results_root={tmp_path}", f"hydra.sweep.dir={tmp_path}/multirun"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 1, res.stderr[-3000:]
     assert res.stderr.count("failed point(s)") == 2, res.stderr[-3000:]
     for name in ("first", "second"):
         assert (pd.read_parquet(tmp_path / name / "points")["status"] == "failed").all()
@@ -251,7 +259,7 @@ def test_a_point_that_cannot_be_analysed_fails_alone(make_cfg):
     buf = io.BytesIO()
     torch.save(meta, buf)
     store.write_bytes(refs[0].path, buf.getvalue())
-    jobs.hessian_job(store.uri, "nan", refs)
+    assert jobs.hessian_job(store.uri, "nan", refs) == 1  # what the sweep's progress counts as failed
     points = tables.read(store, "nan", "points").to_pandas().set_index("step")
     bad = points.loc[refs[0].step]
     assert bad["status"] == "failed" and bad["error"].startswith("ValueError: NaN or inf in the parameters")
