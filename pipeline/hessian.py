@@ -68,6 +68,7 @@ REL_NOISE_FLOOR = {torch.float32: 1e-6}
 # fallback covers — or H and inertia's saved lower triangle, or, for eigh with eigenvectors
 # (``vectors=True``), H, the eigenvectors and LAPACK dsyevd's 2N² + 6N + 1 workspace.
 FOOTPRINT = {"eigh": 2.0, "inertia": 1.0 + inertia.SAVED_SHARE, "eigh_vectors": 4.0}
+GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance"
 HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
 
 
@@ -361,7 +362,7 @@ def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: f
     if tol is not None:
         return float(tol), "given"
     if tol_mode == "gap":
-        raise ValueError("tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance")
+        raise ValueError(GAP_NEEDS_SPECTRUM)
     return rel_tol * max(abs(extremes[0]), abs(extremes[1])), "rel"
 
 
@@ -462,7 +463,7 @@ def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=N
     from pipeline import estimate
 
     if tol is None and tol_mode == "gap":
-        raise ValueError("tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance")
+        raise ValueError(GAP_NEEDS_SPECTRUM)
     t0 = time.perf_counter()
     est = estimate.estimate_counts(matvec or estimate.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
                                    rel_tol=None if tol is not None else rel_tol, dtype=theta.dtype,
