@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-from pipeline import inertia, spectrum
+from pipeline import cusolver, inertia, spectrum
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 # A loss given as a weighted sum of terms, e.g. per-data-batch losses weighted by n_b / n.
@@ -446,7 +446,15 @@ def _eigen(H: torch.Tensor, G: Optional[torch.Tensor]
     With the points' gradients ``G`` ``[B, N]``, an eigh with eigenvectors instead, one point at a time
     (so a pass holds its Hessians and one point's V and workspace, :data:`FOOTPRINT` ["eigh_vectors"]),
     and also each gradient's coordinates in its eigenbasis, Vᵀg, and the eigenvector of λmin, both
-    ``[B, N]`` float64 NumPy (None without ``G``)."""
+    ``[B, N]`` float64 NumPy (None without ``G``). A CUDA batch goes to cuSOLVER's batched solver
+    (:mod:`pipeline.cusolver`) in H's own memory, which H does not survive; elsewhere H is left as it is."""
+    if cusolver.enabled(H):  # a CUDA batch in one cuSOLVER call, in H's own memory (H is spent after)
+        lam = cusolver.syev_batched_(H, vectors=G is not None)
+        if lam is not None:
+            if G is None:
+                return lam.cpu().numpy().astype(np.float64), None, None
+            # H's rows are now the eigenvectors
+            return tuple(x.cpu().numpy().astype(np.float64) for x in (lam, (H @ G[..., None])[..., 0], H[:, 0]))
     if G is None:
         return torch.linalg.eigvalsh(H).cpu().numpy().astype(np.float64), None, None
     lams, coeffs, v_mins = [], [], []

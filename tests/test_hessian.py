@@ -402,6 +402,40 @@ def test_cuda_batched_path_equals_cpu():
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("dtype, rtol", [(F64, 1e-9), (torch.float32, 1e-4)])
+def test_cuda_batched_eigensolver_equals_torch_and_the_cpu(dtype, rtol, monkeypatch):
+    """A CUDA pass takes its spectra from cuSOLVER's batched solver (pipeline.cusolver), eigenvectors too:
+    the same eigenvalues and counts as torch's own calls (MINRATIO_BATCHED_EIGH=torch) and the CPU, and Vᵀg
+    and v_min that hold against the float64 autograd Hessian (Σc² = ‖g‖², Σλc² = gᵀHg, Hv = λv)."""
+    from pipeline import cusolver
+
+    model, prob = _gpu_case()
+    thetas = torch.stack([model.init(s) for s in range(4)])
+    assert cusolver.library() is not None  # the CUDA machines here ship cuSOLVER ≥ 11.7.1
+    kw = dict(device="cuda", method="eigh", dtype=dtype, tol_mode="rel")
+    for vectors in (False, True):
+        got, _ = hs.spectra_at_many(_loss_for(prob, []), thetas, vectors=vectors, **kw)
+        monkeypatch.setenv("MINRATIO_BATCHED_EIGH", "torch")
+        ref, _ = hs.spectra_at_many(_loss_for(prob, []), thetas, vectors=vectors, **kw)
+        monkeypatch.delenv("MINRATIO_BATCHED_EIGH")
+        for theta, a, b in zip(thetas, got, ref):
+            scale = np.abs(b.eigenvalues).max()
+            np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=rtol * scale)
+            if dtype == F64:
+                assert (a.n_pos, a.n_neg, a.n_zero) == (b.n_pos, b.n_neg, b.n_zero)
+            if not vectors:
+                assert a.grad_coeffs is None
+                continue
+            f = prob.loss_fn()
+            H, g = _oracle(f, theta).numpy(), torch.func.grad(f)(theta).numpy()
+            c, lam, v = a.grad_coeffs, a.eigenvalues, a.v_min
+            assert np.sum(c ** 2) == pytest.approx(g @ g, rel=rtol * 10)
+            assert np.sum(lam * c ** 2) == pytest.approx(g @ H @ g, rel=rtol * 10, abs=rtol * scale * (g @ g))
+            assert np.linalg.norm(H @ v - lam[0] * v) <= rtol * 10 * scale
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_peak_memory_is_the_hessian_plus_its_counting_footprint():
     """Counts (LDLᵀ in H's own memory): at most H plus Bunch–Kaufman's saved lower triangle, 1.53×H (the
     blocked LDLᵀ, auto's choice on CUDA, keeps no copy: 1.12-1.18×H on an H100). Full spectrum:

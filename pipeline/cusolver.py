@@ -1,0 +1,199 @@
+"""cuSOLVER's symmetric eigensolvers through ctypes, for what torch's CUDA ``eigvalsh`` / ``eigh`` do not do.
+
+torch 2.11 loops cuSOLVER's ``syevd`` over a batch of matrices larger than 32 × 32, so a pass of 64
+Hessians of N = 1,483 took as long as 64 single calls (1.10 s on an H100). ``cusolverDnXsyevBatched``
+(cuSOLVER ≥ 11.7.1, CUDA 12.6.2) does the batch in one call: 0.33 s, 3.3×, eigenvalues within 1.1e-15
+relative of eigvalsh (``scripts/bench_cusolver_eigh.py``, ``docs/bench/bench_cusolver_eigh_h100.txt``).
+:func:`syev_batched_` runs it in the matrices' own memory (they are destroyed, or hold the eigenvectors),
+on torch's current stream, with its workspace from torch's allocator — in sub-batches that fit the free
+memory (its workspace is about 4.1×H per matrix). The library is the ``libcusolver`` torch itself loaded.
+
+``MINRATIO_BATCHED_EIGH=torch`` in the environment turns this path off (torch's calls are used).
+No Ray, Hydra or files here.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from typing import Optional
+
+import torch
+
+# Enumerations from cusolver_common.h, cublas_api.h and library_types.h.
+EIG_MODE_NOVECTOR, EIG_MODE_VECTOR = 0, 1
+FILL_MODE_LOWER = 0
+CUDA_TYPES = {torch.float64: 1, torch.float32: 0}  # CUDA_R_64F, CUDA_R_32F
+V, I32, I64, SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t
+_COMMON = [V, V, I32, I32, I64, I32, V, I64, I32, V, I32]  # handle, params, jobz, uplo, n, types, A, lda, W
+_LOCK = threading.Lock()
+_LIB: dict = {}  # "lib": the loaded library once tried (None if there is none)
+_HANDLES = threading.local()  # per thread: {device index: (handle, params)}
+
+
+def _library_path() -> Optional[str]:
+    """The libcusolver torch loaded (it loads it on its first CUDA linear-algebra call), else the
+    system's, else None."""
+    torch.linalg.eigvalsh(torch.eye(40, dtype=torch.float64, device="cuda"))
+    torch.cuda.synchronize()
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.split()[-1]
+                if "/libcusolver.so" in path:
+                    return path
+    except OSError:
+        pass
+    return ctypes.util.find_library("cusolver")
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The cuSOLVER library with its signatures declared, or None (no CUDA, no library, no
+    ``cusolverDnXsyevBatched``). Loaded once per process."""
+    with _LOCK:
+        if "lib" not in _LIB:
+            _LIB["lib"] = _load() if torch.cuda.is_available() else None
+        return _LIB["lib"]
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    path = _library_path()
+    if not path:
+        return None
+    lib = ctypes.CDLL(path)
+    if not hasattr(lib, "cusolverDnXsyevBatched"):
+        return None
+    sig = {"cusolverGetVersion": [ctypes.POINTER(I32)],
+           "cusolverDnCreate": [ctypes.POINTER(V)], "cusolverDnSetStream": [V, V],
+           "cusolverDnCreateParams": [ctypes.POINTER(V)], "cusolverDnDestroyParams": [V],
+           "cusolverDnDestroy": [V],
+           "cusolverDnXsyevd_bufferSize": _COMMON + [ctypes.POINTER(SZ), ctypes.POINTER(SZ)],
+           "cusolverDnXsyevd": _COMMON + [V, SZ, V, SZ, V],
+           "cusolverDnXsyevBatched_bufferSize": _COMMON + [ctypes.POINTER(SZ), ctypes.POINTER(SZ), I64],
+           "cusolverDnXsyevBatched": _COMMON + [V, SZ, V, SZ, V, I64]}
+    for name, argtypes in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, I32
+    lib.path = path
+    return lib
+
+
+def version() -> int:
+    """cuSOLVER's version number (e.g. 12004), of the library :func:`library` loaded."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("cuSOLVER with cusolverDnXsyevBatched is not available here")
+    out = I32()
+    _ok(lib.cusolverGetVersion(ctypes.byref(out)), "cusolverGetVersion")
+    return out.value
+
+
+def enabled(H: torch.Tensor) -> bool:
+    """Whether :func:`syev_batched_` takes ``H`` ``[B, N, N]``: CUDA, float32/64, a batch (B > 1) of
+    matrices over 32 × 32 (torch's own batched Jacobi is fast below), the library present, and not
+    turned off by ``MINRATIO_BATCHED_EIGH=torch``."""
+    return (os.environ.get("MINRATIO_BATCHED_EIGH", "auto") != "torch" and H.is_cuda and H.dim() == 3
+            and H.shape[0] > 1 and H.shape[-1] > 32 and H.dtype in CUDA_TYPES and library() is not None)
+
+
+def _ok(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what} returned cusolverStatus_t {status}")
+
+
+def _handle(lib: ctypes.CDLL, device: torch.device) -> tuple:
+    """This thread's cuSOLVER handle and params for ``device``, bound to torch's current stream."""
+    cache = getattr(_HANDLES, "by_device", None)
+    if cache is None:
+        cache = _HANDLES.by_device = {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in cache:
+        with torch.cuda.device(index):
+            handle, params = V(), V()
+            _ok(lib.cusolverDnCreate(ctypes.byref(handle)), "cusolverDnCreate")
+            _ok(lib.cusolverDnCreateParams(ctypes.byref(params)), "cusolverDnCreateParams")
+        cache[index] = (handle, params)
+    handle, params = cache[index]
+    _ok(lib.cusolverDnSetStream(handle, V(torch.cuda.current_stream(index).cuda_stream)), "cusolverDnSetStream")
+    return handle, params
+
+
+def _head(handle, params, A: torch.Tensor, W: torch.Tensor, jobz: int) -> list:
+    n, t = A.shape[-1], CUDA_TYPES[A.dtype]
+    return [handle, params, jobz, FILL_MODE_LOWER, n, t, V(A.data_ptr()), n, t, V(W.data_ptr()), t]
+
+
+def workspace_bytes(A: torch.Tensor, vectors: bool = False) -> int:
+    """Device workspace cuSOLVER asks for: ``A`` ``[N, N]`` (``Xsyevd``) or ``[B, N, N]`` (batched)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("cuSOLVER with cusolverDnXsyevBatched is not available here")
+    handle, params = _handle(lib, A.device)
+    W = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
+    dev, host = SZ(), SZ()
+    head = _head(handle, params, A, W, EIG_MODE_VECTOR if vectors else EIG_MODE_NOVECTOR)
+    if A.dim() == 2:
+        _ok(lib.cusolverDnXsyevd_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host)), "Xsyevd_bufferSize")
+    else:
+        _ok(lib.cusolverDnXsyevBatched_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host), A.shape[0]),
+            "XsyevBatched_bufferSize")
+    return dev.value
+
+
+def syev_(A: torch.Tensor, vectors: bool = False) -> torch.Tensor:
+    """Eigenvalues ``[..., N]``, ascending, of the symmetric ``A`` (``[N, N]`` by ``Xsyevd``, ``[B, N, N]``
+    by ``XsyevBatched`` in one call), contiguous float32/64 on CUDA. ``A`` is overwritten: with
+    ``vectors``, row ``j`` of each matrix becomes the unit eigenvector of eigenvalue ``j`` (cuSOLVER
+    writes them as columns of the column-major matrix); otherwise its content is undefined.
+    Raises RuntimeError when cuSOLVER reports an error or no convergence (``info`` ≠ 0)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("cuSOLVER with cusolverDnXsyevBatched is not available here")
+    if not A.is_cuda or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.dim() not in (2, 3):
+        raise ValueError(f"need a contiguous float32/64 CUDA [N, N] or [B, N, N], got {A.dtype} {tuple(A.shape)} "
+                         f"on {A.device}")
+    handle, params = _handle(lib, A.device)
+    batch = A.shape[0] if A.dim() == 3 else 1
+    W = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
+    info = torch.zeros(batch, dtype=torch.int32, device=A.device)
+    head = _head(handle, params, A, W, EIG_MODE_VECTOR if vectors else EIG_MODE_NOVECTOR)
+    dev, host = SZ(), SZ()
+    if A.dim() == 3:
+        _ok(lib.cusolverDnXsyevBatched_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host), batch),
+            "XsyevBatched_bufferSize")
+    else:
+        _ok(lib.cusolverDnXsyevd_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host)), "Xsyevd_bufferSize")
+    work = torch.empty(max(dev.value, 1), dtype=torch.uint8, device=A.device)  # out of memory: A untouched
+    host_work = ctypes.create_string_buffer(max(host.value, 1))
+    tail = [V(work.data_ptr()), dev.value, ctypes.cast(host_work, V), host.value, V(info.data_ptr())]
+    if A.dim() == 3:
+        _ok(lib.cusolverDnXsyevBatched(*head, *tail, batch), "cusolverDnXsyevBatched")
+    else:
+        _ok(lib.cusolverDnXsyevd(*head, *tail), "cusolverDnXsyevd")
+    bad = info.nonzero().flatten().tolist()  # synchronises: host_work must outlive the call
+    if bad:
+        raise RuntimeError(f"cuSOLVER eigensolver failed for matrices {bad[:8]} of {batch} (info "
+                           f"{info[bad[:8]].tolist()}: no convergence or a bad argument)")
+    return W
+
+
+def syev_batched_(A: torch.Tensor, vectors: bool = False) -> Optional[torch.Tensor]:
+    """:func:`syev_` over ``A`` ``[B, N, N]`` in sub-batches whose workspace fits the free device memory
+    (about 4.1×N² numbers per matrix); None, with ``A`` untouched, when not even one matrix's does."""
+    free = torch.cuda.mem_get_info(A.device)[0] + torch.cuda.memory_reserved(A.device) \
+        - torch.cuda.memory_allocated(A.device)
+    per = max(1, workspace_bytes(A[:2], vectors) // 2)
+    step = int(0.9 * free // per)
+    if step < 1:
+        return None
+    out = []
+    for s in range(0, A.shape[0], step):
+        part = A[s:s + step]
+        try:
+            out.append(syev_(part, vectors) if part.shape[0] > 1 else syev_(part[0], vectors)[None])
+        except torch.OutOfMemoryError:
+            if s:  # earlier sub-batches are already overwritten: nothing to fall back to
+                raise
+            return None
+    return torch.cat(out)
