@@ -98,8 +98,9 @@ def _by_label(ax, df: pd.DataFrame, x: str, y: str, bars: tuple[str, str] | None
         ax.scatter(part[x], part[y], s=22, alpha=0.8, color=color, marker=STAGE_MARKERS.get(stage, "o"),
                    label=f"{lab}, {stage} ({len(part)})")
         if bars is not None and part[bars[0]].notna().any():
-            ax.errorbar(part[x], part[y], yerr=[part[y] - part[bars[0]], part[bars[1]] - part[y]], fmt="none",
-                        ecolor=color, alpha=0.5, lw=1)
+            # the point estimate is rounded on its own, so it may sit just outside its interval
+            low, high = (part[y] - part[bars[0]]).clip(lower=0), (part[bars[1]] - part[y]).clip(lower=0)
+            ax.errorbar(part[x], part[y], yerr=[low, high], fmt="none", ecolor=color, alpha=0.5, lw=1)
     ax.set_xlabel("training loss at the point")
     _log_loss_axis(ax, df[x])
 

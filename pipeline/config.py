@@ -328,7 +328,13 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
             OmegaConf.update(out, key, value, merge=False)
         except ValidationError as err:
             raise ConfigError(f"sweep.grid {key}={value!r}: {str(err).splitlines()[0]}") from None
-    return OmegaConf.create(OmegaConf.to_container(out, resolve=True))
+    resolved = OmegaConf.create(OmegaConf.to_container(out, resolve=True))
+    for key, value in overrides.items():
+        # A value the schema only retyped (0 for a float field, 0.0) keeps the grid's spelling: run ids
+        # hash the config's JSON, and the runs of a sweep started before the typed check keep theirs.
+        if OmegaConf.select(resolved, key) == value:
+            OmegaConf.update(resolved, key, value, merge=False)
+    return resolved
 
 
 def validate_point(cfg: DictConfig, overrides: dict) -> None:

@@ -63,11 +63,14 @@ BATCH_POINTS_DEVICES = ("cuda",)
 # softplus MLPs up to N = 1,732 (tests/test_hessian.py asserts ≤ 1e-6). A relative tolerance below
 # the floor would count rounding noise, so float32 raises rel_tol to it; float64 leaves it alone.
 REL_NOISE_FLOOR = {torch.float32: 1e-6}
-# What one dense point holds while it is counted, in units of its Hessian (N² numbers): H and the copy
-# eigh takes — LAPACK's figure; cuSOLVER's eigvalsh measured 6×H in all, which the out-of-memory
-# fallback covers — or H and inertia's saved lower triangle, or, for eigh with eigenvectors
-# (``vectors=True``), H, the eigenvectors and LAPACK dsyevd's 2N² + 6N + 1 workspace.
-FOOTPRINT = {"eigh": 2.0, "inertia": 1.0 + inertia.SAVED_SHARE, "eigh_vectors": 4.0}
+# What counting holds, in units of one Hessian (N² numbers), as (per point of a pass, once per pass):
+# inertia: H, and one point's saved lower triangle. eigh: H and the copy eigh takes (one batched call);
+# with eigenvectors (vectors=True, one point at a time), H, and one point's eigenvectors and workspace —
+# LAPACK dsyevd's 2N² + 6N + 1 numbers on CPU, cuSOLVER syevd's 4.0×H on CUDA (measured with and
+# without eigenvectors, N = 1,483 to 29,124; docs/bench/bench_cusolver_eigh_h100.txt).
+FOOTPRINT = {("inertia", "cpu"): (1.0, inertia.SAVED_SHARE), ("inertia", "cuda"): (1.0, inertia.SAVED_SHARE),
+             ("eigh", "cpu"): (2.0, 0.0), ("eigh", "cuda"): (2.0, 4.0),
+             ("eigh_vectors", "cpu"): (1.0, 3.0), ("eigh_vectors", "cuda"): (1.0, 5.0)}
 GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance"
 HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
 
@@ -307,9 +310,10 @@ def resolve_method(method: str, n_params: int, device: Union[str, torch.device] 
                    itemsize: int = 8, memory_budget_mb: float = 0.0, vectors: bool = False) -> str:
     """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above
     or where eigh's footprint does not fit, and ``estimate`` (no dense H) where neither does
-    (:data:`FOOTPRINT`: 2·N²·itemsize bytes for eigh, 4·N²·itemsize with ``vectors``, 1.53·N²·itemsize
-    for inertia, against the :data:`HESSIAN_SHARE` of the memory the stage may hold,
-    :func:`total_budget_bytes`, that a pass gives its Hessians — the rest is the build's workspace)."""
+    (one point's :func:`footprint`: on CPU 2·N²·itemsize bytes for eigh, 4·N²·itemsize with ``vectors``,
+    1.53·N²·itemsize for inertia; on CUDA 6·N²·itemsize for eigh — against the :data:`HESSIAN_SHARE` of
+    the memory the stage may hold, :func:`total_budget_bytes`, that a pass gives its Hessians — the rest
+    is the build's workspace)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if method == "auto":
@@ -317,14 +321,21 @@ def resolve_method(method: str, n_params: int, device: Union[str, torch.device] 
         limit = AUTO_EIGH_MAX_N.get(device.type, AUTO_EIGH_MAX_N["cpu"])
         room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
         for dense in (("eigh", "inertia") if n_params <= limit else ("inertia",)):
-            if FOOTPRINT[_footprint_key(dense, vectors)] * n_params * n_params * itemsize <= room:
+            if footprint(dense, device, vectors) * n_params * n_params * itemsize <= room:
                 return dense
         return "estimate"
     return method
 
 
-def _footprint_key(method: str, vectors: bool) -> str:
-    return "eigh_vectors" if method == "eigh" and vectors else method
+def _footprint(method: str, device: Union[str, torch.device], vectors: bool) -> tuple[float, float]:
+    """:data:`FOOTPRINT` of ``method`` (``eigh`` with ``vectors``: ``eigh_vectors``) on that device type."""
+    key = "eigh_vectors" if method == "eigh" and vectors else method
+    return FOOTPRINT[(key, "cuda" if torch.device(device).type == "cuda" else "cpu")]
+
+
+def footprint(method: str, device: Union[str, torch.device] = "cpu", vectors: bool = False) -> float:
+    """What counting one point holds, in units of its Hessian (H included)."""
+    return sum(_footprint(method, device, vectors))
 
 
 def effective_rel_tol(rel_tol: float, dtype: torch.dtype) -> float:
@@ -390,12 +401,12 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``;
     see :func:`pipeline.spectrum.choose_tol`); in float32 ``rel_tol`` is at least 1e-6, its noise floor.
     ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and what counting holds,
-    :data:`FOOTPRINT`, come on top) / ``hvp``: see :func:`hessian`. ``naive=False``: ``inertia`` skips the
+    :func:`footprint`, come on top) / ``hvp``: see :func:`hessian`. ``naive=False``: ``inertia`` skips the
     factorisation behind the naive #{λ > 0} (two LDLᵀ instead of three; ``n_pos_naive`` is None).
     ``vectors=True`` (``eigh`` only): one eigh with eigenvectors instead of eigvalsh, keeping the
     gradient's coordinates in the eigenbasis (``result.grad_coeffs``) and the eigenvector of λmin
     (``result.v_min``), both ``[N]`` — what :func:`pipeline.critical.report_from_eigen` needs; it
-    costs about 4× eigvalsh on CPU and holds 4×H (:data:`FOOTPRINT`).
+    costs about 4× eigvalsh on CPU and holds 4×H there, 6×H on CUDA (:func:`footprint`).
 
     ``method="estimate"`` never forms H: counts come from Hessian-vector products only
     (:func:`pipeline.estimate.estimate_counts`, options in ``estimate``, e.g. ``{"n_probes": 30,
@@ -444,7 +455,7 @@ def _eigen(H: torch.Tensor, G: Optional[torch.Tensor]
            ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """Eigenvalues of each ``H`` ``[B, N, N]``, ascending, ``[B, N]`` float64 NumPy — one batched eigvalsh.
     With the points' gradients ``G`` ``[B, N]``, an eigh with eigenvectors instead, one point at a time
-    (so a pass holds its Hessians and one point's V and workspace, :data:`FOOTPRINT` ["eigh_vectors"]),
+    (so a pass holds its Hessians and one point's V and workspace, :data:`FOOTPRINT`),
     and also each gradient's coordinates in its eigenbasis, Vᵀg, and the eigenvector of λmin, both
     ``[B, N]`` float64 NumPy (None without ``G``). A CUDA batch goes to cuSOLVER's batched solver
     (:mod:`pipeline.cusolver`) in H's own memory, which H does not survive; elsewhere H is left as it is."""
@@ -550,16 +561,14 @@ def total_budget_bytes(device: torch.device, memory_budget_mb: float = 0.0) -> f
 def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_budget_mb: float = 0.0,
                     method: str = "eigh", vectors: bool = False) -> int:
     """How many Hessians one pass may hold in three quarters of the budget (the last quarter is build
-    workspace, :func:`pass_workspace_mb`): ``eigh`` takes the pass's spectra in one batched call, so
-    each point needs :data:`FOOTPRINT` ["eigh"] × its N² numbers; ``inertia`` and eigh with
-    ``vectors`` count one point at a time, so the pass needs N² numbers per point and what one point's
-    counting adds (the saved triangle; the eigenvectors and LAPACK's workspace)."""
+    workspace, :func:`pass_workspace_mb`), each point taking its share of :data:`FOOTPRINT` and the
+    pass what is held once (``eigh`` takes the pass's spectra in one batched call, so each point
+    needs 2 × its N² numbers; ``inertia`` and eigh with ``vectors`` count one point at a time, so the
+    pass needs N² numbers per point and what one point's counting adds)."""
     h = n_params * n_params * itemsize
     room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
-    key = _footprint_key(method, vectors)
-    if key != "eigh":
-        return max(1, int((room - (FOOTPRINT[key] - 1.0) * h) // h))
-    return max(1, int(room // (FOOTPRINT["eigh"] * h)))
+    per, once = _footprint(method, device, vectors)
+    return max(1, int((room - once * h) // (per * h)))
 
 
 def pass_workspace_mb(device: torch.device, memory_budget_mb: float = 0.0) -> float:

@@ -79,6 +79,11 @@ class Store:
         """Relative paths of the visible files directly under ``rel`` ending in ``suffix`` (sorted)."""
         return sorted(self.stamps(rel, suffix))
 
+    def stamp(self, rel: str) -> tuple | None:
+        """``(size, mtime)`` of one file as :meth:`stamps` gives it, None when there is none."""
+        info = self.fs.get_file_info(self.path(rel))
+        return (info.size, info.mtime_ns) if info.type == pafs.FileType.File else None
+
     def stamps(self, rel: str, suffix: str = "") -> dict[str, tuple]:
         """``{relative path: (size, mtime)}`` of the files :meth:`list_files` lists: what tells whether a
         file was rewritten since (an atomic rewrite replaces the file, so both change)."""

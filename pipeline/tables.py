@@ -336,8 +336,10 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
     keys = table.select(list(KEYS[name])).to_pylist()
     targets = [f"{folder}/{file_name(name, k)}" if waiting else None
                for k, waiting in zip(keys, _unfinished(name, table))]
-    stay = {src for src, t in zip(sources, targets) if t == src}
-    moves = [(i, t) for i, (src, t) in enumerate(zip(sources, targets)) if t is not None and t != src]
+    # a failed row in its own file stays there, unless the file lacks some of today's columns (plain
+    # readers could take that file's columns for the folder's): then it is rewritten with all of them
+    stay = {src for src, t in zip(sources, targets) if t == src and _has_all_columns(store, src, name)}
+    moves = [(i, t) for i, t in enumerate(targets) if t is not None and t not in stay]
     merged = table.filter(pa.array([t is None for t in targets], pa.bool_()))
     rest = [f for f in files if f not in stay]
     raw_rows = collections.Counter(rel[p] for p in raw.column("__filename").to_pylist())
@@ -345,7 +347,7 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
         return len(files), table.num_rows  # already one merged file and the failed rows' own files
 
     def unchanged(f: str) -> bool:
-        return f in stamps and store.stamps(folder, ".parquet").get(f) == stamps[f]
+        return f in stamps and store.stamp(f) == stamps[f]
 
     if merged.num_rows:
         _put(store, f"{folder}/part-{uuid.uuid4().hex}.parquet", merged)
@@ -357,6 +359,11 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
         if f not in written and unchanged(f):
             store.delete(f)
     return len(files), table.num_rows
+
+
+def _has_all_columns(store: Store, rel: str, name: str) -> bool:
+    with store.fs.open_input_file(store.path(rel)) as fh:
+        return set(SCHEMAS[name].names) <= set(pq.read_schema(fh).names)
 
 
 def _unfinished(name: str, table: pa.Table) -> list[bool]:

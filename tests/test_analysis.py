@@ -62,6 +62,14 @@ def test_the_lecture_figure_has_one_point_per_checkpoint_and_the_estimators_bars
     assert "not taken at 1 of 2 points" in " ".join(t.get_text() for t in right.texts)
 
 
+def test_an_estimate_just_outside_its_own_interval_still_draws(store):
+    """The counts are rounded apart from their bounds, so a point may sit outside its bars (0.49 < 0.5)."""
+    tables.write(store, SWEEP, "points", [_point("r4", 10, "final", method="estimate", min_ratio=0.49,
+                                                 min_ratio_lo=0.5, min_ratio_hi=0.7, min_ratio_naive=None)])
+    _, ok = _ok(store)
+    assert len(analysis.fig_min_ratio(ok).axes[0].containers) == 2  # its group and r2's
+
+
 def test_ratio_vs_tol_marks_the_tolerance_each_count_used(store):
     t, ok = _ok(store)
     ax = analysis.fig_ratio_vs_tol(t["spectra"], ok).axes[0]

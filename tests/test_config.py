@@ -114,6 +114,15 @@ def test_grid_values_reach_the_settings_that_interpolate_them():
     assert [(r.config["data"]["n_features"], r.config["model"]["width"]) for r in expand(cfg)] == [(4, 4), (9, 9)]
 
 
+def test_grid_run_ids_are_pinned():
+    """A run's id names its rows: if it changed, a resumed sweep would compute its runs again under new ids.
+    These are the ids of the commit before grid points were type-checked (0 and 1 on float fields)."""
+    cfg = compose_config(["sweep.seeds=1", "+sweep.grid={optim.weight_decay:[0,1e-4],optim.lr:[1,0.5]}"],
+                         shrink=False)
+    assert [r.run_id for r in expand(cfg)] == ["0720aabab50a", "2452c0d8c63c", "019829e3c569", "40f85ce30035"]
+    assert expand(compose_config(["sweep.seeds=1"], shrink=False))[0].run_id == "90d7926add0e"  # no grid
+
+
 def test_run_id_is_a_pure_function_of_config_and_seed():
     cfg = compose_config([], shrink=False)
     run = expand(cfg)[0]

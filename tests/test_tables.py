@@ -134,6 +134,28 @@ def test_a_column_missing_from_older_files_reads_as_null_and_is_not_lost(tmp_pat
     assert pd.read_parquet(folder).set_index("run_id").loc["new", "node_id"] == "abc123"
 
 
+def test_compact_gives_a_failed_rows_old_file_the_current_columns(tmp_path):
+    """A failed row keeps its own key-named file through compaction, but an older version's file (no
+    node_id) sorting first would hand plain readers its columns: compact rewrites it with all of them,
+    once."""
+    store = Store.open(str(tmp_path))
+    old = tables.to_table("points", [{"run_id": "0a1b2c3d4e5f", "step": 5, "stage": "stalled",
+                                      "status": "failed"}]).select(older_points_schema().names)
+    folder = tmp_path / SWEEP / "points"
+    folder.mkdir(parents=True)
+    pq.write_table(old, folder / "0a1b2c3d4e5f-5-stalled.parquet")
+    for i in range(3):
+        tables.write(store, SWEEP, "points", [{"run_id": f"r{i}", "step": 5, "stage": "stalled", "status": "ok",
+                                               "node_id": "abc"}])
+    tables.compact(store, SWEEP, "points")
+    assert "node_id" in pd.read_parquet(folder).columns
+    assert "node_id" in duckdb.sql(f"select * from read_parquet('{folder}/*.parquet')").df().columns
+    stamps = store.stamps(f"{SWEEP}/points", ".parquet")
+    assert len(stamps) == 2  # the merged ok rows and the failed row's own file
+    tables.compact(store, SWEEP, "points")
+    assert store.stamps(f"{SWEEP}/points", ".parquet") == stamps  # nothing left to do
+
+
 def test_a_column_from_a_newer_version_does_not_break_reading(tmp_path):
     store = Store.open(str(tmp_path))
     newer = tables.to_table("runs", run_rows(1)).append_column("added_later", pa.array([1.5]))
