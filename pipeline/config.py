@@ -330,9 +330,10 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
             raise ConfigError(f"sweep.grid {key}={value!r}: {str(err).splitlines()[0]}") from None
     resolved = OmegaConf.create(OmegaConf.to_container(out, resolve=True))
     for key, value in overrides.items():
-        # A value the schema only retyped (0 for a float field, 0.0) keeps the grid's spelling: run ids
-        # hash the config's JSON, and the runs of a sweep started before the typed check keep theirs.
-        if OmegaConf.select(resolved, key) == value:
+        # A whole number on a float field (0 for 0.0) keeps the grid's spelling: run ids hash the
+        # config's JSON, and the runs of a sweep started before the typed check keep theirs.
+        typed = OmegaConf.select(resolved, key)
+        if isinstance(typed, float) and type(value) is int and typed == value:
             OmegaConf.update(resolved, key, value, merge=False)
     return resolved
 
