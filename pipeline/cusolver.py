@@ -61,7 +61,10 @@ def _load() -> Optional[ctypes.CDLL]:
     path = _library_path()
     if not path:
         return None
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
     if not hasattr(lib, "cusolverDnXsyevBatched"):
         return None
     sig = {"cusolverGetVersion": [ctypes.POINTER(I32)],
@@ -94,10 +97,16 @@ def enabled(H: torch.Tensor) -> bool:
     matrices over 32 × 32 (torch's own batched Jacobi is fast below), the library present, and not
     turned off by ``MINRATIO_BATCHED_EIGH=torch``."""
     return (os.environ.get("MINRATIO_BATCHED_EIGH", "auto") != "torch" and H.is_cuda and H.dim() == 3
-            and H.shape[0] > 1 and H.shape[-1] > 32 and H.dtype in CUDA_TYPES and library() is not None)
+            and H.shape[0] > 1 and H.shape[-1] > 32 and H.dtype in CUDA_TYPES and H.is_contiguous()
+            and library() is not None)
+
+
+ALLOC_FAILED = 2  # cusolverStatus_t CUSOLVER_STATUS_ALLOC_FAILED
 
 
 def _ok(status: int, what: str) -> None:
+    if status == ALLOC_FAILED:
+        raise torch.OutOfMemoryError(f"{what}: cuSOLVER could not allocate memory")
     if status != 0:
         raise RuntimeError(f"{what} returned cusolverStatus_t {status}")
 
@@ -129,7 +138,13 @@ def workspace_bytes(A: torch.Tensor, vectors: bool = False) -> int:
     lib = library()
     if lib is None:
         raise RuntimeError("cuSOLVER with cusolverDnXsyevBatched is not available here")
-    handle, params = _handle(lib, A.device)
+    with torch.cuda.device(A.device):  # a handle works on the device it was made on: make it current
+        handle, params = _handle(lib, A.device)
+        return _buffer_sizes(lib, handle, params, A, vectors)[0]
+
+
+def _buffer_sizes(lib, handle, params, A: torch.Tensor, vectors: bool) -> tuple[int, int]:
+    """(device, host) workspace bytes for ``A`` on the current device."""
     W = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
     dev, host = SZ(), SZ()
     head = _head(handle, params, A, W, EIG_MODE_VECTOR if vectors else EIG_MODE_NOVECTOR)
@@ -138,7 +153,7 @@ def workspace_bytes(A: torch.Tensor, vectors: bool = False) -> int:
     else:
         _ok(lib.cusolverDnXsyevBatched_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host), A.shape[0]),
             "XsyevBatched_bufferSize")
-    return dev.value
+    return dev.value, host.value
 
 
 def syev_(A: torch.Tensor, vectors: bool = False) -> torch.Tensor:
@@ -153,20 +168,20 @@ def syev_(A: torch.Tensor, vectors: bool = False) -> torch.Tensor:
     if not A.is_cuda or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.dim() not in (2, 3):
         raise ValueError(f"need a contiguous float32/64 CUDA [N, N] or [B, N, N], got {A.dtype} {tuple(A.shape)} "
                          f"on {A.device}")
+    with torch.cuda.device(A.device):  # a handle works on the device it was made on: make it current
+        return _syev(lib, A, vectors)
+
+
+def _syev(lib, A: torch.Tensor, vectors: bool) -> torch.Tensor:
     handle, params = _handle(lib, A.device)
     batch = A.shape[0] if A.dim() == 3 else 1
+    dev, host = _buffer_sizes(lib, handle, params, A, vectors)
     W = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
     info = torch.zeros(batch, dtype=torch.int32, device=A.device)
+    work = torch.empty(max(dev, 1), dtype=torch.uint8, device=A.device)  # out of memory here: A untouched
+    host_work = ctypes.create_string_buffer(max(host, 1))
     head = _head(handle, params, A, W, EIG_MODE_VECTOR if vectors else EIG_MODE_NOVECTOR)
-    dev, host = SZ(), SZ()
-    if A.dim() == 3:
-        _ok(lib.cusolverDnXsyevBatched_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host), batch),
-            "XsyevBatched_bufferSize")
-    else:
-        _ok(lib.cusolverDnXsyevd_bufferSize(*head, ctypes.byref(dev), ctypes.byref(host)), "Xsyevd_bufferSize")
-    work = torch.empty(max(dev.value, 1), dtype=torch.uint8, device=A.device)  # out of memory: A untouched
-    host_work = ctypes.create_string_buffer(max(host.value, 1))
-    tail = [V(work.data_ptr()), dev.value, ctypes.cast(host_work, V), host.value, V(info.data_ptr())]
+    tail = [V(work.data_ptr()), dev, ctypes.cast(host_work, V), host, V(info.data_ptr())]
     if A.dim() == 3:
         _ok(lib.cusolverDnXsyevBatched(*head, *tail, batch), "cusolverDnXsyevBatched")
     else:
@@ -178,13 +193,19 @@ def syev_(A: torch.Tensor, vectors: bool = False) -> torch.Tensor:
     return W
 
 
-def syev_batched_(A: torch.Tensor, vectors: bool = False) -> Optional[torch.Tensor]:
-    """:func:`syev_` over ``A`` ``[B, N, N]`` in sub-batches whose workspace fits the free device memory
-    (about 4.1×N² numbers per matrix); None, with ``A`` untouched, when not even one matrix's does."""
+def syev_batched_(A: torch.Tensor, vectors: bool = False, max_bytes: Optional[float] = None
+                  ) -> Optional[torch.Tensor]:
+    """:func:`syev_` over ``A`` ``[B, N, N]`` in sub-batches whose workspace (about 4.1×N² numbers per
+    matrix) fits the free device memory and ``max_bytes`` (the caller's budget); None, with ``A``
+    untouched, when not even one matrix's does or cuSOLVER cannot size it. When a later sub-batch runs
+    out of memory, the rest go through torch one matrix at a time, leaving ``A`` as :func:`syev_` would."""
+    try:
+        per = max(1, workspace_bytes(A[:2], vectors) // 2)
+    except (RuntimeError, torch.OutOfMemoryError):
+        return None
     free = torch.cuda.mem_get_info(A.device)[0] + torch.cuda.memory_reserved(A.device) \
         - torch.cuda.memory_allocated(A.device)
-    per = max(1, workspace_bytes(A[:2], vectors) // 2)
-    step = int(0.9 * free // per)
+    step = int(min(0.9 * free, max_bytes if max_bytes is not None else free) // per)
     if step < 1:
         return None
     out = []
@@ -193,7 +214,17 @@ def syev_batched_(A: torch.Tensor, vectors: bool = False) -> Optional[torch.Tens
         try:
             out.append(syev_(part, vectors) if part.shape[0] > 1 else syev_(part[0], vectors)[None])
         except torch.OutOfMemoryError:
-            if s:  # earlier sub-batches are already overwritten: nothing to fall back to
-                raise
-            return None
+            if not s:
+                return None  # nothing overwritten yet: the caller takes torch's path for all of A
+            out.extend(_torch_syev_(M, vectors)[None] for M in A[s:])
+            break
     return torch.cat(out)
+
+
+def _torch_syev_(M: torch.Tensor, vectors: bool) -> torch.Tensor:
+    """torch's eigensolver for one matrix, leaving ``M`` as :func:`syev_` does (rows: eigenvectors)."""
+    if not vectors:
+        return torch.linalg.eigvalsh(M)
+    lam, V = torch.linalg.eigh(M)
+    M.copy_(V.mT)
+    return lam

@@ -451,16 +451,17 @@ def _gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> tor
     return sum(w * grad(f)(theta) for w, f in _terms(loss_fn))
 
 
-def _eigen(H: torch.Tensor, G: Optional[torch.Tensor]
+def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float] = None
            ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """Eigenvalues of each ``H`` ``[B, N, N]``, ascending, ``[B, N]`` float64 NumPy — one batched eigvalsh.
     With the points' gradients ``G`` ``[B, N]``, an eigh with eigenvectors instead, one point at a time
     (so a pass holds its Hessians and one point's V and workspace, :data:`FOOTPRINT`),
     and also each gradient's coordinates in its eigenbasis, Vᵀg, and the eigenvector of λmin, both
     ``[B, N]`` float64 NumPy (None without ``G``). A CUDA batch goes to cuSOLVER's batched solver
-    (:mod:`pipeline.cusolver`) in H's own memory, which H does not survive; elsewhere H is left as it is."""
+    (:mod:`pipeline.cusolver`) in H's own memory, which H does not survive, with at most ``max_bytes`` of
+    workspace at a time; elsewhere H is left as it is."""
     if cusolver.enabled(H):  # a CUDA batch in one cuSOLVER call, in H's own memory (H is spent after)
-        lam = cusolver.syev_batched_(H, vectors=G is not None)
+        lam = cusolver.syev_batched_(H, vectors=G is not None, max_bytes=max_bytes)
         if lam is not None:
             if G is None:
                 return lam.cpu().numpy().astype(np.float64), None, None
@@ -669,7 +670,10 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         eigen = [{} for _ in part]
         if method == "eigh":
             G = torch.stack([_gradient(loss, theta) for theta in part]) if kw["vectors"] else None
-            lams, coeffs, v_mins = _eigen(H, G)
+            # a given budget caps the solver's workspace beside the pass's Hessians; else free memory does
+            room = (HESSIAN_SHARE * memory_budget_mb * 2**20 - H.numel() * H.element_size()
+                    if memory_budget_mb > 0 else None)
+            lams, coeffs, v_mins = _eigen(H, G, max_bytes=room)
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)
             sums = [(_summarize(lam, H.dtype, kw["tol"], rel, kw["tol_mode"], kw["gap_ratio"]), lam)
                     for lam in lams]

@@ -53,9 +53,18 @@ def expand(cfg: DictConfig) -> list[Run]:
         sections = {s: OmegaConf.to_container(point_cfg[s], resolve=True)
                     for s in (*ID_SECTIONS, "hessian", "refine")}
         for seed in seeds_of(OmegaConf.to_container(cfg.sweep, resolve=True)["seeds"]):
-            rid = run_id(sections, seed)
-            if rid in seen:
+            same = run_id(_as_floats(sections), seed)  # 1 and 1.0 on a float field are one run
+            if same in seen:
                 continue  # two grid points that resolve to the same run: compute it once
-            seen.add(rid)
-            runs.append(Run(rid, seed, point, sections))
+            seen.add(same)
+            runs.append(Run(run_id(sections, seed), seed, point, sections))
     return runs
+
+
+def _as_floats(x):
+    """``x`` with every int (not bool) a float: a key under which spellings of one number are equal."""
+    if isinstance(x, dict):
+        return {k: _as_floats(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_as_floats(v) for v in x]
+    return float(x) if type(x) is int else x

@@ -121,6 +121,11 @@ def test_grid_run_ids_are_pinned():
                          shrink=False)
     assert [r.run_id for r in expand(cfg)] == ["0720aabab50a", "2452c0d8c63c", "019829e3c569", "40f85ce30035"]
     assert expand(compose_config(["sweep.seeds=1"], shrink=False))[0].run_id == "90d7926add0e"  # no grid
+    # two spellings of one learning rate are one run; 0/1 on a bool field become the bool
+    same = compose_config(["sweep.seeds=1", "+sweep.grid={optim.lr:[1,1.0],model.bias:[1,0]}"], shrink=False)
+    validate(same)
+    runs = expand(same)
+    assert [r.config["model"]["bias"] for r in runs] == [True, False]
 
 
 def test_run_id_is_a_pure_function_of_config_and_seed():
