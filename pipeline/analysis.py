@@ -208,14 +208,15 @@ def fig_ratio_vs_tol(spectra: pd.DataFrame, points: pd.DataFrame):
     return fig
 
 
-def fig_eigenvalues(row: pd.Series, point: pd.Series):
-    lam = np.asarray(row["eigenvalues"])
+def fig_eigenvalues(point: pd.Series):
+    """The histogram of one point's ``eigenvalues`` (its spectra row joined with its points row)."""
+    lam = np.asarray(point["eigenvalues"])
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.hist(np.sign(lam) * np.log10(1 + np.abs(lam) / max(point["tol"], 1e-300)), bins=60, color="tab:blue")
     ax.set_xlabel("sign(λ) · log10(1 + |λ| / tol)")
     ax.set_ylabel("count")
-    ax.set_title(f"run {row['run_id']} step {row['step']} ({row['stage']}): {point['label']}, n+={point['n_pos']} "
-                 f"n-={point['n_neg']} n0={point['n_zero']}, tol={point['tol']:.2g}", fontsize=9)
+    ax.set_title(f"run {point['run_id']} step {point['step']} ({point['stage']}): {point['label']}, "
+                 f"n+={point['n_pos']} n-={point['n_neg']} n0={point['n_zero']}, tol={point['tol']:.2g}", fontsize=9)
     return fig
 
 
@@ -272,7 +273,7 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[st
         sel = _histogram_point(t["spectra"].merge(ok, on=KEY, suffixes=("", "_point")), checkpoint, sweep)
         if len(sel):
             row = sel.iloc[0]
-            figs.append(save_figure(fig_eigenvalues(row, row), store,
+            figs.append(save_figure(fig_eigenvalues(row), store,
                                     f"{sweep}/figures/eigenvalues_{row['run_id']}_{row['step']}_{row['stage']}.png"))
     if len(t["curves"]):
         figs.append(save_figure(fig_curves(t["curves"], t["points"]), store, f"{sweep}/figures/loss_curves.png"))

@@ -356,7 +356,7 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
     """
     rel_tol = effective_rel_tol(rel_tol, H.dtype)
     if method == "eigh":
-        lam = torch.linalg.eigvalsh(H).cpu().numpy().astype(np.float64)
+        lam = _eigen(H[None], None)[0][0]
         return _summarize(lam, H.dtype, tol, rel_tol, tol_mode, gap_ratio), lam
     if method != "inertia":
         raise ValueError(f"count_dense method must be eigh or inertia, got {method!r}")

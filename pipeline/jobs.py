@@ -228,12 +228,17 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
                                                    "loss": meta["loss"], "grad_norm": meta["grad_norm"]}])
             failed += 1
             continue
-        tables.write(store, sweep, "points", [row])
-        if res.eigenvalues is not None:
-            tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": ref.stage,
-                                                    "n_params": res.n_params,
-                                                    "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
+        _write_point(store, sweep, row, res)
     return failed
+
+
+def _write_point(store: Store, sweep: str, row: dict, res) -> None:
+    """An analysed point's ``points`` row and, where the full spectrum was taken, its ``spectra`` row."""
+    tables.write(store, sweep, "points", [row])
+    if res.eigenvalues is not None:
+        tables.write(store, sweep, "spectra", [{"run_id": row["run_id"], "step": row["step"], "stage": row["stage"],
+                                                "n_params": res.n_params,
+                                                "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
 
 
 def _error_text(err: BaseException) -> str:
@@ -286,11 +291,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         tables.write(store, sweep, "points", [{**base, "status": "failed", "seconds": time.perf_counter() - t0,
                                                "error": _error_text(err)}])
         return 1
-    tables.write(store, sweep, "points", [row])
-    if res.eigenvalues is not None:
-        tables.write(store, sweep, "spectra", [{"run_id": ref.run_id, "step": ref.step, "stage": "refined",
-                                                "n_params": res.n_params,
-                                                "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
+    _write_point(store, sweep, row, res)
     return 0
 
 

@@ -174,16 +174,15 @@ def preflight(cfg: DictConfig) -> None:
     max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
     max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     h = cfg.hessian
-    for section in ("hessian", "refine") if cfg.refine.method != "none" else ("hessian",):
+    sections = ("hessian", "refine") if cfg.refine.method != "none" else ("hessian",)  # tasks that will run
+    for section in sections:
         gpus = cfg[section].num_gpus
         if gpus > 0 and max_gpu == 0:
             raise ConfigError(f"{section}.num_gpus={gpus} but the Ray cluster has no GPU; "
                               f"use {section}.num_gpus=0 to run on CPU")
         if gpus > max_gpu:
             raise ConfigError(f"{section}.num_gpus={gpus} but the largest node has {max_gpu:g} GPU(s)")
-    needs = [("ray.train_num_cpus", cfg.ray.train_num_cpus), ("hessian.num_cpus", h.num_cpus)]
-    if cfg.refine.method != "none":
-        needs.append(("refine.num_cpus", cfg.refine.num_cpus))
+    needs = [("ray.train_num_cpus", cfg.ray.train_num_cpus)] + [(f"{s}.num_cpus", cfg[s].num_cpus) for s in sections]
     for key, need in needs:
         if need > max_cpu:
             raise ConfigError(f"{key}={need} but the largest node has {max_cpu:g} CPU(s)")
