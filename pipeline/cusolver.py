@@ -8,6 +8,14 @@ relative of eigvalsh (``scripts/bench_cusolver_eigh.py``, ``docs/bench/bench_cus
 on torch's current stream, with its workspace from torch's allocator — in sub-batches that fit the free
 memory (its workspace is about 4.1×H per matrix). The library is the ``libcusolver`` torch itself loaded.
 
+Every dense eigensolver of cuSOLVER asks for about 4×H of workspace (``syevd``, with or without
+eigenvectors, N = 1,483 to 29,124), so torch's ``eigvalsh``, which also copies H, peaks at 6×H.
+:func:`eigvalsh_inplace_` takes a matrix's eigenvalues in about 1×H instead: cuSOLVER's tridiagonal
+reduction ``sytrd`` in the matrix's own memory (workspace: a panel of N × 32-ish numbers), then LAPACK's
+``dsterf`` on the host for the tridiagonal's eigenvalues (O(N²), sequential) — what LAPACK's ``dsyevd``
+does for eigenvalues alone, so as accurate. Slower than ``syevd`` where memory allows it; for Hessians
+whose 6×H does not fit.
+
 ``MINRATIO_BATCHED_EIGH=torch`` in the environment turns this path off (torch's calls are used).
 No Ray, Hydra or files here.
 """
@@ -19,6 +27,7 @@ import os
 import threading
 from typing import Optional
 
+import numpy as np
 import torch
 
 # Enumerations from cusolver_common.h, cublas_api.h and library_types.h.
@@ -75,6 +84,9 @@ def _load() -> Optional[ctypes.CDLL]:
            "cusolverDnXsyevd": _COMMON + [V, SZ, V, SZ, V],
            "cusolverDnXsyevBatched_bufferSize": _COMMON + [ctypes.POINTER(SZ), ctypes.POINTER(SZ), I64],
            "cusolverDnXsyevBatched": _COMMON + [V, SZ, V, SZ, V, I64]}
+    for t in "DS":  # the one-stage tridiagonal reduction, handle, uplo, n, A, lda, d, e, tau (legacy API)
+        sig[f"cusolverDn{t}sytrd_bufferSize"] = [V, I32, I32, V, I32, V, V, V, ctypes.POINTER(I32)]
+        sig[f"cusolverDn{t}sytrd"] = [V, I32, I32, V, I32, V, V, V, V, I32, V]
     for name, argtypes in sig.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, I32
@@ -228,3 +240,54 @@ def _torch_syev_(M: torch.Tensor, vectors: bool) -> torch.Tensor:
     lam, V = torch.linalg.eigh(M)
     M.copy_(V.mT)
     return lam
+
+
+def eigvalsh_needs_inplace(A: torch.Tensor, max_bytes: Optional[float] = None) -> bool:
+    """Whether torch's ``eigvalsh`` of the CUDA ``A`` ``[N, N]`` — a copy of A and ``syevd``'s workspace —
+    would not fit the free device memory or ``max_bytes``, while :func:`eigvalsh_inplace_` can take it."""
+    if library() is None or not A.is_cuda or A.dim() != 2 or A.dtype not in CUDA_TYPES or A.numel() >= 2**31:
+        return False
+    try:
+        need = A.numel() * A.element_size() + workspace_bytes(A)
+    except (RuntimeError, torch.OutOfMemoryError):
+        return True
+    free = torch.cuda.mem_get_info(A.device)[0] + torch.cuda.memory_reserved(A.device) \
+        - torch.cuda.memory_allocated(A.device)
+    return need > min(0.9 * free, max_bytes if max_bytes is not None else free)
+
+
+def eigvalsh_inplace_(A: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues ``[N]`` float64 on the CPU, ascending, of the symmetric contiguous float32/64 CUDA
+    ``A`` ``[N, N]``, in ``A``'s own memory plus O(N·32) numbers of workspace (see the module docstring).
+    ``A`` is overwritten (it holds the Householder vectors after). Raises RuntimeError when cuSOLVER
+    reports an error or the tridiagonal QR does not converge, ValueError for a matrix it cannot take."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("cuSOLVER is not available here")
+    n = A.shape[-1]
+    if not A.is_cuda or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.shape != (n, n) \
+            or n * n >= 2**31:
+        raise ValueError(f"need a contiguous float32/64 CUDA [N, N] with N² < 2³¹ (the legacy API's int), got "
+                         f"{A.dtype} {tuple(A.shape)} on {A.device}")
+    with torch.cuda.device(A.device):
+        handle, _ = _handle(lib, A.device)
+        t = "D" if A.dtype == torch.float64 else "S"
+        d, e, tau = (torch.empty(max(k, 1), dtype=A.dtype, device=A.device) for k in (n, n - 1, n - 1))
+        ptrs = [V(A.data_ptr()), n, V(d.data_ptr()), V(e.data_ptr()), V(tau.data_ptr())]
+        lwork = I32()
+        _ok(getattr(lib, f"cusolverDn{t}sytrd_bufferSize")(handle, FILL_MODE_LOWER, n, *ptrs, ctypes.byref(lwork)),
+            f"{t}sytrd_bufferSize")
+        work = torch.empty(max(lwork.value, 1), dtype=A.dtype, device=A.device)
+        info = torch.zeros(1, dtype=torch.int32, device=A.device)
+        _ok(getattr(lib, f"cusolverDn{t}sytrd")(handle, FILL_MODE_LOWER, n, *ptrs, V(work.data_ptr()),
+                                               lwork.value, V(info.data_ptr())), f"cusolverDn{t}sytrd")
+        if int(info.item()):
+            raise RuntimeError(f"cusolverDn{t}sytrd: bad argument {-int(info.item())}")
+        diag = d[:n].cpu().numpy().astype(np.float64)
+        off = e[:n - 1].cpu().numpy().astype(np.float64)
+    from scipy.linalg import lapack  # scipy comes with scikit-learn; only this path needs it
+
+    lam, status = lapack.dsterf(diag, off)
+    if status:
+        raise RuntimeError(f"dsterf: {status} off-diagonal elements did not converge")
+    return torch.from_numpy(lam)

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from pipeline import cusolver, inertia, spectrum
 
@@ -188,14 +188,15 @@ def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk
     (what ``auto`` picks when every term offers it) ignores ``chunk_size``; its temporaries stay within
     the same workspace.
     """
-    if theta.dim() != 1:
+    mode = resolve_hvp(hvp, theta.device, loss_fn)
+    if theta.dim() != 1 and not (mode == "closed_form" and theta.dim() == 2):
         raise ValueError(f"theta must be a flat 1-D parameter vector, got shape {tuple(theta.shape)}")
     theta = theta.detach()
-    n, mode = theta.numel(), resolve_hvp(hvp, theta.device, loss_fn)
-    H = torch.empty(n, n, dtype=theta.dtype, device=theta.device) if out is None else out
-    if H.shape != (n, n):
-        raise ValueError(f"out must be [{n}, {n}], got {tuple(H.shape)}")
-    if mode == "closed_form":
+    n = theta.shape[-1]
+    H = theta.new_empty(*theta.shape[:-1], n, n) if out is None else out
+    if H.shape != (*theta.shape[:-1], n, n):
+        raise ValueError(f"out must be {[*theta.shape[:-1], n, n]}, got {tuple(H.shape)}")
+    if mode == "closed_form":  # also takes B points [B, N] at once (see hessians)
         workspace = memory_budget_mb * 2**20 or default_workspace_bytes(theta.device)
         for i, (weight, fn) in enumerate(_terms(loss_fn)):
             _closed_form(fn)(theta, out=H, weight=weight, accumulate=i > 0, workspace_bytes=workspace)
@@ -213,17 +214,14 @@ def hessians(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, *, chu
     """Hessians ``[B, N, N]`` of one loss at many points ``thetas`` ``[B, N]`` (same architecture), built
     in one vmapped pass over the points: ``loss_fn`` must be vmappable in its parameter argument.
     ``chunk_size`` counts columns per point; the default divides the workspace among the B points.
-    A closed-form build (see :func:`hessian`) is GEMMs already and goes one point at a time."""
+    A closed-form build (see :func:`hessian`) takes the B points in batched GEMMs instead."""
     if thetas.dim() != 2:
         raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
     thetas = thetas.detach()
     b, n = thetas.shape
     mode = resolve_hvp(hvp, thetas.device, loss_fn)
     if mode == "closed_form":
-        H = torch.empty(b, n, n, dtype=thetas.dtype, device=thetas.device)
-        for k in range(b):
-            hessian(loss_fn, thetas[k], memory_budget_mb=memory_budget_mb, hvp=mode, out=H[k])
-        return H
+        return hessian(loss_fn, thetas, memory_budget_mb=memory_budget_mb, hvp=mode)
     chunk = chunk_size or default_chunk_size(n, thetas.device, column_bytes=_column_bytes(loss_fn, thetas[0]),
                                              workspace_bytes=memory_budget_mb * 2**20, n_points=b)
     H = torch.empty(b, n, n, dtype=thetas.dtype, device=thetas.device)
@@ -352,7 +350,8 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
     ``inertia`` knows no spectrum, so its tolerance is ``tol`` or ``rel_tol`` · max|λ| (``extremes``
     (λmin, λmax) if given, else from Lanczos); ``tol_mode='gap'`` needs ``eigh``. ``naive=False`` skips
     inertia's third factorisation (#{λ > 0}; ``n_pos_naive`` is then None). Returns the summary and the
-    ascending eigenvalues (None for ``inertia``).
+    ascending eigenvalues (None for ``inertia``). A CUDA ``H`` whose ``eigh`` would not fit the free
+    memory is overwritten (see :func:`_eigen`).
     """
     rel_tol = effective_rel_tol(rel_tol, H.dtype)
     if method == "eigh":
@@ -451,6 +450,19 @@ def _gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> tor
     return sum(w * grad(f)(theta) for w, f in _terms(loss_fn))
 
 
+def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, batched: bool
+                          ) -> tuple[list[float], torch.Tensor]:
+    """The (weighted) loss at each point of ``thetas`` ``[B, N]`` (floats) and its gradient ``[B, N]``:
+    in one vmapped call over the points when ``batched`` (the loss must then be vmappable), else one by one."""
+    if batched:
+        pairs = [(w, vmap(grad_and_value(f))(thetas)) for w, f in _terms(loss_fn)]
+        G, values = sum(w * g for w, (g, _) in pairs), sum(w * v for w, (_, v) in pairs)
+        return values.tolist(), G
+    with torch.no_grad():
+        values = [float(sum(w * f(theta) for w, f in _terms(loss_fn))) for theta in thetas]
+    return values, torch.stack([_gradient(loss_fn, theta) for theta in thetas])
+
+
 def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float] = None
            ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """Eigenvalues of each ``H`` ``[B, N, N]``, ascending, ``[B, N]`` float64 NumPy — one batched eigvalsh.
@@ -459,7 +471,9 @@ def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float
     and also each gradient's coordinates in its eigenbasis, Vᵀg, and the eigenvector of λmin, both
     ``[B, N]`` float64 NumPy (None without ``G``). A CUDA batch goes to cuSOLVER's batched solver
     (:mod:`pipeline.cusolver`) in H's own memory, which H does not survive, with at most ``max_bytes`` of
-    workspace at a time; elsewhere H is left as it is."""
+    workspace at a time; so does one CUDA matrix's eigvalsh (tridiagonal reduction in place) when
+    torch's copy and workspace (5×H) would not fit the free memory or ``max_bytes``; elsewhere H is
+    left as it is."""
     if cusolver.enabled(H):  # a CUDA batch in one cuSOLVER call, in H's own memory (H is spent after)
         lam = cusolver.syev_batched_(H, vectors=G is not None, max_bytes=max_bytes)
         if lam is not None:
@@ -467,6 +481,8 @@ def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float
                 return lam.cpu().numpy().astype(np.float64), None, None
             # H's rows are now the eigenvectors
             return tuple(x.cpu().numpy().astype(np.float64) for x in (lam, (H @ G[..., None])[..., 0], H[:, 0]))
+    if G is None and H.shape[0] == 1 and cusolver.eigvalsh_needs_inplace(H[0], max_bytes):
+        return cusolver.eigvalsh_inplace_(H[0])[None].numpy(), None, None  # 1×H, where 6×H does not fit
     if G is None:
         return torch.linalg.eigvalsh(H).cpu().numpy().astype(np.float64), None, None
     lams, coeffs, v_mins = [], [], []
@@ -501,10 +517,12 @@ def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=N
 
 def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Optional[np.ndarray], method: str,
             seconds: dict, g: Optional[torch.Tensor] = None, grad_coeffs: Optional[np.ndarray] = None,
-            v_min: Optional[np.ndarray] = None) -> SpectrumResult:
-    """The result at ``theta``: the loss and gradient norm (``g`` when already taken) with the counts."""
-    with torch.no_grad():
-        value = float(sum(w * f(theta) for w, f in _terms(loss_fn)))
+            v_min: Optional[np.ndarray] = None, value: Optional[float] = None) -> SpectrumResult:
+    """The result at ``theta``: the loss and gradient norm (``value`` and ``g`` when already taken) with
+    the counts."""
+    if value is None:
+        with torch.no_grad():
+            value = float(sum(w * f(theta) for w, f in _terms(loss_fn)))
     if not math.isfinite(value):
         raise ValueError(f"the loss is {value} at this point: no spectrum of a non-finite loss")
     g = _gradient(loss_fn, theta) if g is None else g
@@ -667,18 +685,19 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         _check_finite(H, "Hessian", first=s, of=b)
         _sync(device)
         t1 = time.perf_counter()
-        eigen = [{} for _ in part]
+        values, G = _values_and_gradients(loss, part, batch_points)
+        eigen = [{"value": v, "g": g} for v, g in zip(values, G)]
         if method == "eigh":
-            G = torch.stack([_gradient(loss, theta) for theta in part]) if kw["vectors"] else None
             # a given budget caps the solver's workspace beside the pass's Hessians; else free memory does
             room = (HESSIAN_SHARE * memory_budget_mb * 2**20 - H.numel() * H.element_size()
                     if memory_budget_mb > 0 else None)
-            lams, coeffs, v_mins = _eigen(H, G, max_bytes=room)
+            lams, coeffs, v_mins = _eigen(H, G if kw["vectors"] else None, max_bytes=room)
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)
             sums = [(_summarize(lam, H.dtype, kw["tol"], rel, kw["tol_mode"], kw["gap_ratio"]), lam)
                     for lam in lams]
-            if G is not None:
-                eigen = [{"g": g, "grad_coeffs": c, "v_min": v} for g, c, v in zip(G, coeffs, v_mins)]
+            if kw["vectors"]:
+                for e, c, v in zip(eigen, coeffs, v_mins):
+                    e.update(grad_coeffs=c, v_min=v)
         else:
             extremes = inertia.extreme_eigenvalues_batch(H)  # batched: one matvec per step for the pass
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)

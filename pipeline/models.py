@@ -78,12 +78,12 @@ class MLP:
         return out
 
     def layers(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """Views of ``theta`` ``[n_params]`` as each layer's weight ``[fan_in, fan_out]`` and bias ``[fan_out]``
-        (None without biases), as :meth:`blocks` lays them out."""
+        """Views of ``theta`` ``[..., n_params]`` as each layer's weight ``[..., fan_in, fan_out]`` and bias
+        ``[..., fan_out]`` (None without biases), as :meth:`blocks` lays them out; leading dimensions are points."""
         out = []
         for (start, rows, fan_out), (fan_in, _) in zip(self.blocks(), self.layer_dims):
-            block = theta[start:start + rows * fan_out].reshape(rows, fan_out)
-            out.append((block[:fan_in], block[fan_in] if self.bias else None))
+            block = theta[..., start:start + rows * fan_out].reshape(*theta.shape[:-1], rows, fan_out)
+            out.append((block[..., :fan_in, :], block[..., fan_in, :] if self.bias else None))
         return out
 
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ MLP 16-h-h-4, tanh, 512 Gaussian samples, MSE, float64, random initialisation; N
 For each N it times
 
 - ours: the Hessian build (closed form, :mod:`pipeline.mlp_hessian`, the default for MLPs; HVP modes
-  ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it) and ``inertia``:
+  ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it; on CUDA also the in-place eigenvalues of
+  :func:`pipeline.cusolver.eigvalsh_inplace_`, time and peak) and ``inertia``:
   Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I: Bunch–Kaufman and
   the blocked one), and with the third
   behind the naive #{λ > 0} (``hessian.naive_count``); one LDLᵀ alone; parameters to counts in one
@@ -16,8 +17,8 @@ For each N it times
 
 and prints times, speed-ups against the baseline measured in the same run, peak memory and whether the
 counts agree. Then 64 checkpoints (8 on CPU; ``--checkpoints``) of N ≈ 1,500: spectra per second,
-batched (``spectra_at_many``) against one by one (``spectrum_at``), with the closed-form build and with
-the vmapped HVP build. A benchmark, not a test: nothing
+batched (``spectra_at_many``) against one by one (``spectrum_at``), with the closed-form build (also with
+eigenvectors, as the job takes full spectra) and with the vmapped HVP build. A benchmark, not a test: nothing
 asserts. On a GPU the default run takes about 3 minutes.
 
     python scripts/bench_hessian.py                  # default sizes for the device
@@ -35,7 +36,7 @@ import time
 import torch
 
 from pipeline import hessian as hs
-from pipeline import block_ldl, inertia, spectrum
+from pipeline import block_ldl, cusolver, inertia, spectrum
 from pipeline.models import MLP
 from pipeline.train import MeanLoss
 
@@ -134,6 +135,15 @@ def bench_size(n_target: int, device: torch.device, args) -> dict:
     with Peak(device) as pk:
         r["eigh"], lam = timed(lambda: torch.linalg.eigvalsh(H), device, rep)
     r["peak_eigh"] = None if pk.bytes is None else pk.bytes + n * n * 8  # H was there before
+    r["eigh_inplace"] = r["peak_eigh_inplace"] = r["lam_inplace_err"] = None
+    if device.type == "cuda" and cusolver.library() is not None:  # sytrd in H's memory + dsterf on the host
+        H_spent = H.clone()
+        with Peak(device) as pk:
+            r["eigh_inplace"], lam_ip = timed(lambda: cusolver.eigvalsh_inplace_(H_spent), device, 1)
+        r["peak_eigh_inplace"] = pk.bytes + n * n * 8
+        r["lam_inplace_err"] = float((lam_ip - lam.cpu()).abs().max() / lam.abs().max())
+        del H_spent, lam_ip
+        hs._empty_cache(device)
     tol = REL_TOL * float(lam.abs().max())
     r["lanczos"], _ = timed(lambda: inertia.extreme_eigenvalues(H), device, rep)
     r["ldl1"], _ = timed(lambda: inertia.inertia(H).tolist(), device, rep)
@@ -230,13 +240,15 @@ def bench_batched(n_target: int, checkpoints: int, device: torch.device) -> dict
     thetas = torch.stack([model.init(s) for s in range(checkpoints)])
     loss = loss_for(device, F64)
     out = {"N": model.n_params, "B": checkpoints}
-    for method, build in [(m, b) for b in ("closed_form", "rev") for m in ("eigh", "inertia")]:
-        kw = dict(device=device, method=method, hvp=build)
+    cases = [("eigh", "closed_form", False), ("eigh", "closed_form", True), ("inertia", "closed_form", False),
+             ("eigh", "rev", False), ("inertia", "rev", False)]  # vectors: the job's full-spectrum points
+    for method, build, vectors in cases:
+        kw = dict(device=device, method=method, hvp=build, vectors=vectors)
         hs.spectra_at_many(loss_for, thetas[:2], **kw)  # warm
         t1, one = timed(lambda: [hs.spectrum_at(loss, t, **kw) for t in thetas], device)
         t2, (many, fallback) = timed(lambda: hs.spectra_at_many(loss_for, thetas, batch_points=True, **kw), device)
         t3, (many_loop, _) = timed(lambda: hs.spectra_at_many(loss_for, thetas, batch_points=False, **kw), device)
-        out[(method, build)] = {
+        out[(method + (" + eigenvectors" if vectors else ""), build)] = {
             "one": checkpoints / t1, "batched": checkpoints / t2, "pass_loop": checkpoints / t3,
             "build_one": sum(r.seconds["build"] for r in one), "build_batched": sum(r.seconds["build"] for r in many),
             "count_one": sum(r.seconds["count"] for r in one), "count_batched": sum(r.seconds["count"] for r in many),
@@ -358,9 +370,9 @@ def main(argv=None) -> None:
 
     print("\n## Speed-ups against the baselines of this run, memory, agreement\n")
     print("| N | full spectrum vs row loop+eigvalsh | counts vs row loop+eigvalsh | full vs vectorize+eigvalsh "
-          "| counts vs vectorize+eigvalsh | peak build (default chunk) | peak eigh | peak counts | counts agree "
-          "(eigh / LDLᵀ / autograd) | max rel. diff H, λ vs autograd |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| counts vs vectorize+eigvalsh | peak build (default chunk) | peak eigh | peak eigh in place (time) "
+          "| peak counts | counts agree (eigh / LDLᵀ / autograd) | max rel. diff H, λ vs autograd (λ in place) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ours_full, ours_counts = r["build"] + r["eigh"], r["build"] + r["inertia"]
         ratio = {}
@@ -374,10 +386,16 @@ def main(argv=None) -> None:
         if r["agree_ref"] is None:
             agree += " (no autograd H)"
         diff = f"{r['h_err']:.1e}, {r['lam_err']:.1e}" if "h_err" in r else "—"
+        if r["lam_inplace_err"] is not None:
+            diff += f" ({r['lam_inplace_err']:.1e})"
+        inplace = "—" if r["eigh_inplace"] is None else \
+            f"{fmt_mem(r['peak_eigh_inplace'], r['N'])} ({fmt_t(r['eigh_inplace'])} s)"
         print(f"| {r['N']:,} | {ratio['row'][0]} | {ratio['row'][1]} | {ratio['vec'][0]} | {ratio['vec'][1]} "
-              f"| {fmt_mem(r['peak_build_' + r['mode']], r['N'])} | {fmt_mem(r['peak_eigh'], r['N'])} "
+              f"| {fmt_mem(r['peak_build_' + r['mode']], r['N'])} | {fmt_mem(r['peak_eigh'], r['N'])} | {inplace} "
               f"| {fmt_mem(r['peak_inertia'], r['N'])} | {agree} {r['counts']} | {diff} |")
-    print("\nPeaks: torch.cuda.max_memory_allocated, 'H' = N²·8 bytes (n/a on CPU); 'counts' is the two-LDLᵀ "
+    print("\nPeaks: torch.cuda.max_memory_allocated, 'H' = N²·8 bytes (n/a on CPU); 'eigh' is torch's eigvalsh "
+          "(a copy and syevd's workspace), 'eigh in place' cusolver.eigvalsh_inplace_ (sytrd in H's memory, dsterf "
+          "on the host: what a point whose eigvalsh does not fit takes), 'counts' the two-LDLᵀ "
           "path (auto's factor), H included. Counts: tolerance 1e-6·max|λ|; eigh, both factors and the three-"
           "factorisation path on our H, and eigvalsh of autograd's H with the same tolerance.")
 

@@ -441,6 +441,46 @@ def test_cuda_batched_eigensolver_equals_torch_and_the_cpu(dtype, rtol, monkeypa
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("dtype, rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+def test_cuda_inplace_eigvalsh_holds_one_hessian_and_equals_eigvalsh(dtype, rtol):
+    """cusolver.eigvalsh_inplace_ (sytrd in H's memory, dsterf on the host): torch's eigenvalues of a
+    planted spectrum with near-zero eigenvalues, in about 1×H (torch's eigvalsh: 6×H); a pass whose
+    budget cannot hold eigvalsh's copy and workspace takes it, with the CPU's counts."""
+    from pipeline import cusolver
+
+    n = 1500
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    lam = torch.cat([torch.linspace(-1, 1, n - 200, dtype=F64), 1e-9 * torch.randn(200, generator=g, dtype=F64)])
+    A = ((Q * lam) @ Q.T).to("cuda", dtype)
+    A = (A + A.T) / 2
+    ref = torch.linalg.eigvalsh(A.double()).cpu()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = cusolver.eigvalsh_inplace_(A)
+    extra = torch.cuda.max_memory_allocated() - base
+    assert got.dtype == F64 and got.shape == (n,)
+    assert float((got - ref).abs().max()) <= rtol * float(ref.abs().max())
+    assert extra <= 0.2 * n * n * dtype.itemsize, extra / (n * n * dtype.itemsize)  # sytrd: a panel, not N²
+    B = ((Q * lam) @ Q.T).to("cuda", dtype)
+    assert cusolver.eigvalsh_needs_inplace(B, max_bytes=2 * n * n * dtype.itemsize)
+    assert not cusolver.eigvalsh_needs_inplace(B)
+    lams, _, _ = hs._eigen(B[None], None, max_bytes=2 * n * n * dtype.itemsize)
+    np.testing.assert_allclose(lams[0], ref.numpy(), rtol=0, atol=rtol * float(ref.abs().max()))
+    model, prob = _gpu_case()
+    thetas = torch.stack([model.init(s) for s in range(3)])
+    h_mb = model.n_params ** 2 * 8 / 2**20
+    cpu, _ = hs.spectra_at_many(_loss_for(prob, [], where="cpu"), thetas, method="eigh", device="cpu")
+    lean, _ = hs.spectra_at_many(_loss_for(prob, []), thetas, method="eigh", device="cuda",
+                                 memory_budget_mb=4 * h_mb / hs.HESSIAN_SHARE)  # 1 point a pass, room 3×H
+    for a, b in zip(lean, cpu):
+        assert (a.n_pos, a.n_neg, a.n_zero) == (b.n_pos, b.n_neg, b.n_zero)
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=1e-9 * np.abs(b.eigenvalues).max())
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_peak_memory_is_the_hessian_plus_its_counting_footprint():
     """Counts (LDLᵀ in H's own memory): at most H plus Bunch–Kaufman's saved lower triangle, 1.53×H (the
     blocked LDLᵀ, auto's choice on CUDA, keeps no copy: 1.12-1.18×H on an H100). Full spectrum:

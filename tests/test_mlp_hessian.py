@@ -11,7 +11,7 @@ import torch
 from conftest import peak_rss_growth_mib
 from pipeline import hessian as hs
 from pipeline.data import Dataset
-from pipeline.mlp_hessian import mlp_hessian
+from pipeline.mlp_hessian import _bytes_per_sample, mlp_hessian
 from pipeline.models import ACTIVATIONS, CNN, MLP
 from pipeline.train import MeanLoss, Problem
 
@@ -60,6 +60,26 @@ def test_chunks_of_samples_and_rows_change_nothing_but_rounding():
         _close(mlp_hessian(model, theta, X, Y, "mse", workspace_bytes=budget), whole, tol=1e-14)
 
 
+@pytest.mark.parametrize("loss,bias", [("mse", True), ("cross_entropy", False)])
+def test_many_points_in_batched_gemms_equal_one_by_one(loss, bias):
+    """θ [B, N] gives B Hessians in one build, whatever the workspace: all points and samples at once, a few
+    points at a time, or one point with its samples in chunks; weighted terms accumulate the same way."""
+    model = MLP(6, 3, depth=2, width=5, activation="softplus", bias=bias)
+    X, Y = _data(model, 30, loss)
+    thetas = torch.stack([model.init(s) for s in range(5)])
+    one = torch.stack([mlp_hessian(model, t, X, Y, loss, 0.01) for t in thetas])
+    per_point = 30 * _bytes_per_sample(model.blocks(), 8)  # one point's layer quantities, bytes
+    for budget in (2 * 2.5 * per_point, 2**30, 300):  # half the workspace holds them: 2 points, all, 1 sample
+        H = mlp_hessian(model, thetas, X, Y, loss, 0.01, workspace_bytes=budget)
+        assert H.shape == (5, model.n_params, model.n_params)
+        _close(H, one, tol=1e-14)
+    prob = Problem(model, Dataset(X, Y, 3), loss, 0.01)
+    _close(hs.hessians(prob.batched_loss_terms(7), thetas), one, tol=1e-13)
+    n = model.n_params
+    with pytest.raises(ValueError, match=rf"out must be \[5, {n}, {n}\]"):
+        mlp_hessian(model, thetas, X, Y, loss, out=torch.empty(n, n, dtype=F64))
+
+
 def test_weighted_batch_terms_accumulate_to_the_full_batch():
     """hessian() over batch terms (n_b/n, L2 counted once) takes the closed form for each and equals one
     batch — and the HVP build of the same terms."""
@@ -105,7 +125,7 @@ def test_temporaries_stay_within_the_workspace():
     within the workspace. (Sizing the row chunks by the products alone once took 720 MiB here.)"""
     setup = (
         "from pipeline.models import MLP\n"
-        "from pipeline.mlp_hessian import mlp_hessian\n"
+        "from pipeline.mlp_hessian import _bytes_per_sample, mlp_hessian\n"
         "m, n = MLP(200, 10, depth=1, width=8), 4000\n"
         "g = torch.Generator().manual_seed(0)\n"
         "X, Y = torch.randn(n, 200, generator=g, dtype=torch.float64), torch.randn(n, 10, generator=g, dtype=torch.float64)\n"
