@@ -11,10 +11,11 @@ memory (its workspace is about 4.1×H per matrix). The library is the ``libcusol
 Every dense eigensolver of cuSOLVER asks for about 4×H of workspace (``syevd``, with or without
 eigenvectors, N = 1,483 to 29,124), so torch's ``eigvalsh``, which also copies H, peaks at 6×H.
 :func:`eigvalsh_inplace_` takes a matrix's eigenvalues in about 1×H instead: cuSOLVER's tridiagonal
-reduction ``sytrd`` in the matrix's own memory (workspace: a panel of N × 32-ish numbers), then LAPACK's
-``dsterf`` on the host for the tridiagonal's eigenvalues (O(N²), sequential) — what LAPACK's ``dsyevd``
-does for eigenvalues alone, so as accurate. Slower than ``syevd`` where memory allows it; for Hessians
-whose 6×H does not fit.
+reduction ``sytrd`` in the matrix's own memory (its workspace is a panel: 1.07-1.08×H in all at
+N = 19,204 and 29,124, about 2×H at 2k), then LAPACK's ``dsterf`` on the host for the tridiagonal's
+eigenvalues (O(N²), sequential) — what LAPACK's ``dsyevd`` does for eigenvalues alone, so as accurate.
+1.4-1.6× slower than ``syevd`` at those sizes on an H100 (``docs/bench/bench_hessian_h100_inplace.txt``);
+for Hessians whose 6×H does not fit.
 
 ``MINRATIO_BATCHED_EIGH=torch`` in the environment turns this path off (torch's calls are used).
 No Ray, Hydra or files here.
@@ -247,7 +248,7 @@ def eigvalsh_needs_inplace(A: torch.Tensor, max_bytes: Optional[float] = None) -
     would not fit the free device memory or ``max_bytes``, while :func:`eigvalsh_inplace_` can take it."""
     if library() is None or not A.is_cuda or A.dim() != 2 or A.dtype not in CUDA_TYPES or A.numel() >= 2**31:
         return False
-    try:
+    try:  # torch's copy of A and syevd's workspace
         need = A.numel() * A.element_size() + workspace_bytes(A)
     except (RuntimeError, torch.OutOfMemoryError):
         return True
@@ -258,29 +259,17 @@ def eigvalsh_needs_inplace(A: torch.Tensor, max_bytes: Optional[float] = None) -
 
 def eigvalsh_inplace_(A: torch.Tensor) -> torch.Tensor:
     """Eigenvalues ``[N]`` float64 on the CPU, ascending, of the symmetric contiguous float32/64 CUDA
-    ``A`` ``[N, N]``, in ``A``'s own memory plus O(N·32) numbers of workspace (see the module docstring).
+    ``A`` ``[N, N]``, in ``A``'s own memory plus :func:`sytrd_workspace_bytes` (see the module docstring).
     ``A`` is overwritten (it holds the Householder vectors after). Raises RuntimeError when cuSOLVER
     reports an error or the tridiagonal QR does not converge, ValueError for a matrix it cannot take."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("cuSOLVER is not available here")
-    n = A.shape[-1]
-    if not A.is_cuda or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.shape != (n, n) \
-            or n * n >= 2**31:
-        raise ValueError(f"need a contiguous float32/64 CUDA [N, N] with N² < 2³¹ (the legacy API's int), got "
-                         f"{A.dtype} {tuple(A.shape)} on {A.device}")
+    lib, n = _sytrd_library(A), A.shape[-1]
     with torch.cuda.device(A.device):
         handle, _ = _handle(lib, A.device)
-        t = "D" if A.dtype == torch.float64 else "S"
-        d, e, tau = (torch.empty(max(k, 1), dtype=A.dtype, device=A.device) for k in (n, n - 1, n - 1))
-        ptrs = [V(A.data_ptr()), n, V(d.data_ptr()), V(e.data_ptr()), V(tau.data_ptr())]
-        lwork = I32()
-        _ok(getattr(lib, f"cusolverDn{t}sytrd_bufferSize")(handle, FILL_MODE_LOWER, n, *ptrs, ctypes.byref(lwork)),
-            f"{t}sytrd_bufferSize")
-        work = torch.empty(max(lwork.value, 1), dtype=A.dtype, device=A.device)
+        t, d, e, tau, lwork = _sytrd_buffers(lib, handle, A)
+        work = torch.empty(max(lwork, 1), dtype=A.dtype, device=A.device)
         info = torch.zeros(1, dtype=torch.int32, device=A.device)
-        _ok(getattr(lib, f"cusolverDn{t}sytrd")(handle, FILL_MODE_LOWER, n, *ptrs, V(work.data_ptr()),
-                                               lwork.value, V(info.data_ptr())), f"cusolverDn{t}sytrd")
+        _ok(getattr(lib, f"cusolverDn{t}sytrd")(handle, FILL_MODE_LOWER, n, *_sytrd_ptrs(A, d, e, tau),
+                                               V(work.data_ptr()), lwork, V(info.data_ptr())), f"cusolverDn{t}sytrd")
         if int(info.item()):
             raise RuntimeError(f"cusolverDn{t}sytrd: bad argument {-int(info.item())}")
         diag = d[:n].cpu().numpy().astype(np.float64)
@@ -291,3 +280,38 @@ def eigvalsh_inplace_(A: torch.Tensor) -> torch.Tensor:
     if status:
         raise RuntimeError(f"dsterf: {status} off-diagonal elements did not converge")
     return torch.from_numpy(lam)
+
+
+def sytrd_workspace_bytes(A: torch.Tensor) -> int:
+    """Device memory :func:`eigvalsh_inplace_` takes beside ``A`` ``[N, N]``: cuSOLVER's ``sytrd`` workspace
+    (a panel: measured 0.07×N² numbers at N = 29,124, but about N² at N = 1,500) and the tridiagonal."""
+    lib = _sytrd_library(A)
+    with torch.cuda.device(A.device):
+        handle, _ = _handle(lib, A.device)
+        lwork = _sytrd_buffers(lib, handle, A)[-1]
+    return (lwork + 3 * A.shape[-1]) * A.element_size()
+
+
+def _sytrd_library(A: torch.Tensor) -> ctypes.CDLL:
+    lib, n = library(), A.shape[-1]
+    if lib is None:
+        raise RuntimeError("cuSOLVER is not available here")
+    if not A.is_cuda or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.shape != (n, n) \
+            or n * n >= 2**31:
+        raise ValueError(f"need a contiguous float32/64 CUDA [N, N] with N² < 2³¹ (the legacy API's int), got "
+                         f"{A.dtype} {tuple(A.shape)} on {A.device}")
+    return lib
+
+
+def _sytrd_ptrs(A, d, e, tau) -> list:
+    return [V(A.data_ptr()), A.shape[-1], V(d.data_ptr()), V(e.data_ptr()), V(tau.data_ptr())]
+
+
+def _sytrd_buffers(lib, handle, A: torch.Tensor) -> tuple:
+    """(type letter, d ``[N]``, e and tau ``[N-1]`` on A's device, workspace in numbers) for ``sytrd``."""
+    n, t = A.shape[-1], "D" if A.dtype == torch.float64 else "S"
+    d, e, tau = (torch.empty(max(k, 1), dtype=A.dtype, device=A.device) for k in (n, n - 1, n - 1))
+    lwork = I32()
+    _ok(getattr(lib, f"cusolverDn{t}sytrd_bufferSize")(handle, FILL_MODE_LOWER, n, *_sytrd_ptrs(A, d, e, tau),
+                                                      ctypes.byref(lwork)), f"{t}sytrd_bufferSize")
+    return t, d, e, tau, lwork.value
