@@ -67,7 +67,9 @@ REL_NOISE_FLOOR = {torch.float32: 1e-6}
 # inertia: H, and one point's saved lower triangle. eigh: H and the copy eigh takes (one batched call);
 # with eigenvectors (vectors=True, one point at a time), H, and one point's eigenvectors and workspace —
 # LAPACK dsyevd's 2N² + 6N + 1 numbers on CPU, cuSOLVER syevd's 4.0×H on CUDA (measured with and
-# without eigenvectors, N = 1,483 to 29,124; docs/bench/bench_cusolver_eigh_h100.txt).
+# without eigenvectors, N = 1,483 to 29,124; docs/bench/bench_cusolver_eigh_h100.txt). These plan the fast
+# path; a CUDA pass of one point whose eigvalsh does not fit takes its eigenvalues in about 1.1×H instead
+# (cusolver.eigvalsh_inplace_, 1.4-1.6× slower; see _eigen).
 FOOTPRINT = {("inertia", "cpu"): (1.0, inertia.SAVED_SHARE), ("inertia", "cuda"): (1.0, inertia.SAVED_SHARE),
              ("eigh", "cpu"): (2.0, 0.0), ("eigh", "cuda"): (2.0, 4.0),
              ("eigh_vectors", "cpu"): (1.0, 3.0), ("eigh_vectors", "cuda"): (1.0, 5.0)}
