@@ -452,14 +452,20 @@ def _gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> tor
     return sum(w * grad(f)(theta) for w, f in _terms(loss_fn))
 
 
-def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, batched: bool
-                          ) -> tuple[list[float], torch.Tensor]:
+def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, batched: bool,
+                          workspace_bytes: float = 0.0) -> tuple[list[float], torch.Tensor]:
     """The (weighted) loss at each point of ``thetas`` ``[B, N]`` (floats) and its gradient ``[B, N]``:
-    in one vmapped call over the points when ``batched`` (the loss must then be vmappable), else one by one."""
+    when ``batched``, in vmapped calls over as many points as one backward pass each fits
+    ``workspace_bytes`` (0: the device default; the loss must be vmappable), else one by one."""
     if batched:
-        pairs = [(w, vmap(grad_and_value(f))(thetas)) for w, f in _terms(loss_fn)]
-        G, values = sum(w * g for w, (g, _) in pairs), sum(w * v for w, (_, v) in pairs)
-        return values.tolist(), G
+        budget = workspace_bytes or default_workspace_bytes(thetas.device)
+        step = max(1, int(budget // _column_bytes(loss_fn, thetas[0])))
+        values, G = [], []
+        for s in range(0, thetas.shape[0], step):
+            pairs = [(w, vmap(grad_and_value(f))(thetas[s:s + step])) for w, f in _terms(loss_fn)]
+            G.append(sum(w * g for w, (g, _) in pairs))
+            values.extend(sum(w * v for w, (_, v) in pairs).tolist())
+        return values, torch.cat(G)
     with torch.no_grad():
         values = [float(sum(w * f(theta) for w, f in _terms(loss_fn))) for theta in thetas]
     return values, torch.stack([_gradient(loss_fn, theta) for theta in thetas])
@@ -687,7 +693,7 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         _check_finite(H, "Hessian", first=s, of=b)
         _sync(device)
         t1 = time.perf_counter()
-        values, G = _values_and_gradients(loss, part, batch_points)
+        values, G = _values_and_gradients(loss, part, batch_points, workspace_mb * 2**20)
         eigen = [{"value": v, "g": g} for v, g in zip(values, G)]
         if method == "eigh":
             # a given budget caps the solver's workspace beside the pass's Hessians; else free memory does

@@ -69,7 +69,7 @@ def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
     per_chunk = max(1, min(n, int(half // per_point)))  # else samples of one point at a time
     for p in range(0, thetas.shape[0], group):
         th, Hp = thetas[p:p + group], Hs[p:p + group]
-        for s in range(0, n, per_chunk if group == 1 else n):
+        for s in range(0, n, per_chunk):  # per_chunk is n where group > 1
             Xc, Yc = X[s:s + per_chunk], Y[s:s + per_chunk]
             _add_samples(Hp, model, th, Xc, Yc, loss, offsets, weight * Xc.shape[0] / n, half)
     _mirror_upper_blocks(Hs, offsets)
