@@ -17,7 +17,7 @@ eigenvalues (O(N²), sequential) — what LAPACK's ``dsyevd`` does for eigenvalu
 1.4-1.6× slower than ``syevd`` at those sizes on an H100 (``docs/bench/bench_hessian_h100_inplace.txt``);
 for Hessians whose 6×H does not fit.
 
-``MINRATIO_BATCHED_EIGH=torch`` in the environment turns this path off (torch's calls are used).
+``MINRATIO_BATCHED_EIGH=torch`` in the environment turns both paths off (torch's calls are used).
 No Ray, Hydra or files here.
 """
 from __future__ import annotations
@@ -246,15 +246,18 @@ def _torch_syev_(M: torch.Tensor, vectors: bool) -> torch.Tensor:
 def eigvalsh_needs_inplace(A: torch.Tensor, max_bytes: Optional[float] = None) -> bool:
     """Whether torch's ``eigvalsh`` of the CUDA ``A`` ``[N, N]`` — a copy of A and ``syevd``'s workspace —
     would not fit the free device memory or ``max_bytes``, while :func:`eigvalsh_inplace_` can take it."""
-    if library() is None or not A.is_cuda or A.dim() != 2 or A.dtype not in CUDA_TYPES or A.numel() >= 2**31:
-        return False
-    try:  # torch's copy of A and syevd's workspace
+    if (os.environ.get("MINRATIO_BATCHED_EIGH", "auto") == "torch" or not A.is_cuda or A.dim() != 2
+            or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.numel() >= 2**31 or library() is None):
+        return False  # (library() last: it sets up CUDA)
+    try:  # torch's copy of A and syevd's workspace, and what the in-place path takes instead
         need = A.numel() * A.element_size() + workspace_bytes(A)
+        lean = sytrd_workspace_bytes(A)
     except (RuntimeError, torch.OutOfMemoryError):
-        return True
+        return False
     free = torch.cuda.mem_get_info(A.device)[0] + torch.cuda.memory_reserved(A.device) \
         - torch.cuda.memory_allocated(A.device)
-    return need > min(0.9 * free, max_bytes if max_bytes is not None else free)
+    room = min(0.9 * free, max_bytes if max_bytes is not None else free)
+    return need > room and lean < need
 
 
 def eigvalsh_inplace_(A: torch.Tensor) -> torch.Tensor:
@@ -274,6 +277,8 @@ def eigvalsh_inplace_(A: torch.Tensor) -> torch.Tensor:
             raise RuntimeError(f"cusolverDn{t}sytrd: bad argument {-int(info.item())}")
         diag = d[:n].cpu().numpy().astype(np.float64)
         off = e[:n - 1].cpu().numpy().astype(np.float64)
+    if n == 1:  # scipy's dsterf wants a non-empty off-diagonal
+        return torch.from_numpy(diag)
     from scipy.linalg import lapack  # scipy comes with scikit-learn; only this path needs it
 
     lam, status = lapack.dsterf(diag, off)

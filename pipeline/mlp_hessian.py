@@ -65,7 +65,8 @@ def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
     X = X.to(theta.dtype)
     offsets = model.blocks()
     per_point = _bytes_per_sample(offsets, H.element_size())
-    group = max(1, int(half // (per_point * n)))  # points whose samples all fit at once
+    # points whose samples all fit at once, and whose largest one-row block product (see _add_block) does
+    group = max(1, min(int(half // (per_point * n)), int(half // _bytes_per_row(offsets, n, H.element_size()))))
     per_chunk = max(1, min(n, int(half // per_point)))  # else samples of one point at a time
     for p in range(0, thetas.shape[0], group):
         th, Hp = thetas[p:p + group], Hs[p:p + group]
@@ -86,6 +87,12 @@ def _bytes_per_sample(offsets, itemsize: int) -> int:
     jz = max(sum(widths[l] * h for h in widths[l + 1:]) for l in range(len(widths)))
     block = max(h_l * h_m + d_m * h_l for _, _, h_l in offsets for _, d_m, h_m in offsets)
     return itemsize * (hz + jz + block + sum(d + 3 * h for _, d, h in offsets))
+
+
+def _bytes_per_row(offsets, n: int, itemsize: int) -> int:
+    """The most one input row j of a block takes for one point in :func:`_add_block`: its products and
+    factors over ``n`` samples."""
+    return itemsize * max(d_m * h_l * h_m + n * (d_m + h_m) for _, _, h_l in offsets for _, d_m, h_m in offsets)
 
 
 def _add_samples(H, model, thetas, X, Y, loss, offsets, weight, budget) -> None:

@@ -3,6 +3,9 @@ closed forms from SCIENCE.md, planted spectra; batched, chunked, multi-batch and
 out-of-memory fallback of spectra_at_many; CUDA against CPU where a GPU exists."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -470,6 +473,8 @@ def test_cuda_inplace_eigvalsh_holds_one_hessian_and_equals_eigvalsh(dtype, rtol
     assert not cusolver.eigvalsh_needs_inplace(B)
     lams, _, _ = hs._eigen(B[None], None, max_bytes=2 * n * n * dtype.itemsize)
     np.testing.assert_allclose(lams[0], ref.numpy(), rtol=0, atol=rtol * float(ref.abs().max()))
+    assert not cusolver.eigvalsh_needs_inplace(B.T, max_bytes=1)  # not contiguous: torch's path
+    assert cusolver.eigvalsh_inplace_(torch.full((1, 1), 3.0, dtype=dtype, device="cuda")).tolist() == [3.0]
     model, prob = _gpu_case()
     thetas = torch.stack([model.init(s) for s in range(3)])
     h_mb = model.n_params ** 2 * 8 / 2**20
@@ -479,6 +484,21 @@ def test_cuda_inplace_eigvalsh_holds_one_hessian_and_equals_eigvalsh(dtype, rtol
     for a, b in zip(lean, cpu):
         assert (a.n_pos, a.n_neg, a.n_zero) == (b.n_pos, b.n_neg, b.n_zero)
         np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=1e-9 * np.abs(b.eigenvalues).max())
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_cpu_spectrum_leaves_cuda_alone_and_the_switch_turns_the_inplace_path_off():
+    """A CPU eigh never asks for cuSOLVER (which would set up CUDA on GPU 0); MINRATIO_BATCHED_EIGH=torch
+    keeps torch's eigvalsh even where the in-place path would be taken."""
+    code = ("import torch; from pipeline import hessian as hs\n"
+            "H = torch.diag(torch.arange(1., 51., dtype=torch.float64))\n"
+            "print(hs.count_dense(H, method='eigh')[0].counts.n_pos, torch.cuda.is_initialized())\n"
+            "import os; os.environ['MINRATIO_BATCHED_EIGH'] = 'torch'\n"
+            "from pipeline import cusolver\n"
+            "print(cusolver.eigvalsh_needs_inplace(H.cuda(), max_bytes=1))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["50", "False", "False"], out
 
 
 @pytest.mark.gpu
