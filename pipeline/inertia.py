@@ -9,6 +9,8 @@ falling back to Bunch–Kaufman where that gives up.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pipeline import block_ldl
@@ -254,10 +256,19 @@ def extreme_eigenvalues(H: torch.Tensor, steps: int = 80, rtol: float = 1e-10) -
     return extreme_eigenvalues_batch(H[None], steps, rtol)[0]
 
 
-def extreme_eigenvalues_batch(H: torch.Tensor, steps: int = 80, rtol: float = 1e-10) -> list[tuple[float, float]]:
-    """:func:`extreme_eigenvalues` of each matrix of ``H`` ``[B, N, N]`` at once: one batched
-    matrix-vector product and one device sync per step for all B, so many small Hessians on a GPU
-    cost about one. A matrix that has converged keeps riding along until all have."""
+def extreme_eigenvalues_batch(H: torch.Tensor, steps: int = 80, rtol: float = 1e-10,
+                              together: Optional[bool] = None) -> list[tuple[float, float]]:
+    """:func:`extreme_eigenvalues` of each matrix of ``H`` ``[B, N, N]``: on a GPU at once, one batched
+    matrix-vector product and one device sync per step for all B, so many small Hessians cost about
+    one (a matrix that has converged keeps riding along until all have); elsewhere one matrix after
+    another, which is faster there (8 of N = 2,284 on 2 CPU cores: 1.14-1.18 s against 1.49 s at once).
+    ``together`` overrides that choice."""
+    if not (H.device.type == "cuda" if together is None else together) and H.shape[0] > 1:
+        return [ex for M in H for ex in _lanczos_extremes(M[None], steps, rtol)]
+    return _lanczos_extremes(H, steps, rtol)
+
+
+def _lanczos_extremes(H: torch.Tensor, steps: int, rtol: float) -> list[tuple[float, float]]:
     b, n = H.shape[0], H.shape[-1]
     m = min(steps, n)
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -193,7 +193,8 @@ def test_batched_lanczos_equals_one_by_one_when_members_finish_at_different_step
     low_rank = torch.zeros(120, dtype=F64)
     low_rank[:2] = torch.tensor([1.5, -0.25], dtype=F64)  # invariant subspace after 2 steps
     mats = torch.stack([_rotate(low_rank, 21), _planted(120, 22)[0], torch.zeros(120, 120, dtype=F64)])
-    got = inertia.extreme_eigenvalues_batch(mats)
+    got = inertia.extreme_eigenvalues_batch(mats, together=True)  # as on a GPU
+    assert inertia.extreme_eigenvalues_batch(mats) == [inertia.extreme_eigenvalues(M) for M in mats]  # CPU
     assert got[2] == (0.0, 0.0)
     for k in range(3):
         ref = np.linalg.eigvalsh(mats[k].numpy())
