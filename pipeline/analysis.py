@@ -239,10 +239,12 @@ def _histogram_point(spectra: pd.DataFrame, checkpoint: str | None, sweep: str) 
     ``RUN:STEP[:STAGE]`` (a stalled or final point before a refined one), else the lowest-loss point."""
     if not checkpoint:
         return spectra.sort_values("loss").head(1)
-    run_id, step, *stage = checkpoint.split(":")
+    parts = checkpoint.split(":")
     try:
-        step = int(step)
-    except ValueError:
+        run_id, step, stage = parts[0], int(parts[1]), parts[2:]
+        if len(parts) > 3:
+            raise ValueError
+    except (ValueError, IndexError):
         raise ValueError(f"--checkpoint {checkpoint!r}: expected RUN_ID:STEP[:STAGE] with an integer step") from None
     sel = spectra[(spectra["run_id"] == run_id) & (spectra["step"] == step)]
     if stage:
