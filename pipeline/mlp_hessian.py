@@ -61,7 +61,8 @@ def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
     if not accumulate:
         H.zero_()
     half = 0.5 * (workspace_bytes if workspace_bytes > 0 else DEFAULT_WORKSPACE_BYTES)
-    thetas, Hs = theta.detach().reshape(-1, n_par), H.view(-1, n_par, n_par)
+    one = theta.dim() == 1  # a point: work on views with a point dimension of 1 (any strides of out)
+    thetas, Hs = (theta.detach()[None], H[None]) if one else (theta.detach(), H)
     X = X.to(theta.dtype)
     offsets = model.blocks()
     per_point = _bytes_per_sample(offsets, H.element_size())
