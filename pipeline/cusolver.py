@@ -8,8 +8,8 @@ relative of eigvalsh (``scripts/bench_cusolver_eigh.py``, ``docs/bench/bench_cus
 on torch's current stream, with its workspace from torch's allocator — in sub-batches that fit the free
 memory (its workspace is about 4.1×H per matrix). The library is the ``libcusolver`` torch itself loaded.
 
-Every dense eigensolver of cuSOLVER asks for about 4×H of workspace (``syevd``, with or without
-eigenvectors, N = 1,483 to 29,124), so torch's ``eigvalsh``, which also copies H, peaks at 6×H.
+cuSOLVER's ``syevd`` (and the batched ``syevBatched``) asks for about 4×H of workspace, with or without
+eigenvectors (N = 1,483 to 29,124), so torch's ``eigvalsh``, which also copies H, peaks at 6×H.
 :func:`eigvalsh_inplace_` takes a matrix's eigenvalues in about 1×H instead: cuSOLVER's tridiagonal
 reduction ``sytrd`` in the matrix's own memory (its workspace is a panel: 1.07-1.08×H in all at
 N = 19,204 and 29,124, about 2×H at 2k), then LAPACK's ``dsterf`` on the host for the tridiagonal's
