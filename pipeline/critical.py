@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.func import grad
+from torch.func import grad, grad_and_value
 
 from pipeline import spectrum
 from pipeline.refine import GTOL2, hvp_at
@@ -420,10 +420,8 @@ def report_from_eigen(loss_fn: LossFn, theta: torch.Tensor, eigvals, grad_coeffs
         raise ValueError(f"need eigvals, grad_coeffs and v_min of theta's shape ({theta.numel()},); got "
                          f"{lam.shape}, {c.shape}, {_np(v_min).shape}")
     summary = spectrum.summarize(lam, tol=tol, rel_tol=rel_tol, gap_ratio=gap_ratio, tol_mode=tol_mode)
-    g = grad(loss_fn)(theta)
-    with torch.no_grad():
-        loss = float(loss_fn(theta))
-    gn2 = float(g @ g)
+    g, value = grad_and_value(loss_fn)(theta)  # one forward and backward for both
+    loss, gn2 = float(value), float(g @ g)
     c2 = float(c @ c)
     shares = _shares(lam, c, summary.tol)
     flat = _flatness(lam, c, summary.tol, math.sqrt(c2))

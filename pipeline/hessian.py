@@ -425,7 +425,8 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     if method == "estimate":
         return _estimated(loss_fn, theta, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode, matvec=matvec,
                           **(estimate or {}))
-    g = _gradient(loss_fn, theta) if method == "eigh" and vectors else None  # timed in neither, as a pass does
+    # the eigenbasis needs the gradient; taken before the clock starts, as a pass takes it
+    value, g = _value_and_gradient(loss_fn, theta) if method == "eigh" and vectors else (None, None)
     t0 = time.perf_counter()
     H = hessian(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     _check_finite(H[None], "Hessian")
@@ -437,7 +438,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
         del H
         lam = lams[0]
         summary = _summarize(lam, theta.dtype, tol, effective_rel_tol(rel_tol, theta.dtype), tol_mode, gap_ratio)
-        eigen = {"g": g, "grad_coeffs": coeffs[0], "v_min": v_mins[0]}
+        eigen = {"value": value, "g": g, "grad_coeffs": coeffs[0], "v_min": v_mins[0]}
     else:
         summary, lam = count_dense(H, method=method, tol=tol, rel_tol=rel_tol, tol_mode=tol_mode,
                                    gap_ratio=gap_ratio, naive=naive)
@@ -447,9 +448,14 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
                    **eigen)
 
 
-def _gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> torch.Tensor:
-    """∇ of the (weighted) loss at ``theta`` ``[N]``."""
-    return sum(w * grad(f)(theta) for w, f in _terms(loss_fn))
+def _value_and_gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor
+                        ) -> tuple[float, torch.Tensor]:
+    """The (weighted) loss at ``theta`` ``[N]`` and its gradient ``[N]``, one forward and backward per term."""
+    value, g = 0.0, 0.0
+    for w, f in _terms(loss_fn):
+        g_f, v_f = grad_and_value(f)(theta)
+        value, g = value + w * float(v_f), g + w * g_f
+    return value, g
 
 
 def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, batched: bool,
@@ -469,9 +475,8 @@ def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.T
             G.append(g_sum)
             values.extend(v_sum.tolist())
         return values, torch.cat(G)
-    with torch.no_grad():
-        values = [float(sum(w * f(theta) for w, f in _terms(loss_fn))) for theta in thetas]
-    return values, torch.stack([_gradient(loss_fn, theta) for theta in thetas])
+    pairs = [_value_and_gradient(loss_fn, theta) for theta in thetas]
+    return [v for v, _ in pairs], torch.stack([g for _, g in pairs])
 
 
 def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float] = None
@@ -531,12 +536,10 @@ def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Option
             v_min: Optional[np.ndarray] = None, value: Optional[float] = None) -> SpectrumResult:
     """The result at ``theta``: the loss and gradient norm (``value`` and ``g`` when already taken) with
     the counts."""
-    if value is None:
-        with torch.no_grad():
-            value = float(sum(w * f(theta) for w, f in _terms(loss_fn)))
+    if value is None or g is None:
+        value, g = _value_and_gradient(loss_fn, theta)
     if not math.isfinite(value):
         raise ValueError(f"the loss is {value} at this point: no spectrum of a non-finite loss")
-    g = _gradient(loss_fn, theta) if g is None else g
     c = summary.counts
     return SpectrumResult(
         n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)),
