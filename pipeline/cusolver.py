@@ -95,11 +95,30 @@ def _load() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def version() -> int:
-    """cuSOLVER's version number (e.g. 12004), of the library :func:`library` loaded."""
+def _required_library() -> ctypes.CDLL:
+    """:func:`library`, or RuntimeError where there is none."""
     lib = library()
     if lib is None:
         raise RuntimeError("cuSOLVER with cusolverDnXsyevBatched is not available here")
+    return lib
+
+
+def _turned_off() -> bool:
+    """``MINRATIO_BATCHED_EIGH=torch``: use torch's calls only."""
+    return os.environ.get("MINRATIO_BATCHED_EIGH", "auto") == "torch"
+
+
+def _room(device: torch.device, max_bytes: Optional[float]) -> float:
+    """Bytes a call may take on ``device``: 90 % of what is free (torch's cached blocks count as free),
+    and at most ``max_bytes`` when given."""
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+        - torch.cuda.memory_allocated(device)
+    return min(0.9 * free, max_bytes if max_bytes is not None else free)
+
+
+def version() -> int:
+    """cuSOLVER's version number (e.g. 12004), of the library :func:`library` loaded."""
+    lib = _required_library()
     out = I32()
     _ok(lib.cusolverGetVersion(ctypes.byref(out)), "cusolverGetVersion")
     return out.value
@@ -109,7 +128,7 @@ def enabled(H: torch.Tensor) -> bool:
     """Whether :func:`syev_batched_` takes ``H`` ``[B, N, N]``: CUDA, float32/64, a batch (B > 1) of
     matrices over 32 × 32 (torch's own batched Jacobi is fast below), the library present, and not
     turned off by ``MINRATIO_BATCHED_EIGH=torch``."""
-    return (os.environ.get("MINRATIO_BATCHED_EIGH", "auto") != "torch" and H.is_cuda and H.dim() == 3
+    return (not _turned_off() and H.is_cuda and H.dim() == 3
             and H.shape[0] > 1 and H.shape[-1] > 32 and H.dtype in CUDA_TYPES and H.is_contiguous()
             and library() is not None)
 
@@ -148,9 +167,7 @@ def _head(handle, params, A: torch.Tensor, W: torch.Tensor, jobz: int) -> list:
 
 def workspace_bytes(A: torch.Tensor, vectors: bool = False) -> int:
     """Device workspace cuSOLVER asks for: ``A`` ``[N, N]`` (``Xsyevd``) or ``[B, N, N]`` (batched)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("cuSOLVER with cusolverDnXsyevBatched is not available here")
+    lib = _required_library()
     with torch.cuda.device(A.device):  # a handle works on the device it was made on: make it current
         handle, params = _handle(lib, A.device)
         return _buffer_sizes(lib, handle, params, A, vectors)[0]
@@ -175,9 +192,7 @@ def syev_(A: torch.Tensor, vectors: bool = False) -> torch.Tensor:
     ``vectors``, row ``j`` of each matrix becomes the unit eigenvector of eigenvalue ``j`` (cuSOLVER
     writes them as columns of the column-major matrix); otherwise its content is undefined.
     Raises RuntimeError when cuSOLVER reports an error or no convergence (``info`` ≠ 0)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("cuSOLVER with cusolverDnXsyevBatched is not available here")
+    lib = _required_library()
     if not A.is_cuda or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.dim() not in (2, 3):
         raise ValueError(f"need a contiguous float32/64 CUDA [N, N] or [B, N, N], got {A.dtype} {tuple(A.shape)} "
                          f"on {A.device}")
@@ -216,9 +231,7 @@ def syev_batched_(A: torch.Tensor, vectors: bool = False, max_bytes: Optional[fl
         per = max(1, workspace_bytes(A[:2], vectors) // 2)
     except (RuntimeError, torch.OutOfMemoryError):
         return None
-    free = torch.cuda.mem_get_info(A.device)[0] + torch.cuda.memory_reserved(A.device) \
-        - torch.cuda.memory_allocated(A.device)
-    step = int(min(0.9 * free, max_bytes if max_bytes is not None else free) // per)
+    step = int(_room(A.device, max_bytes) // per)
     if step < 1:
         return None
     out = []
@@ -246,7 +259,7 @@ def _torch_syev_(M: torch.Tensor, vectors: bool) -> torch.Tensor:
 def eigvalsh_needs_inplace(A: torch.Tensor, max_bytes: Optional[float] = None) -> bool:
     """Whether torch's ``eigvalsh`` of the CUDA ``A`` ``[N, N]`` — a copy of A and ``syevd``'s workspace —
     would not fit the free device memory or ``max_bytes``, while :func:`eigvalsh_inplace_` can take it."""
-    if (os.environ.get("MINRATIO_BATCHED_EIGH", "auto") == "torch" or not A.is_cuda or A.dim() != 2
+    if (_turned_off() or not A.is_cuda or A.dim() != 2
             or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.numel() >= 2**31 or library() is None):
         return False  # (library() last: it sets up CUDA)
     try:  # torch's copy of A and syevd's workspace, and what the in-place path takes instead
@@ -254,10 +267,7 @@ def eigvalsh_needs_inplace(A: torch.Tensor, max_bytes: Optional[float] = None) -
         lean = sytrd_workspace_bytes(A)
     except (RuntimeError, torch.OutOfMemoryError):
         return False
-    free = torch.cuda.mem_get_info(A.device)[0] + torch.cuda.memory_reserved(A.device) \
-        - torch.cuda.memory_allocated(A.device)
-    room = min(0.9 * free, max_bytes if max_bytes is not None else free)
-    return need > room and lean < need
+    return need > _room(A.device, max_bytes) and lean < need
 
 
 def eigvalsh_inplace_(A: torch.Tensor) -> torch.Tensor:
@@ -298,9 +308,7 @@ def sytrd_workspace_bytes(A: torch.Tensor) -> int:
 
 
 def _sytrd_library(A: torch.Tensor) -> ctypes.CDLL:
-    lib, n = library(), A.shape[-1]
-    if lib is None:
-        raise RuntimeError("cuSOLVER is not available here")
+    lib, n = _required_library(), A.shape[-1]
     if not A.is_cuda or A.dtype not in CUDA_TYPES or not A.is_contiguous() or A.shape != (n, n) \
             or n * n >= 2**31:
         raise ValueError(f"need a contiguous float32/64 CUDA [N, N] with N² < 2³¹ (the legacy API's int), got "
