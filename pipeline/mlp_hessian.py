@@ -67,7 +67,8 @@ def mlp_hessian(model: MLP, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tenso
     offsets = model.blocks()
     per_point = _bytes_per_sample(offsets, H.element_size())
     # points whose samples all fit at once, and whose largest one-row block product (see _add_block) does
-    group = max(1, min(int(half // (per_point * n)), int(half // _bytes_per_row(offsets, n, H.element_size()))))
+    row = max(_row_bytes(h_l, d_m, h_m, n, H.element_size()) for _, _, h_l in offsets for _, d_m, h_m in offsets)
+    group = max(1, min(int(half // (per_point * n)), int(half // row)))
     per_chunk = max(1, min(n, int(half // per_point)))  # else samples of one point at a time
     for p in range(0, thetas.shape[0], group):
         th, Hp = thetas[p:p + group], Hs[p:p + group]
@@ -90,10 +91,10 @@ def _bytes_per_sample(offsets, itemsize: int) -> int:
     return itemsize * (hz + jz + block + sum(d + 3 * h for _, d, h in offsets))
 
 
-def _bytes_per_row(offsets, n: int, itemsize: int) -> int:
-    """The most one input row j of a block takes for one point in :func:`_add_block`: its products and
-    factors over ``n`` samples."""
-    return itemsize * max(d_m * h_l * h_m + n * (d_m + h_m) for _, _, h_l in offsets for _, d_m, h_m in offsets)
+def _row_bytes(h_l: int, d_m: int, h_m: int, n: int, itemsize: int) -> int:
+    """What one input row j of the block (layer l, layer m) takes for one point in :func:`_add_block`: its
+    products and factors over ``n`` samples."""
+    return itemsize * (d_m * h_l * h_m + n * (d_m + h_m))
 
 
 def _add_samples(H, model, thetas, X, Y, loss, offsets, weight, budget) -> None:
@@ -169,7 +170,7 @@ def _add_block(H, l, m, acts, d1, deltas, Hzz, Jz, offsets, weight, budget) -> N
         da = torch.diag_embed(d1[l]) if m == l + 1 else d1[m - 1][..., :, None] * Jz[m - 1]
         da = torch.nn.functional.pad(da, (0, 0, 0, d_m - da.shape[2])).reshape(b, n, d_m * h_l)
     a_l, a_m, delta = acts[l], acts[m], deltas[m]
-    per_row = b * H.element_size() * (d_m * h_l * h_m + n * (d_m + h_m))  # one row j's products and factors
+    per_row = b * _row_bytes(h_l, d_m, h_m, n, H.element_size())  # one row j's products and factors
     chunk = max(1, min(d_l, int(budget // per_row)))
     for j in range(0, d_l, chunk):
         a = a_l[:, :, j:j + chunk]
