@@ -261,7 +261,8 @@ def extreme_eigenvalues_batch(H: torch.Tensor, steps: int = 80, rtol: float = 1e
     """:func:`extreme_eigenvalues` of each matrix of ``H`` ``[B, N, N]``: on a GPU at once, one batched
     matrix-vector product and one device sync per step for all B, so many small Hessians cost about
     one (a matrix that has converged keeps riding along until all have); elsewhere one matrix after
-    another, which is faster there (8 of N = 2,284 on 2 CPU cores: 1.14-1.18 s against 1.49 s at once).
+    another, which is faster there (8 of N = 2,284 on 2 CPU cores: 1.14-1.18 s against 1.49 s at once,
+    measured once by hand; a pass of counts in scripts/bench_hessian.py went from 0.8× to 1.0× one by one).
     ``together`` overrides that choice."""
     if not (H.device.type == "cuda" if together is None else together) and H.shape[0] > 1:
         return [ex for M in H for ex in _lanczos_extremes(M[None], steps, rtol)]
