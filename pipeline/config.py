@@ -17,8 +17,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from pipeline.spectrum import TOL_MODES
 
-DATA_NAMES = ("synthetic", "digits", "gaussian")
-MODEL_NAMES = ("mlp", "cnn")
+DATA_NAMES = ("synthetic", "digits", "gaussian", "mnist", "fashion_mnist", "cifar10", "torch")
+IMAGE_SIDES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}  # full image side of each image set
+CLASSIFICATION_DATA = ("digits", "mnist", "fashion_mnist", "cifar10", "torch")  # torch: if its labels are ints
+MODEL_NAMES = ("mlp", "cnn", "torch")
+BUFFER_MODES = ("eval", "train")
 ACTIVATIONS = ("tanh", "softplus", "relu", "swish", "linear")
 LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("gd", "sgd", "adam")
@@ -26,7 +29,7 @@ DTYPES = ("float32", "float64")
 HESSIAN_METHODS = ("auto", "eigh", "inertia", "estimate")
 # The hessian keys that change what a run computes, so enter its id (pipeline.plan.run_id) and may vary
 # over a sweep's grid; the rest (resources, batching, estimator settings) are shared by the whole sweep.
-HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
+HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio", "params")
 
 
 class ConfigError(ValueError):
@@ -42,9 +45,16 @@ class DataConfig:
     n_outputs: int = 1  # synthetic/gaussian target dimension (digits: 10 classes)
     teacher_width: int = 8  # hidden width of the random tanh teacher that labels synthetic inputs
     noise: float = 0.0  # std of Gaussian label noise added to synthetic targets
-    side: int = 8  # digits: image side after downsampling (8 = original, 4 = 4×4 block means)
+    side: int = 8  # image side after block-mean downsampling (digits 8/4/2; mnist 28, 14, 7, …; cifar10 32, 16, …)
     batch_size: int = 0  # 0 = full batch (for training, and for Hessian accumulation)
     standardize: bool = True
+    # mnist | fashion_mnist | cifar10: torchvision's on-disk layout under root (pipeline.datasets)
+    root: str = "data"  # folder holding MNIST/, FashionMNIST/ or cifar-10-batches-py/
+    download: bool = False  # fetch a missing data set with torchvision (needs torchvision installed)
+    split: str = "train"  # train | test
+    # name=torch: the user's data, a callable at this import path returning (X, Y) or a torch Dataset
+    _target_: Optional[str] = None
+    kwargs: dict = field(default_factory=dict)  # its keyword arguments
 
 
 @dataclass
@@ -59,6 +69,10 @@ class ModelConfig:
     conv_layers: int = 2  # convolutions before the dense head
     channels: int = 4  # channels of every convolution
     kernel: int = 3  # kernel side, odd: zero padding of kernel // 2 keeps the image size
+    # name=torch only: the user's torch.nn.Module (pipeline.torch_model)
+    _target_: Optional[str] = None  # import path of its class, e.g. my_pkg.nets.SmallResNet
+    kwargs: dict = field(default_factory=dict)  # constructor arguments
+    buffers: str = "eval"  # eval: running statistics as built | train: batch statistics (BatchNorm)
 
 
 @dataclass
@@ -102,6 +116,7 @@ class HessianConfig:
     estimate_degree: int = 0  # method=estimate: Chebyshev degree; 0 = the least that resolves tol
     naive_count: bool = True  # inertia: a third LDLᵀ (of H itself) for the naive #{λ > 0}; false skips it
     data_workers: int = 0  # method=estimate: Ray actors that split the data for HVPs (0 = in the task)
+    params: Any = None  # null/all = every trainable parameter; a regex searched in names, or a list of names
 
 
 @dataclass
@@ -149,6 +164,10 @@ class Config:
     ray: RayConfig = MISSING
     results_root: str = "results"
     figures: bool = True
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "stall": StallConfig,
+             "hessian": HessianConfig, "refine": RefineConfig, "sweep": SweepConfig, "ray": RayConfig}
 
 
 def register_configs() -> None:
@@ -207,8 +226,8 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "hessian.tol_mode", TOL_MODES)
     _one_of(cfg, "sweep.progress", ("auto", "live", "plain", "none"))
     d, m, o, s, h = cfg.data, cfg.model, cfg.optim, cfg.stall, cfg.hessian
-    _require(d.n_samples >= 0 if d.name == "digits" else d.n_samples >= 1, "data.n_samples", d.n_samples,
-             "≥ 1 (digits: 0 = all)")
+    _require(d.n_samples >= 0 if d.name in (*IMAGE_SIDES, "torch") else d.n_samples >= 1, "data.n_samples",
+             d.n_samples, "≥ 1 (digits, mnist, fashion_mnist, cifar10, torch: 0 = all)")
     _require(d.seed is None or d.seed >= 0, "data.seed", d.seed, "null or an int ≥ 0")
     _require(d.name != "digits" or d.n_samples <= 1797, "data.n_samples", d.n_samples,
              "≤ 1797 for data.name=digits (0 = all 1,797)")
@@ -216,12 +235,13 @@ def validate(cfg: DictConfig) -> None:
     _require(d.n_outputs >= 1, "data.n_outputs", d.n_outputs, "≥ 1")
     _require(d.teacher_width >= 1, "data.teacher_width", d.teacher_width, "≥ 1")
     _require(d.noise >= 0, "data.noise", d.noise, "≥ 0")
-    _require(d.side in (2, 4, 8), "data.side", d.side, "2, 4 or 8")
+    _require(d.name != "digits" or d.side in (2, 4, 8), "data.side", d.side, "2, 4 or 8 for data.name=digits")
     _require(d.batch_size >= 0, "data.batch_size", d.batch_size, "≥ 0 (0 = full batch)")
     _require(m.depth >= 0, "model.depth", m.depth, "≥ 0 hidden layers")
     _require(m.width >= 1, "model.width", m.width, "≥ 1")
     if m.name == "cnn":
-        _require(d.name == "digits", "data.name", d.name, "digits with model.name=cnn (a CNN needs images)")
+        _require(d.name in ("digits", "mnist", "fashion_mnist"), "data.name", d.name,
+                 "digits, mnist or fashion_mnist with model.name=cnn (one-channel images; others: model=torch)")
         _require(m.conv_layers >= 1, "model.conv_layers", m.conv_layers, "≥ 1")
         _require(m.channels >= 1, "model.channels", m.channels, "≥ 1")
         _require(m.kernel >= 1 and m.kernel % 2 == 1, "model.kernel", m.kernel,
@@ -229,8 +249,9 @@ def validate(cfg: DictConfig) -> None:
         # A wider kernel has weights that never meet a pixel: exact zero rows of the Hessian.
         _require(m.kernel <= 2 * d.side - 1, "model.kernel", m.kernel,
                  f"≤ {2 * d.side - 1} = 2·data.side − 1 (data.side={d.side})")
-    _require(not (m.loss == "cross_entropy" and d.name != "digits"), "model.loss", m.loss,
-             "mse for regression data (cross_entropy needs data.name=digits)")
+    _require(not (m.loss == "cross_entropy" and d.name not in CLASSIFICATION_DATA), "model.loss", m.loss,
+             f"mse for regression data (cross_entropy needs data.name in {', '.join(CLASSIFICATION_DATA)})")
+    validate_user_parts(cfg)
     _require(o.lr > 0, "optim.lr", o.lr, "> 0")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "≥ 0")
@@ -273,6 +294,7 @@ def validate(cfg: DictConfig) -> None:
     _require(h.num_gpus <= 1 or float(h.num_gpus).is_integer(), "hessian.num_gpus", h.num_gpus,
              "a fraction ≤ 1 or a whole number")
     seeds_of(cfg.sweep.seeds)
+    check_unread_keys(cfg)
     _require(cfg.sweep.max_in_flight >= 0, "sweep.max_in_flight", cfg.sweep.max_in_flight, "≥ 0")
     name = str(cfg.sweep.name)
     _require(bool(name) and name not in (".", "..") and not set(name) & set("/\\"), "sweep.name", name,
@@ -296,6 +318,55 @@ def validate(cfg: DictConfig) -> None:
     for point in grid_points(OmegaConf.to_container(cfg.sweep.grid, resolve=True)):
         if point:
             validate_point(cfg, point)
+
+
+def validate_user_parts(cfg: DictConfig) -> None:
+    """The keys of a user's model and data (``model=torch``, ``data=torch``), real image sets and
+    ``hessian.params``: each ``_target_`` set exactly where its ``name`` reads it, sides that divide the
+    image, a known split and buffers mode. Whether the import paths resolve is checked where the model is
+    built, before any run (:func:`pipeline.sweep.check_problems`)."""
+    d, m = cfg.data, cfg.model
+    for sec, node in (("model", m), ("data", d)):
+        target = node.get("_target_")
+        if node.name == "torch":
+            _require(isinstance(target, str) and bool(target.strip()), f"{sec}._target_", target,
+                     f"the import path of {'a torch.nn.Module class' if sec == 'model' else 'a callable returning (X, Y) or a Dataset'} with {sec}.name=torch")
+        else:
+            _require(target is None, f"{sec}._target_", target,
+                     f"null with {sec}.name={node.name} (a user's {sec} needs {sec}=torch)")
+    _one_of(cfg, "model.buffers", BUFFER_MODES)
+    _one_of(cfg, "data.split", ("train", "test"))
+    if d.name in IMAGE_SIDES and d.name != "digits":
+        full = IMAGE_SIDES[d.name]
+        _require(1 <= d.side <= full and full % d.side == 0, "data.side", d.side,
+                 f"a divisor of {full} for data.name={d.name} (block-mean downsampling)")
+    p = cfg.hessian.get("params")
+    ok = p is None or (isinstance(p, str) and bool(p)) or (
+        OmegaConf.is_list(p) and len(p) >= 1 and all(isinstance(x, str) and x for x in p))
+    _require(ok, "hessian.params", p, "null or all (every parameter), a regex, or a non-empty list of names")
+    _require(p is None or p == "all" or cfg.hessian.data_workers == 0, "hessian.params", p,
+             "null with hessian.data_workers > 0 (data-parallel HVPs take every parameter)")
+    _require(not (m.buffers == "train" and m.name == "torch" and d.batch_size > 0), "model.buffers", m.buffers,
+             "eval with data.batch_size > 0: batch statistics would make the Hessian's loss depend on how the "
+             "data are split (use data.batch_size=0 for model.buffers=train)")
+
+
+def check_unread_keys(cfg: DictConfig) -> None:
+    """Refuse keys that no schema declares — a ``+model._target_=…`` on a model that reads no such key, or a
+    typo added with ``+`` — naming each: Hydra's ``+`` adds keys to the typed config without complaint,
+    and nothing would read them."""
+    unread = []
+    for name, schema in _SECTIONS.items():
+        node = cfg.get(name)
+        if isinstance(node, DictConfig):
+            known = {f.name for f in dataclasses.fields(schema)}
+            unread += [f"{name}.{k}" for k in node.keys() if k not in known]
+    top = {f.name for f in dataclasses.fields(Config)}
+    unread += [str(k) for k in cfg.keys() if k not in top and k != "hydra"]
+    if unread:
+        raise ConfigError(f"{', '.join(sorted(unread))}: no such key, so nothing would read it (a key added "
+                          "with '+' must be one minratio knows; see `minratio-sweep --cfg job` for the keys; "
+                          "a user's model takes its arguments under model.kwargs)")
 
 
 def grid_points(grid: dict) -> list[dict]:

@@ -10,12 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline import datasets
+
 
 @dataclass(frozen=True)
 class Dataset:
     X: torch.Tensor  # [n, d] inputs
     Y: torch.Tensor  # [n, k] float targets, or [n] int64 labels
     n_classes: int  # 0 for regression
+    sample_shape: tuple = ()  # one input's shape as a module receives it (images: (C, H, W)); () = [d]
 
     @property
     def n(self) -> int:
@@ -31,7 +34,7 @@ class Dataset:
 
     def to(self, device: str | torch.device, dtype: torch.dtype) -> "Dataset":
         Y = self.Y.to(device) if self.n_classes else self.Y.to(device, dtype)
-        return Dataset(self.X.to(device, dtype), Y, self.n_classes)
+        return Dataset(self.X.to(device, dtype), Y, self.n_classes, self.sample_shape)
 
 
 def _standardize(X: np.ndarray) -> np.ndarray:
@@ -118,12 +121,45 @@ def make_dataset(data_cfg, run_seed: int, loss: str = "mse") -> Dataset:
         Y = labels if loss == "cross_entropy" else np.eye(10)[labels]
         if loss != "cross_entropy":
             n_classes = 0  # one-hot regression targets
+    elif data_cfg.name in datasets.IMAGE_SETS or data_cfg.name == "torch":
+        return _loaded(data_cfg, loss)
     else:
-        raise ValueError(f"unknown data.name {data_cfg.name!r}: expected synthetic, digits or gaussian")
+        raise ValueError(f"unknown data.name {data_cfg.name!r}: expected synthetic, digits, gaussian, "
+                         f"{', '.join(datasets.IMAGE_SETS)} or torch")
     if data_cfg.standardize:
         X = _standardize(X)
     Yt = torch.as_tensor(Y) if n_classes else torch.as_tensor(Y, dtype=torch.float64)
     return Dataset(torch.as_tensor(X, dtype=torch.float64), Yt, n_classes)
+
+
+def _loaded(data_cfg, loss: str) -> Dataset:
+    """A real image set (:mod:`pipeline.datasets`: ``root``, ``download``, ``split``, ``side``) or the user's
+    ``data._target_``; first ``n_samples`` (0 = all), inputs kept as flat rows with their ``sample_shape``.
+    Integer labels are class targets for cross-entropy and one-hot rows for MSE, as for the digits."""
+    if data_cfg.name == "torch":
+        X, Y = datasets.from_target(str(data_cfg._target_), data_cfg.get("kwargs"))
+    else:
+        X, Y = datasets.load_images(data_cfg.name, str(data_cfg.root), str(data_cfg.split), bool(data_cfg.download))
+        if data_cfg.side != X.shape[-1]:
+            X = datasets.downsample(X, int(data_cfg.side))
+    if data_cfg.n_samples:
+        if data_cfg.n_samples > len(X):
+            raise ValueError(f"data.n_samples={data_cfg.n_samples} but the data set has {len(X)} samples")
+        X, Y = X[:data_cfg.n_samples], Y[:data_cfg.n_samples]
+    shape = tuple(int(s) for s in X.shape[1:])
+    X = X.reshape(len(X), -1).astype(np.float64)
+    if data_cfg.standardize:
+        X = _standardize(X)
+    if np.issubdtype(Y.dtype, np.integer) and Y.ndim == 1:
+        k = int(Y.max()) + 1
+        if loss == "cross_entropy":
+            return Dataset(torch.as_tensor(X), torch.as_tensor(Y, dtype=torch.int64), k, shape)
+        Y = np.eye(k)[Y]
+    elif loss == "cross_entropy":
+        raise ValueError(f"model.loss=cross_entropy needs integer class labels [n]; data.name={data_cfg.name} "
+                         f"gave targets {Y.dtype} {Y.shape}")
+    Y = Y.reshape(len(Y), -1)
+    return Dataset(torch.as_tensor(X), torch.as_tensor(Y, dtype=torch.float64), 0, shape)
 
 
 def batches(n: int, batch_size: int) -> list[slice]:

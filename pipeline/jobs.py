@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pipeline import critical, refine, tables
+from pipeline import critical, params, refine, tables
 from pipeline.config import section
 from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
@@ -53,6 +53,8 @@ def problem_group(config: dict, seed: int) -> str:
         data["seed"] = seed  # per-run data sets: batch only within the run
     key = {"data": data, "model": config["model"], "wd": config["optim"]["weight_decay"],
            "hessian": config["hessian"]}
+    if config["model"].get("name") == "torch":
+        key["seed"] = seed  # a user's module is built with the run's seed: its buffers may differ by seed
     return json.dumps(key, sort_keys=True, default=str)
 
 
@@ -190,11 +192,18 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     cfg = Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg()
     problem = make_problem(cfg, refs[0].seed)
     batch_size = refs[0].config["data"]["batch_size"]
+    subset = params.select(problem.model.segments(), h.get("params"))
 
     def analyse(thetas: torch.Tensor) -> list[tuple]:
+        if subset is not None and len(thetas) > 1:  # each point holds the rest of θ fixed at its own values
+            return [analyse(t[None])[0] for t in thetas]
+
+        def loss_for(dev, dtype):
+            terms = problem.to(dev, dtype).batched_loss_terms(batch_size)
+            return terms if subset is None else params.restrict(terms, thetas[0].to(dev, dtype), subset)
         with _hvp_operator(hvp_shards, h, cfg, refs[0].seed, device) as matvec_at:
             results, fallback = spectra_at_many(
-                lambda dev, dtype: problem.to(dev, dtype).batched_loss_terms(batch_size), thetas,
+                loss_for, thetas if subset is None else subset.take(thetas),
                 dtype=h["dtype"], device=device, chunk_size=h["chunk_size"],
                 memory_budget_mb=h["memory_budget_mb"], matvec_at=matvec_at, **spectrum_options(h))
         return [(res, fallback, None) for res in results]
@@ -216,11 +225,11 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     for ref, meta, (res, fallback, err) in zip(refs, metas, outcomes):
         base = {"run_id": ref.run_id, "step": ref.step, "stage": ref.stage, "seed": ref.seed,
                 "stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
-                "node_id": node_id, "seconds": per_point}
+                "node_id": node_id, "seconds": per_point, "param_subset": params.spec_text(h.get("params"))}
         if res is not None:
             try:
                 row = {**base, **point_values(res), **meta.get("tag", {}), "fallback": fallback,
-                       **critical_values(problem, meta["theta"], res, refs[0].config, device)}
+                       **critical_values(problem, meta["theta"], res, refs[0].config, device, subset)}
             except Exception as error:  # noqa: BLE001
                 res, err = None, _error_text(error)
         if res is None:
@@ -246,19 +255,24 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
 
 
-def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str = "cpu") -> dict:
+def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str = "cpu",
+                    subset: Optional[params.ParamSubset] = None) -> dict:
     """Honest-label columns at a point (pipeline.critical): gradient shares per eigenspace, the
     gradient-flat test, ``critical_label`` and the escape check. They need the gradient in the Hessian's
     eigenbasis, which the pass kept (``vectors=True``) where it took the full spectrum (``method=eigh``)
     — from the same decomposition as the counts, so ``critical_label`` and ``label`` always agree at a
     critical point; elsewhere the label says only whether the gradient is small. The loss, ‖g‖² and
-    the escape check are evaluated in float64 on ``device``, the task's."""
+    the escape check are evaluated in float64 on ``device``, the task's. ``subset``: the parameters the
+    Hessian was taken over (``theta`` ``[N]`` is the whole point; the rest stays fixed), None for all."""
     gtol2 = section(config, "refine")["gtol2"]
     if res.grad_coeffs is None:
         small = res.grad_norm ** 2 < gtol2
         return {"grad_norm2": res.grad_norm ** 2, "critical_label": res.label if small else "not_critical"}
     f = problem.to(device, torch.float64).loss_fn()
-    return critical.report_from_eigen(f, theta.to(device, torch.float64), res.eigenvalues, res.grad_coeffs,
+    theta = theta.to(device, torch.float64)
+    if subset is not None:
+        f, theta = params.SubsetLoss(f, theta, subset), subset.take(theta)
+    return critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs,
                                       res.v_min, tol=res.tol, gtol2=gtol2).row()
 
 
@@ -272,21 +286,25 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
     cfg = ref.config
     r, h = section(cfg, "refine"), section(cfg, "hessian")
     base = {"run_id": ref.run_id, "step": ref.step, "stage": "refined", "seed": ref.seed,
-            "node": socket.gethostname(), "node_id": node_id, "refine_method": r["method"]}
+            "node": socket.gethostname(), "node_id": node_id, "refine_method": r["method"],
+            "param_subset": params.spec_text(h.get("params"))}
     t0 = time.perf_counter()
     try:
         meta = load_checkpoint(store, ref.path)
         problem = make_problem(Run(ref.run_id, ref.seed, {}, cfg).cfg(), ref.seed).to(device, torch.float64)
-        f = problem.loss_fn()
-        found = refine.refine(r["method"], f, meta["theta"].to(device, torch.float64),
-                              **refine.options_for(r["method"], r))
+        f, start = problem.loss_fn(), meta["theta"].to(device, torch.float64)
+        subset = params.select(problem.model.segments(), h.get("params"))
+        if subset is not None:  # refine over the subset too, the rest held at the checkpoint's values
+            f, start = params.SubsetLoss(f, start, subset), subset.take(start)
+        found = refine.refine(r["method"], f, start, **refine.options_for(r["method"], r))
+        full = found.theta if subset is None else subset.put(f.base, found.theta)
         buf = io.BytesIO()
-        torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **found.row()}, buf)
+        torch.save({"theta": full.cpu(), "step": ref.step, "start": ref.path, **found.row()}, buf)
         store.write_bytes(f"{sweep}/refined/{ref.run_id}/step-{ref.step:09d}.pt", buf.getvalue())
         res = spectrum_at(f, found.theta, **spectrum_options(h))
         row = {**base, **point_values(res), **found.row(), "stalled": bool(meta["stalled"]),
                "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
-               **critical_values(problem, found.theta, res, cfg, device)}
+               **critical_values(problem, full, res, cfg, device, subset)}
     except Exception as err:  # noqa: BLE001
         tables.write(store, sweep, "points", [{**base, "status": "failed", "seconds": time.perf_counter() - t0,
                                                "error": _error_text(err)}])

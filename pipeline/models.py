@@ -13,6 +13,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from pipeline.torch_model import TorchModel, plain
+
 ACTIVATIONS = {
     "tanh": torch.tanh,
     "relu": torch.relu,
@@ -75,6 +77,15 @@ class MLP:
             rows = fan_in + (1 if self.bias else 0)
             out.append((i, rows, fan_out))
             i += rows * fan_out
+        return out
+
+    def segments(self) -> list[tuple[str, int, int]]:
+        """``(name, start, size)`` of each weight and bias in θ: ``layers.<k>.weight``, ``layers.<k>.bias``."""
+        out = []
+        for k, ((start, _, fan_out), (fan_in, _)) in enumerate(zip(self.blocks(), self.layer_dims)):
+            out.append((f"layers.{k}.weight", start, fan_in * fan_out))
+            if self.bias:
+                out.append((f"layers.{k}.bias", start + fan_in * fan_out, fan_out))
         return out
 
     def layers(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -162,6 +173,18 @@ class CNN:
     def n_params(self) -> int:
         return self.n_conv_params + self.head.n_params
 
+    def segments(self) -> list[tuple[str, int, int]]:
+        """``(name, start, size)`` of each piece of θ: ``conv.<k>.weight`` / ``.bias``, then the head's
+        ``head.layers.<k>.weight`` / ``.bias``."""
+        out, i, k2 = [], 0, self.kernel * self.kernel
+        for k, (c_in, c_out) in enumerate(self.conv_dims):
+            out.append((f"conv.{k}.weight", i, c_out * c_in * k2))
+            i += c_out * c_in * k2
+            if self.bias:
+                out.append((f"conv.{k}.bias", i, c_out))
+                i += c_out
+        return out + [(f"head.{n}", i + start, size) for n, start, size in self.head.segments()]
+
     def init(self, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """A flat ``[n_params]`` vector, weights and biases ~ U(±1/√fan_in) as in ``nn.Conv2d`` and
         ``nn.Linear`` (fan_in = in_channels · k² for a convolution); seeded, CPU."""
@@ -189,12 +212,17 @@ class CNN:
         return self.head.forward(theta[i:], h.reshape(h.shape[0], -1))
 
 
-Model = Union[MLP, CNN]
-MODEL_NAMES = ("mlp", "cnn")
+Model = Union[MLP, CNN, TorchModel]
+MODEL_NAMES = ("mlp", "cnn", "torch")
 
 
-def make_model(model_cfg, in_dim: int, out_dim: int) -> Model:
-    """The network ``model_cfg`` describes (``model.name``: mlp or cnn) for ``in_dim`` inputs."""
+def make_model(model_cfg, in_dim: int, out_dim: int, sample_shape: tuple = (), seed: int = 0) -> Model:
+    """The network ``model_cfg`` describes (``model.name``: mlp, cnn, or torch: the user's module at the
+    import path ``model._target_``, built with ``model.kwargs`` and the run's ``seed``) for ``in_dim``
+    inputs (``sample_shape``: one sample's shape, as the user's module receives it)."""
+    if model_cfg.name == "torch":
+        return TorchModel(str(model_cfg._target_), plain(model_cfg.get("kwargs") or {}), tuple(sample_shape),
+                          str(model_cfg.get("buffers", "eval")), int(seed))
     if model_cfg.name == "mlp":
         return MLP(in_dim, out_dim, model_cfg.depth, model_cfg.width, model_cfg.activation, model_cfg.bias)
     if model_cfg.name == "cnn":

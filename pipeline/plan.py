@@ -20,6 +20,12 @@ ID_SECTIONS = ("data", "model", "optim", "stall")
 # Model keys only a CNN reads: left out of other models' ids, so that MLP runs keep the ids they had
 # before the CNN existed (and a sweep started then still resumes).
 CNN_ONLY_KEYS = ("conv_layers", "channels", "kernel")
+# Keys added later, left out of a run's id while they hold these defaults (the runs of sweeps started before
+# they existed keep their ids), and keys that never change what a run computes (where the data sit).
+LATER_DEFAULTS = {"model": {"_target_": None, "kwargs": {}, "buffers": "eval"},
+                  "data": {"_target_": None, "kwargs": {}, "split": "train"},
+                  "hessian": {"params": None}}
+NOT_IN_ID = {"data": ("root", "download")}
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,10 @@ def run_id(config: dict, seed: int) -> str:
     ident = {s: config[s] for s in ID_SECTIONS}
     if ident["model"].get("name") != "cnn":
         ident["model"] = {k: v for k, v in ident["model"].items() if k not in CNN_ONLY_KEYS}
-    ident["hessian"] = {k: config["hessian"][k] for k in HESSIAN_ID_KEYS}
+    ident["hessian"] = {k: config["hessian"].get(k) for k in HESSIAN_ID_KEYS}
+    for sec, defaults in LATER_DEFAULTS.items():
+        ident[sec] = {k: v for k, v in ident[sec].items()
+                      if not (k in defaults and v == defaults[k]) and k not in NOT_IN_ID.get(sec, ())}
     ident["seed"] = int(seed)
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

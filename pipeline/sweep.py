@@ -168,6 +168,37 @@ def check_gap_tolerance(runs: list[Run]) -> None:
                               "set hessian.method=eigh, or hessian.tol_mode=rel or abs")
 
 
+def check_problems(runs: list[Run]) -> None:
+    """Build each distinct problem of the plan once, before anything trains, and refuse what would fail
+    in every run: a data set that cannot be read (a missing folder, an import path that does not
+    resolve), a user's module that is not an ``nn.Module`` or whose loss is not a deterministic, vmappable
+    function of θ (:func:`pipeline.torch_model.check_model`), a ``hessian.params`` that picks nothing."""
+    import json
+
+    from pipeline import params, torch_model
+    from pipeline.train import make_problem
+
+    seen = set()
+    for run in runs:
+        c = run.config
+        key = json.dumps([c["data"], c["model"], c["hessian"].get("params")], sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        where = f" (sweep.grid point {run.overrides})" if run.overrides else ""
+        try:
+            problem = make_problem(run.cfg(), run.seed)
+            model, data = problem.model, problem.data
+            params.select(model.segments(), c["hessian"].get("params"))
+            if isinstance(model, torch_model.TorchModel):
+                k = min(data.n, 8)
+                torch_model.check_model(model, problem.loss_fn(data.X[:k], data.Y[:k]), model.init(run.seed),
+                                        data.X[:k], data.Y[:k], data.out_dim)
+        except Exception as err:  # noqa: BLE001 — whatever fails here would fail every run of the point
+            raise ConfigError(f"{err}{where}" if isinstance(err, ValueError) else
+                              f"building the model or data failed{where}: {type(err).__name__}: {err}") from None
+
+
 def preflight(cfg: DictConfig) -> None:
     """Refuse requests the cluster can never satisfy, before any task is submitted."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -230,6 +261,7 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
     name = str(cfg.sweep.name)
     runs = expand(cfg)
     check_gap_tolerance(runs)
+    check_problems(runs)
     connect(cfg.ray)
     preflight(cfg)
 

@@ -30,14 +30,20 @@ from pipeline.storage import Store
 # columns of the config fields added since: model_conv_layers, model_channels, model_kernel (the CNN),
 # hessian_naive_count and hessian_data_workers. Version 6 changed no column but a meaning: points.flat_residual
 # is Frye et al.'s relative residual r (version-5 rows written before 2026-11-26 hold ‖Hp + g‖/‖g‖), so
-# bump the version for a changed definition too.
-SCHEMA_VERSION = 6
+# bump the version for a changed definition too. Version 7 added the columns of a user's model and data
+# (model_target, model_buffers, data_target, data_root, data_download, data_split) and points.param_subset.
+SCHEMA_VERSION = 7
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
 CONFIG_SECTIONS = {"data": C.DataConfig, "model": C.ModelConfig, "optim": C.OptimConfig,
                    "stall": C.StallConfig, "hessian": C.HessianConfig, "refine": C.RefineConfig}
 _PA_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def column_name(section: str, key: str) -> str:
+    """The ``runs`` column of config key ``section.key``: ``model_width``; ``model._target_`` → ``model_target``."""
+    return f"{section}_{key.strip('_')}"
 
 
 def _config_fields() -> list[pa.Field]:
@@ -49,7 +55,7 @@ def _config_fields() -> list[pa.Field]:
             args = [a for a in typing.get_args(t) if a is not type(None)]
             base = args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
             if base in _PA_TYPES:
-                out.append(pa.field(f"{section}_{f.name}", _PA_TYPES[base]))
+                out.append(pa.field(column_name(section, f.name), _PA_TYPES[base]))
     return out
 
 
@@ -88,7 +94,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("error", pa.string()),
         pa.field("loss", pa.float64()),  # full-batch training loss at the point
         pa.field("grad_norm", pa.float64()),  # ‖∇L‖ at the point
-        pa.field("n_params", pa.int64()),
+        pa.field("n_params", pa.int64()),  # parameters the Hessian is taken over (param_subset's)
+        pa.field("param_subset", pa.string()),  # hessian.params: all, a regex, or a JSON list of names
         pa.field("n_pos", pa.int64()),
         pa.field("n_neg", pa.int64()),
         pa.field("n_zero", pa.int64()),
@@ -184,8 +191,8 @@ KEYS = {"runs": ("run_id",), "points": ("run_id", "step", "stage"), "spectra": (
 
 def config_columns(run_cfg) -> dict:
     """The ``runs`` columns of a run's resolved config: ``{"model_width": 8, ...}``."""
-    return {f"{s}_{k}": v for s in CONFIG_SECTIONS for k, v in run_cfg[s].items()
-            if f"{s}_{k}" in SCHEMAS["runs"].names}
+    return {column_name(s, k): v for s in CONFIG_SECTIONS for k, v in run_cfg[s].items()
+            if column_name(s, k) in SCHEMAS["runs"].names}
 
 
 def to_table(name: str, rows: list[dict]) -> pa.Table:

@@ -128,7 +128,7 @@ class Problem:
 def make_problem(cfg, seed: int) -> Problem:
     """The model, data set and loss of a run (``cfg``: the run's resolved config with data/model/optim)."""
     data = make_dataset(cfg.data, seed, cfg.model.loss)
-    model = make_model(cfg.model, data.in_dim, data.out_dim)
+    model = make_model(cfg.model, data.in_dim, data.out_dim, data.sample_shape, seed)
     return Problem(model, data, cfg.model.loss, float(cfg.optim.weight_decay))
 
 
