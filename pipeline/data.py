@@ -129,7 +129,8 @@ def make_dataset(data_cfg, run_seed: int, loss: str = "mse") -> Dataset:
     if data_cfg.standardize:
         X = _standardize(X)
     Yt = torch.as_tensor(Y) if n_classes else torch.as_tensor(Y, dtype=torch.float64)
-    return Dataset(torch.as_tensor(X, dtype=torch.float64), Yt, n_classes)
+    shape = (1, data_cfg.side, data_cfg.side) if data_cfg.name == "digits" else ()  # images reach a module as such
+    return Dataset(torch.as_tensor(X, dtype=torch.float64), Yt, n_classes, shape)
 
 
 def _loaded(data_cfg, loss: str) -> Dataset:
@@ -151,7 +152,7 @@ def _loaded(data_cfg, loss: str) -> Dataset:
     if data_cfg.standardize:
         X = _standardize(X)
     if np.issubdtype(Y.dtype, np.integer) and Y.ndim == 1:
-        k = int(Y.max()) + 1
+        k = 10 if data_cfg.name in datasets.IMAGE_SETS else int(Y.max()) + 1  # every image set has 10 classes
         if loss == "cross_entropy":
             return Dataset(torch.as_tensor(X), torch.as_tensor(Y, dtype=torch.int64), k, shape)
         Y = np.eye(k)[Y]

@@ -6,11 +6,11 @@ from torch import nn
 
 
 class Tiny(nn.Module):
-    """in_features → hidden (tanh) → out_features."""
+    """in_features → hidden (tanh) → out_features; images are flattened first."""
 
     def __init__(self, in_features: int = 16, hidden: int = 8, out_features: int = 10):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh())
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh())
         self.head = nn.Linear(hidden, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""A user's nn.Module and parameter subsets: the Hessian of the flat-θ loss against torch.autograd's, and
+every refusal before any run (real Hydra composition, the real driver check)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import compose_config
+from pipeline import params
+from pipeline.config import ConfigError, validate
+from pipeline.hessian import hessian
+from pipeline.models import loss_value
+from pipeline.plan import expand
+from pipeline.sweep import check_problems
+from pipeline.torch_model import ModelError, TorchModel, build_module, import_object, restore
+from pipeline.train import make_problem
+
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "usernets")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
+RESNET = {"in_channels": 1, "width": 3, "blocks": 1, "n_classes": 10}
+
+
+class Dropper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 10)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.lin(self.drop(x.flatten(1)))
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1) + 0.1 * torch.randn_like(x.flatten(1)))
+
+
+class NotAModule:
+    def __init__(self):
+        pass
+
+
+def user_cfg(target: str, *extra: str):
+    return compose_config(["model=torch", f"model._target_={target}", "data.n_samples=32", *extra])
+
+
+# (config overrides, loss) cases: a module with BatchNorm in both buffer modes, an MLP as a module.
+CASES = [
+    (["model=torch", "model._target_=usernets.nets.SmallResNet", "+model.kwargs={in_channels: 1, width: 3, "
+      "blocks: 1, n_classes: 10}", "model.loss=cross_entropy", "optim.weight_decay=1e-3"], "eval"),
+    (["model=torch", "model._target_=usernets.nets.SmallResNet", "+model.kwargs={in_channels: 1, width: 3, "
+      "blocks: 1, n_classes: 10}", "model.buffers=train"], "train"),
+    (["model=torch", "model._target_=usernets.nets.Tiny", "+model.kwargs={in_features: 16, hidden: 6}"], "eval"),
+]
+
+
+@pytest.mark.parametrize("overrides,mode", CASES)
+def test_user_module_hessian_equals_autograd(overrides, mode, one_thread):
+    cfg = compose_config([*overrides, "data.n_samples=48"])
+    validate(cfg)
+    problem = make_problem(cfg, 3).to("cpu", torch.float64)
+    assert isinstance(problem.model, TorchModel) and problem.model.buffers == mode
+    assert problem.data.sample_shape == (1, 4, 4)
+    theta = problem.model.init(3) + 0.05 * torch.randn(problem.model.n_params, dtype=torch.float64)
+    f = problem.loss_fn()
+    expected = torch.autograd.functional.hessian(f, theta)
+    assert torch.allclose(hessian(f, theta), expected, atol=1e-10, rtol=0)
+    # the same loss accumulated over data batches (data that do not fit at once), eval-mode buffers only:
+    # train-mode batch statistics make a per-batch sum a different function (config refuses that pairing)
+    if mode == "eval":
+        assert torch.allclose(hessian(problem.batched_loss_terms(20), theta), expected, atol=1e-10, rtol=0)
+
+
+def test_parameter_subset_hessian_is_the_block_of_the_full_one(one_thread):
+    cfg = compose_config([*CASES[0][0], "data.n_samples=48", "hessian.params='^(head|blocks.0.bn)'"])
+    problem = make_problem(cfg, 0)
+    sub = params.select(problem.model.segments(), cfg.hessian.params)
+    assert sub.names == ("blocks.0.bn.weight", "blocks.0.bn.bias", "head.weight", "head.bias")
+    assert sub.n_params == 3 + 3 + 30 + 10
+    theta = problem.model.init(0)
+    f = problem.loss_fn()
+    full = torch.autograd.functional.hessian(f, theta)
+    got = hessian(params.restrict(problem.batched_loss_terms(0), theta, sub), sub.take(theta))
+    assert torch.allclose(got, full[sub.index][:, sub.index], atol=1e-10, rtol=0)
+    by_list = params.select(problem.model.segments(), ["head.bias", "head.weight"])
+    assert torch.equal(by_list.index, torch.arange(sub.index[6], sub.index[-1] + 1))
+    # the built-in MLP names its pieces too
+    mlp = make_problem(compose_config(["hessian.params=[layers.1.bias]"]), 0).model
+    assert params.select(mlp.segments(), ["layers.1.bias"]).n_params == 10
+
+
+def test_restore_puts_theta_back_into_the_users_module():
+    model = TorchModel("usernets.nets.Tiny", {"in_features": 16, "hidden": 6})
+    theta = torch.linspace(-1, 1, model.n_params, dtype=torch.float64)
+    module = restore(build_module("usernets.nets.Tiny", {"in_features": 16, "hidden": 6}).double(), theta)
+    X = torch.randn(5, 16, dtype=torch.float64)
+    assert torch.allclose(module(X), model.forward(theta, X), atol=1e-14)
+
+
+def test_seeds_give_the_modules_own_initialisation():
+    model = TorchModel("usernets.nets.Tiny", {"in_features": 16, "hidden": 6}, seed=5)
+    torch.manual_seed(5)
+    ref = import_object("usernets.nets.Tiny")(in_features=16, hidden=6)
+    assert torch.equal(model.init(5), torch.cat([p.detach().reshape(-1).double() for p in ref.parameters()]))
+    assert not torch.equal(model.init(5), model.init(6))
+
+
+def _refused(cfg, *words):
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+        check_problems(expand(cfg))
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_import_path_that_does_not_resolve_is_refused():
+    _refused(user_cfg("no_such_pkg.nets.Net"), "no_such_pkg.nets.Net", "no module 'no_such_pkg'")
+    _refused(user_cfg("usernets.nets.NoSuchNet"), "usernets.nets.NoSuchNet", "'NoSuchNet'")
+
+
+def test_class_that_is_not_a_module_is_refused():
+    _refused(user_cfg("test_torch_model.NotAModule"), "test_torch_model.NotAModule", "not a torch.nn.Module")
+
+
+def test_regex_matching_no_parameter_is_refused():
+    _refused(compose_config(["hessian.params='^decoder'"]), "hessian.params='^decoder'", "matches no parameter",
+             "layers.0.weight")
+    _refused(compose_config(["hessian.params=[layers.7.bias]"]), "layers.7.bias")
+
+
+def test_active_dropout_is_refused_and_eval_mode_is_not():
+    _refused(user_cfg("test_torch_model.Dropper", "model.buffers=train"), "test_torch_model.Dropper",
+             "active dropout", "drop")
+    cfg = user_cfg("test_torch_model.Dropper")  # eval mode: dropout is the identity
+    validate(cfg)
+    check_problems(expand(cfg))
+
+
+def test_random_numbers_inside_forward_are_refused():
+    _refused(user_cfg("test_torch_model.Noisy"), "test_torch_model.Noisy", "differed between two evaluations")
+
+
+def test_wrong_output_width_is_refused():
+    _refused(user_cfg("usernets.nets.Tiny", "+model.kwargs={in_features: 16, out_features: 3}"),
+             "usernets.nets.Tiny", "(8, 3)", "[8, 10]")
+
+
+def test_keys_nothing_reads_are_refused_by_name():
+    _refused(compose_config(["+model._target_=usernets.nets.Tiny"]), "model._target_", "model=torch")
+    _refused(compose_config(["+model.hidden=32"]), "model.hidden", "nothing would read it")
+    _refused(compose_config(["+hessian.param=head"]), "hessian.param")
+
+
+def test_train_mode_buffers_with_batched_data_are_refused():
+    _refused(user_cfg("usernets.nets.Tiny", "model.buffers=train", "data.batch_size=8"), "model.buffers")
+
+
+def test_run_ids_of_builtin_models_do_not_see_the_new_keys():
+    from pipeline.plan import run_id
+
+    cfg = expand(compose_config([]))[0].config
+    old = {s: dict(v) for s, v in cfg.items()}
+    for k in ("_target_", "kwargs", "buffers"):
+        old["model"].pop(k)
+    for k in ("_target_", "kwargs", "root", "download", "split"):
+        old["data"].pop(k)
+    old["hessian"].pop("params")
+    assert run_id(cfg, 0) == run_id(old, 0)
+    moved = {**cfg, "data": {**cfg["data"], "root": "/elsewhere"}}
+    assert run_id(moved, 0) == run_id(cfg, 0)
+
+
+def test_import_object_names_a_missing_dependency_inside_the_users_module(tmp_path, monkeypatch):
+    (tmp_path / "brokenpkg.py").write_text("import not_installed_dep\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError, match="not_installed_dep"):
+        import_object("brokenpkg.Net")
