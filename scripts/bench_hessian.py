@@ -307,6 +307,84 @@ def fmt_mem(b, n: int) -> str:
     return "n/a" if b is None else f"{b / 2**20:,.0f} MiB ({b / (n * n * 8):.2f}×H)"
 
 
+def generic_problem(kind: str, device: torch.device, samples: int, seed: int = 0):
+    """A user's-style ``nn.Module`` through :class:`pipeline.torch_model.TorchModel` (no closed form):
+    ``mlp`` — the same 16-32-32-4 tanh MLP as a module (N = 1,732); ``cnn`` —
+    :class:`pipeline.nets.SmallCNN` on 1×8×8 images, channels (16, 24) (N = 4,610); MSE, float64."""
+    from pipeline.torch_model import TorchModel
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        model = TorchModel("pipeline.nets.TanhMLP", {"in_features": 16, "hidden": [32, 32], "out_features": 4})
+        X, out = torch.randn(samples, 16, generator=g, dtype=F64), 4
+    else:
+        model = TorchModel("pipeline.nets.SmallCNN", {"in_channels": 1, "side": 8, "channels": [16, 24],
+                                                      "n_classes": 10}, sample_shape=(1, 8, 8))
+        X, out = torch.randn(samples, 64, generator=g, dtype=F64), 10
+    Y = torch.randn(samples, out, generator=g, dtype=F64)
+    return model, MeanLoss(model, X.to(device), Y.to(device), "mse")
+
+
+def hvp_floor(f, theta: torch.Tensor, device: torch.device) -> tuple[float, float, float]:
+    """(flops of one Hessian column's HVP (torch's FlopCounterMode, GEMMs and convolutions), the device's
+    float64 GEMM rate in flop/s (1024² matmul, best of 3), their floor: flops × N / rate in s)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = theta.numel()
+    e = torch.zeros(1, n, dtype=theta.dtype, device=device)
+    e[0, 0] = 1
+    with FlopCounterMode(display=False) as counter:
+        hs._hvp_rows(f, theta, "rev")(e)
+    A = torch.randn(1024, 1024, dtype=F64, device=device)
+    t, _ = timed(lambda: A @ A, device, 3)
+    rate = 2 * 1024 ** 3 / t
+    flops = float(counter.get_total_flops())
+    return flops, rate, flops * n / rate
+
+
+def bench_generic(kind: str, device: torch.device, args) -> dict:
+    """Build (rev, fwd, auto's pick), eigh, counts and the autograd baselines for a generic module."""
+    model, f = generic_problem(kind, device, args.generic_samples)
+    theta = model.init(0).to(device)
+    n = theta.numel()
+    r = {"kind": kind, "N": n, "mode": hs.resolve_hvp("auto", device, f)}
+    for mode in ("rev", "fwd"):
+        r[f"build_{mode}"], H = timed(lambda: hs.hessian(f, theta, hvp=mode), device, 1)
+    r["build"] = r[f"build_{r['mode']}"]
+    r["eigh"], lam = timed(lambda: torch.linalg.eigvalsh(H), device, 1)
+    r["inertia"], c = timed(lambda: _counts_only(H, naive=False), device, 1)
+    tol = REL_TOL * float(lam.abs().max())
+    est = _estimate_row_loop(f, theta, device)
+    if est > args.max_baseline_s:
+        r["row"], r["eigvalsh"], r["agree"] = f"skipped (est. {est:.0f} s)", r["eigh"], None
+    else:
+        r["row"], H_ref = timed(lambda: torch.autograd.functional.hessian(f, theta), device, 1)
+        r["eigvalsh"], lam_ref = timed(lambda: torch.linalg.eigvalsh(H_ref), device, 1)
+        r["agree"] = tolerant(counts_of(lam_ref, tol)) == tolerant(counts_of(lam, tol)) == tolerant(c)
+        r["h_err"] = float((H_ref - H).abs().max() / H_ref.abs().max())
+    r["flops"], r["rate"], r["floor"] = hvp_floor(f, theta, device)
+    return r
+
+
+def print_generic(rows: list[dict]) -> None:
+    print("\n## Generic modules (nn.Module through functional_call: no closed form; HVP build)\n")
+    print("| module | N | build rev | build fwd | auto picks | eigh | counts | autograd row loop | eigvalsh "
+          "| full vs row loop+eigvalsh | counts vs row loop+eigvalsh | HVP flops/column | GEMM rate | floor "
+          "| floor / build | counts agree | max rel. diff H |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        full, counts = r["build"] + r["eigh"], r["build"] + r["inertia"]
+        ref = None if isinstance(r["row"], str) else r["row"] + r["eigvalsh"]
+        ratios = ("—", "—") if ref is None else (f"{ref / full:.1f}×", f"{ref / counts:.1f}×")
+        print(f"| {r['kind']} | {r['N']:,} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} | {r['mode']} "
+              f"| {fmt_t(r['eigh'])} | {fmt_t(r['inertia'])} | {fmt_t(r['row'])} | {fmt_t(r['eigvalsh'])} "
+              f"| {ratios[0]} | {ratios[1]} | {r['flops'] / 1e6:.1f} M | {r['rate'] / 1e9:.1f} GFLOP/s "
+              f"| {fmt_t(r['floor'])} | {r['floor'] / r['build']:.0%} | {r['agree']} "
+              f"| {r.get('h_err', float('nan')):.1e} |")
+    print("\nFloor: one column's HVP flops (torch.utils.flop_counter, GEMMs and convolutions only) × N at the "
+          "measured float64 GEMM rate; floor / build is the share of that floor the build reaches.")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -318,6 +396,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time, or process CPU time (CPU only: steadier when other work shares the cores)")
+    ap.add_argument("--generic", default="", help="only the generic-module rows: comma-separated of mlp,cnn")
+    ap.add_argument("--generic-samples", type=int, default=512)
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -333,6 +413,13 @@ def main(argv=None) -> None:
 
     t_start = time.perf_counter()
     print(f"# bench_hessian on {device}: {device_name(device)}")
+    if args.generic:
+        warm_up(device)
+        print(f"# generic modules, {args.generic_samples} samples, MSE, float64, {torch.get_num_threads()} threads; "
+              f"times in s ({'process CPU' if args.clock == 'cpu' else 'wall'} time), one try each", flush=True)
+        print_generic([bench_generic(k, device, args) for k in args.generic.split(",")])
+        print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
+        return
     print("# MLP 16-h-h-4 tanh, 512 samples, MSE, float64, random init; tol = 1e-6·max|λ|; times in s "
           f"({'process CPU' if args.clock == 'cpu' else 'wall'} time), best of 3 where N ≤ 2,500")
     if args.clock == "cpu" and gpu:
@@ -417,6 +504,7 @@ def main(argv=None) -> None:
         print(f"| {method}, {build} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {speedup:.1f}× "
               f"| {m['build_one']:.2f} / {m['build_batched']:.2f} | {m['count_one']:.2f} / {m['count_batched']:.2f} "
               f"| {'yes' if m['agree'] else 'NO'}{'' if m['fallback'] is None else ' — ' + m['fallback']} |")
+    print_generic([bench_generic(k, device, args) for k in ("mlp", "cnn")])
     print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
 
 
