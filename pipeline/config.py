@@ -329,8 +329,9 @@ def validate_user_parts(cfg: DictConfig) -> None:
     for sec, node in (("model", m), ("data", d)):
         target = node.get("_target_")
         if node.name == "torch":
+            what = "a torch.nn.Module class" if sec == "model" else "a callable returning (X, Y) or a Dataset"
             _require(isinstance(target, str) and bool(target.strip()), f"{sec}._target_", target,
-                     f"the import path of {'a torch.nn.Module class' if sec == 'model' else 'a callable returning (X, Y) or a Dataset'} with {sec}.name=torch")
+                     f"the import path of {what} with {sec}.name=torch")
         else:
             _require(target is None, f"{sec}._target_", target,
                      f"null with {sec}.name={node.name} (a user's {sec} needs {sec}=torch)")

@@ -129,7 +129,7 @@ def make_dataset(data_cfg, run_seed: int, loss: str = "mse") -> Dataset:
     if data_cfg.standardize:
         X = _standardize(X)
     Yt = torch.as_tensor(Y) if n_classes else torch.as_tensor(Y, dtype=torch.float64)
-    shape = (1, data_cfg.side, data_cfg.side) if data_cfg.name == "digits" else ()  # images reach a module as such
+    shape = (1, data_cfg.side, data_cfg.side) if data_cfg.name == "digits" else ()  # images stay images
     return Dataset(torch.as_tensor(X, dtype=torch.float64), Yt, n_classes, shape)
 
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from pipeline.torch_model import import_object, plain
 
-IMAGE_SETS = {"mnist": ("MNIST", 1, 28), "fashion_mnist": ("FashionMNIST", 1, 28), "cifar10": ("cifar-10-batches-py", 3, 32)}
+IMAGE_SETS = {"mnist": ("MNIST", 1, 28), "fashion_mnist": ("FashionMNIST", 1, 28),
+              "cifar10": ("cifar-10-batches-py", 3, 32)}  # folder under root, channels, side
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 

@@ -344,10 +344,10 @@ def hvp_floor(f, theta: torch.Tensor, device: torch.device) -> tuple[float, floa
 
 def bench_generic(kind: str, device: torch.device, args) -> dict:
     """Build (rev, fwd, auto's pick), eigh, counts and the autograd baselines for a generic module."""
-    model, f = generic_problem(kind, device, args.generic_samples)
+    model, f = generic_problem(kind, device, args.generic_samples if kind == "mlp" else args.cnn_samples)
     theta = model.init(0).to(device)
     n = theta.numel()
-    r = {"kind": kind, "N": n, "mode": hs.resolve_hvp("auto", device, f)}
+    r = {"kind": kind, "N": n, "mode": hs.resolve_hvp("auto", device, f), "samples": f.X.shape[0]}
     for mode in ("rev", "fwd"):
         r[f"build_{mode}"], H = timed(lambda: hs.hessian(f, theta, hvp=mode), device, 1)
     r["build"] = r[f"build_{r['mode']}"]
@@ -366,21 +366,27 @@ def bench_generic(kind: str, device: torch.device, args) -> dict:
     return r
 
 
-def print_generic(rows: list[dict]) -> None:
+def print_generic_header() -> None:
     print("\n## Generic modules (nn.Module through functional_call: no closed form; HVP build)\n")
-    print("| module | N | build rev | build fwd | auto picks | eigh | counts | autograd row loop | eigvalsh "
+    print("| module | N | samples | build rev | build fwd | auto picks | eigh | counts | autograd row loop | eigvalsh "
           "| full vs row loop+eigvalsh | counts vs row loop+eigvalsh | HVP flops/column | GEMM rate | floor "
           "| floor / build | counts agree | max rel. diff H |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+
+
+def print_generic(rows: list[dict]) -> None:
     for r in rows:
         full, counts = r["build"] + r["eigh"], r["build"] + r["inertia"]
         ref = None if isinstance(r["row"], str) else r["row"] + r["eigvalsh"]
         ratios = ("—", "—") if ref is None else (f"{ref / full:.1f}×", f"{ref / counts:.1f}×")
-        print(f"| {r['kind']} | {r['N']:,} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} | {r['mode']} "
+        print(f"| {r['kind']} | {r['N']:,} | {r['samples']} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} | {r['mode']} "
               f"| {fmt_t(r['eigh'])} | {fmt_t(r['inertia'])} | {fmt_t(r['row'])} | {fmt_t(r['eigvalsh'])} "
               f"| {ratios[0]} | {ratios[1]} | {r['flops'] / 1e6:.1f} M | {r['rate'] / 1e9:.1f} GFLOP/s "
               f"| {fmt_t(r['floor'])} | {r['floor'] / r['build']:.0%} | {r['agree']} "
-              f"| {r.get('h_err', float('nan')):.1e} |")
+              f"| {r.get('h_err', float('nan')):.1e} |", flush=True)
+
+
+def print_generic_footer() -> None:
     print("\nFloor: one column's HVP flops (torch.utils.flop_counter, GEMMs and convolutions only) × N at the "
           "measured float64 GEMM rate; floor / build is the share of that floor the build reaches.")
 
@@ -397,7 +403,8 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time, or process CPU time (CPU only: steadier when other work shares the cores)")
     ap.add_argument("--generic", default="", help="only the generic-module rows: comma-separated of mlp,cnn")
-    ap.add_argument("--generic-samples", type=int, default=512)
+    ap.add_argument("--generic-samples", type=int, default=512, help="samples of the generic MLP")
+    ap.add_argument("--cnn-samples", type=int, default=128, help="samples of the generic CNN")
     args = ap.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -415,9 +422,12 @@ def main(argv=None) -> None:
     print(f"# bench_hessian on {device}: {device_name(device)}")
     if args.generic:
         warm_up(device)
-        print(f"# generic modules, {args.generic_samples} samples, MSE, float64, {torch.get_num_threads()} threads; "
+        print(f"# generic modules, MSE, float64, {torch.get_num_threads()} threads; "
               f"times in s ({'process CPU' if args.clock == 'cpu' else 'wall'} time), one try each", flush=True)
-        print_generic([bench_generic(k, device, args) for k in args.generic.split(",")])
+        print_generic_header()
+        for k in args.generic.split(","):
+            print_generic([bench_generic(k, device, args)])
+        print_generic_footer()
         print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
         return
     print("# MLP 16-h-h-4 tanh, 512 samples, MSE, float64, random init; tol = 1e-6·max|λ|; times in s "
@@ -504,7 +514,10 @@ def main(argv=None) -> None:
         print(f"| {method}, {build} | {m['one']:.1f} | {m['batched']:.1f} | {m['pass_loop']:.1f} | {speedup:.1f}× "
               f"| {m['build_one']:.2f} / {m['build_batched']:.2f} | {m['count_one']:.2f} / {m['count_batched']:.2f} "
               f"| {'yes' if m['agree'] else 'NO'}{'' if m['fallback'] is None else ' — ' + m['fallback']} |")
-    print_generic([bench_generic(k, device, args) for k in ("mlp", "cnn")])
+    print_generic_header()
+    for k in ("mlp", "cnn"):
+        print_generic([bench_generic(k, device, args)])
+    print_generic_footer()
     print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
 
 
