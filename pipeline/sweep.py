@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import socket
 import time
@@ -23,6 +24,8 @@ from pipeline.config import ConfigError, validate
 from pipeline.plan import Run, expand
 from pipeline.progress import Progress
 from pipeline.storage import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -309,20 +312,41 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
 def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False) -> tuple[list[Run], list]:
     """What a previous attempt of this sweep left to do: the runs without an ok/diverged ``runs`` row,
     and the checkpoints of finished runs without an ok ``points`` row (with ``refining``, also those
-    without an ok ``stage=refined`` row: returned as refs of stage ``refined``). Only runs with fewer ok
-    points than expected have their checkpoint files listed, so resuming a big finished sweep stays cheap."""
+    without an ok ``stage=refined`` row: returned as refs of stage ``refined``).
+
+    Every checkpoint of a finished run is verified against its record (:func:`jobs.scan_checkpoints`),
+    and one that an analysed point or the run's ``n_checkpoints`` refers to must be there. A finished run
+    with a missing or damaged checkpoint is trained again from its start (its checkpoints, then all its
+    points, are made again), with one warning line per file; every other run goes on as planned."""
     rows = tables.read(store, name, "runs", columns=["status", "n_checkpoints"]).to_pylist()
     finished = {r["run_id"]: r["n_checkpoints"] for r in rows if r["status"] in ("ok", "diverged")}
     done_points = tables.done_keys(store, name, "points")
-    analysed = collections.Counter(key[0] for key in done_points)
+    referenced = collections.defaultdict(set)  # run_id -> steps whose stalled/final point is analysed
+    for run_id, step, stage in done_points:
+        if stage != "refined":
+            referenced[run_id].add(step)
     todo, missing = [], []
     for run in runs:
         if run.run_id not in finished:
             todo.append(run)
-        elif finished[run.run_id] is None or analysed[run.run_id] < finished[run.run_id] * (1 + refining):
-            for ref in jobs.existing_checkpoints(store, name, run):
-                wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
-                missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
+            continue
+        refs, problems = jobs.scan_checkpoints(store, name, run)
+        found = {ref.step for ref in refs}
+        problems += [f"checkpoint {store.uri.rstrip('/')}/{jobs.checkpoint_path(name, run.run_id, step)} is missing "
+                     f"(its analysed point refers to it)" for step in sorted(referenced[run.run_id] - found)
+                     if not any(jobs.checkpoint_path(name, run.run_id, step) in p for p in problems)]
+        expected = finished[run.run_id]
+        if not problems and expected is not None and len(refs) < expected:
+            problems.append(f"run {run.run_id} wrote {expected} checkpoints, {len(refs)} are under "
+                            f"{store.uri.rstrip('/')}/{name}/checkpoints/{run.run_id}/")
+        if problems:
+            for problem in problems:
+                log.warning("%s: run %s is trained again from its start", problem, run.run_id)
+            todo.append(run)
+            continue
+        for ref in refs:
+            wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
+            missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
     return todo, missing
 
 
