@@ -5,6 +5,8 @@
   writes the figures.
 - ``minratio-analyze <results>/<sweep>`` / ``python -m pipeline.analysis``: figures and summary of a sweep.
 - ``minratio-compact <results>/<sweep>``: merge each table's small files into one.
+- ``minratio-verify <results>/<sweep>``: check a sweep folder (tables readable, keys unique, checkpoints
+  present with their hashes); exit 1 on damage.
 """
 from __future__ import annotations
 
@@ -114,3 +116,21 @@ def compact_main() -> None:
         before, rows = tables.compact(store, sweep, name)
         after = len(store.list_files(f"{sweep}/{name}", ".parquet"))
         print(f"{name}: {before} file(s) -> {after}, {rows} rows")
+
+
+def verify_main() -> None:
+    """``minratio-verify``: print :func:`pipeline.verify.verify`'s report; exit 1 on damage, 2 when the
+    folder is not a sweep's."""
+    from pipeline import analysis, verify
+
+    args = _folder_arg("Check a minratio sweep folder: every table file readable, every key once, every "
+                       "checkpoint present with the size and SHA-256 recorded when it was written. Exits 1 "
+                       "on damage (each problem names the file and the rows that refer to it), 0 when clean.")
+    try:
+        store, sweep = analysis.open_results(args.folder)
+    except FileNotFoundError as err:
+        print(f"minratio-verify: {err}", file=sys.stderr)
+        sys.exit(2)
+    report = verify.verify(store, sweep)
+    print(report.text())
+    sys.exit(0 if report.clean else 1)

@@ -140,30 +140,34 @@ def load_checkpoint(store: Store, path: str) -> dict:
                               f"{type(err).__name__}: {first}") from None
 
 
-def scan_checkpoints(store: Store, sweep: str, run: Run) -> tuple[list[CheckpointRef], list[str]]:
-    """The checkpoints a run left under the results root, each verified: ``(good refs, problems)``.
+def check_folder(store: Store, folder: str) -> tuple[dict[str, tuple[int, bool]], dict[str, str]]:
+    """Verify every checkpoint under ``folder`` (one run's): ``({path: (step, stalled)} of the good ones,
+    {path: one-line problem} of the others)``.
 
     A checkpoint with a record is checked against its size and SHA-256; one without (older sweeps) by
-    loading it. A record whose checkpoint is gone is a problem too. Each problem is one line naming
-    the file."""
-    folder = f"{sweep}/checkpoints/{run.run_id}"
+    loading it. A record whose checkpoint is gone is a problem too."""
     files = store.list_files(folder, ".pt")
     records = {p[: -len(RECORD_SUFFIX)] for p in store.list_files(folder, ".pt" + RECORD_SUFFIX)}
-    refs, problems = [], []
+    good, problems = {}, {}
     for path in sorted(set(files) | records):
         try:
             record = read_record(store, path)
             if record is None:
                 meta = load_checkpoint(store, path)
-                step, stalled = int(meta["step"]), bool(meta["stalled"])
+                good[path] = (int(meta["step"]), bool(meta["stalled"]))
             else:
                 checked_bytes(store, path, record)
-                step, stalled = int(record["step"]), bool(record["stalled"])
+                good[path] = (int(record["step"]), bool(record["stalled"]))
         except CheckpointError as err:
-            problems.append(str(err))
-            continue
-        refs.append(ref_for(run, step, stalled, path))
-    return refs, problems
+            problems[path] = str(err)
+    return good, problems
+
+
+def scan_checkpoints(store: Store, sweep: str, run: Run) -> tuple[list[CheckpointRef], dict[str, str]]:
+    """The checkpoints a run left under the results root, verified (:func:`check_folder`):
+    ``(refs of the good ones, {path: one-line problem} of the others)``."""
+    good, problems = check_folder(store, f"{sweep}/checkpoints/{run.run_id}")
+    return [ref_for(run, step, stalled, path) for path, (step, stalled) in good.items()], problems
 
 
 def existing_checkpoints(store: Store, sweep: str, run: Run) -> list[CheckpointRef]:

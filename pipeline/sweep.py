@@ -330,11 +330,11 @@ def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False
         if run.run_id not in finished:
             todo.append(run)
             continue
-        refs, problems = jobs.scan_checkpoints(store, name, run)
-        found = {ref.step for ref in refs}
-        problems += [f"checkpoint {store.uri.rstrip('/')}/{jobs.checkpoint_path(name, run.run_id, step)} is missing "
-                     f"(its analysed point refers to it)" for step in sorted(referenced[run.run_id] - found)
-                     if not any(jobs.checkpoint_path(name, run.run_id, step) in p for p in problems)]
+        refs, bad = jobs.scan_checkpoints(store, name, run)
+        for step in sorted(referenced[run.run_id] - {ref.step for ref in refs}):
+            path = jobs.checkpoint_path(name, run.run_id, step)
+            bad.setdefault(path, f"checkpoint {store.uri.rstrip('/')}/{path} is missing (an analysed point refers to it)")
+        problems = list(bad.values())
         expected = finished[run.run_id]
         if not problems and expected is not None and len(refs) < expected:
             problems.append(f"run {run.run_id} wrote {expected} checkpoints, {len(refs)} are under "

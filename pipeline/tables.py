@@ -240,6 +240,14 @@ def read(store: Store, sweep: str, name: str, dedupe: bool = True, columns: list
     return table
 
 
+def read_files(store: Store, sweep: str, name: str, columns: list | None = None) -> tuple[pa.Table, list, list]:
+    """Every row of table ``name``'s files, not de-duplicated, and ``(files read, files not readable)``:
+    what ``minratio-verify`` checks. ``columns`` may name ``__filename`` (each row's file, full path)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caller reports unreadable files itself
+        return _read_files(store, sweep, name, columns)
+
+
 # Files per pyarrow dataset when reading: one dataset over thousands of small files holds hundreds of MB
 # (measured: +380 MB of RSS for 2,000 files at once, +45 MB in batches of 64, at the same speed).
 READ_BATCH_FILES = 64

@@ -180,3 +180,57 @@ def test_an_unreadable_training_state_is_named_and_the_run_starts_again(make_cfg
     assert any(jobs.state_path("s", run.run_id) in r.getMessage() and "step 0" in r.getMessage()
                for r in caplog.records)
     assert tables.read(store, "s", "runs").column("resumed_from_step").to_pylist() == [None]
+
+
+# --------------------------------------------------------------------------------------------------
+# minratio-verify: the whole folder checked, each problem named with the rows that refer to it.
+
+def verify_cli(folder: Path):
+    import subprocess
+    import sys
+
+    code = "from pipeline.cli import verify_main; verify_main()"
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+
+
+def test_verify_reports_a_clean_sweep_as_clean(finished, tmp_path):
+    _, store, folder = copy_of(finished, tmp_path)
+    out = verify_cli(folder)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "clean:" in out.stdout and "DAMAGED" not in out.stdout
+    assert f"checkpoints: {len(checkpoints(folder))} checked" in out.stdout
+
+
+def test_verify_names_each_damaged_file_and_the_rows_that_refer_to_it(finished, tmp_path):
+    _, store, folder = copy_of(finished, tmp_path)
+    first, second = checkpoints(folder)[:2]
+    data = bytearray(first.read_bytes())
+    data[-30] ^= 0xFF  # one bit pattern changed, same size
+    first.write_bytes(bytes(data))
+    second.unlink()
+    Path(str(second) + ".json").unlink()
+    cut = sorted((folder / "curves").glob("*.parquet"))[0]
+    cut.write_bytes(cut.read_bytes()[:200])
+    run_file = sorted((folder / "runs").glob("*.parquet"))[0]
+    shutil.copy(run_file, folder / "runs" / "copy-by-hand.parquet")
+
+    out = verify_cli(folder)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+
+    def line_with(*parts):
+        found = [ln for ln in lines if all(p in ln for p in parts)]
+        assert len(found) == 1, (parts, out.stdout)
+        return found[0]
+
+    step1, step2 = (int(f.stem.split("-")[1]) for f in (first, second))
+    line_with(str(first.relative_to(tmp_path / "r")), "damaged", f"run_id={first.parent.name}, step={step1}")
+    line_with(str(second.relative_to(tmp_path / "r")), "missing", f"run_id={second.parent.name}, step={step2}")
+    line_with(f"curves file ck/curves/{cut.name}", "not a readable Parquet file")
+    line_with(f"key run_id={run_file.stem}", "2 rows", run_file.name, "copy-by-hand.parquet")
+    assert "DAMAGED: 4 problem(s)" in out.stdout
+
+
+def test_verify_refuses_a_folder_that_is_not_a_sweep(tmp_path):
+    out = verify_cli(tmp_path)
+    assert out.returncode == 2 and "not a sweep results folder" in out.stderr
