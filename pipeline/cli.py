@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 import hydra
 from omegaconf import DictConfig
@@ -21,12 +24,72 @@ from pipeline.config import ConfigError, register_configs
 register_configs()
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived while the sweep ran (a BaseException, so no ``except Exception`` on the
+    way up swallows it, as KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler) raise :class:`Interrupted` in the
+    main thread. Without this SIGINT is a raw KeyboardInterrupt traceback, and SIGTERM meets the handler
+    ``ray.init`` installs (``sys.exit``), which ends in Ray's C++ abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def interrupted(cfg: DictConfig, signum: int) -> int:
+    """Stop after :class:`Interrupted`: shut Ray down (a local Ray's workers end; a cluster's tasks of
+    this driver are cancelled), say in one line what is saved and how to resume; return 128 + signum."""
+    import ray
+
+    from pipeline import sweep, tables
+    from pipeline.plan import expand
+    from pipeline.storage import Store
+
+    for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the shutdown short
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+        name = str(cfg.sweep.name)
+        store = Store.open(sweep.resolve_root(cfg))
+        planned = {run.run_id for run in expand(cfg)}
+        runs = len({key[0] for key in tables.done_keys(store, name, "runs")} & planned)
+        points = sum(key[0] in planned for key in tables.done_keys(store, name, "points"))
+        saved = (f"{runs} of {len(planned)} runs and {points} analysed points of sweep {name!r} are saved "
+                 f"under {store.uri.rstrip('/')}/{name}")
+    except Exception as err:  # noqa: BLE001 — the line below must come out whatever the tables say
+        saved = f"what finished is saved in the sweep's folder (could not count it: {type(err).__name__})"
+    print(f"minratio: interrupted by {signal.Signals(signum).name}: {saved}; in-flight work was stopped "
+          "and is redone on resume; run the same command again to resume", file=sys.stderr)
+    return 128 + signum
+
+
 def run(cfg: DictConfig) -> int:
     """Run the sweep described by a composed config; print the summary; write figures. Exit code."""
     from pipeline import analysis, sweep
 
     try:
-        summary = sweep.run_sweep(cfg)
+        with stop_on_signals():
+            summary = sweep.run_sweep(cfg)
+    except Interrupted as stop:
+        return interrupted(cfg, stop.signum)
     except ConfigError as err:
         print(f"minratio: configuration error: {err}", file=sys.stderr)
         return 2
@@ -67,6 +130,8 @@ def sweep_main(cfg: DictConfig) -> None:
     code = run(cfg)
     # Under --multirun a job's failures are reported above and the next job still runs (exiting would
     # end the multirun): main() exits with the worst code once all have run. A single run exits here.
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        sys.exit(code)  # an interrupt ends a --multirun too, not only its current job
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         _MULTIRUN_CODE = max(_MULTIRUN_CODE, code)
     elif code:

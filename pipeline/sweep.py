@@ -9,10 +9,13 @@ runs still train, grouped by loss function up to ``hessian.batch_checkpoints`` p
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -90,6 +93,18 @@ def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
 _CONNECTED = None  # the ray config connect() last started or attached a Ray with, while it runs
 
 
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit``; keep a handler the caller
+    installed (the CLI's clean stop, :func:`pipeline.cli.stop_on_signals`)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
 def connect(ray_cfg) -> None:
     """Start a local Ray, or attach to ``ray.address`` (``auto``, ``host:port``, ``ray://host:port``).
 
@@ -112,7 +127,8 @@ def connect(ray_cfg) -> None:
         kwargs["runtime_env"] = OmegaConf.to_container(ray_cfg.runtime_env, resolve=True)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+        with _keep_sigterm_handler():
+            ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
         _CONNECTED = wanted
         return
     name = "ray.address" if ray_cfg.address else "RAY_ADDRESS (environment)"
@@ -121,7 +137,8 @@ def connect(ray_cfg) -> None:
                           f"{name}={address!r} offers the CPUs its nodes were started with")
     check_reachable(address, name)
     try:
-        ray.init(address=address, **kwargs)
+        with _keep_sigterm_handler():
+            ray.init(address=address, **kwargs)
         _CONNECTED = wanted
     except (ConnectionError, RuntimeError, ValueError) as err:
         hint = ""
