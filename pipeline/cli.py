@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, register_configs
+from pipeline.storage import StorageError
 
 register_configs()
 
@@ -96,6 +97,9 @@ def run(cfg: DictConfig) -> int:
     except PermissionError as err:
         print(f"minratio: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:  # a full disk, or the results root failing a write: one line, no traceback
+        print(f"minratio: {err}", file=sys.stderr)
+        return 1
     folder = f"{summary.root.rstrip('/')}/{summary.sweep}"
     print(f"sweep {summary.sweep!r}: {summary.runs_total} runs in this command ({summary.runs_skipped} finished "
           f"earlier, skipped), {summary.seconds:.1f}s; the sweep's tables now hold runs {summary.run_status}, "

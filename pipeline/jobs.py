@@ -28,7 +28,7 @@ from pipeline import critical, refine, tables
 from pipeline.config import section
 from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
-from pipeline.storage import Store
+from pipeline.storage import Store, StorageFull
 from pipeline.train import Checkpoint, Curves, TrainState, make_problem, train
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,8 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
         result = train(cfg, run.seed, resume=resume, state_every_s=state_every_s,
                        on_checkpoint=lambda ck: refs.append(save_checkpoint(store, sweep, run, ck)),
                        on_state=lambda st: save_state(store, sweep, run.run_id, st))
+    except StorageFull:
+        raise  # no run is at fault and no row could be written: the driver stops the sweep, naming the root
     except Exception as err:  # noqa: BLE001 — any failure of one run is recorded, the sweep goes on
         tables.write(store, sweep, "runs", [run_row(
             sweep, run, node_id, status="failed", wall_seconds=time.perf_counter() - t0,
@@ -419,6 +421,8 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         row = {**base, **point_values(res), **found.row(), "stalled": bool(meta["stalled"]),
                "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
                **critical_values(problem, found.theta, res, cfg, device)}
+    except StorageFull:
+        raise  # as in train_job: the sweep stops
     except Exception as err:  # noqa: BLE001
         tables.write(store, sweep, "points", [{**base, "status": "failed", "seconds": time.perf_counter() - t0,
                                                "error": _error_text(err)}])

@@ -26,7 +26,7 @@ from pipeline import jobs, shards, tables
 from pipeline.config import ConfigError, validate
 from pipeline.plan import Run, expand
 from pipeline.progress import Progress
-from pipeline.storage import Store
+from pipeline.storage import Store, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +373,7 @@ def _finish_train(store: Store, name: str, obj, run: Run, prog: Progress) -> lis
     try:
         status, refs = ray.get(obj)
     except ray.exceptions.RayError as err:  # the worker died more often than ray.max_retries allows
+        _raise_if_full(err)
         tables.write(store, name, "runs", [jobs.run_row(name, run, status="failed",
                                                         error=f"{type(err).__name__}: {err}")])
         prog.failed += 1
@@ -390,6 +391,7 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
         prog.points_done += len(refs) - failed
         prog.points_failed += failed
     except ray.exceptions.RayError as err:
+        _raise_if_full(err)
         # The task may have written some points before its worker died: keep those, fail the rest.
         done = tables.done_keys(store, name, "points")
         lost = [r for r in refs if (r.run_id, r.step, r.stage) not in done]
@@ -399,6 +401,14 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
                                                   "error": f"{type(err).__name__}: {err}"}])
         prog.points_done += len(refs) - len(lost)
         prog.points_failed += len(lost)
+
+
+def _raise_if_full(err: Exception) -> None:
+    """A task that found the results root full stops the sweep with its one message (recording a
+    failed row would need the room that is missing)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, StorageFull):
+        raise StorageFull(cause.errno, cause.strerror) from None
 
 
 def summarize(store: Store, name: str, planned: list[Run], skipped: int, seconds: float) -> SweepSummary:
