@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, register_configs
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, join_uri, public_uri
 
 register_configs()
 
@@ -74,7 +74,7 @@ def interrupted(cfg: DictConfig, signum: int) -> int:
         runs = len({key[0] for key in tables.done_keys(store, name, "runs")} & planned)
         points = sum(key[0] in planned for key in tables.done_keys(store, name, "points"))
         saved = (f"{runs} of {len(planned)} runs and {points} analysed points of sweep {name!r} are saved "
-                 f"under {store.uri.rstrip('/')}/{name}")
+                 f"under {store.location(name)}")
     except Exception as err:  # noqa: BLE001 — the line below must come out whatever the tables say
         saved = f"what finished is saved in the sweep's folder (could not count it: {type(err).__name__})"
     print(f"minratio: interrupted by {signal.Signals(signum).name}: {saved}; in-flight work was stopped "
@@ -100,13 +100,13 @@ def run(cfg: DictConfig) -> int:
     except StorageError as err:  # a full disk, or the results root failing a write: one line, no traceback
         print(f"minratio: {err}", file=sys.stderr)
         return 1
-    folder = f"{summary.root.rstrip('/')}/{summary.sweep}"
+    folder = public_uri(join_uri(summary.root, summary.sweep))  # as shown: no credentials, no query
     print(f"sweep {summary.sweep!r}: {summary.runs_total} runs in this command ({summary.runs_skipped} finished "
           f"earlier, skipped), {summary.seconds:.1f}s; the sweep's tables now hold runs {summary.run_status}, "
           f"{summary.points} analysed points ({summary.points_failed} failed), labels {summary.labels}")
     print(f"tables: {folder}/{{runs,points,spectra,curves}}/")
     if cfg.figures:  # also when every point failed: the summary says so, and the loss curves still help
-        store, name = analysis.open_results(folder)
+        store, name = analysis.open_results(join_uri(summary.root, summary.sweep))
         text, figs = analysis.analyze(store, name)
         print(text)
         print("figures:\n  " + "\n  ".join(figs))

@@ -107,15 +107,15 @@ def read_record(store: Store, path: str) -> dict | None:
             return None
         raise
     except (ValueError, KeyError) as err:  # a damaged record: the checkpoint is then checked by loading it
-        log.warning("%s/%s: unreadable checkpoint record (%s); checking the checkpoint by loading it",
-                    store.uri, record_path(path), err)
+        log.warning("%s: unreadable checkpoint record (%s); checking the checkpoint by loading it",
+                    store.location(record_path(path)), err)
         return None
 
 
 def checked_bytes(store: Store, path: str, record: dict | None = None) -> bytes:
     """The bytes of checkpoint ``path``, checked against its record (read here unless given): raises
     :class:`CheckpointError` when the file is missing or its size or SHA-256 differ from the record."""
-    where = f"{store.uri.rstrip('/')}/{path}"
+    where = f"{store.location(path)}"
     if not store.exists(path):
         raise CheckpointError(f"checkpoint {where} is missing")
     data = store.read_bytes(path)
@@ -136,7 +136,7 @@ def load_checkpoint(store: Store, path: str) -> dict:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, pickle errors, EOFError…
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(f"checkpoint {store.uri.rstrip('/')}/{path} is not readable: "
+        raise CheckpointError(f"checkpoint {store.location(path)} is not readable: "
                               f"{type(err).__name__}: {first}") from None
 
 
@@ -200,8 +200,8 @@ def load_state(store: Store, sweep: str, run_id: str) -> TrainState | None:
         return TrainState(d["step"], d["theta"], d["optimizer"], d["generator"], Curves(*d["curves"]),
                           [Checkpoint(**ck) for ck in d["checkpoints"]], d["since"])
     except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, pickle errors, EOFError…
-        log.warning("training state %s/%s is not readable (%s: %s); run %s starts again from step 0",
-                    store.uri.rstrip("/"), path, type(err).__name__, str(err).strip().split("\n")[0], run_id)
+        log.warning("training state %s is not readable (%s: %s); run %s starts again from step 0",
+                    store.location(path), type(err).__name__, str(err).strip().split("\n")[0], run_id)
         return None
 
 

@@ -14,6 +14,7 @@ import os
 import posixpath
 import shutil
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 
@@ -49,6 +50,21 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def join_uri(uri: str, rel: str) -> str:
+    """``rel`` appended to the path of ``uri``, before any ``?query`` (pyarrow's S3 and GCS options)."""
+    base, sep, query = uri.partition("?")
+    joined = base.rstrip("/") + ("/" + rel.strip("/") if rel.strip("/") else "")
+    return joined + sep + query
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without ``user:secret@`` and without its ``?query``."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or "://" not in uri:
+        return uri
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+
+
 @dataclass(frozen=True)
 class Store:
     """A results root: ``fs`` is a ``pyarrow.fs.FileSystem``, ``root`` a path inside it."""
@@ -64,6 +80,16 @@ class Store:
             uri = os.path.abspath(os.path.expanduser(uri))
         fs, root = pafs.FileSystem.from_uri(uri)
         return Store(fs, root.rstrip("/") or "/", uri)
+
+    def location(self, rel: str = "") -> str:
+        """``rel`` under the root as messages show it: a path, or a URI without its credentials and
+        query (``s3://bucket/prefix/rel``), so that no secret reaches a log or a table."""
+        return join_uri(public_uri(self.uri), rel)
+
+    def uri_of(self, rel: str) -> str:
+        """The full URI (credentials and query kept) of ``rel`` under the root: what :meth:`open` and
+        the command-line tools take for a sweep folder."""
+        return join_uri(self.uri, rel)
 
     @property
     def atomic_rename(self) -> bool:
@@ -92,10 +118,10 @@ class Store:
             free = self.free_bytes()
             room = "" if free is None else f"; {_size(free)} free there"
             need = f" ({_size(nbytes)})" if nbytes is not None else ""
-            return StorageFull(code, f"results root {self.uri} is full: {operation}{need} failed{room}; free at "
+            return StorageFull(code, f"results root {self.location()} is full: {operation}{need} failed{room}; free at "
                                      f"least {_size(nbytes or 0)} (a sweep's remaining runs need more) and run the "
                                      f"same command again to resume ({os.strerror(code)})")
-        return StorageError(code, f"results root {self.uri}: {operation} failed: {err}")
+        return StorageError(code, f"results root {self.location()}: {operation} failed: {err}")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel`` (relative to the root) atomically, replacing any old file. Raises
@@ -179,4 +205,4 @@ class Store:
         except StorageFull:
             raise
         except OSError as err:
-            raise PermissionError(f"results root {self.uri!r} is not writable: {err}") from None
+            raise PermissionError(f"results root {self.location()!r} is not writable: {err}") from None

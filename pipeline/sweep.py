@@ -350,12 +350,12 @@ def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False
         refs, bad = jobs.scan_checkpoints(store, name, run)
         for step in sorted(referenced[run.run_id] - {ref.step for ref in refs}):
             path = jobs.checkpoint_path(name, run.run_id, step)
-            bad.setdefault(path, f"checkpoint {store.uri.rstrip('/')}/{path} is missing (an analysed point refers to it)")
+            bad.setdefault(path, f"checkpoint {store.location(path)} is missing (an analysed point refers to it)")
         problems = list(bad.values())
         expected = finished[run.run_id]
         if not problems and expected is not None and len(refs) < expected:
             problems.append(f"run {run.run_id} wrote {expected} checkpoints, {len(refs)} are under "
-                            f"{store.uri.rstrip('/')}/{name}/checkpoints/{run.run_id}/")
+                            f"{store.location(name)}/checkpoints/{run.run_id}/")
         if problems:
             for problem in problems:
                 log.warning("%s: run %s is trained again from its start", problem, run.run_id)

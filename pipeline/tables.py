@@ -277,7 +277,7 @@ def _read_files(store: Store, sweep: str, name: str, columns: list | None = None
         except FileNotFoundError:
             continue
         return (pa.concat_tables(parts) if parts else empty), good, bad
-    raise RuntimeError(f"files of table {sweep}/{name} under {store.uri} kept vanishing while being read "
+    raise RuntimeError(f"files of table {sweep}/{name} under {store.location()} kept vanishing while being read "
                        f"({attempts} attempts); is a compact running?")
 
 
@@ -299,7 +299,7 @@ def _read_batch(store: Store, files: list, schema: pa.Schema, columns: list | No
         except FileNotFoundError:
             raise
         except (pa.ArrowInvalid, OSError) as err:
-            warnings.warn(f"skipping {store.uri}/{f}: not a readable Parquet file ({err})")
+            warnings.warn(f"skipping {store.location(f)}: not a readable Parquet file ({err})")
             bad.append(f)
 
 

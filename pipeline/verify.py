@@ -100,7 +100,7 @@ def check_checkpoints(store: Store, sweep: str, rows: dict, report: Report) -> N
             bad[path] = str(err)
     for path, keys in referenced.items():
         if path not in good and path not in bad:
-            bad[path] = f"checkpoint {store.uri.rstrip('/')}/{path} is missing"
+            bad[path] = f"checkpoint {store.location(path)} is missing"
     report.checkpoints = len(good) + len(bad)
     for path, problem in sorted(bad.items()):
         refs = referenced.get(path)
@@ -115,7 +115,7 @@ def check_checkpoints(store: Store, sweep: str, rows: dict, report: Report) -> N
 
 def verify(store: Store, sweep: str) -> Report:
     """Check the sweep folder ``<store>/<sweep>``; see the module docstring."""
-    report = Report(f"{store.uri.rstrip('/')}/{sweep}")
+    report = Report(f"{store.location(sweep)}")
     rows = check_tables(store, sweep, report)
     check_checkpoints(store, sweep, rows, report)
     return report
