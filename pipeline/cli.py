@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import hydra
@@ -19,41 +20,77 @@ from pipeline.config import ConfigError, register_configs
 register_configs()
 
 
+log = logging.getLogger("minratio")
+
+
+class BelowWarning(logging.Filter):
+    """Lets through records below WARNING: the console handler on stdout (``conf/config.yaml``) leaves
+    warnings and errors to the one on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
 def run(cfg: DictConfig) -> int:
-    """Run the sweep described by a composed config; print the summary; write figures. Exit code."""
+    """Run the sweep described by a composed config; log the summary; write figures. Exit code."""
     from pipeline import analysis, sweep
 
     try:
         summary = sweep.run_sweep(cfg)
     except ConfigError as err:
-        print(f"minratio: configuration error: {err}", file=sys.stderr)
+        log.error(f"minratio: configuration error: {err}")
         return 2
     except PermissionError as err:
-        print(f"minratio: {err}", file=sys.stderr)
+        log.error(f"minratio: {err}")
         return 2
     folder = f"{summary.root.rstrip('/')}/{summary.sweep}"
-    print(f"sweep {summary.sweep!r}: {summary.runs_total} runs in this command ({summary.runs_skipped} finished "
-          f"earlier, skipped), {summary.seconds:.1f}s; the sweep's tables now hold runs {summary.run_status}, "
-          f"{summary.points} analysed points ({summary.points_failed} failed), labels {summary.labels}")
-    print(f"tables: {folder}/{{runs,points,spectra,curves}}/")
+    log.info(summary_table(summary))
+    log.info(f"tables: {folder}/{{runs,points,spectra,curves}}/")
     if cfg.figures:  # also when every point failed: the summary says so, and the loss curves still help
         store, name = analysis.open_results(folder)
         text, figs = analysis.analyze(store, name)
-        print(text)
-        print("figures:\n  " + "\n  ".join(figs))
+        log.info(text)
+        log.info("figures:\n  " + "\n  ".join(figs))
     failed_runs, failed_points = summary.runs_failed_planned, summary.points_failed_planned
     others = summary.run_status.get("failed", 0) - failed_runs + summary.points_failed - failed_points
     if others:
-        print(f"the folder also holds {others} failed row(s) of runs this command did not plan (another grid "
-              f"or seeds under the same sweep.name); the command that planned them retries them")
+        log.warning(f"the folder also holds {others} failed row(s) of runs this command did not plan (another "
+                    f"grid or seeds under the same sweep.name); the command that planned them retries them")
     if failed_runs or failed_points:
-        print(f"minratio: {failed_runs} failed run(s), {failed_points} failed point(s): see the `error` column of "
-              f"{folder}/runs and /points; running this command again retries them", file=sys.stderr)
+        log.error(f"minratio: {failed_runs} failed run(s), {failed_points} failed point(s): see the `error` column "
+                  f"of {folder}/runs and /points; running this command again retries them")
         return 1
     return 0
 
 
+def summary_table(s) -> str:
+    """The end-of-sweep summary: one line on this command, then one row per grid point of the sweep's
+    tables (one row without a grid) with the minimum ratio's min / median / max over the analysed points."""
+    head = (f"sweep {s.sweep!r}: {s.runs_total} runs in this command ({s.runs_skipped} finished earlier, "
+            f"skipped), {s.seconds:.1f}s")
+    cols = ("grid point", "runs ok/all", "failed", "points", "failed", "min ratio min/median/max", "labels")
+    rows = [(r["grid"], f"{r['runs_ok']}/{r['runs']}", str(r["runs_failed"]), str(r["points"]),
+             str(r["points_failed"]), "/".join(f"{v:.4f}" for v in r["ratio"]) if r["ratio"] else "-",
+             ", ".join(f"{k} {v}" for k, v in sorted(r["labels"].items())) or "-") for r in s.by_grid_point]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 6) else v.rjust(w)
+                                for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([head, fmt(cols), *map(fmt, rows)])
+
+
 _MULTIRUN_CODE = 0  # the worst exit code of the jobs of a --multirun so far
+
+
+def multirun_name(cfg: DictConfig) -> None:
+    """Under ``--multirun``, give each job its own sweep: ``<sweep.name>,<override_dirname>`` unless the
+    command sets ``sweep.name`` itself (``'sweep.name=w${model.width}'`` names them as it likes)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    if any(o.lstrip("+~").startswith("sweep.name=") for o in hc.overrides.task):
+        return
+    if hc.job.override_dirname:
+        cfg.sweep.name = f"{cfg.sweep.name},{hc.job.override_dirname}".replace("/", "_").replace("\\", "_")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
@@ -62,10 +99,13 @@ def sweep_main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     global _MULTIRUN_CODE
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun:
+        multirun_name(cfg)
     code = run(cfg)
     # Under --multirun a job's failures are reported above and the next job still runs (exiting would
     # end the multirun): main() exits with the worst code once all have run. A single run exits here.
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    if multirun:
         _MULTIRUN_CODE = max(_MULTIRUN_CODE, code)
     elif code:
         sys.exit(code)
