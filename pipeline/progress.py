@@ -88,9 +88,11 @@ class Progress:
         return "?" if left is None else seconds(left)
 
     def runs_text(self) -> str:
+        """The runs bar's text, most wanted first: a narrow terminal cuts it from the right."""
         bad = (f", diverged {self.diverged}" if self.diverged else "") + (f", failed {self.failed}" if self.failed else "")
         skipped = f" (+{self.skipped} done before)" if self.skipped else ""
-        return f"ok {self.done}{bad}{skipped} | {self.busy} | {seconds(time.monotonic() - self.started)}, eta {self.eta()}"
+        return (f"eta {self.eta()} ({seconds(time.monotonic() - self.started)} so far) | ok {self.done}{bad}{skipped}"
+                f" | {self.busy}")
 
     def line(self) -> str:
         """One plain line with every count (the log's record of the sweep's progress)."""
@@ -103,7 +105,7 @@ class Progress:
         from tqdm import tqdm
 
         common = dict(file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5,
-                      bar_format="{desc} {bar} {n_fmt}/{total_fmt} {postfix}")
+                      bar_format="{desc} {n_fmt}/{total_fmt} {bar:16} {postfix}")
         self._bars = (tqdm(total=self.total_runs - self.skipped, desc="runs       ", position=0, **common),
                       tqdm(total=0, desc="checkpoints", position=1, **common))
 
