@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger("minratio")
+_BAR = "{desc} {n_fmt}/{total_fmt} {bar:16} "  # then the bar's own text (tqdm cuts the line to the terminal)
 
 
 def seconds(s: float) -> str:
@@ -104,8 +105,7 @@ class Progress:
     def _open_bars(self) -> None:
         from tqdm import tqdm
 
-        common = dict(file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5,
-                      bar_format="{desc} {n_fmt}/{total_fmt} {bar:16} {postfix}")
+        common = dict(file=self.stream, dynamic_ncols=True, leave=True, mininterval=0.5, bar_format=_BAR)
         self._bars = (tqdm(total=self.total_runs - self.skipped, desc="runs       ", position=0, **common),
                       tqdm(total=0, desc="checkpoints", position=1, **common))
 
@@ -116,9 +116,9 @@ class Progress:
             if not self._bars:
                 self._open_bars()
             runs, points = self._bars
-            runs.n, runs.postfix = self.runs_finished, self.runs_text()
-            points.total, points.n = self.points_known, self.points_done + self.points_failed
-            points.postfix = f"failed {self.points_failed}" if self.points_failed else ""
+            runs.n, points.total, points.n = self.runs_finished, self.points_known, self.points_done + self.points_failed
+            runs.bar_format = _BAR + self.runs_text().replace("{", "{{").replace("}", "}}")
+            points.bar_format = _BAR + (f"failed {self.points_failed}" if self.points_failed else "")
             for bar in self._bars:
                 bar.refresh() if force else bar.update(0)
             return

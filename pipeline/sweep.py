@@ -96,6 +96,14 @@ def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
 
 
 _CONNECTED = None  # the ray config connect() last started or attached a Ray with, while it runs
+_RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_notice(record: logging.LogRecord) -> bool:
+    """Drop Ray's notice that a new local cluster has token authentication on (Ray >= 2.60 prints it at
+    every start unless RAY_AUTH_MODE is set): the local default keeps Ray's token, and docs/cluster.md
+    says so. Setting RAY_AUTH_MODE here instead would not reach Ray's configuration, read at import."""
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
 def connect(ray_cfg) -> None:
@@ -120,9 +128,7 @@ def connect(ray_cfg) -> None:
         kwargs["runtime_env"] = OmegaConf.to_container(ray_cfg.runtime_env, resolve=True)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        # Ray >= 2.60 turns token authentication on for a new local cluster and warns about it on every
-        # start unless the mode is chosen explicitly: choose Ray's own default, quietly (docs/cluster.md).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        logging.getLogger(_RAY_TOKEN_LOGGER).addFilter(_quiet_token_notice)
         ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
         _CONNECTED = wanted
         return
