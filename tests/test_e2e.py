@@ -109,6 +109,21 @@ def test_rerun_skips_finished_work_and_changes_nothing(sweep_result, ray_session
         pd.testing.assert_frame_equal(before[name], after)
 
 
+def test_the_readme_reads_the_tables_with_pandas_duckdb_and_polars(sweep_result, capsys):
+    """The README's result-reading blocks run as written, on a real sweep's folder."""
+    import re
+    from pathlib import Path
+
+    _, folder, _ = sweep_result
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert sum("results/default" in b for b in blocks) == 3
+    for block in blocks:
+        exec(block.replace("results/default", str(folder)), {})
+    out = capsys.readouterr().out
+    assert out.count("min_ratio") >= 3 and "label" in out
+
+
 def test_analysis_command_writes_figures(sweep_result):
     _, folder, _ = sweep_result
     res = subprocess.run([sys.executable, "-m", "pipeline.analysis", str(folder)], capture_output=True, text=True,
