@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 import hydra
@@ -90,7 +91,8 @@ def multirun_name(cfg: DictConfig) -> None:
     if any(o.lstrip("+~").startswith("sweep.name=") for o in hc.overrides.task):
         return
     if hc.job.override_dirname:
-        cfg.sweep.name = f"{cfg.sweep.name},{hc.job.override_dirname}".replace("/", "_").replace("\\", "_")
+        # Only characters that no path, URI or glob (DuckDB, polars) reads as syntax.
+        cfg.sweep.name = re.sub(r"[^\w.,+-]", "_", f"{cfg.sweep.name},{hc.job.override_dirname}")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
