@@ -6,8 +6,9 @@ against the 2-core CPU figure, and the GPU's utilisation sampled once a second b
 On one local Ray started here with every CPU and the GPU:
 
 1. a warm-up sweep of ``--warm-seeds`` seeds (two runs each: the experiment's lr 0.1 and 0.5): it starts
-   the workers and their CUDA contexts, and gives a first rate;
-2. the measured sweep, its seeds sized from that rate to end within what is left of ``--seconds``.
+   the workers and their CUDA contexts, and gives the cost of a run;
+2. the measured sweep, its seeds sized from the warm-up's cost per run (:func:`seeds_for`) to end within
+   what is left of ``--seconds``.
    Both run to their end, so every run's points are in the tables.
 
 Printed: wall time, runs and points (stalled/final + refined), runs/min and checkpoints/min and their ratio
@@ -110,7 +111,21 @@ def where_time_went(folder: Path) -> dict:
             "points_failed": int((points["status"] == "failed").sum()),
             "train_s": float(runs["wall_seconds"].sum()), "hessian_s": float(points.loc[~refined, "seconds"].sum()),
             "refine_s": float(points.loc[refined, "seconds"].sum()),
-            "devices": sorted(points["device"].dropna().unique().tolist()) if "device" in points else []}
+            "devices": sorted(points["device"].dropna().unique().tolist()) if "device" in points else [],
+            "longest_run_s": float(runs["wall_seconds"].max()), "longest_point_s": float(points["seconds"].max())}
+
+
+def seeds_for(w: dict, cpus: int, fraction: float, seconds: float) -> int:
+    """Seeds (two runs each) that the machine gets through in ``seconds`` at the per-run costs of the warm-up
+    ``w``: each run holds a core while it trains, and a core and a GPU slot (1/``fraction`` of them) while its
+    points are analysed; the last run's own time (the tail) is kept free, and a quarter in reserve."""
+    runs = max(w["runs_ok"], 1)
+    train, gpu = w["train_s"] / runs, (w["hessian_s"] + w["refine_s"]) / runs
+    rate = cpus / max(train + gpu, 1e-3)  # runs/s that the cores allow
+    if fraction:
+        rate = min(rate, (1 / fraction) / max(gpu, 1e-3))  # and the GPU slots
+    tail = w["longest_run_s"] + w["longest_point_s"]
+    return max(1, int(0.75 * max(seconds - tail, 0.0) * rate / 2))
 
 
 def bound(train_share: float, slot_share: float, util: float | None) -> str:
@@ -129,7 +144,7 @@ def report(fraction: float, cpus: int, wall: float, w: dict, samples: list) -> N
     slots = 1 / fraction if fraction else 0
     rpm, ppm = 60 * w["runs_ok"] / wall, 60 * w["points_ok"] / wall
     cpu_rpm, cpu_ppm = CPU_RUNS / CPU_MINUTES, CPU_POINTS / CPU_MINUTES
-    print(f"measured sweep: {w['runs_ok']} runs ok, {w['points_ok']} points ok ({w['points_failed']} failed) in "
+    print(f"{w['runs_ok']} runs ok, {w['points_ok']} points ok ({w['points_failed']} failed) in "
           f"{wall:.1f} s on {', '.join(w['devices']) or '?'}")
     print(f"throughput: {rpm:.1f} runs/min ({rpm / cpu_rpm:.1f}× the 2-core CPU's {cpu_rpm:.2f}), "
           f"{ppm:.1f} checkpoints/min ({ppm / cpu_ppm:.1f}× its {cpu_ppm:.2f}) — target ≥ 10×")
@@ -181,10 +196,13 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-sweep-gpu-") as tmp:
             warm_seeds = args.warm_seeds or max(1, args.cpus // 2)
+            t0 = time.time()
             s, t_warm = sweep(Path(tmp), "warm", warm_seeds, args.fraction, args.overrides)
-            rate = max(s.run_status.get("ok", 0), 1) / t_warm  # runs/s of one wave: below the steady rate
+            print("## warm-up sweep (its rate includes the workers' start-up)")
+            report(args.fraction, args.cpus, t_warm, where_time_went(Path(tmp) / "warm"),
+                   sampler.window(t0, time.time()) if sampler else [])
             left = args.seconds - (time.perf_counter() - t_start)
-            seeds = max(1, int(0.8 * left * rate / 2))
+            seeds = seeds_for(where_time_went(Path(tmp) / "warm"), args.cpus, args.fraction, left)
             if left < 30:
                 print(f"# warning: only {left:.0f} s left after the warm-up: the measured sweep is short and its "
                       "rate is mostly start-up and tail; raise --seconds", flush=True)
@@ -192,6 +210,7 @@ def main(argv=None) -> int:
                   f"{seeds} seeds ({2 * seeds} runs) for the {left:.0f} s left", flush=True)
             t0 = time.time()
             _, wall = sweep(Path(tmp), "measured", seeds, args.fraction, args.overrides)
+            print("## measured sweep")
             samples = sampler.window(t0, time.time()) if sampler else []
             report(args.fraction, args.cpus, wall, where_time_went(Path(tmp) / "measured"), samples)
     finally:

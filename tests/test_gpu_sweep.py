@@ -19,15 +19,16 @@ import torch
 
 from conftest import SHRINK
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = ["run_id", "step", "stage"]
 
 
 def cli_sweep(root: Path, name: str, *overrides: str) -> pd.DataFrame:
-    """Run the default sweep (shrunk as every test shrinks it) through the command line; its points table."""
+    """Run the default sweep (shrunk as every test shrinks it) through the command line; its points table.
+    It runs outside the source tree, as a user's does: ``pipeline`` and its configs (``pipeline.conf``) come
+    from the installed package, not from a ``pipeline/`` folder in the working directory."""
     proc = subprocess.run([sys.executable, "-m", "pipeline", f"results_root={root}", f"sweep.name={name}",
                            *SHRINK, "figures=false", *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=400)
+                          cwd=root.parent, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"sweep '{name}'" in proc.stdout
     return pd.read_parquet(root / name / "points").sort_values(KEY).reset_index(drop=True)
