@@ -18,8 +18,10 @@
 #      refinement tasks on 0.25 GPU each: runs/min, checkpoints/min, nvidia-smi utilisation;
 #   5. the generic-module Hessian next to the closed-form MLP at N ≈ 19k (scripts/bench_hessian.py
 #      $GENERIC_ARGS), once bench_hessian.py has generic-module rows;
-#   6. with ALL=1: the older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine), about
-#      6 more minutes, past the 8-minute budget (set BUDGET_S).
+#   6. the older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine; about 6 minutes)
+#      and 7. bench_estimate --parts gpu (about 3 minutes): only when PARTS names them.
+# PARTS (default "tests inplace sweep generic") picks the steps: e.g. PARTS="more" in a second call, or
+# PARTS="inplace" alone.
 # Without CUDA every GPU part says it is skipped, on a line of its own, and the script exits 0.
 # Output goes to $OUT (default ./gpu_out), at most 8 files as the device tool returns: summary.txt,
 # gpu_tests.txt, bench_inplace.txt, bench_sweep_gpu.txt, nvidia_smi.csv, bench_generic.txt, bench_more.txt.
@@ -30,11 +32,13 @@ OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 BUDGET_S=${BUDGET_S:-470}
+PARTS=" ${PARTS:-tests inplace sweep generic} "
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 status=0
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 
 # step NAME TIMEOUT LOG CMD...: CMD with its own timeout (at most what is left of BUDGET_S), its output to the
 # terminal and appended to LOG; one line in the summary with its exit code, time and last line of output.
@@ -105,21 +109,29 @@ cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/n
 
 # 1-2. Tests (they skip themselves without CUDA).
 PYTEST=(python3 -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors)
-step "GPU tests through Ray" 150 "$OUT/gpu_tests.txt" "${PYTEST[@]}" tests/test_cluster.py tests/test_gpu_sweep.py
-# every other file with a test marked gpu (test_e2e.py and test_tables.py need duckdb, which is not there)
-mapfile -t tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v -e test_cluster.py -e test_gpu_sweep.py)
-step "GPU tests" 120 "$OUT/gpu_tests.txt" "${PYTEST[@]}" "${tests[@]}"
+if want tests; then
+  step "GPU tests through Ray" 150 "$OUT/gpu_tests.txt" "${PYTEST[@]}" tests/test_cluster.py tests/test_gpu_sweep.py
+  # every other file with a test marked gpu (test_e2e.py and test_tables.py need duckdb, which is not there)
+  mapfile -t tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v -e test_cluster.py -e test_gpu_sweep.py)
+  step "GPU tests" 120 "$OUT/gpu_tests.txt" "${PYTEST[@]}" "${tests[@]}"
+fi
 
 # 3-4. Benchmarks of issue 20 (each prints one line and exits 0 without CUDA).
-step "exact counts in H's memory, N ≈ 29k and 100k" 150 "$OUT/bench_inplace.txt" \
-  python3 scripts/bench_counts_inplace.py --sizes 29124,100000 --fit-largest
-sweep_s=$((BUDGET_S - (SECONDS - T0) - 40))  # its two sweeps, sized to end before the step's timeout
-[ "$sweep_s" -gt 170 ] && sweep_s=170
-step "lecture_digits sweep throughput" 210 "$OUT/bench_sweep_gpu.txt" \
-  python3 scripts/bench_sweep_gpu.py --seconds "$sweep_s" --smi-log "$OUT/nvidia_smi.csv"
+if want inplace; then
+  step "exact counts in H's memory, N ≈ 29k and 100k" 150 "$OUT/bench_inplace.txt" \
+    python3 scripts/bench_counts_inplace.py --sizes 29124,100000 --fit-largest
+fi
+if want sweep; then
+  sweep_s=$((BUDGET_S - (SECONDS - T0) - 40))  # its two sweeps, sized to end before the step's timeout
+  [ "$sweep_s" -gt 170 ] && sweep_s=170
+  step "lecture_digits sweep throughput" 210 "$OUT/bench_sweep_gpu.txt" \
+    python3 scripts/bench_sweep_gpu.py --seconds "$sweep_s" --smi-log "$OUT/nvidia_smi.csv"
+fi
 
 # 5. The generic-module Hessian (issue 15's rows in bench_hessian.py).
-if [ "$cuda" != 1 ]; then
+if ! want generic; then
+  :
+elif [ "$cuda" != 1 ]; then
   note "SKIP  generic-module Hessian at N ≈ 19k: no CUDA"
 elif grep -qi generic scripts/bench_hessian.py; then
   read -r -a generic <<<"${GENERIC_ARGS:---device cuda --sizes 19204 --checkpoints 2 --max-baseline-s 1}"
@@ -128,16 +140,24 @@ else
   note "SKIP  generic-module Hessian: scripts/bench_hessian.py has no generic-module rows yet"
 fi
 
-# 6. The older benchmarks, on request.
-if [ "${ALL:-0}" != 1 ]; then
-  note "SKIP  older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine): ALL=1 runs them"
-elif [ "$cuda" != 1 ]; then
-  note "SKIP  older benchmarks: no CUDA"
+# 6-7. The older benchmarks, when PARTS names them.
+if want more || want estimate; then
+  if [ "$cuda" != 1 ]; then
+    note "SKIP  older benchmarks: no CUDA"
+  else
+    if want more; then
+      step "bench_hessian" 400 "$OUT/bench_more.txt" python3 scripts/bench_hessian.py --device cuda --max-baseline-s 40
+      step "bench_cusolver_eigh" 120 "$OUT/bench_more.txt" python3 scripts/bench_cusolver_eigh.py
+      step "bench_label" 60 "$OUT/bench_more.txt" python3 scripts/bench_label.py --device cuda
+      step "bench_refine" 75 "$OUT/bench_more.txt" python3 scripts/bench_refine.py --device cuda
+    fi
+    if want estimate; then
+      step "bench_estimate" 200 "$OUT/bench_more.txt" \
+        python3 scripts/bench_estimate.py --device cuda --parts gpu --gpu-budget 150
+    fi
+  fi
 else
-  step "bench_hessian" 400 "$OUT/bench_more.txt" python3 scripts/bench_hessian.py --device cuda --max-baseline-s 40
-  step "bench_cusolver_eigh" 120 "$OUT/bench_more.txt" python3 scripts/bench_cusolver_eigh.py
-  step "bench_label" 60 "$OUT/bench_more.txt" python3 scripts/bench_label.py --device cuda
-  step "bench_refine" 75 "$OUT/bench_more.txt" python3 scripts/bench_refine.py --device cuda
+  note "SKIP  older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine, bench_estimate): PARTS=\"more estimate\" runs them"
 fi
 note "gpu_checks: exit $status after $((SECONDS - T0))s of steps (budget ${BUDGET_S}s); logs in $OUT"
 exit $status
