@@ -118,7 +118,7 @@ fi
 
 # 3-4. Benchmarks of issue 20 (each prints one line and exits 0 without CUDA).
 if want inplace; then
-  step "exact counts in H's memory, N ≈ 29k and 100k" 150 "$OUT/bench_inplace.txt" \
+  step "exact counts in H's memory, N ≈ 29k and 100k" 180 "$OUT/bench_inplace.txt" \
     python3 scripts/bench_counts_inplace.py --sizes 29124,100000 --fit-largest
 fi
 if want sweep; then

@@ -1,10 +1,11 @@
 """The default sweep on a real GPU through Ray, as a user runs it (skipped without CUDA).
 
 ``python -m pipeline hessian.num_gpus=0.25`` (what ``minratio-sweep`` runs) starts its own local Ray, which
-finds the GPU; Ray gives each Hessian task a quarter of it, so up to four share the card. Every point must
-then be analysed on ``cuda`` and hold the counts that the same sweep gives with ``hessian.num_gpus=0`` (the
-CPU): training is on the CPU in both, so the checkpoints are the same, and float64 counts with the same
-tolerance rule must not depend on the device.
+finds the GPU; Ray gives each Hessian task a quarter of it, so up to four share the card (one checkpoint per
+task here, so that the runs' tasks can share it at once). Every point must then be analysed on ``cuda`` and
+hold the counts that the same sweep gives with ``hessian.num_gpus=0`` (the CPU): training is on the CPU in
+both, so the checkpoints are the same, and float64 counts with the same tolerance rule must not depend on
+the device.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def assert_same_counts(gpu: pd.DataFrame, cpu: pd.DataFrame) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_default_sweep_with_a_quarter_gpu_per_hessian_runs_on_cuda_with_the_cpu_counts(tmp_path):
-    gpu = cli_sweep(tmp_path, "gpu", "hessian.num_gpus=0.25")
+    # one checkpoint per Hessian task, so that the runs' tasks can hold their quarters of the card at once
+    gpu = cli_sweep(tmp_path, "gpu", "hessian.num_gpus=0.25", "hessian.batch_checkpoints=1")
     assert gpu["device"].str.startswith("cuda").all(), gpu["device"].value_counts()
-    cpu = cli_sweep(tmp_path, "cpu", "hessian.num_gpus=0")
+    cpu = cli_sweep(tmp_path, "cpu", "hessian.num_gpus=0", "hessian.batch_checkpoints=1")
     assert (cpu["device"] == "cpu").all()
     assert_same_counts(gpu, cpu)
