@@ -96,7 +96,7 @@ def resolve_hvp(hvp: str, device: torch.device, loss_fn: Union[LossFn, WeightedT
 
 
 def _closed_form(fn) -> Optional[Callable[..., torch.Tensor]]:
-    """A loss term's closed-form Hessian builder (:attr:`pipeline.train.MeanLoss.closed_form`), or None."""
+    """A loss term's closed-form Hessian builder (:attr:`pipeline.problem.MeanLoss.closed_form`), or None."""
     return getattr(fn, "closed_form", None)
 
 

@@ -26,7 +26,8 @@ from pipeline.config import section
 from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
 from pipeline.storage import Store
-from pipeline.train import Checkpoint, Curves, TrainState, make_problem, train
+from pipeline.problem import make_problem
+from pipeline.train import Checkpoint, Curves, TrainState, train
 
 
 @dataclass(frozen=True)

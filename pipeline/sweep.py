@@ -150,7 +150,7 @@ def check_gap_tolerance(runs: list[Run]) -> None:
     (above :data:`pipeline.hessian.AUTO_EIGH_MAX_N` parameters), before anything trains: every point
     would fail. (Where auto falls to the estimator for lack of memory, the point's error says so.)"""
     from pipeline.hessian import AUTO_EIGH_MAX_N
-    from pipeline.train import make_problem
+    from pipeline.problem import make_problem
 
     sizes: dict[str, int] = {}
     for run in runs:

@@ -15,7 +15,8 @@ from pipeline.critical import (critical_label, critical_report, escape_check, gr
                                power_lambda_max, stall_tag)
 from pipeline.hessian import hessian
 from pipeline.models import MLP, loss_value
-from pipeline.train import make_problem, train
+from pipeline.problem import make_problem
+from pipeline.train import train
 
 F64 = torch.float64
 

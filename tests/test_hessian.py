@@ -13,7 +13,7 @@ import torch
 from pipeline import hessian as hs
 from pipeline.data import Dataset
 from pipeline.models import MLP
-from pipeline.train import Problem
+from pipeline.problem import Problem
 
 F64 = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -15,7 +15,7 @@ from pipeline.critical import critical_label, critical_report
 from pipeline.data import autoencoder
 from pipeline.hessian import spectrum_at
 from pipeline.models import MLP, loss_value
-from pipeline.train import MeanLoss
+from pipeline.problem import MeanLoss
 
 F64 = torch.float64
 # XᵀX/4 = diag(3, 1) exactly in binary: the sample second moment is Σ with no rounding at all.
