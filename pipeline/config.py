@@ -77,7 +77,7 @@ class StallConfig:
     window: int = 500  # steps over which the relative improvement is measured
     threshold: float = 1e-4  # stall when (L[t-window] - L[t]) / |L[t-window]| < threshold
     max_stalls: int = 1  # stop a run after this many stalls (it also stops at optim.max_steps)
-    # Stall tags (oscillating vs small_gradient) — see pipeline.critical.stall_tag:
+    # Stall tags (oscillating vs small_gradient) — see pipeline.stall.stall_tag:
     grad_ratio_tol: float = 1e-2  # oscillating when ‖g‖/‖g₀‖ ≥ this
     cosine_tol: float = 0.0  # … or when successive gradients have cosine < this
     sharpness_tol: float = 0.9  # … or when λmax·lr/2 ≥ this (edge of stability)

@@ -9,8 +9,6 @@ critical point when the gradient vanishes. This module adds, as pure functions:
   ``r_H = ‖H(Hp + g)‖/(‖H‖_F‖Hp + g‖) < 5e-4``), else the spectrum label;
 - :func:`gradient_shares` — the shares of ``‖g‖²`` in the negative, near-zero and positive eigenspaces;
 - :func:`escape_check` — the loss change along ``±v_min`` against the second-order prediction ½ε²λmin;
-- :func:`stall_tag` — ``small_gradient`` or ``oscillating``, with the values behind it;
-- :func:`power_lambda_max` and :func:`gradient_cosine` — cheap curvature and direction logs for training;
 - :func:`critical_report` — all of the above at one point from its dense Hessian, as table columns;
   :func:`report_from_eigen` the same from an eigendecomposition already taken (the pipeline's).
 
@@ -27,7 +25,9 @@ import torch
 from torch.func import grad, grad_and_value
 
 from pipeline import spectrum
-from pipeline.refine import GTOL2, hvp_at
+from pipeline.stall import (STALL_TAGS, PowerResult, StallTag, gradient_cosine,  # noqa: F401  (their old home)
+                            power_lambda_max, stall_tag, stall_tag_at)
+from pipeline.refine import GTOL2
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,7 +37,6 @@ FLAT_RESIDUAL = 0.9  # r = ‖g + Hp‖/(‖H‖_F‖p‖ + ‖g‖) above this:
 FLAT_COKERNEL = 5e-4  # r_H = ‖H ρ‖/(‖H‖_F ‖ρ‖) below this: the residual ρ really is in the near-null space
 ESCAPE_STEPS = (1e-3, 1e-2, 1e-1)
 CRITICAL_LABELS = ("not_critical", "gradient_flat") + spectrum.LABELS
-STALL_TAGS = ("small_gradient", "oscillating")
 
 
 def _np(x) -> np.ndarray:
@@ -219,132 +218,6 @@ def escape_check(loss_fn: LossFn, theta: torch.Tensor, v_min, lam_min: float,
     return EscapeCheck(lam, slope, steps, plus, minus, tuple(min(p, m) for p, m in zip(plus, minus)),
                        tuple(0.5 * e * e * lam for e in steps),
                        tuple(-e * abs(slope) + 0.5 * e * e * lam for e in steps))
-
-
-# --------------------------------------------------------------------------------------- stalls in training
-
-
-@dataclass(frozen=True)
-class StallTag:
-    """``tag`` ∈ {small_gradient, oscillating} and the values behind it.
-
-    ``grad_ratio`` = ‖g‖/‖g₀‖; ``cosine`` between successive gradients; ``sharpness`` = λmax·lr/2 (1 = the
-    gradient-descent stability limit λmax = 2/lr); ``reasons``: the criteria that fired, with their values.
-    """
-
-    tag: str
-    grad_ratio: float
-    cosine: float
-    sharpness: float
-    reasons: str
-
-    def row(self) -> dict:
-        return {"stall_tag": self.tag, "stall_grad_ratio": self.grad_ratio, "stall_cosine": self.cosine,
-                "stall_sharpness": self.sharpness, "stall_tag_reasons": self.reasons}
-
-
-def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam_max: float = math.nan,
-              lr: Optional[float] = None, *, grad_ratio_tol: float = 1e-2, cosine_tol: float = 0.0,
-              sharpness_tol: float = 0.9) -> StallTag:
-    """Tag a stalled checkpoint ``oscillating`` when any of these holds, else ``small_gradient``:
-
-    - the gradient is not small relative to its start: ``‖g‖/‖g₀‖ ≥ grad_ratio_tol``;
-    - successive gradients point against each other: ``cosine < cosine_tol``;
-    - the top Hessian eigenvalue is near the edge of stability: ``λmax·lr/2 ≥ sharpness_tol``.
-
-    ``grad_norm``, ``grad_norm0``: ‖g‖ at the stall and at step 0. ``cosine``: from :func:`gradient_cosine`.
-    ``lam_max``: from :func:`power_lambda_max`. ``lr``: the (S)GD learning rate; pass None for Adam, whose
-    stability limit is not 2/lr. A NaN value (not measured) skips its criterion.
-    """
-    if grad_norm < 0 or grad_norm0 < 0:
-        raise ValueError(f"gradient norms must be ≥ 0, got grad_norm={grad_norm}, grad_norm0={grad_norm0}")
-    ratio = grad_norm / grad_norm0 if grad_norm0 > 0 else math.nan
-    sharp = 0.5 * lam_max * lr if lr is not None and math.isfinite(lam_max) else math.nan
-    reasons = []
-    if ratio >= grad_ratio_tol:
-        reasons.append(f"grad_ratio={ratio:.3g}>={grad_ratio_tol:g}")
-    if cosine < cosine_tol:
-        reasons.append(f"cosine={cosine:.3g}<{cosine_tol:g}")
-    if sharp >= sharpness_tol:
-        reasons.append(f"lam_max*lr/2={sharp:.3g}>={sharpness_tol:g}")
-    if not reasons:  # NaN comparisons are False: unmeasured criteria never fire
-        reasons.append(f"grad_ratio={ratio:.3g}<{grad_ratio_tol:g}")
-        return StallTag("small_gradient", ratio, cosine, sharp, "; ".join(reasons))
-    return StallTag("oscillating", ratio, cosine, sharp, "; ".join(reasons))
-
-
-def stall_tag_at(loss_fn: LossFn, theta: torch.Tensor, grad_norm0: float, lr: Optional[float], *,
-                 power_iters: int = 50, **thresholds) -> StallTag:
-    """:func:`stall_tag` for a saved checkpoint of full-batch gradient descent, from ``theta`` ``[N]`` alone:
-    the cosine is taken between ∇L(θ) and the gradient after one more GD step (θ − lr·∇L(θ)), which is what
-    GD's next gradient is, and λmax by :func:`power_lambda_max`. ``grad_norm0``: ‖∇L‖ at step 0 (first entry
-    of the run's curve). ``lr`` None (Adam): no cosine step and no 2/lr criterion, only ‖g‖/‖g₀‖.
-    ``thresholds``: ``grad_ratio_tol``, ``cosine_tol``, ``sharpness_tol`` of :func:`stall_tag`."""
-    theta = theta.detach()
-    g_fn = grad(loss_fn)
-    g = g_fn(theta)
-    cos, lam = math.nan, math.nan
-    if lr is not None:
-        cos = gradient_cosine(g, g_fn(theta - lr * g))
-        lam = power_lambda_max(loss_fn, theta, power_iters).lam_max
-    return stall_tag(float(torch.linalg.vector_norm(g)), grad_norm0, cos, lam, lr, **thresholds)
-
-
-def gradient_cosine(g_prev: torch.Tensor, g: torch.Tensor) -> float:
-    """cos∠(g_prev, g) for two ``[N]`` gradients; NaN when either is zero."""
-    a, b = g_prev.detach().reshape(-1).to(torch.float64), g.detach().reshape(-1).to(torch.float64)
-    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
-
-
-@dataclass(frozen=True)
-class PowerResult:
-    """``lam_max``: the largest (algebraic) Hessian eigenvalue estimate; ``vector`` ``[N]`` its unit
-    eigenvector estimate (pass back as ``v0`` to warm-start the next call); ``hvps`` spent."""
-
-    lam_max: float
-    vector: torch.Tensor
-    hvps: int
-
-
-def _power(matvec, v: torch.Tensor, iters: int, rtol: float) -> tuple[float, torch.Tensor, int]:
-    """Power iteration: the eigenvalue of largest |λ| (Rayleigh quotient) and its vector."""
-    v = v / torch.linalg.vector_norm(v)
-    lam, used = math.nan, 0
-    for _ in range(iters):
-        w = matvec(v)
-        used += 1
-        new = float(v @ w)
-        w_norm = float(torch.linalg.vector_norm(w))
-        if w_norm == 0.0:
-            return 0.0, v, used
-        v = w / w_norm
-        if math.isfinite(lam) and abs(new - lam) <= rtol * abs(new):
-            return new, v, used
-        lam = new
-    return lam, v, used
-
-
-def power_lambda_max(loss_fn: LossFn, theta: torch.Tensor, iters: int = 20, *, v0: Optional[torch.Tensor] = None,
-                     rtol: float = 1e-4, seed: int = 0) -> PowerResult:
-    """λmax of the Hessian of ``loss_fn`` at ``theta`` ``[N]`` by power iteration on Hessian-vector products.
-
-    Power iteration finds the eigenvalue of largest magnitude; when that one is negative, a second run on
-    ``H − λ I`` (λ that negative value) finds the largest algebraic eigenvalue. ``iters`` bounds each run;
-    it stops early when the Rayleigh quotient changes by less than ``rtol`` (relative). Runs in ``theta``'s
-    dtype and device. Accuracy: a few digits, enough for λmax vs 2/lr; use the dense spectrum for more.
-    """
-    theta = theta.detach()
-    hvp = hvp_at(loss_fn, theta)
-    if v0 is None:
-        gen = torch.Generator().manual_seed(int(seed))
-        v0 = torch.randn(theta.numel(), generator=gen, dtype=torch.float64).to(theta.device, theta.dtype)
-    lam, v, used = _power(hvp, v0.to(theta.device, theta.dtype), iters, rtol)
-    if lam < 0:
-        shift = lam
-        mu, v, more = _power(lambda u: hvp(u) - shift * u, v0.to(theta.device, theta.dtype), iters, rtol)
-        lam, used = mu + shift, used + more
-    return PowerResult(lam, v, used)
 
 
 # ------------------------------------------------------------------------------------------ one point

@@ -124,7 +124,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("estimate_degree", pa.int64()),
         pa.field("estimate_probes", pa.int64()),
         pa.field("estimate_confidence", pa.float64()),
-        # Stall tag (stalled/final rows): why training stopped improving — see pipeline.critical.stall_tag.
+        # Stall tag (stalled/final rows): why training stopped improving — see pipeline.stall.stall_tag.
         pa.field("stall_tag", pa.string()),  # small_gradient | oscillating
         pa.field("stall_grad_ratio", pa.float64()),  # ‖g‖ / ‖g at step 0‖
         pa.field("stall_cosine", pa.float64()),  # cos∠(∇L(θ), ∇L(θ − lr·∇L(θ))); −1 = bouncing across a valley

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline import critical, stall
+from pipeline import stall
 from pipeline.problem import MeanLoss, Problem, make_problem  # noqa: F401  (re-exported: their old home)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -29,7 +29,7 @@ class Checkpoint:
     grad_norm: float  # ‖∇L‖ of the full-batch loss
     stalled: bool  # True: the stall rule fired here; False: the run's last state without a stall
     reason: str  # why this point was saved, e.g. "stall: rel. improvement 3e-05 < 1e-4 over 500 steps"
-    tag: dict = field(default_factory=dict)  # stall tag columns (pipeline.critical.StallTag.row())
+    tag: dict = field(default_factory=dict)  # stall tag columns (pipeline.stall.StallTag.row())
 
 
 @dataclass
@@ -116,7 +116,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     def emit(ck: Checkpoint):
         # Oscillating or small gradient? Measured at the point itself (one extra gradient, a power iteration).
         g0 = curves.grad_norm[0] if curves.grad_norm else ck.grad_norm
-        ck.tag = critical.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters,
+        ck.tag = stall.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters,
                                        **thresholds).row()
         checkpoints.append(ck)
         if on_checkpoint is not None:
@@ -146,12 +146,12 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
             lam, cos = math.nan, math.nan
             if s.curvature_every and step % s.curvature_every == 0:
                 point = theta.detach()
-                power = critical.power_lambda_max(full, point, s.power_iters, v0=power_v)
+                power = stall.power_lambda_max(full, point, s.power_iters, v0=power_v)
                 lam, power_v = power.lam_max, power.vector
                 if lr is not None:
                     g_fn = torch.func.grad(full)
                     g = g_fn(point)
-                    cos = critical.gradient_cosine(g, g_fn(point - lr * g))
+                    cos = stall.gradient_cosine(g, g_fn(point - lr * g))
             curves.lam_max.append(lam)
             curves.grad_cosine.append(cos)
             if stall.is_stalled(curves.step, curves.loss, s.window, s.threshold, since=since):

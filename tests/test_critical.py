@@ -11,11 +11,11 @@ import torch
 from torch.func import grad
 
 from pipeline import critical, refine, stall
-from pipeline.critical import (critical_label, critical_report, escape_check, gradient_cosine, gradient_shares,
-                               power_lambda_max, stall_tag)
+from pipeline.critical import critical_label, critical_report, escape_check, gradient_shares
 from pipeline.hessian import hessian
 from pipeline.models import MLP, loss_value
 from pipeline.problem import make_problem
+from pipeline.stall import gradient_cosine, power_lambda_max, stall_tag
 from pipeline.train import train
 
 F64 = torch.float64
@@ -236,7 +236,7 @@ def test_real_training_at_the_edge_of_stability_is_tagged_oscillating(make_cfg):
                     cfg.optim.lr)
     assert tag.tag == "oscillating" and tag.cosine < -0.99
     # The same tag from the checkpoint alone (what a Hessian or refine task has at hand).
-    again = critical.stall_tag_at(f, ck.theta, float(g(theta0).norm()), cfg.optim.lr, power_iters=2000)
+    again = stall.stall_tag_at(f, ck.theta, float(g(theta0).norm()), cfg.optim.lr, power_iters=2000)
     assert again.tag == "oscillating" and again.cosine == pytest.approx(tag.cosine, abs=1e-12)
 
 
