@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.func import grad, grad_and_value
 
 from pipeline import spectrum
+from pipeline.hvp import LossFn
 from pipeline.stall import (STALL_TAGS, PowerResult, StallTag, gradient_cosine,  # noqa: F401  (their old home)
                             power_lambda_max, stall_tag, stall_tag_at)
-from pipeline.refine import GTOL2
-
-LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Frye et al. 2021 (arXiv:2003.10397; definitions as in Frye's 2020 thesis, ch. 3): a point is approximately
 # gradient-flat when r > 0.9 and r_H < 5e-4, with r and r_H MINRES-QLP's relres / relAres (Frobenius ‖H‖_F).
 FLAT_RESIDUAL = 0.9  # r = ‖g + Hp‖/(‖H‖_F‖p‖ + ‖g‖) above this: g almost all in the near-null space, p small
 FLAT_COKERNEL = 5e-4  # r_H = ‖H ρ‖/(‖H‖_F ‖ρ‖) below this: the residual ρ really is in the near-null space
+# Frye et al.: ‖g‖² below this (absolute) is a critical point; 1e-8 or 1e-6 gave wrong loss and index values.
+GTOL2 = 1e-10
 ESCAPE_STEPS = (1e-3, 1e-2, 1e-1)
 CRITICAL_LABELS = ("not_critical", "gradient_flat") + spectrum.LABELS
 

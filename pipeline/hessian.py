@@ -29,17 +29,15 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-from torch.func import grad, grad_and_value, jvp, vjp, vmap
+from torch.func import grad_and_value, vmap
 
-from pipeline import cusolver, inertia, spectrum
-
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-# A loss given as a weighted sum of terms, e.g. per-data-batch losses weighted by n_b / n.
-WeightedTerms = Sequence[tuple[float, LossFn]]
+from pipeline import cusolver, hvp as hvps, inertia, spectrum
+from pipeline.hvp import LossFn, WeightedTerms
+from pipeline.symmetric import symmetrize_
 
 # `auto` takes the full spectrum up to this many parameters, counts only (LDLᵀ) above: about where the
 # spectrum stops costing no more than the counts. CPU (2 cores): eigh 0.18 s vs counts 0.17 s at N = 1,732,
@@ -47,7 +45,7 @@ WeightedTerms = Sequence[tuple[float, LossFn]]
 # 0.080 s at 1,999, 0.25 s vs 0.16 s (0.22 s with the naive count) at 5,508, 5.3 s vs 0.69 s at 19,204.
 AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 4096}
 METHODS = ("auto", "eigh", "inertia", "estimate")
-HVP_MODES = ("auto", "rev", "fwd", "closed_form")
+HVP_MODES = ("auto", *hvps.MODES, "closed_form")
 DEFAULT_HVP = {"cpu": "rev", "cuda": "rev"}
 # Build workspace on CPU per thread count. One thread: blocks whose activations stay in cache are
 # fastest — measured optima 32-64 columns at N = 172 (300 samples), 16-32 at N = 612 (1,000 samples),
@@ -77,16 +75,12 @@ GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' 
 HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
 
 
-def _terms(loss_fn: Union[LossFn, WeightedTerms]) -> list[tuple[float, LossFn]]:
-    return [(1.0, loss_fn)] if callable(loss_fn) else [(float(w), f) for w, f in loss_fn]
-
-
 def resolve_hvp(hvp: str, device: torch.device, loss_fn: Union[LossFn, WeightedTerms, None] = None) -> str:
     """How H is built: ``auto`` → ``closed_form`` when every term of ``loss_fn`` offers one, else the
     device's HVP mode (``rev``). Asking for ``closed_form`` where a term has none is a ValueError."""
     if hvp not in HVP_MODES:
         raise ValueError(f"unknown hvp mode {hvp!r}: expected one of {', '.join(HVP_MODES)}")
-    offered = loss_fn is not None and all(_closed_form(f) is not None for _, f in _terms(loss_fn))
+    offered = loss_fn is not None and all(_closed_form(f) is not None for _, f in hvps.terms(loss_fn))
     if hvp == "closed_form" and not offered:
         raise ValueError("hvp='closed_form' needs a loss that offers one (an MLP's MeanLoss); "
                          "use 'rev' or 'fwd' for other models")
@@ -105,7 +99,7 @@ def activation_bytes(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor)
     (one forward pass, measured with saved-tensor hooks): the memory one HVP column holds, up to a
     small factor."""
     most = 0
-    for _, fn in _terms(loss_fn):
+    for _, fn in hvps.terms(loss_fn):
         total = 0
 
         def pack(t):
@@ -144,15 +138,6 @@ def _column_bytes(loss_fn, theta: torch.Tensor) -> int:
     # Three saved-activation sets per column (forward, backward, their tangents) and 8 N-vectors
     # (basis row, output row, gradient slices), measured to bound CUDA peaks within 20 %.
     return 3 * activation_bytes(loss_fn, theta) + 8 * theta.numel() * theta.element_size()
-
-
-def _hvp_rows(fn: LossFn, theta: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function mapping basis rows ``V`` ``[c, N]`` to ``V H`` ``[c, N]`` (rows of the Hessian)."""
-    if mode == "rev":
-        _, pull = vjp(grad(fn), theta)  # forward + backward once; only the second backward is batched
-        return vmap(lambda v: pull(v)[0])
-    g = grad(fn)
-    return vmap(lambda v: jvp(g, (theta,), (v,))[1])
 
 
 def _fill(H: torch.Tensor, rows_for: Callable[[torch.Tensor], torch.Tensor], weight: float, first: bool,
@@ -200,13 +185,13 @@ def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk
         raise ValueError(f"out must be {[*theta.shape[:-1], n, n]}, got {tuple(H.shape)}")
     if mode == "closed_form":  # also takes B points [B, N] at once (see hessians)
         workspace = memory_budget_mb * 2**20 or default_workspace_bytes(theta.device)
-        for i, (weight, fn) in enumerate(_terms(loss_fn)):
+        for i, (weight, fn) in enumerate(hvps.terms(loss_fn)):
             _closed_form(fn)(theta, out=H, weight=weight, accumulate=i > 0, workspace_bytes=workspace)
         return H
     chunk = chunk_size or default_chunk_size(n, theta.device, column_bytes=_column_bytes(loss_fn, theta),
                                              workspace_bytes=memory_budget_mb * 2**20)
-    for i, (weight, fn) in enumerate(_terms(loss_fn)):
-        _fill(H, _hvp_rows(fn, theta, mode), weight, i == 0, chunk)
+    for i, (weight, fn) in enumerate(hvps.terms(loss_fn)):
+        _fill(H, hvps.hvp_rows(fn, theta, mode), weight, i == 0, chunk)
     symmetrize_(H)
     return H
 
@@ -227,25 +212,10 @@ def hessians(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, *, chu
     chunk = chunk_size or default_chunk_size(n, thetas.device, column_bytes=_column_bytes(loss_fn, thetas[0]),
                                              workspace_bytes=memory_budget_mb * 2**20, n_points=b)
     H = torch.empty(b, n, n, dtype=thetas.dtype, device=thetas.device)
-    for i, (weight, fn) in enumerate(_terms(loss_fn)):
-        over_points = vmap(lambda th, V, fn=fn: _hvp_rows(fn, th, mode)(V), in_dims=(0, None))
+    for i, (weight, fn) in enumerate(hvps.terms(loss_fn)):
+        over_points = vmap(lambda th, V, fn=fn: hvps.hvp_rows(fn, th, mode)(V), in_dims=(0, None))
         _fill(H, lambda V: over_points(thetas, V), weight, i == 0, chunk)
     symmetrize_(H)
-    return H
-
-
-def symmetrize_(H: torch.Tensor) -> torch.Tensor:
-    """H ← (H + Hᵀ)/2 in place for ``[..., N, N]``, one block pair at a time, so the temporaries are
-    2 blocks of (N/8)² rather than a second N×N matrix. Rounding makes the HVP build slightly
-    asymmetric (~1e-16 relative); eigh and LDLᵀ would otherwise read only one triangle."""
-    n = H.shape[-1]
-    block = max(512, -(-n // 8))
-    for i in range(0, n, block):
-        for j in range(0, i + 1, block):
-            lower, upper = H[..., i:i + block, j:j + block], H[..., j:j + block, i:i + block]
-            avg = (lower + upper.transpose(-1, -2)).mul_(0.5)
-            lower.copy_(avg)
-            upper.copy_(avg.transpose(-1, -2))
     return H
 
 
@@ -452,7 +422,7 @@ def _value_and_gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tens
                         ) -> tuple[float, torch.Tensor]:
     """The (weighted) loss at ``theta`` ``[N]`` and its gradient ``[N]``, one forward and backward per term."""
     value, g = 0.0, 0.0
-    for w, f in _terms(loss_fn):
+    for w, f in hvps.terms(loss_fn):
         g_f, v_f = grad_and_value(f)(theta)
         value, g = value + w * float(v_f), g + w * g_f
     return value, g
@@ -469,7 +439,7 @@ def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.T
         values, G = [], []
         for s in range(0, thetas.shape[0], step):
             g_sum, v_sum = 0.0, 0.0
-            for w, f in _terms(loss_fn):
+            for w, f in hvps.terms(loss_fn):
                 g, v = vmap(grad_and_value(f))(thetas[s:s + step])
                 g_sum, v_sum = g_sum + w * g, v_sum + w * v
             G.append(g_sum)
@@ -517,7 +487,7 @@ def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=N
     if tol is None and tol_mode == "gap":
         raise ValueError(GAP_NEEDS_SPECTRUM)
     t0 = time.perf_counter()
-    est = estimate.estimate_counts(matvec or estimate.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
+    est = estimate.estimate_counts(matvec or hvps.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
                                    rel_tol=None if tol is not None else rel_tol, dtype=theta.dtype,
                                    device=theta.device, **options)
     n_pos, n_neg = int(round(est.n_pos)), int(round(est.n_neg))

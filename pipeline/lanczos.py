@@ -5,7 +5,7 @@ earlier ones), so no spurious copies of converged Ritz values appear and the Rit
 orthonormal — which the deflation in :mod:`pipeline.estimate` relies on. Memory: the basis, ``[N, steps]``.
 
 The operator is a callable ``matvec(V) -> A @ V`` on column blocks ``[N, k] -> [N, k]`` (for a Hessian:
-a vmapped Hessian-vector product, :func:`pipeline.estimate.hvp_matvec`). Nothing here knows of models.
+a vmapped Hessian-vector product, :func:`pipeline.hvp.hvp_matvec`). Nothing here knows of models.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-MatVec = Callable[[torch.Tensor], torch.Tensor]  # [N, k] -> [N, k]
+MatVec = Callable[[torch.Tensor], torch.Tensor]  # a symmetric operator: V [N, k] -> A V [N, k] (or v [N] -> A v)
 
 
 @dataclass

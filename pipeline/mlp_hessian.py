@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch.func import jvp
 
-from pipeline.hessian import symmetrize_
+from pipeline.symmetric import symmetrize_
 from pipeline.models import ACTIVATIONS, MLP
 
 # Workspace for the temporaries when none is given: 64 MiB.

@@ -17,19 +17,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from torch.func import grad, grad_and_value, jvp
+from torch.func import grad_and_value
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-MatVec = Callable[[torch.Tensor], torch.Tensor]
+from pipeline.critical import GTOL2
+from pipeline.hvp import LossFn, hvp_at
+from pipeline.lanczos import MatVec
 
 METHODS = ("newton_mr", "gnm")
 STOP_REASONS = ("converged", "max_iters", "line_search_failed", "stalled")
 MINRES_STOPS = ("solved", "least_squares", "invariant", "max_iters", "zero_rhs")
-GTOL2 = 1e-10
 OPERATORS = ("auto", "hvp", "dense")
 # `auto` builds H (closed form) per Newton step up to this N. One CPU thread, 5 Newton-MR steps of 110-130
 # MINRES iterations each, 512 samples: the ratio of dense to HVP time was 0.33 at N = 1,210 (64-16-10, the
@@ -39,12 +39,6 @@ OPERATORS = ("auto", "hvp", "dense")
 # (docs/bench/bench_refine_h100.txt) dense took 0.09-0.11 of the HVP time at every N from 1,252 to 3,852, the
 # largest measured: the bound there is just above that.
 AUTO_DENSE_MAX_N = {"cpu": 2048, "cuda": 4096}
-
-
-def hvp_at(loss_fn: LossFn, theta: torch.Tensor) -> MatVec:
-    """``v ↦ H(θ) v`` ``[N] → [N]`` by forward-over-reverse differentiation (one HVP ≈ 2–3 gradients)."""
-    g = grad(loss_fn)
-    return lambda v: jvp(g, (theta,), (v,))[1]
 
 
 # ------------------------------------------------------------------------------------------------ MINRES

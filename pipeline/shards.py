@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 import ray
 import torch
 
-from pipeline.estimate import MatVec, hvp_matvec
+from pipeline.hvp import hvp_matvec
+from pipeline.lanczos import MatVec
 from pipeline.problem import Problem
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch.func import grad
 
-from pipeline.refine import LossFn, hvp_at
+from pipeline.hvp import LossFn, hvp_at
 
 STALL_TAGS = ("small_gradient", "oscillating")
 
