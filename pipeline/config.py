@@ -15,15 +15,16 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
+from pipeline import models, problem, refine
+from pipeline.data import DATA_NAMES
+from pipeline.hessian import COUNTS_ONLY, METHODS as HESSIAN_METHODS, needs_spectrum
+from pipeline.models import LOSSES, MODEL_NAMES
 from pipeline.spectrum import TOL_MODES
+from pipeline.train import OPTIMIZERS
 
-DATA_NAMES = ("synthetic", "digits", "gaussian")
-MODEL_NAMES = ("mlp", "cnn")
-ACTIVATIONS = ("tanh", "softplus", "relu", "swish", "linear")
-LOSSES = ("mse", "cross_entropy")
-OPTIMIZERS = ("gd", "sgd", "adam")
-DTYPES = ("float32", "float64")
-HESSIAN_METHODS = ("auto", "eigh", "inertia", "estimate")
+ACTIVATIONS = tuple(models.ACTIVATIONS)
+DTYPES = tuple(problem.DTYPES)
+REFINE_METHODS = ("none", *refine.METHODS)
 # The hessian keys that change what a run computes, so enter its id (pipeline.plan.run_id) and may vary
 # over a sweep's grid; the rest (resources, batching, estimator settings) are shared by the whole sweep.
 HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
@@ -245,8 +246,8 @@ def validate(cfg: DictConfig) -> None:
     _require(s.power_iters >= 1, "stall.power_iters", s.power_iters, "≥ 1")
     _require(s.curvature_every >= 0, "stall.curvature_every", s.curvature_every, "≥ 0 (0 = off)")
     r = cfg.refine
-    _one_of(cfg, "refine.method", ("none", "newton_mr", "gnm"))
-    _one_of(cfg, "refine.operator", ("auto", "hvp", "dense"))
+    _one_of(cfg, "refine.method", REFINE_METHODS)
+    _one_of(cfg, "refine.operator", refine.OPERATORS)
     _require(r.gtol2 > 0, "refine.gtol2", r.gtol2, "> 0")
     _require(r.max_iters >= 1, "refine.max_iters", r.max_iters, "≥ 1")
     _require(r.inner_max_iters >= 1, "refine.inner_max_iters", r.inner_max_iters, "≥ 1")
@@ -264,7 +265,7 @@ def validate(cfg: DictConfig) -> None:
     _require(h.memory_budget_mb >= 0, "hessian.memory_budget_mb", h.memory_budget_mb, "≥ 0")
     _require(h.estimate_probes >= 2, "hessian.estimate_probes", h.estimate_probes, "≥ 2")
     _require(h.estimate_degree >= 0, "hessian.estimate_degree", h.estimate_degree, "≥ 0 (0 = auto)")
-    _require(not (h.method in ("estimate", "inertia") and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
+    _require(not (h.method in COUNTS_ONLY and needs_spectrum(None, h.tol_mode)), "hessian.tol_mode", h.tol_mode,
              f"auto, rel or abs with hessian.method={h.method} (a gap needs the full spectrum: method=eigh)")
     _require(h.batch_checkpoints >= 1, "hessian.batch_checkpoints", h.batch_checkpoints, "≥ 1")
     _require(h.data_workers >= 0, "hessian.data_workers", h.data_workers, "≥ 0 (0 = HVPs in the Hessian task)")

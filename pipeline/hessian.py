@@ -72,6 +72,7 @@ FOOTPRINT = {("inertia", "cpu"): (1.0, inertia.SAVED_SHARE), ("inertia", "cuda")
              ("eigh", "cpu"): (2.0, 0.0), ("eigh", "cuda"): (2.0, 4.0),
              ("eigh_vectors", "cpu"): (1.0, 3.0), ("eigh_vectors", "cuda"): (1.0, 5.0)}
 GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance"
+COUNTS_ONLY = ("inertia", "estimate")  # methods that count without every eigenvalue
 HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
 
 
@@ -337,14 +338,20 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
     return spectrum.Summary(c, tol, how, lam_lo, lam_hi), None
 
 
+def needs_spectrum(tol: Optional[float], tol_mode: str) -> bool:
+    """Whether the tolerance is read from every eigenvalue: ``tol_mode='gap'`` without a given ``tol``
+    (a gap in |λ| is only found in the full spectrum), which the :data:`COUNTS_ONLY` methods do not have."""
+    return tol is None and tol_mode == "gap"
+
+
 def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: float, tol_mode: str
                  ) -> tuple[float, str]:
     """The tolerance of an ``inertia`` count and how it was set: ``tol`` if given, else ``rel_tol`` ·
     max|λ| from the Lanczos ``extremes`` (λmin, λmax)."""
+    if needs_spectrum(tol, tol_mode):
+        raise ValueError(GAP_NEEDS_SPECTRUM)
     if tol is not None:
         return float(tol), "given"
-    if tol_mode == "gap":
-        raise ValueError(GAP_NEEDS_SPECTRUM)
     return rel_tol * max(abs(extremes[0]), abs(extremes[1])), "rel"
 
 
@@ -484,7 +491,7 @@ def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float
 def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=None, **options) -> SpectrumResult:
     from pipeline import estimate
 
-    if tol is None and tol_mode == "gap":
+    if needs_spectrum(tol, tol_mode):
         raise ValueError(GAP_NEEDS_SPECTRUM)
     t0 = time.perf_counter()
     est = estimate.estimate_counts(matvec or hvps.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,

@@ -15,6 +15,8 @@ from pipeline.data import Dataset, batches, make_dataset
 from pipeline.mlp_hessian import mlp_hessian
 from pipeline.models import MLP, Model, loss_value, make_model
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # optim.dtype, hessian.dtype
+
 
 @dataclass(frozen=True, eq=False)
 class MeanLoss:

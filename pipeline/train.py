@@ -16,9 +16,9 @@ from typing import Callable, Optional
 import torch
 
 from pipeline import stall
-from pipeline.problem import MeanLoss, Problem, make_problem  # noqa: F401  (re-exported: their old home)
+from pipeline.problem import DTYPES, MeanLoss, Problem, make_problem  # noqa: F401  (MeanLoss, Problem: their old home)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OPTIMIZERS = ("gd", "sgd", "adam")  # optim.name: what _optimizer builds
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _optimizer(cfg, theta: torch.Tensor) -> torch.optim.Optimizer:
         return torch.optim.SGD([theta], lr=o.lr, momentum=o.momentum)
     if o.name == "adam":
         return torch.optim.Adam([theta], lr=o.lr)
-    raise ValueError(f"unknown optim.name {o.name!r}: expected gd, sgd or adam")
+    raise ValueError(f"unknown optim.name {o.name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
 def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
