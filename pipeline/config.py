@@ -19,7 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from pipeline import models, problem, refine
 from pipeline.data import DATA_NAMES
-from pipeline.hessian import COUNTS_ONLY, METHODS as HESSIAN_METHODS, needs_spectrum
+from pipeline.hessian import needs_spectrum
+from pipeline.hessian_memory import COUNTS_ONLY, METHODS as HESSIAN_METHODS
 from pipeline.models import LOSSES, MODEL_NAMES
 from pipeline.spectrum import TOL_MODES
 from pipeline.train import OPTIMIZERS

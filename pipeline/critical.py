@@ -25,6 +25,7 @@ import torch
 from torch.func import grad, grad_and_value
 
 from pipeline import spectrum
+from pipeline.hessian_build import hessian
 from pipeline.hvp import LossFn
 from pipeline.stall import (STALL_TAGS, PowerResult, StallTag, gradient_cosine,  # noqa: F401  (their old home)
                             power_lambda_max, stall_tag, stall_tag_at)
@@ -260,12 +261,10 @@ def critical_report(loss_fn: LossFn, theta: torch.Tensor, *, H: Optional[torch.T
     :func:`pipeline.spectrum.summarize` gives them, gradient shares, the gradient-flat test, the honest
     label, and — when some λ < −tol — the escape check along the most negative eigenvector.
 
-    ``H`` ``[N, N]``: the Hessian if already built (else built here with :func:`pipeline.hessian.hessian`).
+    ``H`` ``[N, N]``: the Hessian if already built (else built here with :func:`pipeline.hessian_build.hessian`).
     ``options``: those of :func:`report_from_eigen` (``tol``, ``rel_tol``, ``tol_mode``, ``gtol2``, …).
     Cost: one ``eigh`` of N×N (with eigenvectors), so meant for N up to a few thousand.
     """
-    from pipeline.hessian import hessian
-
     theta = theta.detach().to(torch.float64)
     H = hessian(loss_fn, theta) if H is None else H.to(theta.device, torch.float64)
     lam, V = torch.linalg.eigh(H)

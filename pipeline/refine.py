@@ -24,6 +24,7 @@ import torch
 from torch.func import grad_and_value
 
 from pipeline.critical import GTOL2
+from pipeline.hessian_build import hessian, resolve_hvp
 from pipeline.hvp import LossFn, hvp_at
 from pipeline.lanczos import MatVec
 
@@ -279,8 +280,6 @@ def resolve_operator(operator: str, loss_fn: LossFn, theta: torch.Tensor) -> str
         raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
     if operator != "auto":
         return operator
-    from pipeline.hessian import resolve_hvp
-
     small = theta.numel() <= AUTO_DENSE_MAX_N.get(theta.device.type, AUTO_DENSE_MAX_N["cpu"])
     return "dense" if small and resolve_hvp("auto", theta.device, loss_fn) == "closed_form" else "hvp"
 
@@ -289,9 +288,7 @@ def _matvec(loss_fn: LossFn, theta: torch.Tensor, operator: str) -> MatVec:
     """``v -> H v`` at ``theta`` for a resolved ``operator`` (``hvp`` or ``dense``)."""
     if operator == "hvp":
         return hvp_at(loss_fn, theta)
-    from pipeline.hessian import hessian  # one N×N build per point, then cheap products
-
-    H = hessian(loss_fn, theta)
+    H = hessian(loss_fn, theta)  # one N×N build per point, then cheap products
     return lambda v: H @ v
 
 
