@@ -181,12 +181,10 @@ class EscapeCheck:
     def drops(self) -> bool:
         return any(d < 0 for d in self.delta)
 
-    def row(self) -> dict:
-        """Scalar summary: the step with the largest drop, its change and the prediction there."""
-        i = int(np.argmin(self.delta))
-        return {"escape_drops": self.drops, "escape_step": self.steps[i], "escape_delta": self.delta[i],
-                "escape_predicted": self.predicted[i],
-                "escape_ratio_smallest": _ratio(self.delta[0], self.predicted[0])}
+    @property
+    def ratio_smallest(self) -> float:
+        """Δloss / (½ε²λmin) at the smallest step (1 where the second-order prediction holds; NaN if 0)."""
+        return _ratio(self.delta[0], self.predicted[0])
 
 
 def _ratio(a: float, b: float) -> float:
@@ -226,33 +224,27 @@ def escape_check(loss_fn: LossFn, theta: torch.Tensor, v_min, lam_min: float,
 
 @dataclass
 class CriticalReport:
-    """Everything this module says about one point (see :meth:`row` for the table columns)."""
+    """Everything this module says about one point (:func:`pipeline.rows.critical_columns` makes its table
+    columns): the loss, ‖g‖², the spectrum's ``summary`` (counts with their tolerance, extreme eigenvalues,
+    label), the honest ``label``, gradient shares, flatness, gᵀHg / (‖g‖² max|λ|) ∈ [−1, 1] (near 0 when g
+    points along flat directions) and the escape check where some λ < −tol."""
 
     loss: float
     grad_norm2: float
-    counts: spectrum.Counts
-    tol: float
-    tol_method: str
-    lam_min: float
-    lam_max: float
-    spectrum_label: str
+    summary: spectrum.Summary
     label: str
     shares: GradientShares
     flatness: Flatness
-    grad_curvature: float  # gᵀHg / (‖g‖² max|λ|) ∈ [−1, 1]: near 0 when g points along flat directions
+    grad_curvature: float
     escape: Optional[EscapeCheck]
 
-    def row(self) -> dict:
-        out = {"grad_norm2": self.grad_norm2, "critical_label": self.label,
-               "grad_share_neg": self.shares.neg, "grad_share_zero": self.shares.zero,
-               "grad_share_pos": self.shares.pos, "flat_residual": self.flatness.relative_residual,
-               "flat_cokernel": self.flatness.cokernel_residual, "grad_curvature": self.grad_curvature}
-        if self.escape is not None:
-            out.update(self.escape.row())
-        else:
-            out.update({"escape_drops": None, "escape_step": math.nan, "escape_delta": math.nan,
-                        "escape_predicted": math.nan, "escape_ratio_smallest": math.nan})
-        return out
+    @property
+    def spectrum_label(self) -> str:
+        return self.summary.label
+
+    @property
+    def lam_min(self) -> float:
+        return self.summary.lam_min
 
 
 def critical_report(loss_fn: LossFn, theta: torch.Tensor, *, H: Optional[torch.Tensor] = None,
@@ -302,5 +294,4 @@ def report_from_eigen(loss_fn: LossFn, theta: torch.Tensor, eigvals, grad_coeffs
     label = critical_label(gn2, summary.label, flat.relative_residual, flat.cokernel_residual, gtol2=gtol2,
                            min_residual=min_residual, max_cokernel=max_cokernel)
     escape = escape_check(loss_fn, theta, v_min, float(lam[0]), escape_steps) if lam[0] < -summary.tol else None
-    return CriticalReport(loss, gn2, summary.counts, summary.tol, summary.tol_method, float(lam[0]),
-                          float(lam[-1]), summary.label, label, shares, flat, curv, escape)
+    return CriticalReport(loss, gn2, summary, label, shares, flat, curv, escape)

@@ -42,20 +42,16 @@ GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' 
 
 @dataclass
 class SpectrumResult:
-    """What :func:`spectrum_at` returns. Eigenvalues are ascending, ``[N]`` NumPy float64, or None when
-    the counts came from ``inertia``. ``seconds`` splits the time into build / count."""
+    """What :func:`spectrum_at` returns: the loss and gradient norm at the point and the ``summary`` of
+    its spectrum (counts with their tolerance and the extreme eigenvalues; ``n_pos_naive`` is None where
+    inertia skipped that factorisation or the counts were estimated). Eigenvalues are ascending, ``[N]``
+    NumPy float64, or None when the counts came from ``inertia``. ``seconds`` splits the time into
+    build / count."""
 
     n_params: int
     loss: float
     grad_norm: float
-    n_pos: int
-    n_neg: int
-    n_zero: int
-    n_pos_naive: Optional[int]  # None when inertia skipped that factorisation (naive=False) or estimated
-    tol: float
-    tol_method: str
-    lam_min: Optional[float]
-    lam_max: Optional[float]
+    summary: spectrum.Summary
     method: str
     dtype: str
     device: str
@@ -71,7 +67,39 @@ class SpectrumResult:
 
     @property
     def counts(self) -> spectrum.Counts:
-        return spectrum.Counts(self.n_pos, self.n_neg, self.n_zero, self.n_pos_naive)
+        return self.summary.counts
+
+    @property
+    def n_pos(self) -> int:
+        return self.summary.counts.n_pos
+
+    @property
+    def n_neg(self) -> int:
+        return self.summary.counts.n_neg
+
+    @property
+    def n_zero(self) -> int:
+        return self.summary.counts.n_zero
+
+    @property
+    def n_pos_naive(self) -> Optional[int]:
+        return self.summary.counts.n_pos_naive
+
+    @property
+    def tol(self) -> float:
+        return self.summary.tol
+
+    @property
+    def tol_method(self) -> str:
+        return self.summary.tol_method
+
+    @property
+    def lam_min(self) -> Optional[float]:
+        return self.summary.lam_min
+
+    @property
+    def lam_max(self) -> Optional[float]:
+        return self.summary.lam_max
 
     @property
     def label(self) -> str:
@@ -305,11 +333,8 @@ def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Option
         value, g = _value_and_gradient(loss_fn, theta)
     if not math.isfinite(value):
         raise ValueError(f"the loss is {value} at this point: no spectrum of a non-finite loss")
-    c = summary.counts
     return SpectrumResult(
-        n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)),
-        n_pos=c.n_pos, n_neg=c.n_neg, n_zero=c.n_zero, n_pos_naive=c.n_pos_naive,
-        tol=summary.tol, tol_method=summary.tol_method, lam_min=summary.lam_min, lam_max=summary.lam_max,
+        n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)), summary=summary,
         method=method, dtype=str(theta.dtype).replace("torch.", ""), device=_device_name(theta.device),
         eigenvalues=lam, seconds=seconds, grad_coeffs=grad_coeffs, v_min=v_min)
 

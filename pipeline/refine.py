@@ -214,15 +214,6 @@ class RefineResult:
     def converged(self) -> bool:
         return self.stopped_because == "converged"
 
-    def row(self) -> dict:
-        """Scalar columns for a results table (``refine_*``)."""
-        return {"refine_method": self.method, "refine_iterations": self.iterations,
-                "refine_stopped_because": self.stopped_because, "refine_distance": self.distance,
-                "refine_loss_change": self.loss_change, "refine_grad_norm2_start": self.grad_norm2_0,
-                "refine_grad_norm2": self.grad_norm2, "refine_relative_residual": self.relative_residual,
-                "refine_cokernel_residual": self.cokernel_residual, "refine_hvps": self.hvps,
-                "refine_grads": self.grads, "refine_seconds": self.seconds}
-
 
 def _start(theta0: torch.Tensor) -> torch.Tensor:
     if theta0.dim() != 1:

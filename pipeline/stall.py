@@ -90,10 +90,6 @@ class StallTag:
     sharpness: float
     reasons: str
 
-    def row(self) -> dict:
-        return {"stall_tag": self.tag, "stall_grad_ratio": self.grad_ratio, "stall_cosine": self.cosine,
-                "stall_sharpness": self.sharpness, "stall_tag_reasons": self.reasons}
-
 
 def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam_max: float = math.nan,
               lr: Optional[float] = None, *, grad_ratio_tol: float = 1e-2, cosine_tol: float = 0.0,

@@ -29,7 +29,7 @@ class Checkpoint:
     grad_norm: float  # ‖∇L‖ of the full-batch loss
     stalled: bool  # True: the stall rule fired here; False: the run's last state without a stall
     reason: str  # why this point was saved, e.g. "stall: rel. improvement 3e-05 < 1e-4 over 500 steps"
-    tag: dict = field(default_factory=dict)  # stall tag columns (pipeline.stall.StallTag.row())
+    tag: Optional[stall.StallTag] = None  # why it stalled (small gradient or oscillating), measured at the point
 
 
 @dataclass
@@ -116,8 +116,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     def emit(ck: Checkpoint):
         # Oscillating or small gradient? Measured at the point itself (one extra gradient, a power iteration).
         g0 = curves.grad_norm[0] if curves.grad_norm else ck.grad_norm
-        ck.tag = stall.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters,
-                                       **thresholds).row()
+        ck.tag = stall.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters, **thresholds)
         checkpoints.append(ck)
         if on_checkpoint is not None:
             on_checkpoint(ck)
