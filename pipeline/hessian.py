@@ -33,9 +33,9 @@ from pipeline.hessian_memory import (AUTO_EIGH_MAX_N, BATCH_POINTS_DEVICES, COUN
 from pipeline.hvp import LossFn, WeightedTerms
 from pipeline.symmetric import symmetrize_  # noqa: F401  (re-exported: its old home)
 
-# Eigenvalue error of a Hessian built in float32, relative to max|λ|: measured ≤ 4e-8 on tanh / ReLU /
-# softplus MLPs up to N = 1,732 (tests/test_hessian.py asserts ≤ 1e-6). A relative tolerance below
-# the floor would count rounding noise, so float32 raises rel_tol to it; float64 leaves it alone.
+# Eigenvalue error of a Hessian built in float32, relative to max|λ| (tests/test_hessian.py asserts ≤ 1e-6;
+# docs/performance.md). A relative tolerance below the floor would count rounding noise, so float32 raises
+# rel_tol to it; float64 leaves it alone.
 REL_NOISE_FLOOR = {torch.float32: 1e-6}
 GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance"
 

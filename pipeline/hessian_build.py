@@ -63,7 +63,7 @@ def activation_bytes(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor)
 
 def column_bytes(loss_fn, theta: torch.Tensor) -> int:
     # Three saved-activation sets per column (forward, backward, their tangents) and 8 N-vectors
-    # (basis row, output row, gradient slices), measured to bound CUDA peaks within 20 %.
+    # (basis row, output row, gradient slices): enough to bound CUDA peaks (docs/performance.md).
     return 3 * activation_bytes(loss_fn, theta) + 8 * theta.numel() * theta.element_size()
 
 

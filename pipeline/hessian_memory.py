@@ -15,29 +15,23 @@ import torch
 from pipeline import inertia
 
 # `auto` takes the full spectrum up to this many parameters, counts only (LDLᵀ) above: about where the
-# spectrum stops costing no more than the counts. CPU (2 cores): eigh 0.18 s vs counts 0.17 s at N = 1,732,
-# 1.25 s vs 0.97 s at 3,852. H100 with the blocked LDLᵀ (docs/bench/bench_hessian_h100.txt): eigh 0.025 s vs
-# 0.080 s at 1,999, 0.25 s vs 0.16 s (0.22 s with the naive count) at 5,508, 5.3 s vs 0.69 s at 19,204.
+# spectrum stops costing no more than the counts (docs/performance.md).
 AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 4096}
 METHODS = ("auto", "eigh", "inertia", "estimate")
 COUNTS_ONLY = ("inertia", "estimate")  # methods that count without every eigenvalue
-# Build workspace on CPU per thread count. One thread: blocks whose activations stay in cache are
-# fastest — measured optima 32-64 columns at N = 172 (300 samples), 16-32 at N = 612 (1,000 samples),
-# 8-16 at N = 1,732 (512 samples); 16 MiB gives 61, 8 and 8 columns, each within 3 % of the best.
-# Two threads: bigger blocks amortise each op's fork/join — 32-128 columns best at N = 1,732, 8
-# columns 40 % slower. So 16 MiB × threads², at most 256 MiB.
+# Build workspace on CPU: 16 MiB × threads², at most 256 MiB. On one thread, blocks whose activations stay
+# in cache are fastest; more threads want bigger blocks to amortise each op's fork/join (docs/performance.md).
 CPU_WORKSPACE_BYTES = 16 * 2**20
 CPU_WORKSPACE_MAX_BYTES = 256 * 2**20
 # Build several points in one vmapped pass only where it pays: on CUDA it turns B small launches into
-# one; on CPU the build is compute-bound and the multi-point pass measured 10-20 % slower.
+# one; on CPU the build is compute-bound and gains nothing (docs/performance.md).
 BATCH_POINTS_DEVICES = ("cuda",)
 # What counting holds, in units of one Hessian (N² numbers), as (per point of a pass, once per pass):
 # inertia: H, and one point's saved lower triangle. eigh: H and the copy eigh takes (one batched call);
 # with eigenvectors (vectors=True, one point at a time), H, and one point's eigenvectors and workspace —
-# LAPACK dsyevd's 2N² + 6N + 1 numbers on CPU, cuSOLVER syevd's 4.0×H on CUDA (measured with and
-# without eigenvectors, N = 1,483 to 29,124; docs/bench/bench_cusolver_eigh_h100.txt). These plan the fast
-# path; a CUDA pass of one point whose eigvalsh does not fit takes its eigenvalues in about 1.1×H instead
-# (cusolver.eigvalsh_inplace_, 1.4-1.6× slower; see _eigen).
+# LAPACK dsyevd's 2N² + 6N + 1 numbers on CPU, cuSOLVER syevd's 4.0×H on CUDA (docs/performance.md). These
+# plan the fast path; a CUDA pass of one point whose eigvalsh does not fit takes its eigenvalues in about
+# 1.1×H instead (cusolver.eigvalsh_inplace_, slower; see pipeline.hessian._eigen).
 FOOTPRINT = {("inertia", "cpu"): (1.0, inertia.SAVED_SHARE), ("inertia", "cuda"): (1.0, inertia.SAVED_SHARE),
              ("eigh", "cpu"): (2.0, 0.0), ("eigh", "cuda"): (2.0, 4.0),
              ("eigh_vectors", "cpu"): (1.0, 3.0), ("eigh_vectors", "cuda"): (1.0, 5.0)}
