@@ -29,17 +29,28 @@ from pipeline.problem import make_problem
 from pipeline.train import Checkpoint, Curves, TrainState, train
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CheckpointRef:
-    """A checkpoint waiting for its Hessian: where it is and what it needs (small, picklable)."""
+    """A checkpoint waiting for its Hessian: where it is and the run it belongs to (small, picklable: the
+    refs of one run share its :class:`pipeline.plan.Run`, and a list of them pickles its config once)."""
 
-    run_id: str
-    seed: int
+    run: Run
     step: int
     stage: str  # stalled | final
     path: str  # relative to the results root
     group: str  # checkpoints with equal group share one loss function and can be batched
-    config: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+    @property
+    def config(self) -> dict:
+        return self.run.config
 
 
 def checkpoint_path(sweep: str, run_id: str, step: int) -> str:
@@ -67,8 +78,7 @@ def save_checkpoint(store: Store, sweep: str, run: Run, ck: Checkpoint) -> Check
 
 
 def ref_for(run: Run, step: int, stalled: bool, path: str) -> CheckpointRef:
-    return CheckpointRef(run.run_id, run.seed, step, "stalled" if stalled else "final", path,
-                         problem_group(run.config, run.seed), run.config)
+    return CheckpointRef(run, step, "stalled" if stalled else "final", path, problem_group(run.config, run.seed))
 
 
 def load_checkpoint(store: Store, path: str) -> dict:
@@ -175,7 +185,7 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     store = Store.open(store_uri)
     h = section(refs[0].config, "hessian")
     metas = [load_checkpoint(store, r.path) for r in refs]
-    cfg = Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg()
+    cfg = refs[0].run.cfg()
     problem = make_problem(cfg, refs[0].seed)
     batch_size = refs[0].config["data"]["batch_size"]
 
@@ -262,7 +272,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
     t0 = time.perf_counter()
     try:
         meta = load_checkpoint(store, ref.path)
-        problem = make_problem(Run(ref.run_id, ref.seed, {}, cfg).cfg(), ref.seed).to(device, torch.float64)
+        problem = make_problem(ref.run.cfg(), ref.seed).to(device, torch.float64)
         f = problem.loss_fn()
         found = refine.refine(r["method"], f, meta["theta"].to(device, torch.float64),
                               **refine.options_for(r["method"], r))

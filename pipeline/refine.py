@@ -409,16 +409,19 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
                         time.perf_counter() - t0, history)
 
 
+# The settings of the `refine:` config section each finder takes as keyword arguments (the others are
+# `method`, Ray resources and the other finder's settings). tests/test_refine.py checks them against the
+# finders' signatures and the config's schema.
+SETTINGS = {"newton_mr": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "forcing", "rcond", "operator"),
+            "gnm": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "rcond")}
+
+
 def options_for(method: str, section) -> dict:
     """The keyword arguments of finder ``method`` found in ``section`` (a dict or config node, e.g. the
-    ``refine:`` config section); keys the finder does not take (``method``, Ray resources, the other finder's
-    settings) are left out. A key that neither finder takes is still allowed: the config owns its keys."""
-    import inspect
-
+    ``refine:`` config section): its :data:`SETTINGS` that the section holds."""
     if method not in METHODS:
         raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
-    params = inspect.signature(newton_mr if method == "newton_mr" else gnm).parameters
-    return {k: section[k] for k in section if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+    return {k: section[k] for k in SETTINGS[method] if k in section}
 
 
 def refine(method: str, loss_fn: LossFn, theta0: torch.Tensor, **options) -> RefineResult:
