@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
-from pipeline import block_ldl
+from pipeline import block_ldl, lanczos
 from pipeline.spectrum import Counts
 
 FACTORS = ("auto", "bunch_kaufman", "blocked")
@@ -279,9 +280,7 @@ def _lanczos_extremes(H: torch.Tensor, steps: int, rtol: float) -> list[tuple[fl
     for j in range(m):
         w = (H @ Q[:, j, :, None])[..., 0]
         alpha[:, j] = (Q[:, j] * w).sum(-1)
-        basis = Q[:, : j + 1]
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            w = w - (basis.transpose(1, 2) @ (basis @ w[..., None]))[..., 0]
+        w = lanczos.reorthogonalize(w, Q[:, : j + 1])
         beta[:, j] = torch.linalg.vector_norm(w, dim=-1)
         a_host, b_host = alpha[:, : j + 1].cpu(), beta[:, : j + 1].cpu()  # one sync for the batch
         for k in range(b):
@@ -299,13 +298,11 @@ def _lanczos_extremes(H: torch.Tensor, steps: int, rtol: float) -> list[tuple[fl
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor, rtol: float) -> tuple[torch.Tensor, bool]:
-    """Ritz values of the tridiagonal (alpha, beta[:-1]) and whether both extremes have converged:
-    residual ‖H y − θ y‖ = |beta[-1] · s_last| ≤ rtol · max|θ|, or beta[-1] ≈ 0 (invariant subspace)."""
-    k = alpha.numel()
-    T = torch.diag(alpha) + torch.diag(beta[: k - 1], 1) + torch.diag(beta[: k - 1], -1)
-    theta, S = torch.linalg.eigh(T)
-    scale = float(theta.abs().max())
-    resid = (beta[-1] * S[-1, [0, -1]]).abs()
-    done = bool(beta[-1] <= 1e-12 * max(scale, 1e-300)) or bool((resid <= rtol * scale).all())
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor, rtol: float) -> tuple[np.ndarray, bool]:
+    """Ritz values (:func:`pipeline.lanczos.ritz`, ascending) of the tridiagonal (alpha, beta[:-1]) and
+    whether both extremes have converged: residual ‖H y − θ y‖ = |beta[-1] · s_last| ≤ rtol · max|θ|, or
+    beta[-1] ≈ 0 (invariant subspace)."""
+    theta, _, resid = lanczos.ritz(alpha.double().numpy(), beta.double().numpy())
+    scale = float(np.abs(theta).max())
+    done = bool(beta[-1] <= 1e-12 * max(scale, 1e-300)) or bool((resid[[0, -1]] <= rtol * scale).all())
     return theta, done

@@ -26,7 +26,7 @@ from torch.func import grad_and_value
 from pipeline.critical import GTOL2
 from pipeline.hessian_build import hessian, resolve_hvp
 from pipeline.hvp import LossFn, hvp_at
-from pipeline.lanczos import MatVec
+from pipeline.lanczos import MatVec, reorthogonalize
 
 METHODS = ("newton_mr", "gnm")
 STOP_REASONS = ("converged", "max_iters", "line_search_failed", "stalled")
@@ -118,8 +118,7 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
         w = w - alpha * V[j]
         if j > 0:
             w = w - betas[-1] * V[j - 1]
-        for _ in range(2):  # full reorthogonalisation, twice: Lanczos vectors lose orthogonality otherwise
-            w = w - V[:j + 1].T @ (V[:j + 1] @ w)
+        w = reorthogonalize(w, V[:j + 1])  # full: Lanczos vectors lose orthogonality otherwise
         beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
         betas.append(beta)
@@ -150,25 +149,33 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
         V[j + 1] = w / beta
         t_prev = phibar * q
     m = len(alphas)
-    T = np.zeros((m + 1, m))
-    T[np.arange(m), np.arange(m)] = alphas
-    T[np.arange(1, m + 1), np.arange(m)] = betas
-    T[np.arange(m - 1), np.arange(1, m)] = betas[:m - 1]
-    if stop == "invariant":
-        T = T[:m]  # the last row is rounding noise: the space is invariant
-    U, S, Wt = np.linalg.svd(T, full_matrices=False)
-    keep = S > rcond * S[0] if S[0] > 0 else np.zeros_like(S, dtype=bool)
-    rhs = np.zeros(T.shape[0])
-    rhs[0] = beta1
-    y = Wt[keep].T @ ((U[:, keep].T @ rhs) / S[keep])
+    y, s_max = _small_least_squares(alphas, betas, beta1, stop == "invariant", rcond)
     x = V[:m].T @ torch.as_tensor(y, dtype=b.dtype, device=b.device)
     r = b - matvec(x)
     ar_vec = matvec(r)
     matvecs += 2
     r_norm = float(torch.linalg.vector_norm(r))
-    s_max = float(S[0])
     cok = float(torch.linalg.vector_norm(ar_vec)) / (s_max * r_norm) if r_norm > 0 and s_max > 0 else 0.0
     return MinresResult(x, r, m, stop, r_norm / beta1, cok, s_max, matvecs)
+
+
+def _small_least_squares(alphas: list, betas: list, beta1: float, invariant: bool, rcond: float
+                         ) -> tuple[np.ndarray, float]:
+    """The minimum-length solution ``y`` ``[m]`` of ``min ‖β₁e₁ − T̄y‖`` for the (m+1)×m Lanczos matrix
+    (m×m when the Krylov space is ``invariant``: its last row is then rounding noise) by an SVD truncated
+    at ``rcond`` · σmax, and σmax, the estimate of ‖A‖₂."""
+    m = len(alphas)
+    T = np.zeros((m + 1, m))
+    T[np.arange(m), np.arange(m)] = alphas
+    T[np.arange(1, m + 1), np.arange(m)] = betas
+    T[np.arange(m - 1), np.arange(1, m)] = betas[:m - 1]
+    if invariant:
+        T = T[:m]
+    U, S, Wt = np.linalg.svd(T, full_matrices=False)
+    keep = S > rcond * S[0] if S[0] > 0 else np.zeros_like(S, dtype=bool)
+    rhs = np.zeros(T.shape[0])
+    rhs[0] = beta1
+    return Wt[keep].T @ ((U[:, keep].T @ rhs) / S[keep]), float(S[0])
 
 
 # ------------------------------------------------------------------------------------------------ finders

@@ -101,7 +101,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     mini = cfg.data.batch_size > 0 and cfg.data.batch_size < data.n
     curves, checkpoints = Curves(), []
     since, status, step, first = 0, "ok", 0, 0
-    if resume is not None:
+    if resume is not None:  # go on exactly where the saved state left off
         opt.load_state_dict(resume.optimizer)
         gen.set_state(resume.generator)
         curves, checkpoints, since, first = resume.curves, list(resume.checkpoints), resume.since, resume.step
@@ -123,18 +123,9 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
 
     for step in range(first, o.max_steps + 1):
         logging = step % o.log_every == 0 or step == o.max_steps
-        if not mini:
-            opt.zero_grad(set_to_none=True)
-            value = full(theta)
-            value.backward()
-            loss_now = float(value.detach())
-            if logging:
-                gnorm_now = float(theta.grad.norm())
-        elif logging:
-            theta.grad = None
-            value = full(theta)
-            value.backward()
-            loss_now, gnorm_now = float(value), float(theta.grad.norm())
+        if not mini or logging:
+            loss_now, gnorm = _full_batch(full, theta, opt, logging)
+            gnorm_now = gnorm if logging else gnorm_now
         if not math.isfinite(loss_now):
             status = "diverged"
             break
@@ -144,13 +135,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
             curves.grad_norm.append(gnorm_now)
             lam, cos = math.nan, math.nan
             if s.curvature_every and step % s.curvature_every == 0:
-                point = theta.detach()
-                power = stall.power_lambda_max(full, point, s.power_iters, v0=power_v)
-                lam, power_v = power.lam_max, power.vector
-                if lr is not None:
-                    g_fn = torch.func.grad(full)
-                    g = g_fn(point)
-                    cos = stall.gradient_cosine(g, g_fn(point - lr * g))
+                lam, cos, power_v = _curvature(full, theta.detach(), s.power_iters, lr, power_v)
             curves.lam_max.append(lam)
             curves.grad_cosine.append(cos)
             if stall.is_stalled(curves.step, curves.loss, s.window, s.threshold, since=since):
@@ -164,8 +149,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
         if step == o.max_steps:
             break
         if mini:
-            perm = torch.randperm(data.n, generator=gen)
-            idx = perm[: cfg.data.batch_size]
+            idx = torch.randperm(data.n, generator=gen)[: cfg.data.batch_size]
             opt.zero_grad(set_to_none=True)
             problem.loss_fn(data.X[idx], data.Y[idx])(theta).backward()
         opt.step()
@@ -181,6 +165,28 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     return TrainResult(status, step, loss_now, gnorm_now, model.n_params, curves, checkpoints,
                        time.perf_counter() - t_start,
                        error=f"loss became {loss_now} at step {step}" if status == "diverged" else None)
+
+
+def _full_batch(full, theta: torch.Tensor, opt: torch.optim.Optimizer, logging: bool) -> tuple[float, float]:
+    """The full-batch loss at ``theta`` with its gradient left in ``theta.grad`` (the step of full-batch GD
+    uses it), and ‖∇L‖ at logged steps (NaN otherwise: reading it costs a device sync)."""
+    opt.zero_grad(set_to_none=True)
+    value = full(theta)
+    value.backward()
+    return float(value.detach()), float(theta.grad.norm()) if logging else math.nan
+
+
+def _curvature(full, point: torch.Tensor, power_iters: int, lr: Optional[float], power_v: Optional[torch.Tensor]
+               ) -> tuple[float, float, torch.Tensor]:
+    """λmax at ``point`` by power iteration (warm-started from ``power_v``) and, for (S)GD, the cosine between
+    the gradient and the one after a GD step (NaN for Adam); returns them and the new warm start."""
+    power = stall.power_lambda_max(full, point, power_iters, v0=power_v)
+    cos = math.nan
+    if lr is not None:
+        g_fn = torch.func.grad(full)
+        g = g_fn(point)
+        cos = stall.gradient_cosine(g, g_fn(point - lr * g))
+    return power.lam_max, cos, power.vector
 
 
 def _loss_at(curves: Curves, step: int) -> float:
