@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Optional, Sequence
 
 import numpy as np
@@ -238,13 +239,8 @@ class CriticalReport:
     grad_curvature: float
     escape: Optional[EscapeCheck]
 
-    @property
-    def spectrum_label(self) -> str:
-        return self.summary.label
-
-    @property
-    def lam_min(self) -> float:
-        return self.summary.lam_min
+    spectrum_label = property(attrgetter("summary.label"))
+    lam_min = property(attrgetter("summary.lam_min"))
 
 
 def critical_report(loss_fn: LossFn, theta: torch.Tensor, *, H: Optional[torch.Tensor] = None,

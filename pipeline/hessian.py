@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -65,41 +66,16 @@ class SpectrumResult:
     grad_coeffs: Optional[np.ndarray] = None
     v_min: Optional[np.ndarray] = None
 
-    @property
-    def counts(self) -> spectrum.Counts:
-        return self.summary.counts
-
-    @property
-    def n_pos(self) -> int:
-        return self.summary.counts.n_pos
-
-    @property
-    def n_neg(self) -> int:
-        return self.summary.counts.n_neg
-
-    @property
-    def n_zero(self) -> int:
-        return self.summary.counts.n_zero
-
-    @property
-    def n_pos_naive(self) -> Optional[int]:
-        return self.summary.counts.n_pos_naive
-
-    @property
-    def tol(self) -> float:
-        return self.summary.tol
-
-    @property
-    def tol_method(self) -> str:
-        return self.summary.tol_method
-
-    @property
-    def lam_min(self) -> Optional[float]:
-        return self.summary.lam_min
-
-    @property
-    def lam_max(self) -> Optional[float]:
-        return self.summary.lam_max
+    # The summary's values, read as the result's own (res.n_pos, res.tol, …).
+    counts = property(attrgetter("summary.counts"))
+    n_pos = property(attrgetter("summary.counts.n_pos"))
+    n_neg = property(attrgetter("summary.counts.n_neg"))
+    n_zero = property(attrgetter("summary.counts.n_zero"))
+    n_pos_naive = property(attrgetter("summary.counts.n_pos_naive"))
+    tol = property(attrgetter("summary.tol"))
+    tol_method = property(attrgetter("summary.tol_method"))
+    lam_min = property(attrgetter("summary.lam_min"))
+    lam_max = property(attrgetter("summary.lam_max"))
 
     @property
     def label(self) -> str:

@@ -16,6 +16,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Callable, Optional
 
 import torch
@@ -40,17 +41,9 @@ class CheckpointRef:
     path: str  # relative to the results root
     group: str  # checkpoints with equal group share one loss function and can be batched
 
-    @property
-    def run_id(self) -> str:
-        return self.run.run_id
-
-    @property
-    def seed(self) -> int:
-        return self.run.seed
-
-    @property
-    def config(self) -> dict:
-        return self.run.config
+    run_id = property(attrgetter("run.run_id"))
+    seed = property(attrgetter("run.seed"))
+    config = property(attrgetter("run.config"))
 
 
 def checkpoint_path(sweep: str, run_id: str, step: int) -> str:
