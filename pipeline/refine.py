@@ -91,7 +91,8 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
 
     The returned ``x`` solves ``min ‖β₁e₁ − T̄y‖`` by a truncated SVD (``rcond``), so a singular ``A`` gives
     the minimum-length least-squares solution in the Krylov space instead of a blown-up one. Memory: the
-    basis, ``(iterations + 1) × N`` numbers.
+    basis, ``(iterations + 1) × N`` numbers. The Lanczos step and the Givens update of the residuals are one
+    recurrence, so they stay in one loop.
     """
     n = b.numel()
     if b.dim() != 1:

@@ -87,6 +87,9 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     ``on_checkpoint`` is called with each checkpoint as soon as it exists, so its Hessian can start
     while training goes on. ``on_state`` receives a :class:`TrainState` at most every ``state_every_s``
     seconds; passing one back as ``resume`` continues that run with the same result.
+
+    The step loop stays in one piece on purpose: the order of measuring, logging, the stall check, the
+    step and the state save within a step is what makes a resumed run bit-for-bit the uninterrupted one.
     """
     t_start = time.perf_counter()
     dtype = DTYPES[cfg.optim.dtype]
