@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -120,32 +119,16 @@ def main() -> None:
     sys.exit(_MULTIRUN_CODE)
 
 
-def _folder_arg(description: str, checkpoint: bool = False) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("folder", help="a sweep's results folder, <results_root>/<sweep.name> (path or URI)")
-    if checkpoint:
-        p.add_argument("--checkpoint", help="RUN_ID:STEP[:STAGE] whose eigenvalue histogram to draw (without "
-                       "STAGE, the point where training stopped rather than its refined one)")
-    return p.parse_args()
-
-
 def analyze_main() -> None:
-    from pipeline import analysis
+    from pipeline import analysis  # imported here: matplotlib is slow to load for the other commands
 
-    args = _folder_arg("Write figures and print the summary of a minratio sweep.", checkpoint=True)
-    try:
-        store, sweep = analysis.open_results(args.folder)
-        text, figs = analysis.analyze(store, sweep, args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"minratio-analyze: {err}")
-    print(text)
-    print("figures:\n  " + "\n  ".join(figs))
+    analysis.main()
 
 
 def compact_main() -> None:
     from pipeline import analysis, tables
 
-    args = _folder_arg("Merge the small Parquet files of each table of a sweep into one file per table (failed "
+    args = analysis.folder_args("Merge the small Parquet files of each table of a sweep into one file per table (failed "
                        "rows keep their own files, which the resume that retries them replaces). Run it when no "
                        "sweep is writing to the folder.")
     try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import identity, jobs, shards, tables
+from pipeline import identity, jobs, rows, shards, tables
 from pipeline.config import ConfigError, validate
 from pipeline.plan import Run, expand
 from pipeline.progress import Progress
@@ -170,7 +170,7 @@ def check_gap_tolerance(runs: list[Run]) -> None:
     (above :data:`pipeline.hessian.AUTO_EIGH_MAX_N` parameters), before anything trains: every point
     would fail. (Where auto falls to the estimator for lack of memory, the point's error says so.)"""
     from pipeline.hessian import AUTO_EIGH_MAX_N
-    from pipeline.train import make_problem
+    from pipeline.problem import make_problem
 
     sizes: dict[str, int] = {}
     for run in runs:
@@ -387,7 +387,7 @@ def _finish_train(store: Store, name: str, obj, run: Run, prog: Progress) -> lis
     try:
         took, (status, refs) = ray.get(obj)
     except ray.exceptions.RayError as err:  # the worker died more often than ray.max_retries allows
-        tables.write(store, name, "runs", [jobs.run_row(name, run, status="failed",
+        tables.write(store, name, "runs", [rows.run_row(name, run, status="failed",
                                                         error=f"{type(err).__name__}: {err}")])
         prog.failed += 1
         return []
@@ -410,9 +410,8 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
         done = tables.done_keys(store, name, "points")
         lost = [r for r in refs if (r.run_id, r.step, r.stage) not in done]
         for r in lost:
-            tables.write(store, name, "points", [{"run_id": r.run_id, "step": r.step, "stage": r.stage,
-                                                  "seed": r.seed, "status": "failed",
-                                                  "error": f"{type(err).__name__}: {err}"}])
+            key = rows.point_key(r.run_id, r.step, r.stage, r.seed)
+            tables.write(store, name, "points", [rows.failed_point_row(key, f"{type(err).__name__}: {err}")])
         prog.points_done += len(refs) - len(lost)
         prog.points_failed += len(lost)
 
