@@ -16,7 +16,9 @@ Figures (under ``<results>/<sweep>/figures/``):
 """
 from __future__ import annotations
 
+import argparse
 import posixpath
+import sys
 
 import matplotlib
 import matplotlib.ticker
@@ -283,7 +285,28 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[st
     return summary_text(t), figs
 
 
-if __name__ == "__main__":
-    from pipeline.cli import analyze_main
+def folder_args(description: str, checkpoint: bool = False) -> argparse.Namespace:
+    """The command line of a command over one sweep's results folder (``minratio-analyze``,
+    ``minratio-compact``): the folder, and with ``checkpoint`` the point whose histogram to draw."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("folder", help="a sweep's results folder, <results_root>/<sweep.name> (path or URI)")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="RUN_ID:STEP[:STAGE] whose eigenvalue histogram to draw (without "
+                       "STAGE, the point where training stopped rather than its refined one)")
+    return p.parse_args()
 
-    analyze_main()
+
+def main() -> None:
+    """``minratio-analyze`` / ``python -m pipeline.analysis``: write a sweep's figures, print its summary."""
+    args = folder_args("Write figures and print the summary of a minratio sweep.", checkpoint=True)
+    try:
+        store, sweep = open_results(args.folder)
+        text, figs = analyze(store, sweep, args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"minratio-analyze: {err}")
+    print(text)
+    print("figures:\n  " + "\n  ".join(figs))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,32 +19,36 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
-from pipeline import critical, refine, tables
+from pipeline import critical, refine, rows, tables
 from pipeline.config import section
 from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
 from pipeline.storage import Store, StorageFull
-from pipeline.train import Checkpoint, Curves, TrainState, make_problem, train
+from pipeline.problem import make_problem
+from pipeline.train import Checkpoint, Curves, TrainState, train
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CheckpointRef:
-    """A checkpoint waiting for its Hessian: where it is and what it needs (small, picklable)."""
+    """A checkpoint waiting for its Hessian: where it is and the run it belongs to (small, picklable: the
+    refs of one run share its :class:`pipeline.plan.Run`, and a list of them pickles its config once)."""
 
-    run_id: str
-    seed: int
+    run: Run
     step: int
     stage: str  # stalled | final
     path: str  # relative to the results root
     group: str  # checkpoints with equal group share one loss function and can be batched
-    config: dict
+
+    run_id = property(attrgetter("run.run_id"))
+    seed = property(attrgetter("run.seed"))
+    config = property(attrgetter("run.config"))
 
 
 def checkpoint_path(sweep: str, run_id: str, step: int) -> str:
@@ -66,7 +70,7 @@ def save_checkpoint(store: Store, sweep: str, run: Run, ck: Checkpoint) -> Check
     whole file; a crash between the two leaves a checkpoint without a record, checked by loading it."""
     buf = io.BytesIO()
     torch.save({"theta": ck.theta, "step": ck.step, "loss": ck.loss, "grad_norm": ck.grad_norm,
-                "stalled": ck.stalled, "reason": ck.reason, "tag": ck.tag, "run_id": run.run_id,
+                "stalled": ck.stalled, "reason": ck.reason, "tag": rows.stall_tag_columns(ck.tag), "run_id": run.run_id,
                 "seed": run.seed}, buf)
     path = checkpoint_path(sweep, run.run_id, ck.step)
     data = buf.getvalue()
@@ -93,8 +97,7 @@ class CheckpointError(Exception):
 
 
 def ref_for(run: Run, step: int, stalled: bool, path: str) -> CheckpointRef:
-    return CheckpointRef(run.run_id, run.seed, step, "stalled" if stalled else "final", path,
-                         problem_group(run.config, run.seed), run.config)
+    return CheckpointRef(run, step, "stalled" if stalled else "final", path, problem_group(run.config, run.seed))
 
 
 def read_record(store: Store, path: str) -> dict | None:
@@ -184,7 +187,7 @@ def save_state(store: Store, sweep: str, run_id: str, st: TrainState) -> None:
     torch.save({"step": st.step, "theta": st.theta, "optimizer": st.optimizer, "generator": st.generator,
                 "curves": [st.curves.step, st.curves.loss, st.curves.grad_norm, st.curves.lam_max,
                            st.curves.grad_cosine], "since": st.since,
-                "checkpoints": [vars(ck) for ck in st.checkpoints]}, buf)
+                "checkpoints": [{**vars(ck), "tag": rows.stall_tag_columns(ck.tag)} for ck in st.checkpoints]}, buf)
     store.write_bytes(state_path(sweep, run_id), buf.getvalue())
 
 
@@ -198,7 +201,8 @@ def load_state(store: Store, sweep: str, run_id: str) -> TrainState | None:
     try:
         d = torch.load(io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=True)
         return TrainState(d["step"], d["theta"], d["optimizer"], d["generator"], Curves(*d["curves"]),
-                          [Checkpoint(**ck) for ck in d["checkpoints"]], d["since"])
+                          [Checkpoint(**{**ck, "tag": rows.stall_tag_from_columns(ck["tag"])})
+                           for ck in d["checkpoints"]], d["since"])
     except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, pickle errors, EOFError…
         log.warning("training state %s is not readable (%s: %s); run %s starts again from step 0",
                     store.location(path), type(err).__name__, str(err).strip().split("\n")[0], run_id)
@@ -218,15 +222,6 @@ def restore_checkpoints(store: Store, sweep: str, run: Run, state: TrainState) -
             log.warning("%s; re-written from the saved training state of run %s", err, run.run_id)
             save_checkpoint(store, sweep, run, ck)
 
-
-def run_row(sweep: str, run: Run, node_id: str | None = None, **values) -> dict:
-    row = {"run_id": run.run_id, "sweep": sweep, "seed": run.seed, "node": socket.gethostname(),
-           "node_id": node_id,
-           "overrides": json.dumps(run.overrides, sort_keys=True, default=str),
-           "config_json": json.dumps(run.config, sort_keys=True, default=str)}
-    row.update(tables.config_columns(run.config))
-    row.update(values)
-    return row
 
 
 def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
@@ -252,15 +247,12 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
     except StorageFull:
         raise  # no run is at fault and no row could be written: the driver stops the sweep, naming the root
     except Exception as err:  # noqa: BLE001 — any failure of one run is recorded, the sweep goes on
-        tables.write(store, sweep, "runs", [run_row(
+        tables.write(store, sweep, "runs", [rows.run_row(
             sweep, run, node_id, status="failed", wall_seconds=time.perf_counter() - t0,
             error=_error_text(err))])
         return "failed", []
-    c = result.curves
-    tables.write(store, sweep, "curves", [
-        {"run_id": run.run_id, "step": s, "loss": v, "grad_norm": g, "lam_max": lam, "grad_cosine": cos}
-        for s, v, g, lam, cos in zip(c.step, c.loss, c.grad_norm, c.lam_max, c.grad_cosine)])
-    tables.write(store, sweep, "runs", [run_row(
+    tables.write(store, sweep, "curves", rows.curve_rows(run.run_id, result.curves))
+    tables.write(store, sweep, "runs", [rows.run_row(
         sweep, run, node_id, status=result.status, steps=result.steps, final_loss=result.final_loss,
         final_grad_norm=result.final_grad_norm, n_params=result.n_params,
         n_checkpoints=len(result.checkpoints), n_stalls=sum(ck.stalled for ck in result.checkpoints),
@@ -305,7 +297,7 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     if not refs:
         return failed
     h = section(refs[0].config, "hessian")
-    cfg = Run(refs[0].run_id, refs[0].seed, {}, refs[0].config).cfg()
+    cfg = refs[0].run.cfg()
     problem = make_problem(cfg, refs[0].seed)
     batch_size = refs[0].config["data"]["batch_size"]
 
@@ -331,21 +323,20 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
         outcomes = [(None, None, _error_text(err))] if len(refs) == 1 else [alone(t) for t in thetas]
     per_point = (time.perf_counter() - t0) / len(refs)
     for ref, meta, (res, fallback, err) in zip(refs, metas, outcomes):
-        base = {"run_id": ref.run_id, "step": ref.step, "stage": ref.stage, "seed": ref.seed,
-                "stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
-                "node_id": node_id, "seconds": per_point}
+        key = rows.point_key(ref.run_id, ref.step, ref.stage, ref.seed)
+        where = {"stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
+                 "node_id": node_id, "seconds": per_point}
         if res is not None:
             try:
-                row = {**base, **point_values(res), **meta.get("tag", {}), "fallback": fallback,
-                       **critical_values(problem, meta["theta"], res, refs[0].config, device)}
+                labels = critical_values(problem, meta["theta"], res, refs[0].config, device)
             except Exception as error:  # noqa: BLE001
                 res, err = None, _error_text(error)
         if res is None:
-            tables.write(store, sweep, "points", [{**base, "status": "failed", "error": err,
-                                                   "loss": meta["loss"], "grad_norm": meta["grad_norm"]}])
+            tables.write(store, sweep, "points", [rows.failed_point_row(
+                key, err, **where, loss=meta["loss"], grad_norm=meta["grad_norm"])])
             failed += 1
             continue
-        _write_point(store, sweep, row, res)
+        _write_point(store, sweep, key, res, {**where, **meta.get("tag", {}), "fallback": fallback, **labels})
     return failed
 
 
@@ -359,20 +350,20 @@ def _load_all(store: Store, sweep: str, refs: list[CheckpointRef], node_id: str 
             metas.append(load_checkpoint(store, ref.path))
             good.append(ref)
         except CheckpointError as err:
-            tables.write(store, sweep, "points", [{"run_id": ref.run_id, "step": ref.step, "stage": ref.stage,
-                                                   "seed": ref.seed, "status": "failed", "error": str(err),
-                                                   "node": socket.gethostname(), "node_id": node_id}])
+            key = rows.point_key(ref.run_id, ref.step, ref.stage, ref.seed)
+            tables.write(store, sweep, "points", [rows.failed_point_row(
+                key, str(err), node=socket.gethostname(), node_id=node_id)])
             failed += 1
     return good, metas, failed
 
 
-def _write_point(store: Store, sweep: str, row: dict, res) -> None:
-    """An analysed point's ``points`` row and, where the full spectrum was taken, its ``spectra`` row."""
-    tables.write(store, sweep, "points", [row])
+
+def _write_point(store: Store, sweep: str, key: dict, res, columns: dict) -> None:
+    """An analysed point's ``points`` row (``key``, the spectrum's columns, then ``columns``) and, where the
+    full spectrum was taken, its ``spectra`` row."""
+    tables.write(store, sweep, "points", [{**key, **rows.spectrum_columns(res), **columns}])
     if res.eigenvalues is not None:
-        tables.write(store, sweep, "spectra", [{"run_id": row["run_id"], "step": row["step"], "stage": row["stage"],
-                                                "n_params": res.n_params,
-                                                "eigenvalues": np.asarray(res.eigenvalues).tolist()}])
+        tables.write(store, sweep, "spectra", [rows.spectrum_row(key, res)])
 
 
 def _error_text(err: BaseException) -> str:
@@ -390,10 +381,10 @@ def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str
     gtol2 = section(config, "refine")["gtol2"]
     if res.grad_coeffs is None:
         small = res.grad_norm ** 2 < gtol2
-        return {"grad_norm2": res.grad_norm ** 2, "critical_label": res.label if small else "not_critical"}
+        return rows.gradient_columns(res.grad_norm ** 2, res.label if small else "not_critical")
     f = problem.to(device, torch.float64).loss_fn()
-    return critical.report_from_eigen(f, theta.to(device, torch.float64), res.eigenvalues, res.grad_coeffs,
-                                      res.v_min, tol=res.tol, gtol2=gtol2).row()
+    return rows.critical_columns(critical.report_from_eigen(
+        f, theta.to(device, torch.float64), res.eigenvalues, res.grad_coeffs, res.v_min, tol=res.tol, gtol2=gtol2))
 
 
 def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cpu",
@@ -405,50 +396,28 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
     store = Store.open(store_uri)
     cfg = ref.config
     r, h = section(cfg, "refine"), section(cfg, "hessian")
-    base = {"run_id": ref.run_id, "step": ref.step, "stage": "refined", "seed": ref.seed,
-            "node": socket.gethostname(), "node_id": node_id, "refine_method": r["method"]}
+    key = rows.point_key(ref.run_id, ref.step, "refined", ref.seed)
+    where = {"node": socket.gethostname(), "node_id": node_id, "refine_method": r["method"]}
     t0 = time.perf_counter()
     try:
         meta = load_checkpoint(store, ref.path)
-        problem = make_problem(Run(ref.run_id, ref.seed, {}, cfg).cfg(), ref.seed).to(device, torch.float64)
+        problem = make_problem(ref.run.cfg(), ref.seed).to(device, torch.float64)
         f = problem.loss_fn()
         found = refine.refine(r["method"], f, meta["theta"].to(device, torch.float64),
                               **refine.options_for(r["method"], r))
         buf = io.BytesIO()
-        torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **found.row()}, buf)
+        torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **rows.refine_columns(found)},
+                   buf)
         store.write_bytes(f"{sweep}/refined/{ref.run_id}/step-{ref.step:09d}.pt", buf.getvalue())
         res = spectrum_at(f, found.theta, **spectrum_options(h))
-        row = {**base, **point_values(res), **found.row(), "stalled": bool(meta["stalled"]),
-               "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
-               **critical_values(problem, found.theta, res, cfg, device)}
+        columns = {**where, **rows.refine_columns(found), "stalled": bool(meta["stalled"]),
+                   "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
+                   **critical_values(problem, found.theta, res, cfg, device)}
     except StorageFull:
         raise  # as in train_job: the sweep stops
     except Exception as err:  # noqa: BLE001
-        tables.write(store, sweep, "points", [{**base, "status": "failed", "seconds": time.perf_counter() - t0,
-                                               "error": _error_text(err)}])
+        tables.write(store, sweep, "points", [rows.failed_point_row(
+            key, _error_text(err), **where, seconds=time.perf_counter() - t0)])
         return 1
-    _write_point(store, sweep, row, res)
+    _write_point(store, sweep, key, res, columns)
     return 0
-
-
-def point_values(res) -> dict:
-    """The ``points`` columns of a :class:`pipeline.hessian.SpectrumResult`."""
-    return {"status": "ok", "loss": res.loss, "grad_norm": res.grad_norm, "n_params": res.n_params,
-            "n_pos": res.n_pos, "n_neg": res.n_neg, "n_zero": res.n_zero, "n_pos_naive": res.n_pos_naive,
-            "min_ratio": res.min_ratio, "min_ratio_naive": res.min_ratio_naive,
-            "min_ratio_curved": res.min_ratio_curved, "index": res.index, "label": res.label,
-            "lam_min": res.lam_min, "lam_max": res.lam_max, "tol": res.tol, "tol_method": res.tol_method,
-            "method": res.method, "dtype": res.dtype, "device": res.device,
-            "build_seconds": res.seconds.get("build"), "count_seconds": res.seconds.get("count"),
-            **estimate_values(res.estimate)}
-
-
-def estimate_values(est) -> dict:
-    """Interval columns of a ``method=estimate`` result (none otherwise)."""
-    if est is None:
-        return {}
-    return {"n_pos_lo": est["n_pos_ci"][0], "n_pos_hi": est["n_pos_ci"][1], "n_neg_lo": est["n_neg_ci"][0],
-            "n_neg_hi": est["n_neg_ci"][1], "n_zero_lo": est["n_zero_ci"][0], "n_zero_hi": est["n_zero_ci"][1],
-            "min_ratio_lo": est["min_ratio_ci"][0], "min_ratio_hi": est["min_ratio_ci"][1],
-            "estimate_resolution": est["resolution"], "estimate_degree": est["degree"],
-            "estimate_probes": est["n_probes"], "estimate_confidence": est["confidence"]}

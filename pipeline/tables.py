@@ -23,14 +23,8 @@ import pyarrow.parquet as pq
 from pipeline import config as C
 from pipeline.storage import Store
 
-# Version 2 added runs.node_id, runs.resumed_from_step and points.node_id; version 3 the stall tags,
-# honest labels, escape check and refinement columns of `points` and curves.lam_max/grad_cosine. Files of
-# an older version read with nulls in the columns they lack (see `read`); bump the version whenever a
-# column is added. Version 4 added the interval columns of hessian.method=estimate; version 5 the runs
-# columns of the config fields added since: model_conv_layers, model_channels, model_kernel (the CNN),
-# hessian_naive_count and hessian_data_workers. Version 6 changed no column but a meaning: points.flat_residual
-# is Frye et al.'s relative residual r (version-5 rows written before 2026-11-26 hold ‖Hp + g‖/‖g‖), so
-# bump the version for a changed definition too.
+# Bump the version whenever a column is added or a column's definition changes; files of an older version
+# read with nulls in the columns they lack (see `read`). Each version's changes: docs/performance.md.
 SCHEMA_VERSION = 6
 TABLES = ("runs", "points", "spectra", "curves")
 
@@ -124,7 +118,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("estimate_degree", pa.int64()),
         pa.field("estimate_probes", pa.int64()),
         pa.field("estimate_confidence", pa.float64()),
-        # Stall tag (stalled/final rows): why training stopped improving — see pipeline.critical.stall_tag.
+        # Stall tag (stalled/final rows): why training stopped improving — see pipeline.stall.stall_tag.
         pa.field("stall_tag", pa.string()),  # small_gradient | oscillating
         pa.field("stall_grad_ratio", pa.float64()),  # ‖g‖ / ‖g at step 0‖
         pa.field("stall_cosine", pa.float64()),  # cos∠(∇L(θ), ∇L(θ − lr·∇L(θ))); −1 = bouncing across a valley
@@ -248,8 +242,8 @@ def read_files(store: Store, sweep: str, name: str, columns: list | None = None)
         return _read_files(store, sweep, name, columns)
 
 
-# Files per pyarrow dataset when reading: one dataset over thousands of small files holds hundreds of MB
-# (measured: +380 MB of RSS for 2,000 files at once, +45 MB in batches of 64, at the same speed).
+# Files per pyarrow dataset when reading: one dataset over thousands of small files holds hundreds of MB,
+# batches of this many hold tens, at the same speed (docs/performance.md).
 READ_BATCH_FILES = 64
 
 
