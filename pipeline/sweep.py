@@ -29,7 +29,6 @@ from pipeline.plan import Run, expand
 from pipeline.progress import Progress
 from pipeline.storage import Store, StorageFull
 
-log = logging.getLogger(__name__)
 
 log = logging.getLogger("minratio")
 

@@ -3,6 +3,7 @@ half-written file; the driver never crashes while recording a failure; freeing r
 command again completes the sweep. The disk is a real, small tmpfs mounted by the test (root only)."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
@@ -75,7 +76,7 @@ SWEEP = ["sweep.name=full", "sweep.seeds=4", "optim.max_steps=4000", "stall.wind
 
 
 def test_a_sweep_that_fills_the_disk_stops_with_one_message_and_resumes_once_there_is_room(
-        ray_session, small_disk, capsys):
+        ray_session, small_disk, capsys, caplog):
     from conftest import compose_config
     from pipeline import cli
 
@@ -98,7 +99,9 @@ def test_a_sweep_that_fills_the_disk_stops_with_one_message_and_resumes_once_the
     err = capsys.readouterr().err
     assert "file" in filled, "the sweep ended before the disk was filled"
     assert code == 1, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("minratio: ")]
+    # the CLI's messages go through logging (Hydra sends warnings and errors to stderr)
+    lines = [r.getMessage() for r in caplog.records
+             if r.levelno >= logging.WARNING and r.getMessage().startswith("minratio: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"results root {small_disk / 'results'} is full: writing full/" in lines[0]
     assert "free at least" in lines[0] and "run the same command again" in lines[0]
