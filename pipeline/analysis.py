@@ -16,7 +16,9 @@ Figures (under ``<results>/<sweep>/figures/``):
 """
 from __future__ import annotations
 
+import argparse
 import posixpath
+import sys
 
 import matplotlib
 import matplotlib.ticker
@@ -38,12 +40,13 @@ KEY = ["run_id", "step", "stage"]
 
 def open_results(folder: str) -> tuple[Store, str]:
     """``<root>/<sweep>`` (path or URI) → the store of ``<root>`` and the sweep name."""
+    folder, sep, query = folder.partition("?")  # a URI's options (endpoint_override=…) belong to the root
     folder = folder.rstrip("/")
     root, sweep = posixpath.split(folder) if "://" in folder else (
         posixpath.dirname(posixpath.abspath(folder)), posixpath.basename(posixpath.abspath(folder)))
-    store = Store.open(root)
+    store = Store.open(root + sep + query)
     if not store.exists(f"{sweep}/runs"):
-        raise FileNotFoundError(f"{folder!r} is not a sweep results folder (no runs/ table inside)")
+        raise FileNotFoundError(f"{store.location(sweep)!r} is not a sweep results folder (no runs/ table inside)")
     return store, sweep
 
 
@@ -87,7 +90,7 @@ def save_figure(fig, store: Store, rel: str) -> str:
     fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     store.write_bytes(rel, buf.getvalue())
-    return store.path(rel)
+    return store.location(rel)
 
 
 def _by_label(ax, df: pd.DataFrame, x: str, y: str, bars: tuple[str, str] | None = None) -> None:
@@ -282,7 +285,28 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None) -> tuple[st
     return summary_text(t), figs
 
 
-if __name__ == "__main__":
-    from pipeline.cli import analyze_main
+def folder_args(description: str, checkpoint: bool = False) -> argparse.Namespace:
+    """The command line of a command over one sweep's results folder (``minratio-analyze``,
+    ``minratio-compact``): the folder, and with ``checkpoint`` the point whose histogram to draw."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("folder", help="a sweep's results folder, <results_root>/<sweep.name> (path or URI)")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="RUN_ID:STEP[:STAGE] whose eigenvalue histogram to draw (without "
+                       "STAGE, the point where training stopped rather than its refined one)")
+    return p.parse_args()
 
-    analyze_main()
+
+def main() -> None:
+    """``minratio-analyze`` / ``python -m pipeline.analysis``: write a sweep's figures, print its summary."""
+    args = folder_args("Write figures and print the summary of a minratio sweep.", checkpoint=True)
+    try:
+        store, sweep = open_results(args.folder)
+        text, figs = analyze(store, sweep, args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"minratio-analyze: {err}")
+    print(text)
+    print("figures:\n  " + "\n  ".join(figs))
+
+
+if __name__ == "__main__":
+    main()

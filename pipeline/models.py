@@ -214,6 +214,7 @@ class CNN:
 
 Model = Union[MLP, CNN, TorchModel]
 MODEL_NAMES = ("mlp", "cnn", "torch")
+LOSSES = ("mse", "cross_entropy")  # model.loss: what loss_value computes
 
 
 def make_model(model_cfg, in_dim: int, out_dim: int, sample_shape: tuple = (), seed: int = 0) -> Model:
@@ -241,7 +242,7 @@ def loss_value(model: Model, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tens
     elif loss == "cross_entropy":
         value = F.cross_entropy(out, Y)
     else:
-        raise ValueError(f"unknown loss {loss!r}: expected mse or cross_entropy")
+        raise ValueError(f"unknown loss {loss!r}: expected one of {', '.join(LOSSES)}")
     if weight_decay:
         value = value + 0.5 * weight_decay * (theta * theta).sum()
     return value

@@ -17,34 +17,24 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from torch.func import grad, grad_and_value, jvp
+from torch.func import grad_and_value
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-MatVec = Callable[[torch.Tensor], torch.Tensor]
+from pipeline.critical import GTOL2
+from pipeline.hessian_build import hessian, resolve_hvp
+from pipeline.hvp import LossFn, hvp_at
+from pipeline.lanczos import MatVec, reorthogonalize
 
 METHODS = ("newton_mr", "gnm")
 STOP_REASONS = ("converged", "max_iters", "line_search_failed", "stalled")
 MINRES_STOPS = ("solved", "least_squares", "invariant", "max_iters", "zero_rhs")
-GTOL2 = 1e-10
 OPERATORS = ("auto", "hvp", "dense")
-# `auto` builds H (closed form) per Newton step up to this N. One CPU thread, 5 Newton-MR steps of 110-130
-# MINRES iterations each, 512 samples: the ratio of dense to HVP time was 0.33 at N = 1,210 (64-16-10, the
-# lecture net); scripts/bench_refine.py (16-h-h-4, docs/bench/bench_refine_cpu.txt): 0.38 at 1,252, 0.89 at
-# 1,732, 1.16 at 2,092, 1.8 at 2,908, 2.6 at 3,852 — an HVP call costs 2-4 ms, a product with a large H is
-# memory-bound. So the crossover is near 1,900 and the bound slightly above it. On an H100
-# (docs/bench/bench_refine_h100.txt) dense took 0.09-0.11 of the HVP time at every N from 1,252 to 3,852, the
-# largest measured: the bound there is just above that.
+# `auto` builds H (closed form) per Newton step up to this N, where products with a dense H are still
+# cheaper than HVPs; above it a product with a large H is memory-bound (crossovers: docs/performance.md).
 AUTO_DENSE_MAX_N = {"cpu": 2048, "cuda": 4096}
-
-
-def hvp_at(loss_fn: LossFn, theta: torch.Tensor) -> MatVec:
-    """``v ↦ H(θ) v`` ``[N] → [N]`` by forward-over-reverse differentiation (one HVP ≈ 2–3 gradients)."""
-    g = grad(loss_fn)
-    return lambda v: jvp(g, (theta,), (v,))[1]
 
 
 # ------------------------------------------------------------------------------------------------ MINRES
@@ -101,7 +91,8 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
 
     The returned ``x`` solves ``min ‖β₁e₁ − T̄y‖`` by a truncated SVD (``rcond``), so a singular ``A`` gives
     the minimum-length least-squares solution in the Krylov space instead of a blown-up one. Memory: the
-    basis, ``(iterations + 1) × N`` numbers.
+    basis, ``(iterations + 1) × N`` numbers. The Lanczos step and the Givens update of the residuals are one
+    recurrence, so they stay in one loop.
     """
     n = b.numel()
     if b.dim() != 1:
@@ -128,8 +119,7 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
         w = w - alpha * V[j]
         if j > 0:
             w = w - betas[-1] * V[j - 1]
-        for _ in range(2):  # full reorthogonalisation, twice: Lanczos vectors lose orthogonality otherwise
-            w = w - V[:j + 1].T @ (V[:j + 1] @ w)
+        w = reorthogonalize(w, V[:j + 1])  # full: Lanczos vectors lose orthogonality otherwise
         beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
         betas.append(beta)
@@ -160,25 +150,33 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
         V[j + 1] = w / beta
         t_prev = phibar * q
     m = len(alphas)
-    T = np.zeros((m + 1, m))
-    T[np.arange(m), np.arange(m)] = alphas
-    T[np.arange(1, m + 1), np.arange(m)] = betas
-    T[np.arange(m - 1), np.arange(1, m)] = betas[:m - 1]
-    if stop == "invariant":
-        T = T[:m]  # the last row is rounding noise: the space is invariant
-    U, S, Wt = np.linalg.svd(T, full_matrices=False)
-    keep = S > rcond * S[0] if S[0] > 0 else np.zeros_like(S, dtype=bool)
-    rhs = np.zeros(T.shape[0])
-    rhs[0] = beta1
-    y = Wt[keep].T @ ((U[:, keep].T @ rhs) / S[keep])
+    y, s_max = _small_least_squares(alphas, betas, beta1, stop == "invariant", rcond)
     x = V[:m].T @ torch.as_tensor(y, dtype=b.dtype, device=b.device)
     r = b - matvec(x)
     ar_vec = matvec(r)
     matvecs += 2
     r_norm = float(torch.linalg.vector_norm(r))
-    s_max = float(S[0])
     cok = float(torch.linalg.vector_norm(ar_vec)) / (s_max * r_norm) if r_norm > 0 and s_max > 0 else 0.0
     return MinresResult(x, r, m, stop, r_norm / beta1, cok, s_max, matvecs)
+
+
+def _small_least_squares(alphas: list, betas: list, beta1: float, invariant: bool, rcond: float
+                         ) -> tuple[np.ndarray, float]:
+    """The minimum-length solution ``y`` ``[m]`` of ``min ‖β₁e₁ − T̄y‖`` for the (m+1)×m Lanczos matrix
+    (m×m when the Krylov space is ``invariant``: its last row is then rounding noise) by an SVD truncated
+    at ``rcond`` · σmax, and σmax, the estimate of ‖A‖₂."""
+    m = len(alphas)
+    T = np.zeros((m + 1, m))
+    T[np.arange(m), np.arange(m)] = alphas
+    T[np.arange(1, m + 1), np.arange(m)] = betas
+    T[np.arange(m - 1), np.arange(1, m)] = betas[:m - 1]
+    if invariant:
+        T = T[:m]
+    U, S, Wt = np.linalg.svd(T, full_matrices=False)
+    keep = S > rcond * S[0] if S[0] > 0 else np.zeros_like(S, dtype=bool)
+    rhs = np.zeros(T.shape[0])
+    rhs[0] = beta1
+    return Wt[keep].T @ ((U[:, keep].T @ rhs) / S[keep]), float(S[0])
 
 
 # ------------------------------------------------------------------------------------------------ finders
@@ -218,15 +216,6 @@ class RefineResult:
     @property
     def converged(self) -> bool:
         return self.stopped_because == "converged"
-
-    def row(self) -> dict:
-        """Scalar columns for a results table (``refine_*``)."""
-        return {"refine_method": self.method, "refine_iterations": self.iterations,
-                "refine_stopped_because": self.stopped_because, "refine_distance": self.distance,
-                "refine_loss_change": self.loss_change, "refine_grad_norm2_start": self.grad_norm2_0,
-                "refine_grad_norm2": self.grad_norm2, "refine_relative_residual": self.relative_residual,
-                "refine_cokernel_residual": self.cokernel_residual, "refine_hvps": self.hvps,
-                "refine_grads": self.grads, "refine_seconds": self.seconds}
 
 
 def _start(theta0: torch.Tensor) -> torch.Tensor:
@@ -285,8 +274,6 @@ def resolve_operator(operator: str, loss_fn: LossFn, theta: torch.Tensor) -> str
         raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
     if operator != "auto":
         return operator
-    from pipeline.hessian import resolve_hvp
-
     small = theta.numel() <= AUTO_DENSE_MAX_N.get(theta.device.type, AUTO_DENSE_MAX_N["cpu"])
     return "dense" if small and resolve_hvp("auto", theta.device, loss_fn) == "closed_form" else "hvp"
 
@@ -295,9 +282,7 @@ def _matvec(loss_fn: LossFn, theta: torch.Tensor, operator: str) -> MatVec:
     """``v -> H v`` at ``theta`` for a resolved ``operator`` (``hvp`` or ``dense``)."""
     if operator == "hvp":
         return hvp_at(loss_fn, theta)
-    from pipeline.hessian import hessian  # one N×N build per point, then cheap products
-
-    H = hessian(loss_fn, theta)
+    H = hessian(loss_fn, theta)  # one N×N build per point, then cheap products
     return lambda v: H @ v
 
 
@@ -432,16 +417,19 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
                         time.perf_counter() - t0, history)
 
 
+# The settings of the `refine:` config section each finder takes as keyword arguments (the others are
+# `method`, Ray resources and the other finder's settings). tests/test_refine.py checks them against the
+# finders' signatures and the config's schema.
+SETTINGS = {"newton_mr": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "forcing", "rcond", "operator"),
+            "gnm": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "rcond")}
+
+
 def options_for(method: str, section) -> dict:
     """The keyword arguments of finder ``method`` found in ``section`` (a dict or config node, e.g. the
-    ``refine:`` config section); keys the finder does not take (``method``, Ray resources, the other finder's
-    settings) are left out. A key that neither finder takes is still allowed: the config owns its keys."""
-    import inspect
-
+    ``refine:`` config section): its :data:`SETTINGS` that the section holds."""
     if method not in METHODS:
         raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
-    params = inspect.signature(newton_mr if method == "newton_mr" else gnm).parameters
-    return {k: section[k] for k in section if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+    return {k: section[k] for k in SETTINGS[method] if k in section}
 
 
 def refine(method: str, loss_fn: LossFn, theta0: torch.Tensor, **options) -> RefineResult:

@@ -17,7 +17,7 @@ from pipeline.models import loss_value
 from pipeline.plan import expand
 from pipeline.sweep import check_problems
 from pipeline.torch_model import ModelError, TorchModel, build_module, import_object, restore
-from pipeline.train import make_problem
+from pipeline.problem import make_problem
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "usernets")
 if EXAMPLES not in sys.path:

@@ -54,7 +54,7 @@ def test_spectra_equal_autograd_of_the_same_loss(user_sweep):
     if EXAMPLES not in sys.path:
         sys.path.insert(0, EXAMPLES)
     from pipeline.params import select
-    from pipeline.train import make_problem
+    from pipeline.problem import make_problem
 
     points = pd.read_parquet(user_sweep / "points")
     spectra = pd.read_parquet(user_sweep / "spectra").set_index(["run_id", "step", "stage"])
