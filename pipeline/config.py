@@ -106,7 +106,7 @@ class HessianConfig:
 
 @dataclass
 class RefineConfig:
-    method: str = "none"  # none | newton_mr | gnm: move each stalled point to a nearby critical point
+    method: str = "none"  # none | newton_mr | gnm | newton_eig: move each stalled point to a nearby critical point
     gtol2: float = 1e-10  # converged when ‖g‖² < gtol2; also the "critical" threshold of every label
     max_iters: int = 100  # Newton steps (gnm: descent steps)
     inner_max_iters: int = 500  # MINRES iterations per Newton step
@@ -114,6 +114,12 @@ class RefineConfig:
     forcing: float = 0.1  # inexact Newton: MINRES tolerance min(forcing, max(inner_rtol, ‖g‖^½))
     rcond: float = 1e-10
     operator: str = "auto"  # auto | hvp | dense (pipeline.refine.resolve_operator)
+    damping: float = 1e-3  # newton_eig: starting Levenberg–Marquardt damping, relative to max|λ|
+    min_damping: float = 1e-14  # newton_eig: its floor, relative to max|λ|
+    max_tries: int = 30  # newton_eig: trial steps per eigendecomposition
+    patience: int = 10  # newton_eig: Newton steps that must cut ‖g‖² by `progress` before descent steps help
+    progress: float = 10.0
+    continuation: bool = True  # newton_eig: saddle-free descent steps through slow stretches
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
@@ -245,11 +251,16 @@ def validate(cfg: DictConfig) -> None:
     _require(s.power_iters >= 1, "stall.power_iters", s.power_iters, "≥ 1")
     _require(s.curvature_every >= 0, "stall.curvature_every", s.curvature_every, "≥ 0 (0 = off)")
     r = cfg.refine
-    _one_of(cfg, "refine.method", ("none", "newton_mr", "gnm"))
+    _one_of(cfg, "refine.method", ("none", "newton_mr", "gnm", "newton_eig"))
     _one_of(cfg, "refine.operator", ("auto", "hvp", "dense"))
     _require(r.gtol2 > 0, "refine.gtol2", r.gtol2, "> 0")
     _require(r.max_iters >= 1, "refine.max_iters", r.max_iters, "≥ 1")
     _require(r.inner_max_iters >= 1, "refine.inner_max_iters", r.inner_max_iters, "≥ 1")
+    _require(r.damping > 0, "refine.damping", r.damping, "> 0")
+    _require(r.min_damping > 0, "refine.min_damping", r.min_damping, "> 0")
+    _require(r.max_tries >= 1, "refine.max_tries", r.max_tries, "≥ 1")
+    _require(r.patience >= 1, "refine.patience", r.patience, "≥ 1")
+    _require(r.progress > 1, "refine.progress", r.progress, "> 1")
     _require(0 < r.forcing < 1, "refine.forcing", r.forcing, "in (0, 1)")
     _require(r.num_cpus > 0, "refine.num_cpus", r.num_cpus, "> 0")
     _require(r.num_gpus >= 0, "refine.num_gpus", r.num_gpus, "≥ 0")

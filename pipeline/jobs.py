@@ -278,8 +278,9 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         meta = load_checkpoint(store, ref.path)
         problem = make_problem(Run(ref.run_id, ref.seed, {}, cfg).cfg(), ref.seed).to(device, torch.float64)
         f = problem.loss_fn()
+        counts_rule = {k: h[k] for k in ("rel_tol", "gap_ratio", "tol_mode")}  # newton_eig's pseudo-inverse cut-off
         found = refine.refine(r["method"], f, meta["theta"].to(device, torch.float64),
-                              **refine.options_for(r["method"], r))
+                              **refine.options_for(r["method"], {**counts_rule, **r}))
         buf = io.BytesIO()
         torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **found.row()}, buf)
         store.write_bytes(f"{sweep}/refined/{ref.run_id}/step-{ref.step:09d}.pt", buf.getvalue())

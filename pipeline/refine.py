@@ -26,8 +26,8 @@ from torch.func import grad, grad_and_value, jvp
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
-METHODS = ("newton_mr", "gnm")
-STOP_REASONS = ("converged", "max_iters", "line_search_failed", "stalled")
+METHODS = ("newton_mr", "gnm", "newton_eig")  # newton_eig: pipeline.newton_eig (exact eigendecomposition)
+STOP_REASONS = ("converged", "max_iters", "line_search_failed", "stalled", "gradient_flat")
 MINRES_STOPS = ("solved", "least_squares", "invariant", "max_iters", "zero_rhs")
 GTOL2 = 1e-10
 OPERATORS = ("auto", "hvp", "dense")
@@ -440,14 +440,20 @@ def options_for(method: str, section) -> dict:
 
     if method not in METHODS:
         raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
-    params = inspect.signature(newton_mr if method == "newton_mr" else gnm).parameters
+    params = inspect.signature(_finder(method)).parameters
     return {k: section[k] for k in section if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _finder(method: str) -> Callable[..., RefineResult]:
+    if method == "newton_eig":
+        from pipeline.newton_eig import newton_eig  # it builds on this module's result type
+
+        return newton_eig
+    return {"newton_mr": newton_mr, "gnm": gnm}[method]
+
+
 def refine(method: str, loss_fn: LossFn, theta0: torch.Tensor, **options) -> RefineResult:
-    """Run the finder named ``method`` (``newton_mr`` or ``gnm``) with its keyword ``options``."""
-    if method == "newton_mr":
-        return newton_mr(loss_fn, theta0, **options)
-    if method == "gnm":
-        return gnm(loss_fn, theta0, **options)
-    raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
+    """Run the finder named ``method`` (one of :data:`METHODS`) with its keyword ``options``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
+    return _finder(method)(loss_fn, theta0, **options)
