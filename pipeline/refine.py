@@ -33,11 +33,11 @@ GTOL2 = 1e-10
 OPERATORS = ("auto", "hvp", "dense")
 # `auto` builds H (closed form) per Newton step up to this N. One CPU thread, 5 Newton-MR steps of 110-130
 # MINRES iterations each, 512 samples: the ratio of dense to HVP time was 0.33 at N = 1,210 (64-16-10, the
-# lecture net); scripts/bench_refine.py (16-h-h-4, docs/bench/bench_refine_cpu.txt): 0.38 at 1,252, 0.89 at
-# 1,732, 1.16 at 2,092, 1.8 at 2,908, 2.6 at 3,852 — an HVP call costs 2-4 ms, a product with a large H is
-# memory-bound. So the crossover is near 1,900 and the bound slightly above it. On an H100
-# (docs/bench/bench_refine_h100.txt) dense took 0.09-0.11 of the HVP time at every N from 1,252 to 3,852, the
-# largest measured: the bound there is just above that.
+# lecture net); scripts/bench_refine.py --mode operators (16-h-h-4, docs/bench/bench_refine_operator_cpu.txt):
+# 0.38 at 1,252, 0.89 at 1,732, 1.16 at 2,092, 1.8 at 2,908, 2.6 at 3,852 — an HVP call costs 2-4 ms, a
+# product with a large H is memory-bound. So the crossover is near 1,900 and the bound slightly above it. On an
+# H100 (docs/bench/bench_refine_operator_h100.txt) dense took 0.09-0.11 of the HVP time at every N from 1,252
+# to 3,852, the largest measured: the bound there is just above that.
 AUTO_DENSE_MAX_N = {"cpu": 2048, "cuda": 4096}
 
 

@@ -53,7 +53,7 @@ rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_cusolver_eigh: exit $rc" |
 timeout 60 python3 scripts/bench_label.py --device cuda 2>&1 | tee "$OUT/bench_label_gpu.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_label: exit $rc" | tee -a "$OUT/bench_label_gpu.txt"; status=1; }
 
-timeout 75 python3 scripts/bench_refine.py --device cuda 2>&1 | tee "$OUT/bench_refine_gpu.txt"
+timeout 75 python3 scripts/bench_refine.py --mode operators --device cuda 2>&1 | tee "$OUT/bench_refine_gpu.txt"
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_refine: exit $rc" | tee -a "$OUT/bench_refine_gpu.txt"; status=1; }
 
 [ "${ESTIMATE:-0}" = 1 ] || exit $status
