@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> int:
     print(f"tables: {folder}/{{runs,points,spectra,curves}}/")
     if cfg.figures:  # also when every point failed: the summary says so, and the loss curves still help
         store, name = analysis.open_results(folder)
-        text, figs = analysis.analyze(store, name)
+        text, figs = analysis.analyze(store, name, hue=cfg.plot.hue or None, full_range=cfg.plot.full_range)
         print(text)
         print("figures:\n  " + "\n  ".join(figs))
     failed_runs, failed_points = summary.runs_failed_planned, summary.points_failed_planned
@@ -84,6 +84,9 @@ def _folder_arg(description: str, checkpoint: bool = False) -> argparse.Namespac
     if checkpoint:
         p.add_argument("--checkpoint", help="RUN_ID:STEP[:STAGE] whose eigenvalue histogram to draw (without "
                        "STAGE, the point where training stopped rather than its refined one)")
+        p.add_argument("--hue", help="a config key whose value colours the minimum-ratio figure, e.g. model.width "
+                       "(default: the point's label)")
+        p.add_argument("--full-range", action="store_true", help="minimum-ratio axes from 0 to 1, not fitted")
     return p.parse_args()
 
 
@@ -93,7 +96,7 @@ def analyze_main() -> None:
     args = _folder_arg("Write figures and print the summary of a minratio sweep.", checkpoint=True)
     try:
         store, sweep = analysis.open_results(args.folder)
-        text, figs = analysis.analyze(store, sweep, args.checkpoint)
+        text, figs = analysis.analyze(store, sweep, args.checkpoint, args.hue, args.full_range)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"minratio-analyze: {err}")
     print(text)

@@ -144,6 +144,12 @@ class RayConfig:
 
 
 @dataclass
+class PlotConfig:
+    hue: str = ""  # a config key (e.g. model.width) whose value colours the minimum-ratio figure; "" = label
+    full_range: bool = False  # minimum-ratio axes from 0 to 1 instead of the data's range
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -155,6 +161,7 @@ class Config:
     ray: RayConfig = MISSING
     results_root: str = "results"
     figures: bool = True
+    plot: PlotConfig = field(default_factory=PlotConfig)  # how minratio-sweep draws its figures
 
 
 def register_configs() -> None:
