@@ -89,7 +89,7 @@ class StallConfig:
 class HessianConfig:
     method: str = "auto"  # auto | eigh | inertia | estimate
     dtype: str = "float64"
-    tol_mode: str = "auto"  # auto (gap, else rel) | gap | rel | abs
+    tol_mode: str = "auto"  # auto (eigh: gap, else rel; inertia: rel) | gap (eigh and inertia alike) | rel | abs
     rel_tol: float = 1e-6  # tol = rel_tol · max|λ| when no clear gap
     abs_tol: float = 0.0  # used when tol_mode = abs
     gap_ratio: float = 1e4  # a "clear gap": consecutive |λ| differ by at least this factor
@@ -282,8 +282,8 @@ def validate(cfg: DictConfig) -> None:
     _require(h.memory_budget_mb >= 0, "hessian.memory_budget_mb", h.memory_budget_mb, "≥ 0")
     _require(h.estimate_probes >= 2, "hessian.estimate_probes", h.estimate_probes, "≥ 2")
     _require(h.estimate_degree >= 0, "hessian.estimate_degree", h.estimate_degree, "≥ 0 (0 = auto)")
-    _require(not (h.method in ("estimate", "inertia") and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
-             f"auto, rel or abs with hessian.method={h.method} (a gap needs the full spectrum: method=eigh)")
+    _require(not (h.method == "estimate" and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
+             f"auto, rel or abs with hessian.method={h.method} (a gap needs a dense Hessian: eigh or inertia)")
     _require(h.batch_checkpoints >= 1, "hessian.batch_checkpoints", h.batch_checkpoints, "≥ 1")
     _require(h.data_workers >= 0, "hessian.data_workers", h.data_workers, "≥ 0 (0 = HVPs in the Hessian task)")
     _require(h.data_workers == 0 or h.method == "estimate", "hessian.data_workers", h.data_workers,

@@ -73,7 +73,8 @@ REL_NOISE_FLOOR = {torch.float32: 1e-6}
 FOOTPRINT = {("inertia", "cpu"): (1.0, inertia.SAVED_SHARE), ("inertia", "cuda"): (1.0, inertia.SAVED_SHARE),
              ("eigh", "cpu"): (2.0, 0.0), ("eigh", "cuda"): (2.0, 4.0),
              ("eigh_vectors", "cpu"): (1.0, 3.0), ("eigh_vectors", "cuda"): (1.0, 5.0)}
-GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance"
+GAP_NEEDS_SPECTRUM = ("tol_mode='gap' needs the full spectrum or a dense Hessian: use method='eigh' or "
+                      "'inertia', or a rel/abs tolerance")
 HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
 
 
@@ -362,20 +363,33 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
     if method != "inertia":
         raise ValueError(f"count_dense method must be eigh or inertia, got {method!r}")
     lam_lo, lam_hi = extremes or inertia.extreme_eigenvalues(H)
-    tol, how = _inertia_tol((lam_lo, lam_hi), tol, rel_tol, tol_mode)
+    tol, how = _inertia_tol((lam_lo, lam_hi), tol, rel_tol, tol_mode, H, gap_ratio)
     c = inertia.counts(H, tol, naive=naive)
     return spectrum.Summary(c, tol, how, lam_lo, lam_hi), None
 
 
-def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: float, tol_mode: str
-                 ) -> tuple[float, str]:
-    """The tolerance of an ``inertia`` count and how it was set: ``tol`` if given, else ``rel_tol`` ·
-    max|λ| from the Lanczos ``extremes`` (λmin, λmax)."""
+def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: float, tol_mode: str,
+                 H: Optional[torch.Tensor] = None, gap_ratio: float = 1e4) -> tuple[float, str]:
+    """The tolerance of an ``inertia`` count and how it was set: ``tol`` if given; with ``tol_mode='gap'``
+    the spectrum's gap found from zero counts of ``H`` ``[N, N]`` at log-spaced shifts
+    (:func:`pipeline.spectrum.gap_from_zero_counts`, two LDLᵀ per shift, about 2 shifts per decade from
+    rounding level to ``rel_tol·gap_ratio``), so that eigh and inertia follow one rule; else (or with no
+    gap) ``rel_tol`` · max|λ| from the Lanczos ``extremes`` (λmin, λmax)."""
     if tol is not None:
         return float(tol), "given"
-    if tol_mode == "gap":
+    top = max(abs(extremes[0]), abs(extremes[1]))
+    if tol_mode == "gap" and H is not None:
+        n = H.shape[-1]
+        eps = float(torch.finfo(H.dtype).eps)
+        shifts = spectrum.gap_shifts(top, n, rel_tol, gap_ratio, eps)
+        zeros = [inertia.counts(H, float(t), naive=False).n_zero for t in shifts]
+        gap = spectrum.gap_from_zero_counts(shifts, np.array(zeros), top=top, n=n, rel_tol=rel_tol,
+                                            gap_ratio=gap_ratio, eps=eps)
+        if gap is not None:
+            return gap, "gap"
+    elif tol_mode == "gap":
         raise ValueError(GAP_NEEDS_SPECTRUM)
-    return rel_tol * max(abs(extremes[0]), abs(extremes[1])), "rel"
+    return rel_tol * top, "rel"
 
 
 def _summarize(lam: np.ndarray, dtype: torch.dtype, tol, rel_tol, tol_mode, gap_ratio) -> spectrum.Summary:
@@ -399,8 +413,11 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
 
     ``method``: ``eigh`` (full spectrum), ``inertia`` (counts from LDLᵀ of H ∓ tol·I, no eigenvalues) or
     ``auto`` (``eigh`` up to N = 4,096, ``inertia`` above). ``tol``: |λ| ≤ tol counts as zero; when None
-    it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``;
-    see :func:`pipeline.spectrum.choose_tol`); in float32 ``rel_tol`` is at least 1e-6, its noise floor.
+    it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``,
+    see :func:`pipeline.spectrum.choose_tol` — with ``inertia`` always the latter; ``gap``: the gap rule for
+    ``eigh`` and ``inertia`` alike, inertia finding the gap from zero counts at log-spaced shifts, so one
+    rule holds across sizes; ``result.tol_method`` records which rule set each point's tolerance); in
+    float32 ``rel_tol`` is at least 1e-6, its noise floor.
     ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and what counting holds,
     :func:`footprint`, come on top) / ``hvp``: see :func:`hessian`. ``naive=False``: ``inertia`` skips the
     factorisation behind the naive #{λ > 0} (two LDLᵀ instead of three; ``n_pos_naive`` is None).
@@ -413,7 +430,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     (:func:`pipeline.estimate.estimate_counts`, options in ``estimate``, e.g. ``{"n_probes": 30,
     "degree": 0}``), each with an interval in ``result.estimate``; the label is ``uncertain`` when the
     intervals allow two labels; a tolerance finer than the estimator's resolution raises ValueError.
-    It needs a relative or given tolerance (``tol_mode="gap"`` needs the full spectrum). ``matvec``
+    It needs a relative or given tolerance (``tol_mode="gap"`` needs a dense Hessian). ``matvec``
     (``V [N, k] -> H V``, e.g. data-parallel from :func:`pipeline.shards.sharded_hvp`) replaces the
     in-process HVPs of ``loss_fn``, which then only gives the loss and gradient.
     """
@@ -715,7 +732,8 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         else:
             extremes = inertia.extreme_eigenvalues_batch(H)  # batched: one matvec per step for the pass
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)
-            tols = [_inertia_tol(ex, kw["tol"], rel, kw["tol_mode"]) for ex in extremes]
+            tols = [_inertia_tol(ex, kw["tol"], rel, kw["tol_mode"], H[k], kw["gap_ratio"])
+                    for k, ex in enumerate(extremes)]
             found = inertia.counts_many(H, [t for t, _ in tols], naive=kw["naive"])  # batched where it pays
             sums = [(spectrum.Summary(c, t, how, *ex), None) for c, (t, how), ex in zip(found, tols, extremes)]
         _sync(device)
