@@ -87,7 +87,23 @@ def summary_text(t: dict[str, pd.DataFrame]) -> str:
             ["stage", "stall_tag", "critical_label"]).size().rename("n").reset_index()
         lines.append("is it a critical point? (critical when ‖g‖² < refine.gtol2)")
         lines.append(honest.to_string(index=False))
+        lines += rank_lines(ok)
     return "\n".join(lines)
+
+
+def rank_lines(ok: pd.DataFrame) -> list[str]:
+    """Spearman's ρ of the loss with the minimum ratio and with the index at the critical points (‖g‖² <
+    refine.gtol2), with 90 % bootstrap intervals — two different claims, each with its own statistic."""
+    from pipeline.fits import spearman
+
+    crit = ok[ok["critical_label"].isin(CRITICAL)]
+    if len(crit) < 3:
+        return [f"rank correlations need ≥ 3 critical points, got {len(crit)}"]
+    out = [f"at {len(crit)} critical points, loss {crit['loss'].min():.2g} to {crit['loss'].max():.2g}:"]
+    for col in ("min_ratio", "index"):
+        r = spearman(crit["loss"], crit[col])
+        out.append(f"  Spearman ρ(loss, {col}) = {r.rho:+.2f}, 90 % bootstrap interval [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]")
+    return out
 
 
 def save_figure(fig, store: Store, rel: str) -> list[str]:

@@ -228,7 +228,8 @@ def test_refine_dispatches_by_name():
     assert refine.options_for("gnm", section) == {"gtol2": 1e-12, "max_iters": 7}
 
 
-@pytest.mark.parametrize("experiment, data_name", [("lecture_digits", "digits"), ("pennington_bahri", "gaussian")])
+@pytest.mark.parametrize("experiment, data_name", [("lecture_digits", "digits"), ("pennington_bahri", "gaussian"),
+                                                   ("ratio_vs_loss", "digits")])
 def test_experiment_configs_compose_with_the_real_config(experiment, data_name):
     cfg = compose_config([f"+experiment={experiment}"], shrink=False)
     validate(cfg)
@@ -236,6 +237,9 @@ def test_experiment_configs_compose_with_the_real_config(experiment, data_name):
     assert cfg.hessian.method == "eigh" and cfg.hessian.dtype == "float64"
     if experiment == "lecture_digits":
         assert len(seeds_of(cfg.sweep.seeds)) >= 100
+    if experiment == "ratio_vs_loss":  # one grid across width, data size and learning rate, one tolerance rule
+        assert set(cfg.sweep.grid) == {"model.width", "data.n_samples", "optim.lr"}
+        assert cfg.refine.method == "newton_eig" and cfg.hessian.tol_mode == "gap" and cfg.plot.hue
 
 
 @pytest.mark.gpu
