@@ -20,6 +20,7 @@ Figures (under ``<results>/<sweep>/figures/``, each as ``.png`` and ``.pdf``):
 """
 from __future__ import annotations
 
+import functools
 import posixpath
 
 import matplotlib
@@ -102,7 +103,8 @@ def rank_lines(ok: pd.DataFrame) -> list[str]:
     out = [f"at {len(crit)} critical points, loss {crit['loss'].min():.2g} to {crit['loss'].max():.2g}:"]
     for col in ("min_ratio", "index"):
         r = spearman(crit["loss"], crit[col])
-        out.append(f"  Spearman ρ(loss, {col}) = {r.rho:+.2f}, 90 % bootstrap interval [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]")
+        out.append(f"  Spearman ρ(loss, {col}) = {r.rho:+.2f}, "
+                   f"90 % bootstrap interval [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]")
     return out
 
 
@@ -164,10 +166,10 @@ def _scatter_hue(ax, df: pd.DataFrame, y: str, bars: tuple[str, str] | None = No
         if bars is not None and part[bars[0]].notna().any():
             low, high = (part[y] - part[bars[0]]).clip(lower=0), (part[bars[1]] - part[y]).clip(lower=0)
             ax.errorbar(part["loss"], part[y], yerr=[low, high], fmt="none", ecolor=colors[key], alpha=0.5, lw=1)
-    handles = [matplotlib.lines.Line2D([], [], ls="", marker="o", color=colors[k], label=f"{k} ({(df['hue'] == k).sum()})")
-               for k in colors]
-    handles += [matplotlib.lines.Line2D([], [], ls="", marker="o", color="0.3", label="critical point (‖g‖² < 1e-10)"),
-                matplotlib.lines.Line2D([], [], ls="", marker="o", mfc="none", color="0.3", label="not critical")]
+    dot = functools.partial(matplotlib.lines.Line2D, [], [], ls="", marker="o")
+    handles = [dot(color=colors[k], label=f"{k} ({(df['hue'] == k).sum()})") for k in colors]
+    handles += [dot(color="0.3", label="critical point (‖g‖² < 1e-10)"),
+                dot(mfc="none", color="0.3", label="not critical")]
     ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
 
 
@@ -240,7 +242,8 @@ def _fig_by_stage(ok: pd.DataFrame, y: str, ylabel: str, title: str, log_y: bool
     for (stage, marker), color in zip(STAGE_MARKERS.items(), OKABE_ITO[4:]):
         part = ok[ok["stage"] == stage]
         if len(part):
-            ax.scatter(part["loss"], part[y], marker=marker, s=24, alpha=0.8, color=color, label=f"{stage} ({len(part)})")
+            ax.scatter(part["loss"], part[y], marker=marker, s=24, alpha=0.8, color=color,
+                       label=f"{stage} ({len(part)})")
     ax.set_xlabel("training loss")
     ax.set_ylabel(ylabel)
     _log_loss_axis(ax, ok["loss"])
@@ -252,7 +255,8 @@ def _fig_by_stage(ok: pd.DataFrame, y: str, ylabel: str, title: str, log_y: bool
 
 
 def fig_grad_norm(ok: pd.DataFrame):
-    fig = _fig_by_stage(ok, "grad_norm", "gradient norm ‖∇L‖", "Gradient norm where each point was analysed", True)
+    fig = _fig_by_stage(ok, "grad_norm", "gradient norm ‖∇L‖", "Gradient norm where each point was analysed",
+                        True)
     ax = fig.axes[0]
     ax.axhline(GTOL2 ** 0.5, color="0.2", ls="--", lw=1, label="‖g‖² = 1e-10: critical below")
     if ax.get_yscale() == "log":  # the line must stay in view even when every point lies far above it

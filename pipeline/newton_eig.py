@@ -123,7 +123,8 @@ def newton_eig(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, m
     (‖g‖² < ``gtol2``), ``max_iters``, ``line_search_failed`` (no trial step passed), and, when either of the
     last two ends a run at a point that passes Frye et al.'s gradient-flat test (from the same spectrum),
     ``gradient_flat``. ``relative_residual``/``cokernel_residual`` are Frye's r and r_H at the final point
-    (NaN when converged).
+    (NaN when converged); ``hvps`` is 0 (a run takes ``iterations`` + 1 Hessian builds, or ``iterations``
+    when it converged, and no Hessian-vector products).
     """
     t0 = time.perf_counter()
     theta = _start(theta0)

@@ -25,8 +25,8 @@ def test_newton_eig_converges_to_the_nearby_critical_point(name, point, loss, ei
     assert res.stopped_because == "converged" and res.grad_norm2 < 1e-10
     assert res.iterations <= 20  # Newton near a critical manifold of constant rank: a handful of steps
     assert res.loss == pytest.approx(loss, abs=1e-9)
-    # The same map W₂ᵀW₁ as θ*: critical points of one map differ only by the rescaling W₁ → aW₁, W₂ → W₂/a,
-    # whose Hessians are congruent, so the counts (Sylvester) and label must be the closed form's.
+    # The same map W₂ᵀW₁ as θ*: critical points of one map differ only by the rescaling W₁ → aW₁,
+    # W₂ → W₂/a, whose Hessians are congruent, so the counts (Sylvester) and label must be the closed form's.
     np.testing.assert_allclose(ae_map(res.theta), ae_map(torch.tensor(point, dtype=F64)), atol=1e-6)
     spec = spectrum_at(ae_loss, res.theta, method="eigh")
     assert (spec.n_pos, spec.n_neg, spec.n_zero) == counts
