@@ -166,11 +166,16 @@ def _scatter_hue(ax, df: pd.DataFrame, y: str, bars: tuple[str, str] | None = No
         if bars is not None and part[bars[0]].notna().any():
             low, high = (part[y] - part[bars[0]]).clip(lower=0), (part[bars[1]] - part[y]).clip(lower=0)
             ax.errorbar(part["loss"], part[y], yerr=[low, high], fmt="none", ecolor=colors[key], alpha=0.5, lw=1)
+
+
+def _hue_legend(ax, df: pd.DataFrame) -> None:
+    """One legend for the colours of ``df["hue"]`` (with counts) and the two marker kinds, beside ``ax``."""
+    colors = _palette(df["hue"])
     dot = functools.partial(matplotlib.lines.Line2D, [], [], ls="", marker="o")
     handles = [dot(color=colors[k], label=f"{k} ({(df['hue'] == k).sum()})") for k in colors]
     handles += [dot(color="0.3", label="critical point (‖g‖² < 1e-10)"),
                 dot(mfc="none", color="0.3", label="not critical")]
-    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.85)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
 
 
 def _log_loss_axis(ax, values: pd.Series) -> None:
@@ -216,7 +221,7 @@ def fig_min_ratio(ok: pd.DataFrame, full_range: bool = False):
     cols = ["min_ratio", "min_ratio_lo", "min_ratio_hi"]
     naive = ok[ok["min_ratio_naive"].notna()]
     differs = bool((naive["min_ratio_naive"] - naive["min_ratio"]).abs().gt(1e-12).any())
-    fig, axes = plt.subplots(1, 2 if differs else 1, figsize=(11 if differs else 6.2, 4.4), sharey=differs,
+    fig, axes = plt.subplots(1, 2 if differs else 1, figsize=(12 if differs else 7.4, 4.4), sharey=differs,
                              squeeze=False)
     axes = axes[0]
     _scatter_hue(axes[0], ok, "min_ratio", ("min_ratio_lo", "min_ratio_hi"))
@@ -226,6 +231,7 @@ def fig_min_ratio(ok: pd.DataFrame, full_range: bool = False):
     if differs:
         _scatter_hue(axes[1], naive, "min_ratio_naive")
         axes[1].set_title("Naive ratio: share of λ > 0, as in the lecture", fontsize=10)
+    _hue_legend(axes[-1], ok)
     span = pd.concat([ok[c] for c in cols] + ([naive["min_ratio_naive"]] if differs else [])).dropna()
     for ax in axes:
         ax.set_xlabel("training loss")

@@ -56,7 +56,7 @@ def test_the_lecture_figure_has_one_point_per_analysed_point_and_the_estimators_
     left, right = fig.axes  # the naive ratio differs (0.75 vs 0.5): its own panel
     drawn = sum(len(c.get_offsets()) for c in left.collections if isinstance(c, PathCollection))  # scatters
     assert drawn == 3  # r1's stalled and refined points and r2's final one
-    assert sorted(t.get_text() for t in left.get_legend().get_texts()) == [
+    assert sorted(t.get_text() for t in right.get_legend().get_texts()) == [  # one legend, beside the panels
         "critical point (‖g‖² < 1e-10)", "not critical", "saddle (2)", "uncertain (1)"]
     bars = [c for c in left.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 1  # the estimated point's interval 0.5–0.7
