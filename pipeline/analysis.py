@@ -20,8 +20,10 @@ Figures (under ``<results>/<sweep>/figures/``, each as ``.png`` and ``.pdf``):
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import posixpath
+import sys
 
 import matplotlib
 import matplotlib.lines
@@ -32,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline import spectrum, tables  # noqa: E402
+from pipeline import critical, spectrum, tables  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette (black last); labels keep one colour each across figures.
@@ -41,7 +43,7 @@ COLORS = {"minimum": "#009E73", "degenerate_minimum": "#56B4E9", "saddle": "#D55
           "degenerate_maximum": "#F0E442", "flat": "#000000", "uncertain": "#E69F00"}
 CRITICAL_COLORS = {**COLORS, "not_critical": "#E69F00", "gradient_flat": "#0072B2"}
 CRITICAL = set(spectrum.LABELS)  # critical_label values of a point whose ‖g‖² < refine.gtol2
-GTOL2 = 1e-10
+GTOL2 = critical.GTOL2  # the "critical" threshold, as refine.gtol2 defaults to
 REL_TOLS = np.logspace(-12, -1, 45)
 STAGE_MARKERS = {"stalled": "o", "final": "s", "refined": "^"}
 KEY = ["run_id", "step", "stage"]
@@ -49,12 +51,13 @@ KEY = ["run_id", "step", "stage"]
 
 def open_results(folder: str) -> tuple[Store, str]:
     """``<root>/<sweep>`` (path or URI) → the store of ``<root>`` and the sweep name."""
+    folder, sep, query = folder.partition("?")  # a URI's options (endpoint_override=…) belong to the root
     folder = folder.rstrip("/")
     root, sweep = posixpath.split(folder) if "://" in folder else (
         posixpath.dirname(posixpath.abspath(folder)), posixpath.basename(posixpath.abspath(folder)))
-    store = Store.open(root)
+    store = Store.open(root + sep + query)
     if not store.exists(f"{sweep}/runs"):
-        raise FileNotFoundError(f"{folder!r} is not a sweep results folder (no runs/ table inside)")
+        raise FileNotFoundError(f"{store.location(sweep)!r} is not a sweep results folder (no runs/ table inside)")
     return store, sweep
 
 
@@ -117,7 +120,7 @@ def save_figure(fig, store: Store, rel: str) -> list[str]:
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=130, bbox_inches="tight")
         store.write_bytes(f"{rel}.{fmt}", buf.getvalue())
-        paths.append(store.path(f"{rel}.{fmt}"))
+        paths.append(store.location(f"{rel}.{fmt}"))
     plt.close(fig)
     return paths
 
@@ -412,7 +415,32 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None, hue: str | 
     return summary_text(t), figs
 
 
-if __name__ == "__main__":
-    from pipeline.cli import analyze_main
+def folder_args(description: str, checkpoint: bool = False) -> argparse.Namespace:
+    """The command line of a command over one sweep's results folder (``minratio-analyze``,
+    ``minratio-compact``): the folder, and with ``checkpoint`` the analysis options (the point whose histogram
+    to draw, the figure's ``--hue`` and ``--full-range``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("folder", help="a sweep's results folder, <results_root>/<sweep.name> (path or URI)")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="RUN_ID:STEP[:STAGE] whose eigenvalue histogram to draw (without "
+                       "STAGE, the point where training stopped rather than its refined one)")
+        p.add_argument("--hue", help="a config key whose value colours the minimum-ratio figure, e.g. model.width "
+                       "(default: the point's label)")
+        p.add_argument("--full-range", action="store_true", help="minimum-ratio axes from 0 to 1, not fitted")
+    return p.parse_args()
 
-    analyze_main()
+
+def main() -> None:
+    """``minratio-analyze`` / ``python -m pipeline.analysis``: write a sweep's figures, print its summary."""
+    args = folder_args("Write figures and print the summary of a minratio sweep.", checkpoint=True)
+    try:
+        store, sweep = open_results(args.folder)
+        text, figs = analyze(store, sweep, args.checkpoint, args.hue, args.full_range)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"minratio-analyze: {err}")
+    print(text)
+    print("figures:\n  " + "\n  ".join(figs))
+
+
+if __name__ == "__main__":
+    main()

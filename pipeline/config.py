@@ -9,21 +9,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
+from pipeline import models, problem, refine
+from pipeline.data import DATA_NAMES
+from pipeline.hessian import needs_dense
+from pipeline.hessian_memory import MATRIX_FREE, METHODS as HESSIAN_METHODS
+from pipeline.models import LOSSES, MODEL_NAMES
 from pipeline.spectrum import TOL_MODES
+from pipeline.train import OPTIMIZERS
 
-DATA_NAMES = ("synthetic", "digits", "gaussian")
-MODEL_NAMES = ("mlp", "cnn")
-ACTIVATIONS = ("tanh", "softplus", "relu", "swish", "linear")
-LOSSES = ("mse", "cross_entropy")
-OPTIMIZERS = ("gd", "sgd", "adam")
-DTYPES = ("float32", "float64")
-HESSIAN_METHODS = ("auto", "eigh", "inertia", "estimate")
+ACTIVATIONS = tuple(models.ACTIVATIONS)
+DTYPES = tuple(problem.DTYPES)
+REFINE_METHODS = ("none", *refine.METHODS)
 # The hessian keys that change what a run computes, so enter its id (pipeline.plan.run_id) and may vary
 # over a sweep's grid; the rest (resources, batching, estimator settings) are shared by the whole sweep.
 HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio")
@@ -35,14 +39,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | digits | gaussian
+    name: str = "digits"  # synthetic | digits | gaussian
     seed: Optional[int] = 0  # seed of the data set; null = each run's own seed (a new data set per run)
     n_samples: int = 256  # synthetic/gaussian: samples drawn; digits: first n (0 = all 1,797)
     n_features: int = 4  # synthetic/gaussian input dimension (digits: 64, or side² when downsampled)
     n_outputs: int = 1  # synthetic/gaussian target dimension (digits: 10 classes)
     teacher_width: int = 8  # hidden width of the random tanh teacher that labels synthetic inputs
     noise: float = 0.0  # std of Gaussian label noise added to synthetic targets
-    side: int = 8  # digits: image side after downsampling (8 = original, 4 = 4×4 block means)
+    side: int = 4  # digits: image side after downsampling (8 = original, 4 = 4×4 block means)
     batch_size: int = 0  # 0 = full batch (for training, and for Hessian accumulation)
     standardize: bool = True
 
@@ -64,10 +68,10 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "gd"  # gd (full batch) | sgd (mini-batch, data.batch_size) | adam
-    lr: float = 0.1
+    lr: float = 0.5
     momentum: float = 0.0
     weight_decay: float = 0.0  # L2 penalty λ/2·‖θ‖² added to the loss (and to its Hessian)
-    max_steps: int = 3000
+    max_steps: int = 4000
     log_every: int = 10  # record full-batch loss and gradient norm every k steps
     dtype: str = "float64"
 
@@ -75,9 +79,9 @@ class OptimConfig:
 @dataclass
 class StallConfig:
     window: int = 500  # steps over which the relative improvement is measured
-    threshold: float = 1e-4  # stall when (L[t-window] - L[t]) / |L[t-window]| < threshold
-    max_stalls: int = 1  # stop a run after this many stalls (it also stops at optim.max_steps)
-    # Stall tags (oscillating vs small_gradient) — see pipeline.critical.stall_tag:
+    threshold: float = 2e-2  # stall when (L[t-window] - L[t]) / |L[t-window]| < threshold
+    max_stalls: int = 2  # stop a run after this many stalls (it also stops at optim.max_steps)
+    # Stall tags (oscillating vs small_gradient) — see pipeline.stall.stall_tag:
     grad_ratio_tol: float = 1e-2  # oscillating when ‖g‖/‖g₀‖ ≥ this
     cosine_tol: float = 0.0  # … or when successive gradients have cosine < this
     sharpness_tol: float = 0.9  # λmax·lr/2 ≥ this is reported (edge of stability), never a tag on its own
@@ -127,10 +131,11 @@ class RefineConfig:
 @dataclass
 class SweepConfig:
     name: str = "default"
-    seeds: Any = 8  # a count (seeds 0..n-1) or an explicit list of ints
+    seeds: Any = 24  # a count (seeds 0..n-1) or an explicit list of ints
     grid: dict = field(default_factory=dict)  # dotted key -> list of values, crossed with seeds
     max_in_flight: int = 0  # tasks in flight at once; 0 = 2 × cluster CPUs
     progress: str = "auto"  # auto | live | plain | none
+    extend: bool = False  # add runs of another config to an existing sweep (pipeline.identity)
 
 
 @dataclass
@@ -151,38 +156,31 @@ class PlotConfig:
 
 @dataclass
 class Config:
-    data: DataConfig = MISSING
-    model: ModelConfig = MISSING
-    optim: OptimConfig = MISSING
-    stall: StallConfig = MISSING
-    hessian: HessianConfig = MISSING
-    refine: RefineConfig = MISSING
-    sweep: SweepConfig = MISSING
-    ray: RayConfig = MISSING
+    """The whole config. Its defaults are those of the options ``conf/config.yaml`` picks (a test holds
+    them equal), so a value has one default wherever it is read."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stall: StallConfig = field(default_factory=StallConfig)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     results_root: str = "results"
     figures: bool = True
     plot: PlotConfig = field(default_factory=PlotConfig)  # how minratio-sweep draws its figures
 
 
 def register_configs() -> None:
-    """Register the schemas so that ``conf/*.yaml`` are merged onto (and checked against) them."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for group, node in [("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig),
-                        ("stall", StallConfig), ("hessian", HessianConfig), ("refine", RefineConfig),
-                        ("sweep", SweepConfig),
-                        ("ray", RayConfig)]:
-        cs.store(group=group, name=f"base_{group}", node=node)
+    """Register the schema of the primary config, onto which ``conf/config.yaml`` and each group's option
+    are merged: an unknown key or a wrong type fails at composition. Only the whole config is stored,
+    so ``--help`` lists the YAML options alone."""
+    ConfigStore.instance().store(name="base_config", node=Config)
 
 
 def _require(cond: bool, field_name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}={value!r} is not allowed: expected {allowed}")
-
-
-def _one_of(cfg: DictConfig, key: str, allowed: tuple) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(value in allowed, key, value, "one of " + ", ".join(allowed))
 
 
 def section(config: dict, name: str) -> dict:
@@ -207,99 +205,148 @@ def seeds_of(seeds: Any) -> list[int]:
     return list(range(seeds))
 
 
+# A rule: the key its message names, a test of the whole config, and what is allowed (text, or a function
+# of the config for text that quotes another setting). validate() applies them in order.
+Rule = tuple[str, Callable[[DictConfig], bool], Union[str, Callable[[DictConfig], str]]]
+
+VOCABULARIES = {"data.name": DATA_NAMES, "model.name": MODEL_NAMES, "model.activation": ACTIVATIONS,
+                "model.loss": LOSSES, "optim.name": OPTIMIZERS, "optim.dtype": DTYPES,
+                "hessian.method": HESSIAN_METHODS, "hessian.dtype": DTYPES, "hessian.tol_mode": TOL_MODES,
+                "sweep.progress": ("auto", "live", "plain", "none"), "refine.method": REFINE_METHODS,
+                "refine.operator": refine.OPERATORS}
+
+
+def _schema_floats(schema: Optional[type] = None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of every float field of the schema (``optim.lr``, …), found from the dataclasses' types."""
+    schema = schema or Config
+    out: list[str] = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(kind):
+            out.extend(_schema_floats(kind, f"{prefix}{name}."))
+        elif kind in (float, Optional[float]):
+            out.append(prefix + name)
+    return tuple(out)
+
+
+FLOAT_KEYS = _schema_floats()
+
+
+def _finite(key: str) -> Rule:
+    """Every float setting is a finite number (or null where the schema allows it): ±inf and NaN would
+    pass most range checks or silently switch them off."""
+    return (key, lambda c: OmegaConf.select(c, key) is None or math.isfinite(OmegaConf.select(c, key)),
+            "a finite number")
+
+
+def _one_of(key: str, allowed: tuple) -> Rule:
+    return (key, lambda c: OmegaConf.select(c, key) in allowed, "one of " + ", ".join(allowed))
+
+
+def _whole_or_fraction(key: str) -> Rule:
+    return (key, lambda c: OmegaConf.select(c, key) <= 1 or float(OmegaConf.select(c, key)).is_integer(),
+            "a fraction ≤ 1 or a whole number")
+
+
+def _folder_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not set(name) & set("/\\")
+
+
+RUN_SECTIONS = ("data", "model", "optim", "stall", "hessian", "refine")  # what a run records of its config
+
+RULES: tuple[Rule, ...] = (
+    *(_finite(key) for key in FLOAT_KEYS),
+    *(_one_of(key, allowed) for key, allowed in VOCABULARIES.items()),
+    ("data.n_samples", lambda c: c.data.n_samples >= (0 if c.data.name == "digits" else 1), "≥ 1 (digits: 0 = all)"),
+    ("data.seed", lambda c: c.data.seed is None or c.data.seed >= 0, "null or an int ≥ 0"),
+    ("data.n_samples", lambda c: c.data.name != "digits" or c.data.n_samples <= 1797,
+     "≤ 1797 for data.name=digits (0 = all 1,797)"),
+    ("data.n_features", lambda c: c.data.n_features >= 1, "≥ 1"),
+    ("data.n_outputs", lambda c: c.data.n_outputs >= 1, "≥ 1"),
+    ("data.teacher_width", lambda c: c.data.teacher_width >= 1, "≥ 1"),
+    ("data.noise", lambda c: c.data.noise >= 0, "≥ 0"),
+    ("data.side", lambda c: c.data.side in (2, 4, 8), "2, 4 or 8"),
+    ("data.batch_size", lambda c: c.data.batch_size >= 0, "≥ 0 (0 = full batch)"),
+    ("model.depth", lambda c: c.model.depth >= 0, "≥ 0 hidden layers"),
+    ("model.width", lambda c: c.model.width >= 1, "≥ 1"),
+    ("data.name", lambda c: c.model.name != "cnn" or c.data.name == "digits",
+     "digits with model.name=cnn (a CNN needs images)"),
+    ("model.conv_layers", lambda c: c.model.name != "cnn" or c.model.conv_layers >= 1, "≥ 1"),
+    ("model.channels", lambda c: c.model.name != "cnn" or c.model.channels >= 1, "≥ 1"),
+    ("model.kernel", lambda c: c.model.name != "cnn" or (c.model.kernel >= 1 and c.model.kernel % 2 == 1),
+     "an odd size ≥ 1 (same padding needs a centre)"),
+    # A wider kernel has weights that never meet a pixel: exact zero rows of the Hessian.
+    ("model.kernel", lambda c: c.model.name != "cnn" or c.model.kernel <= 2 * c.data.side - 1,
+     lambda c: f"≤ {2 * c.data.side - 1} = 2·data.side − 1 (data.side={c.data.side})"),
+    ("model.loss", lambda c: not (c.model.loss == "cross_entropy" and c.data.name != "digits"),
+     "mse for regression data (cross_entropy needs data.name=digits)"),
+    ("optim.lr", lambda c: c.optim.lr > 0, "> 0"),
+    ("optim.momentum", lambda c: 0 <= c.optim.momentum < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda c: c.optim.weight_decay >= 0, "≥ 0"),
+    ("optim.max_steps", lambda c: c.optim.max_steps >= 1, "≥ 1"),
+    ("optim.log_every", lambda c: c.optim.log_every >= 1, "≥ 1"),
+    ("data.batch_size", lambda c: not (c.optim.name == "sgd" and c.data.batch_size == 0),
+     "≥ 1 with optim.name=sgd (mini-batch)"),
+    ("stall.window", lambda c: c.stall.window >= c.optim.log_every,
+     lambda c: f"≥ optim.log_every ({c.optim.log_every})"),
+    ("stall.threshold", lambda c: c.stall.threshold > 0, "> 0"),
+    ("stall.max_stalls", lambda c: c.stall.max_stalls >= 1, "≥ 1"),
+    ("stall.grad_ratio_tol", lambda c: c.stall.grad_ratio_tol > 0, "> 0"),
+    ("stall.power_iters", lambda c: c.stall.power_iters >= 1, "≥ 1"),
+    ("stall.curvature_every", lambda c: c.stall.curvature_every >= 0, "≥ 0 (0 = off)"),
+    ("refine.gtol2", lambda c: c.refine.gtol2 > 0, "> 0"),
+    ("refine.max_iters", lambda c: c.refine.max_iters >= 1, "≥ 1"),
+    ("refine.inner_max_iters", lambda c: c.refine.inner_max_iters >= 1, "≥ 1"),
+    ("refine.damping", lambda c: c.refine.damping > 0, "> 0"),
+    ("refine.min_damping", lambda c: c.refine.min_damping > 0, "> 0"),
+    ("refine.max_tries", lambda c: c.refine.max_tries >= 1, "≥ 1"),
+    ("refine.patience", lambda c: c.refine.patience >= 1, "≥ 1"),
+    ("refine.progress", lambda c: c.refine.progress > 1, "> 1"),
+    ("refine.forcing", lambda c: 0 < c.refine.forcing < 1, "in (0, 1)"),
+    ("refine.num_cpus", lambda c: c.refine.num_cpus > 0, "> 0"),
+    ("refine.num_gpus", lambda c: c.refine.num_gpus >= 0, "≥ 0"),
+    _whole_or_fraction("refine.num_gpus"),
+    ("hessian.rel_tol", lambda c: 0 <= c.hessian.rel_tol < 1, "in [0, 1)"),
+    ("hessian.abs_tol", lambda c: c.hessian.abs_tol >= 0, "≥ 0"),
+    ("hessian.gap_ratio", lambda c: c.hessian.gap_ratio > 1, "> 1"),
+    ("hessian.num_gpus", lambda c: c.hessian.num_gpus >= 0, "≥ 0"),
+    ("hessian.num_cpus", lambda c: c.hessian.num_cpus > 0, "> 0"),
+    ("hessian.chunk_size", lambda c: c.hessian.chunk_size >= 0, "≥ 0"),
+    ("hessian.memory_budget_mb", lambda c: c.hessian.memory_budget_mb >= 0, "≥ 0"),
+    ("hessian.estimate_probes", lambda c: c.hessian.estimate_probes >= 2, "≥ 2"),
+    ("hessian.estimate_degree", lambda c: c.hessian.estimate_degree >= 0, "≥ 0 (0 = auto)"),
+    ("hessian.tol_mode", lambda c: not (c.hessian.method in MATRIX_FREE and needs_dense(None, c.hessian.tol_mode)),
+     lambda c: f"auto, rel or abs with hessian.method={c.hessian.method} (a gap needs a dense Hessian: eigh or inertia)"),
+    ("hessian.batch_checkpoints", lambda c: c.hessian.batch_checkpoints >= 1, "≥ 1"),
+    ("hessian.data_workers", lambda c: c.hessian.data_workers >= 0, "≥ 0 (0 = HVPs in the Hessian task)"),
+    ("hessian.data_workers", lambda c: c.hessian.data_workers == 0 or c.hessian.method == "estimate",
+     lambda c: f"0 with hessian.method={c.hessian.method} (data-parallel HVPs serve method=estimate only)"),
+    _whole_or_fraction("hessian.num_gpus"),
+    ("sweep.seeds", lambda c: bool(seeds_of(c.sweep.seeds)), "a count ≥ 1 or a list of ints"),
+    ("sweep.max_in_flight", lambda c: c.sweep.max_in_flight >= 0, "≥ 0"),
+    ("sweep.name", lambda c: _folder_name(str(c.sweep.name)),
+     "a folder name under results_root: not empty, '.' or '..', without '/' or '\\'"),
+    ("ray.train_num_cpus", lambda c: c.ray.train_num_cpus > 0, "> 0"),
+    ("ray.num_cpus", lambda c: c.ray.num_cpus is None or c.ray.num_cpus >= 1, "≥ 1, or null (all of this machine's)"),
+    ("ray.max_retries", lambda c: c.ray.max_retries >= 0, "≥ 0"),
+    ("ray.state_every_s", lambda c: c.ray.state_every_s >= 0, "≥ 0 seconds"),
+    # the runs table holds these sections, one column per setting (pipeline.tables.CONFIG_SECTIONS)
+    ("plot.hue", lambda c: not c.plot.hue or (c.plot.hue.split(".")[0] in RUN_SECTIONS and _has_key(c, c.plot.hue)
+                                              and not OmegaConf.is_config(OmegaConf.select(c, c.plot.hue))),
+     f"'' (colour by label) or a setting under {', '.join(s + '.' for s in RUN_SECTIONS)} e.g. model.width"),
+)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check every value of a composed config; raise :class:`ConfigError` naming the first bad field."""
-    _one_of(cfg, "data.name", DATA_NAMES)
-    _one_of(cfg, "model.name", MODEL_NAMES)
-    _one_of(cfg, "model.activation", ACTIVATIONS)
-    _one_of(cfg, "model.loss", LOSSES)
-    _one_of(cfg, "optim.name", OPTIMIZERS)
-    _one_of(cfg, "optim.dtype", DTYPES)
-    _one_of(cfg, "hessian.method", HESSIAN_METHODS)
-    _one_of(cfg, "hessian.dtype", DTYPES)
-    _one_of(cfg, "hessian.tol_mode", TOL_MODES)
-    _one_of(cfg, "sweep.progress", ("auto", "live", "plain", "none"))
-    d, m, o, s, h = cfg.data, cfg.model, cfg.optim, cfg.stall, cfg.hessian
-    _require(d.n_samples >= 0 if d.name == "digits" else d.n_samples >= 1, "data.n_samples", d.n_samples,
-             "≥ 1 (digits: 0 = all)")
-    _require(d.seed is None or d.seed >= 0, "data.seed", d.seed, "null or an int ≥ 0")
-    _require(d.name != "digits" or d.n_samples <= 1797, "data.n_samples", d.n_samples,
-             "≤ 1797 for data.name=digits (0 = all 1,797)")
-    _require(d.n_features >= 1, "data.n_features", d.n_features, "≥ 1")
-    _require(d.n_outputs >= 1, "data.n_outputs", d.n_outputs, "≥ 1")
-    _require(d.teacher_width >= 1, "data.teacher_width", d.teacher_width, "≥ 1")
-    _require(d.noise >= 0, "data.noise", d.noise, "≥ 0")
-    _require(d.side in (2, 4, 8), "data.side", d.side, "2, 4 or 8")
-    _require(d.batch_size >= 0, "data.batch_size", d.batch_size, "≥ 0 (0 = full batch)")
-    _require(m.depth >= 0, "model.depth", m.depth, "≥ 0 hidden layers")
-    _require(m.width >= 1, "model.width", m.width, "≥ 1")
-    if m.name == "cnn":
-        _require(d.name == "digits", "data.name", d.name, "digits with model.name=cnn (a CNN needs images)")
-        _require(m.conv_layers >= 1, "model.conv_layers", m.conv_layers, "≥ 1")
-        _require(m.channels >= 1, "model.channels", m.channels, "≥ 1")
-        _require(m.kernel >= 1 and m.kernel % 2 == 1, "model.kernel", m.kernel,
-                 "an odd size ≥ 1 (same padding needs a centre)")
-        # A wider kernel has weights that never meet a pixel: exact zero rows of the Hessian.
-        _require(m.kernel <= 2 * d.side - 1, "model.kernel", m.kernel,
-                 f"≤ {2 * d.side - 1} = 2·data.side − 1 (data.side={d.side})")
-    _require(not (m.loss == "cross_entropy" and d.name != "digits"), "model.loss", m.loss,
-             "mse for regression data (cross_entropy needs data.name=digits)")
-    _require(o.lr > 0, "optim.lr", o.lr, "> 0")
-    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "≥ 0")
-    _require(o.max_steps >= 1, "optim.max_steps", o.max_steps, "≥ 1")
-    _require(o.log_every >= 1, "optim.log_every", o.log_every, "≥ 1")
-    _require(not (o.name == "sgd" and d.batch_size == 0), "data.batch_size", d.batch_size,
-             "≥ 1 with optim.name=sgd (mini-batch)")
-    _require(s.window >= o.log_every, "stall.window", s.window, f"≥ optim.log_every ({o.log_every})")
-    _require(s.threshold > 0, "stall.threshold", s.threshold, "> 0")
-    _require(s.max_stalls >= 1, "stall.max_stalls", s.max_stalls, "≥ 1")
-    _require(s.grad_ratio_tol > 0, "stall.grad_ratio_tol", s.grad_ratio_tol, "> 0")
-    _require(s.power_iters >= 1, "stall.power_iters", s.power_iters, "≥ 1")
-    _require(s.curvature_every >= 0, "stall.curvature_every", s.curvature_every, "≥ 0 (0 = off)")
-    r = cfg.refine
-    _one_of(cfg, "refine.method", ("none", "newton_mr", "gnm", "newton_eig"))
-    _one_of(cfg, "refine.operator", ("auto", "hvp", "dense"))
-    _require(r.gtol2 > 0, "refine.gtol2", r.gtol2, "> 0")
-    _require(r.max_iters >= 1, "refine.max_iters", r.max_iters, "≥ 1")
-    _require(r.inner_max_iters >= 1, "refine.inner_max_iters", r.inner_max_iters, "≥ 1")
-    _require(r.damping > 0, "refine.damping", r.damping, "> 0")
-    _require(r.min_damping > 0, "refine.min_damping", r.min_damping, "> 0")
-    _require(r.max_tries >= 1, "refine.max_tries", r.max_tries, "≥ 1")
-    _require(r.patience >= 1, "refine.patience", r.patience, "≥ 1")
-    _require(r.progress > 1, "refine.progress", r.progress, "> 1")
-    _require(0 < r.forcing < 1, "refine.forcing", r.forcing, "in (0, 1)")
-    _require(r.num_cpus > 0, "refine.num_cpus", r.num_cpus, "> 0")
-    _require(r.num_gpus >= 0, "refine.num_gpus", r.num_gpus, "≥ 0")
-    _require(r.num_gpus <= 1 or float(r.num_gpus).is_integer(), "refine.num_gpus", r.num_gpus,
-             "a fraction ≤ 1 or a whole number")
-    _require(0 <= h.rel_tol < 1, "hessian.rel_tol", h.rel_tol, "in [0, 1)")
-    _require(h.abs_tol >= 0, "hessian.abs_tol", h.abs_tol, "≥ 0")
-    _require(h.gap_ratio > 1, "hessian.gap_ratio", h.gap_ratio, "> 1")
-    _require(h.num_gpus >= 0, "hessian.num_gpus", h.num_gpus, "≥ 0")
-    _require(h.num_cpus > 0, "hessian.num_cpus", h.num_cpus, "> 0")
-    _require(h.chunk_size >= 0, "hessian.chunk_size", h.chunk_size, "≥ 0")
-    _require(h.memory_budget_mb >= 0, "hessian.memory_budget_mb", h.memory_budget_mb, "≥ 0")
-    _require(h.estimate_probes >= 2, "hessian.estimate_probes", h.estimate_probes, "≥ 2")
-    _require(h.estimate_degree >= 0, "hessian.estimate_degree", h.estimate_degree, "≥ 0 (0 = auto)")
-    _require(not (h.method == "estimate" and h.tol_mode == "gap"), "hessian.tol_mode", h.tol_mode,
-             f"auto, rel or abs with hessian.method={h.method} (a gap needs a dense Hessian: eigh or inertia)")
-    _require(h.batch_checkpoints >= 1, "hessian.batch_checkpoints", h.batch_checkpoints, "≥ 1")
-    _require(h.data_workers >= 0, "hessian.data_workers", h.data_workers, "≥ 0 (0 = HVPs in the Hessian task)")
-    _require(h.data_workers == 0 or h.method == "estimate", "hessian.data_workers", h.data_workers,
-             f"0 with hessian.method={h.method} (data-parallel HVPs serve method=estimate only)")
-    _require(h.num_gpus <= 1 or float(h.num_gpus).is_integer(), "hessian.num_gpus", h.num_gpus,
-             "a fraction ≤ 1 or a whole number")
-    seeds_of(cfg.sweep.seeds)
-    _require(cfg.sweep.max_in_flight >= 0, "sweep.max_in_flight", cfg.sweep.max_in_flight, "≥ 0")
-    name = str(cfg.sweep.name)
-    _require(bool(name) and name not in (".", "..") and not set(name) & set("/\\"), "sweep.name", name,
-             "a folder name under results_root: not empty, '.' or '..', without '/' or '\\'")
-    _require(cfg.ray.train_num_cpus > 0, "ray.train_num_cpus", cfg.ray.train_num_cpus, "> 0")
-    _require(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus", cfg.ray.num_cpus,
-             "≥ 1, or null (all of this machine's)")
-    _require(cfg.ray.max_retries >= 0, "ray.max_retries", cfg.ray.max_retries, "≥ 0")
-    _require(cfg.ray.state_every_s >= 0, "ray.state_every_s", cfg.ray.state_every_s, "≥ 0 seconds")
+    """Check every value of a composed config against :data:`RULES`, then the grid and each of its points;
+    raise :class:`ConfigError` naming the first bad field."""
+    for key, ok, allowed in RULES:
+        _require(ok(cfg), key, OmegaConf.select(cfg, key), allowed if isinstance(allowed, str) else allowed(cfg))
+    _validate_grid(cfg)
+
+
+def _validate_grid(cfg: DictConfig) -> None:
+    """Each ``sweep.grid`` key names a setting a grid point may change, and each point is itself valid,
+    values and their combination (model=cnn with data=synthetic)."""
     for key, values in cfg.sweep.grid.items():
         _require(OmegaConf.is_list(values) and len(values) >= 1, f"sweep.grid.{key}", values,
                  "a non-empty list of values")
@@ -310,7 +357,6 @@ def validate(cfg: DictConfig) -> None:
         _require(not key.startswith("hessian.") or key.split(".", 1)[1] in HESSIAN_ID_KEYS, "sweep.grid", key,
                  f"hessian keys of the run id ({', '.join(HESSIAN_ID_KEYS)}); the others are settings the "
                  "whole sweep shares, which a grid point cannot change")
-    # Each grid point must itself be valid, values and their combination (model=cnn with data=synthetic).
     for point in grid_points(OmegaConf.to_container(cfg.sweep.grid, resolve=True)):
         if point:
             validate_point(cfg, point)

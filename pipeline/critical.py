@@ -9,8 +9,6 @@ critical point when the gradient vanishes. This module adds, as pure functions:
   ``r_H = ‖H(Hp + g)‖/(‖H‖_F‖Hp + g‖) < 5e-4``), else the spectrum label;
 - :func:`gradient_shares` — the shares of ``‖g‖²`` in the negative, near-zero and positive eigenspaces;
 - :func:`escape_check` — the loss change along ``±v_min`` against the second-order prediction ½ε²λmin;
-- :func:`stall_tag` — ``small_gradient`` or ``oscillating``, with the values behind it;
-- :func:`power_lambda_max` and :func:`gradient_cosine` — cheap curvature and direction logs for training;
 - :func:`critical_report` — all of the above at one point from its dense Hessian, as table columns;
   :func:`report_from_eigen` the same from an eigendecomposition already taken (the pipeline's).
 
@@ -20,24 +18,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from operator import attrgetter
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.func import grad, grad_and_value
 
 from pipeline import spectrum
-from pipeline.refine import GTOL2, hvp_at
-
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+from pipeline.hessian_build import hessian
+from pipeline.hvp import LossFn
+from pipeline.stall import (STALL_TAGS, PowerResult, StallTag, gradient_cosine,  # noqa: F401  (their old home)
+                            power_lambda_max, stall_tag, stall_tag_at)
 
 # Frye et al. 2021 (arXiv:2003.10397; definitions as in Frye's 2020 thesis, ch. 3): a point is approximately
 # gradient-flat when r > 0.9 and r_H < 5e-4, with r and r_H MINRES-QLP's relres / relAres (Frobenius ‖H‖_F).
 FLAT_RESIDUAL = 0.9  # r = ‖g + Hp‖/(‖H‖_F‖p‖ + ‖g‖) above this: g almost all in the near-null space, p small
 FLAT_COKERNEL = 5e-4  # r_H = ‖H ρ‖/(‖H‖_F ‖ρ‖) below this: the residual ρ really is in the near-null space
+# Frye et al.: ‖g‖² below this (absolute) is a critical point; 1e-8 or 1e-6 gave wrong loss and index values.
+GTOL2 = 1e-10
 ESCAPE_STEPS = (1e-3, 1e-2, 1e-1)
 CRITICAL_LABELS = ("not_critical", "gradient_flat") + spectrum.LABELS
-STALL_TAGS = ("small_gradient", "oscillating")
 
 
 def _np(x) -> np.ndarray:
@@ -181,12 +182,10 @@ class EscapeCheck:
     def drops(self) -> bool:
         return any(d < 0 for d in self.delta)
 
-    def row(self) -> dict:
-        """Scalar summary: the step with the largest drop, its change and the prediction there."""
-        i = int(np.argmin(self.delta))
-        return {"escape_drops": self.drops, "escape_step": self.steps[i], "escape_delta": self.delta[i],
-                "escape_predicted": self.predicted[i],
-                "escape_ratio_smallest": _ratio(self.delta[0], self.predicted[0])}
+    @property
+    def ratio_smallest(self) -> float:
+        """Δloss / (½ε²λmin) at the smallest step (1 where the second-order prediction holds; NaN if 0)."""
+        return _ratio(self.delta[0], self.predicted[0])
 
 
 def _ratio(a: float, b: float) -> float:
@@ -221,169 +220,27 @@ def escape_check(loss_fn: LossFn, theta: torch.Tensor, v_min, lam_min: float,
                        tuple(-e * abs(slope) + 0.5 * e * e * lam for e in steps))
 
 
-# --------------------------------------------------------------------------------------- stalls in training
-
-
-@dataclass(frozen=True)
-class StallTag:
-    """``tag`` ∈ {small_gradient, oscillating} and the values behind it.
-
-    ``grad_ratio`` = ‖g‖/‖g₀‖; ``cosine`` between successive gradients; ``sharpness`` = λmax·lr/2 (1 = the
-    gradient-descent stability limit λmax = 2/lr); ``reasons``: the criteria that fired, with their values.
-    """
-
-    tag: str
-    grad_ratio: float
-    cosine: float
-    sharpness: float
-    reasons: str
-
-    def row(self) -> dict:
-        return {"stall_tag": self.tag, "stall_grad_ratio": self.grad_ratio, "stall_cosine": self.cosine,
-                "stall_sharpness": self.sharpness, "stall_tag_reasons": self.reasons}
-
-
-def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam_max: float = math.nan,
-              lr: Optional[float] = None, *, grad_ratio_tol: float = 1e-2, cosine_tol: float = 0.0,
-              sharpness_tol: float = 0.9) -> StallTag:
-    """Tag a stalled checkpoint ``oscillating`` when the iterate shows evidence of bouncing across a valley,
-    else ``small_gradient``. Evidence is either of:
-
-    - the gradient is not small relative to its start: ``‖g‖/‖g₀‖ ≥ grad_ratio_tol``;
-    - successive gradients point against each other: ``cosine < cosine_tol``.
-
-    Sharpness near the edge of stability, ``λmax·lr/2 ≥ sharpness_tol``, is reported among the reasons when
-    it holds, but never tags a point on its own: a run can sit at λmax ≈ 2/lr and still converge smoothly
-    (cosine ≈ +1, a gradient 10⁻³ of its start).
-
-    ``grad_norm``, ``grad_norm0``: ‖g‖ at the stall and at step 0. ``cosine``: from :func:`gradient_cosine`.
-    ``lam_max``: from :func:`power_lambda_max`. ``lr``: the (S)GD learning rate; pass None for Adam, whose
-    stability limit is not 2/lr. A NaN value (not measured) skips its criterion.
-    """
-    if grad_norm < 0 or grad_norm0 < 0:
-        raise ValueError(f"gradient norms must be ≥ 0, got grad_norm={grad_norm}, grad_norm0={grad_norm0}")
-    ratio = grad_norm / grad_norm0 if grad_norm0 > 0 else math.nan
-    sharp = 0.5 * lam_max * lr if lr is not None and math.isfinite(lam_max) else math.nan
-    reasons = []
-    if ratio >= grad_ratio_tol:
-        reasons.append(f"grad_ratio={ratio:.3g}>={grad_ratio_tol:g}")
-    if cosine < cosine_tol:
-        reasons.append(f"cosine={cosine:.3g}<{cosine_tol:g}")
-    bouncing = bool(reasons)  # NaN comparisons are False: unmeasured criteria never fire
-    if sharp >= sharpness_tol:
-        reasons.append(f"lam_max*lr/2={sharp:.3g}>={sharpness_tol:g}")
-    if not bouncing:
-        reasons.insert(0, f"grad_ratio={ratio:.3g}<{grad_ratio_tol:g}")
-        return StallTag("small_gradient", ratio, cosine, sharp, "; ".join(reasons))
-    return StallTag("oscillating", ratio, cosine, sharp, "; ".join(reasons))
-
-
-def stall_tag_at(loss_fn: LossFn, theta: torch.Tensor, grad_norm0: float, lr: Optional[float], *,
-                 power_iters: int = 50, **thresholds) -> StallTag:
-    """:func:`stall_tag` for a saved checkpoint of full-batch gradient descent, from ``theta`` ``[N]`` alone:
-    the cosine is taken between ∇L(θ) and the gradient after one more GD step (θ − lr·∇L(θ)), which is what
-    GD's next gradient is, and λmax by :func:`power_lambda_max`. ``grad_norm0``: ‖∇L‖ at step 0 (first entry
-    of the run's curve). ``lr`` None (Adam): no cosine step and no 2/lr criterion, only ‖g‖/‖g₀‖.
-    ``thresholds``: ``grad_ratio_tol``, ``cosine_tol``, ``sharpness_tol`` of :func:`stall_tag`."""
-    theta = theta.detach()
-    g_fn = grad(loss_fn)
-    g = g_fn(theta)
-    cos, lam = math.nan, math.nan
-    if lr is not None:
-        cos = gradient_cosine(g, g_fn(theta - lr * g))
-        lam = power_lambda_max(loss_fn, theta, power_iters).lam_max
-    return stall_tag(float(torch.linalg.vector_norm(g)), grad_norm0, cos, lam, lr, **thresholds)
-
-
-def gradient_cosine(g_prev: torch.Tensor, g: torch.Tensor) -> float:
-    """cos∠(g_prev, g) for two ``[N]`` gradients; NaN when either is zero."""
-    a, b = g_prev.detach().reshape(-1).to(torch.float64), g.detach().reshape(-1).to(torch.float64)
-    na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
-
-
-@dataclass(frozen=True)
-class PowerResult:
-    """``lam_max``: the largest (algebraic) Hessian eigenvalue estimate; ``vector`` ``[N]`` its unit
-    eigenvector estimate (pass back as ``v0`` to warm-start the next call); ``hvps`` spent."""
-
-    lam_max: float
-    vector: torch.Tensor
-    hvps: int
-
-
-def _power(matvec, v: torch.Tensor, iters: int, rtol: float) -> tuple[float, torch.Tensor, int]:
-    """Power iteration: the eigenvalue of largest |λ| (Rayleigh quotient) and its vector."""
-    v = v / torch.linalg.vector_norm(v)
-    lam, used = math.nan, 0
-    for _ in range(iters):
-        w = matvec(v)
-        used += 1
-        new = float(v @ w)
-        w_norm = float(torch.linalg.vector_norm(w))
-        if w_norm == 0.0:
-            return 0.0, v, used
-        v = w / w_norm
-        if math.isfinite(lam) and abs(new - lam) <= rtol * abs(new):
-            return new, v, used
-        lam = new
-    return lam, v, used
-
-
-def power_lambda_max(loss_fn: LossFn, theta: torch.Tensor, iters: int = 20, *, v0: Optional[torch.Tensor] = None,
-                     rtol: float = 1e-4, seed: int = 0) -> PowerResult:
-    """λmax of the Hessian of ``loss_fn`` at ``theta`` ``[N]`` by power iteration on Hessian-vector products.
-
-    Power iteration finds the eigenvalue of largest magnitude; when that one is negative, a second run on
-    ``H − λ I`` (λ that negative value) finds the largest algebraic eigenvalue. ``iters`` bounds each run;
-    it stops early when the Rayleigh quotient changes by less than ``rtol`` (relative). Runs in ``theta``'s
-    dtype and device. Accuracy: a few digits, enough for λmax vs 2/lr; use the dense spectrum for more.
-    """
-    theta = theta.detach()
-    hvp = hvp_at(loss_fn, theta)
-    if v0 is None:
-        gen = torch.Generator().manual_seed(int(seed))
-        v0 = torch.randn(theta.numel(), generator=gen, dtype=torch.float64).to(theta.device, theta.dtype)
-    lam, v, used = _power(hvp, v0.to(theta.device, theta.dtype), iters, rtol)
-    if lam < 0:
-        shift = lam
-        mu, v, more = _power(lambda u: hvp(u) - shift * u, v0.to(theta.device, theta.dtype), iters, rtol)
-        lam, used = mu + shift, used + more
-    return PowerResult(lam, v, used)
-
-
 # ------------------------------------------------------------------------------------------ one point
 
 
 @dataclass
 class CriticalReport:
-    """Everything this module says about one point (see :meth:`row` for the table columns)."""
+    """Everything this module says about one point (:func:`pipeline.rows.critical_columns` makes its table
+    columns): the loss, ‖g‖², the spectrum's ``summary`` (counts with their tolerance, extreme eigenvalues,
+    label), the honest ``label``, gradient shares, flatness, gᵀHg / (‖g‖² max|λ|) ∈ [−1, 1] (near 0 when g
+    points along flat directions) and the escape check where some λ < −tol."""
 
     loss: float
     grad_norm2: float
-    counts: spectrum.Counts
-    tol: float
-    tol_method: str
-    lam_min: float
-    lam_max: float
-    spectrum_label: str
+    summary: spectrum.Summary
     label: str
     shares: GradientShares
     flatness: Flatness
-    grad_curvature: float  # gᵀHg / (‖g‖² max|λ|) ∈ [−1, 1]: near 0 when g points along flat directions
+    grad_curvature: float
     escape: Optional[EscapeCheck]
 
-    def row(self) -> dict:
-        out = {"grad_norm2": self.grad_norm2, "critical_label": self.label,
-               "grad_share_neg": self.shares.neg, "grad_share_zero": self.shares.zero,
-               "grad_share_pos": self.shares.pos, "flat_residual": self.flatness.relative_residual,
-               "flat_cokernel": self.flatness.cokernel_residual, "grad_curvature": self.grad_curvature}
-        if self.escape is not None:
-            out.update(self.escape.row())
-        else:
-            out.update({"escape_drops": None, "escape_step": math.nan, "escape_delta": math.nan,
-                        "escape_predicted": math.nan, "escape_ratio_smallest": math.nan})
-        return out
+    spectrum_label = property(attrgetter("summary.label"))
+    lam_min = property(attrgetter("summary.lam_min"))
 
 
 def critical_report(loss_fn: LossFn, theta: torch.Tensor, *, H: Optional[torch.Tensor] = None,
@@ -392,12 +249,10 @@ def critical_report(loss_fn: LossFn, theta: torch.Tensor, *, H: Optional[torch.T
     :func:`pipeline.spectrum.summarize` gives them, gradient shares, the gradient-flat test, the honest
     label, and — when some λ < −tol — the escape check along the most negative eigenvector.
 
-    ``H`` ``[N, N]``: the Hessian if already built (else built here with :func:`pipeline.hessian.hessian`).
+    ``H`` ``[N, N]``: the Hessian if already built (else built here with :func:`pipeline.hessian_build.hessian`).
     ``options``: those of :func:`report_from_eigen` (``tol``, ``rel_tol``, ``tol_mode``, ``gtol2``, …).
     Cost: one ``eigh`` of N×N (with eigenvectors), so meant for N up to a few thousand.
     """
-    from pipeline.hessian import hessian
-
     theta = theta.detach().to(torch.float64)
     H = hessian(loss_fn, theta) if H is None else H.to(theta.device, torch.float64)
     lam, V = torch.linalg.eigh(H)
@@ -435,5 +290,4 @@ def report_from_eigen(loss_fn: LossFn, theta: torch.Tensor, eigvals, grad_coeffs
     label = critical_label(gn2, summary.label, flat.relative_residual, flat.cokernel_residual, gtol2=gtol2,
                            min_residual=min_residual, max_cokernel=max_cokernel)
     escape = escape_check(loss_fn, theta, v_min, float(lam[0]), escape_steps) if lam[0] < -summary.tol else None
-    return CriticalReport(loss, gn2, summary.counts, summary.tol, summary.tol_method, float(lam[0]),
-                          float(lam[-1]), summary.label, label, shares, flat, curv, escape)
+    return CriticalReport(loss, gn2, summary, label, shares, flat, curv, escape)

@@ -102,6 +102,9 @@ def digits(n_samples: int = 0, side: int = 8) -> tuple[np.ndarray, np.ndarray]:
     return X, labels
 
 
+DATA_NAMES = ("synthetic", "digits", "gaussian")  # data.name: the data sets make_dataset builds
+
+
 def make_dataset(data_cfg, run_seed: int, loss: str = "mse") -> Dataset:
     """Build the data set a run trains on, from its data config and the run's seed (float64, CPU)."""
     seed = run_seed if data_cfg.seed is None else int(data_cfg.seed)
@@ -119,7 +122,7 @@ def make_dataset(data_cfg, run_seed: int, loss: str = "mse") -> Dataset:
         if loss != "cross_entropy":
             n_classes = 0  # one-hot regression targets
     else:
-        raise ValueError(f"unknown data.name {data_cfg.name!r}: expected synthetic, digits or gaussian")
+        raise ValueError(f"unknown data.name {data_cfg.name!r}: expected one of {', '.join(DATA_NAMES)}")
     if data_cfg.standardize:
         X = _standardize(X)
     Yt = torch.as_tensor(Y) if n_classes else torch.as_tensor(Y, dtype=torch.float64)

@@ -22,7 +22,8 @@
    widens by about the number of eigenvalues in the ambiguous band [tol − 2δ, tol + 2δ]
    (``n_ambiguous_pos``), and a tolerance below the resolution is refused (ValueError).
 
-Everything takes a ``matvec(V) -> H @ V`` on ``[N, k]`` blocks; :func:`hvp_matvec` builds one for a loss.
+Everything takes a ``matvec(V) -> H @ V`` on ``[N, k]`` blocks; :func:`pipeline.hvp.hvp_matvec` builds one for a
+loss.
 :func:`estimate_counts` does it all for one tolerance; the stages :func:`deflation` → :func:`sketch` →
 :func:`counts` let one sketch (a few kB of moments) answer many tolerances.
 """
@@ -31,58 +32,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from scipy.stats import t as student_t
-from torch.func import grad, jvp, vjp, vmap
 
 from pipeline.chebyshev import MAX_DEGREE, SmoothedSteps, chebyshev_moments, min_degree, resolution
+from pipeline.hvp import hvp_matvec  # noqa: F401  (re-exported: its old home)
 from pipeline.lanczos import MatVec, extreme_eigenpairs
-
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-HVP_MODES = ("rev", "fwd")
-
-
-def hvp_matvec(loss_fn: Union[LossFn, Sequence[tuple[float, LossFn]]], theta: torch.Tensor, *,
-               chunk_size: int = 0, mode: str = "rev") -> MatVec:
-    """The Hessian of ``loss_fn`` at ``theta`` ``[N]`` as a batched operator ``V [N, k] -> H V [N, k]``.
-
-    ``mode`` ``rev``: ``vjp`` of ``grad`` — the forward and first backward pass run once per call and only
-    the second backward is vmapped over the k columns; ``fwd``: ``jvp`` of ``grad`` vmapped over the
-    columns. Same result; ``rev`` measured 1.5× faster at k = 30 and 4× at k = 1 (CPU, MLP 4-48-48-1 tanh,
-    256 samples, N = 2,641). ``loss_fn`` may be a list of ``(weight, fn)`` terms (e.g. per-data-batch
-    losses weighted n_b/n), accumulated so the data never has to be in memory at once. ``chunk_size`` > 0
-    caps the columns per vmapped call (memory grows with it). Runs on ``theta``'s device and dtype.
-    """
-    if theta.dim() != 1:
-        raise ValueError(f"theta must be a flat 1-D parameter vector, got shape {tuple(theta.shape)}")
-    if mode not in HVP_MODES:
-        raise ValueError(f"unknown HVP mode {mode!r}: expected one of {', '.join(HVP_MODES)}")
-    theta = theta.detach()
-    terms = [(1.0, loss_fn)] if callable(loss_fn) else [(float(w), f) for w, f in loss_fn]
-
-    def columns(f: LossFn, V: torch.Tensor) -> torch.Tensor:
-        if mode == "fwd":
-            return vmap(lambda v: jvp(grad(f), (theta,), (v,))[1], in_dims=1, out_dims=1)(V)
-        _, pull = vjp(grad(f), theta)
-        return vmap(lambda v: pull(v)[0], in_dims=1, out_dims=1)(V)
-
-    def matvec(V: torch.Tensor) -> torch.Tensor:
-        if V.dim() != 2 or V.shape[0] != theta.numel():
-            raise ValueError(f"matvec expects [N={theta.numel()}, k], got shape {tuple(V.shape)}")
-        step = chunk_size if chunk_size > 0 else V.shape[1]
-        out = torch.zeros_like(V)
-        for s in range(0, V.shape[1], step):
-            for w, f in terms:
-                out[:, s:s + step] += w * columns(f, V[:, s:s + step])
-        return out
-
-    return matvec
-
 
 # ---------------------------------------------------------------- the estimator
 
@@ -191,7 +149,7 @@ def estimate_counts(matvec: MatVec, n: int, *, tol: Optional[float] = None, rel_
                     device: Union[str, torch.device] = "cpu") -> CountEstimate:
     """Estimates of n_pos, n_neg, n_zero for tolerance ``tol`` of the symmetric N×N operator ``matvec``.
 
-    ``matvec``: ``[N, k] -> [N, k]`` on ``dtype``/``device`` tensors (a Hessian: :func:`hvp_matvec`).
+    ``matvec``: ``[N, k] -> [N, k]`` on ``dtype``/``device`` tensors (a Hessian: :func:`pipeline.hvp.hvp_matvec`).
     ``tol`` (λ units) or ``rel_tol`` (``tol = rel_tol · max(|λmin|, |λmax|)``, the ``rel`` rule of
     :func:`pipeline.spectrum.choose_tol`). ``degree``: Chebyshev degree m (⌈m/2⌉ batched matvecs); 0 picks
     the least degree with resolution ≤ tol/4 (:func:`auto_degree`);

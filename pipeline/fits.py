@@ -69,9 +69,7 @@ def index_power_fit(loss, index, *, grid: int = 200, n_boot: int = 300, confiden
         idx = rng.integers(0, eps.size, eps.size)
         if np.unique(eps[idx]).size >= 3:
             boots.append(_profile(eps[idx], alpha[idx], grid // 4)[0])
-    q = (1 - confidence) / 2
-    lo, hi = (float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))) if boots else (np.nan, np.nan)
-    return PowerFit(p, (lo, hi), eps_c, float(np.exp(log_a)), int(eps.size), float(np.sqrt(sse / eps.size)),
+    return PowerFit(p, _percentile_interval(boots, confidence), eps_c, float(np.exp(log_a)), int(eps.size), float(np.sqrt(sse / eps.size)),
                     confidence)
 
 
@@ -116,6 +114,12 @@ def spearman(x, y, *, n_boot: int = 1000, confidence: float = 0.9, seed: int = 0
     rng = np.random.default_rng(seed)
     boots = [_spearman(x[i], y[i]) for i in (rng.integers(0, x.size, x.size) for _ in range(n_boot))]
     boots = [b for b in boots if np.isfinite(b)]
+    return RankCorrelation(_spearman(x, y), _percentile_interval(boots, confidence), int(x.size), confidence)
+
+
+def _percentile_interval(boots: list, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap values (NaN, NaN when there are none)."""
+    if not boots:
+        return float("nan"), float("nan")
     q = (1 - confidence) / 2
-    ci = (float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))) if boots else (np.nan, np.nan)
-    return RankCorrelation(_spearman(x, y), ci, int(x.size), confidence)
+    return float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))

@@ -1,271 +1,59 @@
-"""Stage 7 — the exact Hessian and its eigenvalue counts: :func:`spectrum_at`, the project's public API.
+"""Stage 7 — the exact Hessian's eigenvalue counts: :func:`spectrum_at`, the project's public API, and
+:func:`spectra_at_many`, the same for many points of one loss as the pipeline runs it.
 
-For an MLP's mean loss the Hessian comes in closed form, block by block (``closed_form``,
-:mod:`pipeline.mlp_hessian`, offered by the loss as ``loss_fn.closed_form``): about 2·n·N² flops in GEMMs,
-10× faster than the HVP build on 2 CPU cores at N = 1,732 and 3,852 (0.05 s and 0.24 s), and the
-default wherever the loss offers it.
-Otherwise the Hessian is built a block of rows at a time from Hessian-vector products with basis
-vectors, vmapped over the block, so the build is a few large batched kernels rather than N autograd
-calls. Two HVP modes:
-
-- ``rev`` (reverse-over-reverse, ``vjp`` of ``grad``): the forward and backward pass are taken once per
-  block and only the second backward is batched. Faster on CPU (0.48 vs 0.69 ms per column, one core,
-  MLP 16-32-32-4 tanh, 512 samples, N = 1,732) and the default everywhere.
-- ``fwd`` (forward-over-reverse, ``jvp`` of ``grad``): same flops (8.1 MFLOP per column for that MLP),
-  selectable with ``hvp="fwd"``; ``scripts/bench_hessian.py`` times both on the device at hand.
-
-Counting then uses the full spectrum (``eigh``) or, for counts only, the inertia of LDLᵀ factorisations
-(:mod:`pipeline.inertia`), which is several times cheaper. Peak memory is the Hessian, then for ``eigh``
-one N×N copy made by the eigensolver (cuSOLVER's workspace on top) or for ``inertia`` a copy of H's lower
-triangle (0.53×H; the factorisations run in H's own memory; on CUDA the blocked LDLᵀ needs no copy, and
-the copy is only made where it falls back), and one block's build workspace
-(:func:`default_chunk_size`) — never an N×N identity.
+The Hessian is built by :mod:`pipeline.hessian_build` (closed form for an MLP, else from Hessian-vector
+products). Counting then uses the full spectrum (``eigh``) or, for counts only, the inertia of LDLᵀ
+factorisations (:mod:`pipeline.inertia`), which is several times cheaper, or the estimator
+(:mod:`pipeline.estimate`) where no dense Hessian fits. Peak memory is the Hessian, then for ``eigh`` one N×N
+copy made by the eigensolver (cuSOLVER's workspace on top) or for ``inertia`` a copy of H's lower triangle
+(0.53×H; the factorisations run in H's own memory; on CUDA the blocked LDLᵀ needs no copy, and the copy is
+only made where it falls back), and one block's build workspace; :mod:`pipeline.hessian_memory` plans it.
+A pass that runs out of memory falls back step by step (:func:`spectra_at_many`).
 
 No Ray, Hydra or files here: ``loss_fn`` is any function of a flat parameter vector.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
+from operator import attrgetter
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-from torch.func import grad, grad_and_value, jvp, vjp, vmap
+from torch.func import grad_and_value, vmap
 
-from pipeline import cusolver, inertia, spectrum
+from pipeline import cusolver, hvp as hvps, inertia, spectrum
+from pipeline.hessian_build import (HVP_MODES, activation_bytes, column_bytes, hessian,  # noqa: F401  (re-exported)
+                                    hessians, resolve_hvp)
+from pipeline.hessian_memory import (AUTO_EIGH_MAX_N, BATCH_POINTS_DEVICES, MATRIX_FREE,  # noqa: F401  (re-exported)
+                                     FOOTPRINT, HESSIAN_SHARE, METHODS, default_chunk_size,
+                                     default_workspace_bytes, footprint, pass_workspace_mb, points_per_pass,
+                                     resolve_method, total_budget_bytes)
+from pipeline.hvp import LossFn, WeightedTerms
+from pipeline.symmetric import symmetrize_  # noqa: F401  (re-exported: its old home)
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-# A loss given as a weighted sum of terms, e.g. per-data-batch losses weighted by n_b / n.
-WeightedTerms = Sequence[tuple[float, LossFn]]
-
-# `auto` takes the full spectrum up to this many parameters, counts only (LDLᵀ) above: about where the
-# spectrum stops costing no more than the counts. CPU (2 cores): eigh 0.18 s vs counts 0.17 s at N = 1,732,
-# 1.25 s vs 0.97 s at 3,852. H100 with the blocked LDLᵀ (docs/bench/bench_hessian_h100.txt): eigh 0.025 s vs
-# 0.080 s at 1,999, 0.25 s vs 0.16 s (0.22 s with the naive count) at 5,508, 5.3 s vs 0.69 s at 19,204.
-AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 4096}
-METHODS = ("auto", "eigh", "inertia", "estimate")
-HVP_MODES = ("auto", "rev", "fwd", "closed_form")
-DEFAULT_HVP = {"cpu": "rev", "cuda": "rev"}
-# Build workspace on CPU per thread count. One thread: blocks whose activations stay in cache are
-# fastest — measured optima 32-64 columns at N = 172 (300 samples), 16-32 at N = 612 (1,000 samples),
-# 8-16 at N = 1,732 (512 samples); 16 MiB gives 61, 8 and 8 columns, each within 3 % of the best.
-# Two threads: bigger blocks amortise each op's fork/join — 32-128 columns best at N = 1,732, 8
-# columns 40 % slower. So 16 MiB × threads², at most 256 MiB.
-CPU_WORKSPACE_BYTES = 16 * 2**20
-CPU_WORKSPACE_MAX_BYTES = 256 * 2**20
-# Build several points in one vmapped pass only where it pays: on CUDA it turns B small launches into
-# one; on CPU the build is compute-bound and the multi-point pass measured 10-20 % slower.
-BATCH_POINTS_DEVICES = ("cuda",)
-# Eigenvalue error of a Hessian built in float32, relative to max|λ|: measured ≤ 4e-8 on tanh / ReLU /
-# softplus MLPs up to N = 1,732 (tests/test_hessian.py asserts ≤ 1e-6). A relative tolerance below
-# the floor would count rounding noise, so float32 raises rel_tol to it; float64 leaves it alone.
+# Eigenvalue error of a Hessian built in float32, relative to max|λ| (tests/test_hessian.py asserts ≤ 1e-6;
+# docs/performance.md). A relative tolerance below the floor would count rounding noise, so float32 raises
+# rel_tol to it; float64 leaves it alone.
 REL_NOISE_FLOOR = {torch.float32: 1e-6}
-# What counting holds, in units of one Hessian (N² numbers), as (per point of a pass, once per pass):
-# inertia: H, and one point's saved lower triangle. eigh: H and the copy eigh takes (one batched call);
-# with eigenvectors (vectors=True, one point at a time), H, and one point's eigenvectors and workspace —
-# LAPACK dsyevd's 2N² + 6N + 1 numbers on CPU, cuSOLVER syevd's 4.0×H on CUDA (measured with and
-# without eigenvectors, N = 1,483 to 29,124; docs/bench/bench_cusolver_eigh_h100.txt). These plan the fast
-# path; a CUDA pass of one point whose eigvalsh does not fit takes its eigenvalues in about 1.1×H instead
-# (cusolver.eigvalsh_inplace_, 1.4-1.6× slower; see _eigen).
-FOOTPRINT = {("inertia", "cpu"): (1.0, inertia.SAVED_SHARE), ("inertia", "cuda"): (1.0, inertia.SAVED_SHARE),
-             ("eigh", "cpu"): (2.0, 0.0), ("eigh", "cuda"): (2.0, 4.0),
-             ("eigh_vectors", "cpu"): (1.0, 3.0), ("eigh_vectors", "cuda"): (1.0, 5.0)}
 GAP_NEEDS_SPECTRUM = ("tol_mode='gap' needs the full spectrum or a dense Hessian: use method='eigh' or "
                       "'inertia', or a rel/abs tolerance")
-HESSIAN_SHARE = 0.75  # of the stage's memory for Hessians and their counting; the rest is build workspace
-
-
-def _terms(loss_fn: Union[LossFn, WeightedTerms]) -> list[tuple[float, LossFn]]:
-    return [(1.0, loss_fn)] if callable(loss_fn) else [(float(w), f) for w, f in loss_fn]
-
-
-def resolve_hvp(hvp: str, device: torch.device, loss_fn: Union[LossFn, WeightedTerms, None] = None) -> str:
-    """How H is built: ``auto`` → ``closed_form`` when every term of ``loss_fn`` offers one, else the
-    device's HVP mode (``rev``). Asking for ``closed_form`` where a term has none is a ValueError."""
-    if hvp not in HVP_MODES:
-        raise ValueError(f"unknown hvp mode {hvp!r}: expected one of {', '.join(HVP_MODES)}")
-    offered = loss_fn is not None and all(_closed_form(f) is not None for _, f in _terms(loss_fn))
-    if hvp == "closed_form" and not offered:
-        raise ValueError("hvp='closed_form' needs a loss that offers one (an MLP's MeanLoss); "
-                         "use 'rev' or 'fwd' for other models")
-    if hvp == "auto":
-        return "closed_form" if offered else DEFAULT_HVP.get(device.type, "rev")
-    return hvp
-
-
-def _closed_form(fn) -> Optional[Callable[..., torch.Tensor]]:
-    """A loss term's closed-form Hessian builder (:attr:`pipeline.train.MeanLoss.closed_form`), or None."""
-    return getattr(fn, "closed_form", None)
-
-
-def activation_bytes(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> int:
-    """Bytes autograd saves for the backward pass of the largest term of ``loss_fn`` at ``theta``
-    (one forward pass, measured with saved-tensor hooks): the memory one HVP column holds, up to a
-    small factor."""
-    most = 0
-    for _, fn in _terms(loss_fn):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(theta.detach().requires_grad_(True))
-        most = max(most, total)
-    return most
-
-
-def default_chunk_size(n_params: int, device: torch.device, *, column_bytes: int,
-                       workspace_bytes: float = 0.0, n_points: int = 1) -> int:
-    """Columns per point per vmapped HVP call: ``workspace_bytes`` / ``column_bytes`` shared by
-    ``n_points`` points, in [1, N].
-
-    ``column_bytes``: what one column needs while it is built (activations of its HVP and a few
-    N-vectors). ``workspace_bytes`` 0 means the device default (:func:`default_workspace_bytes`).
-    """
-    workspace_bytes = workspace_bytes if workspace_bytes > 0 else default_workspace_bytes(device)
-    return int(max(1, min(n_params, workspace_bytes // max(1, column_bytes) // n_points)))
-
-
-def default_workspace_bytes(device: torch.device) -> float:
-    """Build workspace when none is given: a quarter of free memory on CUDA (big blocks keep the GPU
-    busy); on CPU 16 MiB × threads², at most 256 MiB (cache-sized blocks on one thread, bigger ones
-    to keep several threads busy)."""
-    if device.type == "cuda":
-        return 0.25 * torch.cuda.mem_get_info(device)[0]
-    return float(min(CPU_WORKSPACE_BYTES * torch.get_num_threads() ** 2, CPU_WORKSPACE_MAX_BYTES))
-
-
-def _column_bytes(loss_fn, theta: torch.Tensor) -> int:
-    # Three saved-activation sets per column (forward, backward, their tangents) and 8 N-vectors
-    # (basis row, output row, gradient slices), measured to bound CUDA peaks within 20 %.
-    return 3 * activation_bytes(loss_fn, theta) + 8 * theta.numel() * theta.element_size()
-
-
-def _hvp_rows(fn: LossFn, theta: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function mapping basis rows ``V`` ``[c, N]`` to ``V H`` ``[c, N]`` (rows of the Hessian)."""
-    if mode == "rev":
-        _, pull = vjp(grad(fn), theta)  # forward + backward once; only the second backward is batched
-        return vmap(lambda v: pull(v)[0])
-    g = grad(fn)
-    return vmap(lambda v: jvp(g, (theta,), (v,))[1])
-
-
-def _fill(H: torch.Tensor, rows_for: Callable[[torch.Tensor], torch.Tensor], weight: float, first: bool,
-          chunk: int) -> None:
-    """H[..., s:s+c, :] (+)= weight · rows_for(E) for basis blocks E = I[s:s+c], one reused buffer."""
-    n = H.shape[-1]
-    E = torch.zeros(min(chunk, n), n, dtype=H.dtype, device=H.device)
-    for start in range(0, n, chunk):
-        rows = min(chunk, n - start)
-        idx = torch.arange(rows, device=H.device)
-        E[idx, idx + start] = 1
-        block = rows_for(E[:rows])
-        target = H[..., start:start + rows, :]
-        if first:
-            target.copy_(block)
-            if weight != 1.0:
-                target.mul_(weight)
-        else:
-            target.add_(block, alpha=weight)
-        E[idx, idx + start] = 0
-
-
-def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk_size: int = 0,
-            memory_budget_mb: float = 0.0, hvp: str = "auto", out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The dense, symmetrised Hessian ``[N, N]`` of ``loss_fn`` at ``theta`` ``[N]``.
-
-    Built on ``theta``'s device and dtype. ``loss_fn`` may be a list of ``(weight, fn)`` pairs whose
-    weighted sum is the loss (e.g. per-batch losses weighted by batch size / n): their Hessians are
-    accumulated, so data that does not fit one batch never has to be in memory at once.
-    ``chunk_size``: columns per vmapped call (0: as many as ``memory_budget_mb`` MiB of build
-    workspace hold — the Hessian itself comes on top — or the device default, see
-    :func:`default_chunk_size`). ``hvp``: ``auto``, ``closed_form``, ``rev`` or ``fwd`` (see
-    :func:`resolve_hvp`). ``out``: an
-    ``[N, N]`` tensor to build into (e.g. a slice of a batch), else a new one. ``hvp='closed_form'``
-    (what ``auto`` picks when every term offers it) ignores ``chunk_size``; its temporaries stay within
-    the same workspace.
-    """
-    mode = resolve_hvp(hvp, theta.device, loss_fn)
-    if theta.dim() != 1 and not (mode == "closed_form" and theta.dim() == 2):
-        raise ValueError(f"theta must be a flat 1-D parameter vector, got shape {tuple(theta.shape)}")
-    theta = theta.detach()
-    n = theta.shape[-1]
-    H = theta.new_empty(*theta.shape[:-1], n, n) if out is None else out
-    if H.shape != (*theta.shape[:-1], n, n):
-        raise ValueError(f"out must be {[*theta.shape[:-1], n, n]}, got {tuple(H.shape)}")
-    if mode == "closed_form":  # also takes B points [B, N] at once (see hessians)
-        workspace = memory_budget_mb * 2**20 or default_workspace_bytes(theta.device)
-        for i, (weight, fn) in enumerate(_terms(loss_fn)):
-            _closed_form(fn)(theta, out=H, weight=weight, accumulate=i > 0, workspace_bytes=workspace)
-        return H
-    chunk = chunk_size or default_chunk_size(n, theta.device, column_bytes=_column_bytes(loss_fn, theta),
-                                             workspace_bytes=memory_budget_mb * 2**20)
-    for i, (weight, fn) in enumerate(_terms(loss_fn)):
-        _fill(H, _hvp_rows(fn, theta, mode), weight, i == 0, chunk)
-    symmetrize_(H)
-    return H
-
-
-def hessians(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, *, chunk_size: int = 0,
-             memory_budget_mb: float = 0.0, hvp: str = "auto") -> torch.Tensor:
-    """Hessians ``[B, N, N]`` of one loss at many points ``thetas`` ``[B, N]`` (same architecture), built
-    in one vmapped pass over the points: ``loss_fn`` must be vmappable in its parameter argument.
-    ``chunk_size`` counts columns per point; the default divides the workspace among the B points.
-    A closed-form build (see :func:`hessian`) takes the B points in batched GEMMs instead."""
-    if thetas.dim() != 2:
-        raise ValueError(f"thetas must be [B, N], got shape {tuple(thetas.shape)}")
-    thetas = thetas.detach()
-    b, n = thetas.shape
-    mode = resolve_hvp(hvp, thetas.device, loss_fn)
-    if mode == "closed_form":
-        return hessian(loss_fn, thetas, memory_budget_mb=memory_budget_mb, hvp=mode)
-    chunk = chunk_size or default_chunk_size(n, thetas.device, column_bytes=_column_bytes(loss_fn, thetas[0]),
-                                             workspace_bytes=memory_budget_mb * 2**20, n_points=b)
-    H = torch.empty(b, n, n, dtype=thetas.dtype, device=thetas.device)
-    for i, (weight, fn) in enumerate(_terms(loss_fn)):
-        over_points = vmap(lambda th, V, fn=fn: _hvp_rows(fn, th, mode)(V), in_dims=(0, None))
-        _fill(H, lambda V: over_points(thetas, V), weight, i == 0, chunk)
-    symmetrize_(H)
-    return H
-
-
-def symmetrize_(H: torch.Tensor) -> torch.Tensor:
-    """H ← (H + Hᵀ)/2 in place for ``[..., N, N]``, one block pair at a time, so the temporaries are
-    2 blocks of (N/8)² rather than a second N×N matrix. Rounding makes the HVP build slightly
-    asymmetric (~1e-16 relative); eigh and LDLᵀ would otherwise read only one triangle."""
-    n = H.shape[-1]
-    block = max(512, -(-n // 8))
-    for i in range(0, n, block):
-        for j in range(0, i + 1, block):
-            lower, upper = H[..., i:i + block, j:j + block], H[..., j:j + block, i:i + block]
-            avg = (lower + upper.transpose(-1, -2)).mul_(0.5)
-            lower.copy_(avg)
-            upper.copy_(avg.transpose(-1, -2))
-    return H
 
 
 @dataclass
 class SpectrumResult:
-    """What :func:`spectrum_at` returns. Eigenvalues are ascending, ``[N]`` NumPy float64, or None when
-    the counts came from ``inertia``. ``seconds`` splits the time into build / count."""
+    """What :func:`spectrum_at` returns: the loss and gradient norm at the point and the ``summary`` of
+    its spectrum (counts with their tolerance and the extreme eigenvalues; ``n_pos_naive`` is None where
+    inertia skipped that factorisation or the counts were estimated). Eigenvalues are ascending, ``[N]``
+    NumPy float64, or None when the counts came from ``inertia``. ``seconds`` splits the time into
+    build / count."""
 
     n_params: int
     loss: float
     grad_norm: float
-    n_pos: int
-    n_neg: int
-    n_zero: int
-    n_pos_naive: Optional[int]  # None when inertia skipped that factorisation (naive=False) or estimated
-    tol: float
-    tol_method: str
-    lam_min: Optional[float]
-    lam_max: Optional[float]
+    summary: spectrum.Summary
     method: str
     dtype: str
     device: str
@@ -279,9 +67,16 @@ class SpectrumResult:
     grad_coeffs: Optional[np.ndarray] = None
     v_min: Optional[np.ndarray] = None
 
-    @property
-    def counts(self) -> spectrum.Counts:
-        return spectrum.Counts(self.n_pos, self.n_neg, self.n_zero, self.n_pos_naive)
+    # The summary's values, read as the result's own (res.n_pos, res.tol, …).
+    counts = property(attrgetter("summary.counts"))
+    n_pos = property(attrgetter("summary.counts.n_pos"))
+    n_neg = property(attrgetter("summary.counts.n_neg"))
+    n_zero = property(attrgetter("summary.counts.n_zero"))
+    n_pos_naive = property(attrgetter("summary.counts.n_pos_naive"))
+    tol = property(attrgetter("summary.tol"))
+    tol_method = property(attrgetter("summary.tol_method"))
+    lam_min = property(attrgetter("summary.lam_min"))
+    lam_max = property(attrgetter("summary.lam_max"))
 
     @property
     def label(self) -> str:
@@ -307,38 +102,6 @@ class SpectrumResult:
         return spectrum.ratios(self.counts)["index"]
 
 
-def resolve_method(method: str, n_params: int, device: Union[str, torch.device] = "cpu",
-                   itemsize: int = 8, memory_budget_mb: float = 0.0, vectors: bool = False) -> str:
-    """``auto`` → ``eigh`` up to :data:`AUTO_EIGH_MAX_N` parameters on that device type, ``inertia`` above
-    or where eigh's footprint does not fit, and ``estimate`` (no dense H) where neither does
-    (one point's :func:`footprint`: on CPU 2·N²·itemsize bytes for eigh, 4·N²·itemsize with ``vectors``,
-    1.53·N²·itemsize for inertia; on CUDA 6·N²·itemsize for eigh — against the :data:`HESSIAN_SHARE` of
-    the memory the stage may hold, :func:`total_budget_bytes`, that a pass gives its Hessians — the rest
-    is the build's workspace)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
-    if method == "auto":
-        device = torch.device(device)
-        limit = AUTO_EIGH_MAX_N.get(device.type, AUTO_EIGH_MAX_N["cpu"])
-        room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
-        for dense in (("eigh", "inertia") if n_params <= limit else ("inertia",)):
-            if footprint(dense, device, vectors) * n_params * n_params * itemsize <= room:
-                return dense
-        return "estimate"
-    return method
-
-
-def _footprint(method: str, device: Union[str, torch.device], vectors: bool) -> tuple[float, float]:
-    """:data:`FOOTPRINT` of ``method`` (``eigh`` with ``vectors``: ``eigh_vectors``) on that device type."""
-    key = "eigh_vectors" if method == "eigh" and vectors else method
-    return FOOTPRINT[(key, "cuda" if torch.device(device).type == "cuda" else "cpu")]
-
-
-def footprint(method: str, device: Union[str, torch.device] = "cpu", vectors: bool = False) -> float:
-    """What counting one point holds, in units of its Hessian (H included)."""
-    return sum(_footprint(method, device, vectors))
-
-
 def effective_rel_tol(rel_tol: float, dtype: torch.dtype) -> float:
     """``rel_tol`` raised to the relative noise floor of Hessians built in ``dtype`` (float32: 1e-6)."""
     return max(rel_tol, REL_NOISE_FLOOR.get(dtype, 0.0))
@@ -350,8 +113,9 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
                 naive: bool = True) -> tuple[spectrum.Summary, Optional[np.ndarray]]:
     """Counts for a symmetric matrix ``H`` ``[N, N]`` by ``eigh`` (full spectrum) or ``inertia``.
 
-    ``inertia`` knows no spectrum, so its tolerance is ``tol`` or ``rel_tol`` · max|λ| (``extremes``
-    (λmin, λmax) if given, else from Lanczos); ``tol_mode='gap'`` needs ``eigh``. ``naive=False`` skips
+    ``inertia`` knows no spectrum, so its tolerance is ``tol``, a gap found from zero counts with
+    ``tol_mode='gap'`` (:func:`_inertia_tol`), or ``rel_tol`` · max|λ| (``extremes`` (λmin, λmax) if
+    given, else from Lanczos). ``naive=False`` skips
     inertia's third factorisation (#{λ > 0}; ``n_pos_naive`` is then None). Returns the summary and the
     ascending eigenvalues (None for ``inertia``). A CUDA ``H`` whose ``eigh`` would not fit the free
     memory is overwritten (see :func:`_eigen`).
@@ -368,8 +132,15 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
     return spectrum.Summary(c, tol, how, lam_lo, lam_hi), None
 
 
+def needs_dense(tol: Optional[float], tol_mode: str) -> bool:
+    """Whether the tolerance is read from a gap in |λ|: ``tol_mode='gap'`` without a given ``tol``. The gap
+    is found in the full spectrum (eigh) or from zero counts of the dense Hessian (inertia); the
+    :data:`MATRIX_FREE` methods have neither."""
+    return tol is None and tol_mode == "gap"
+
+
 def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: float, tol_mode: str,
-                 H: Optional[torch.Tensor] = None, gap_ratio: float = 1e4) -> tuple[float, str]:
+                 H: torch.Tensor, gap_ratio: float) -> tuple[float, str]:
     """The tolerance of an ``inertia`` count and how it was set: ``tol`` if given; with ``tol_mode='gap'``
     the spectrum's gap found from zero counts of ``H`` ``[N, N]`` at log-spaced shifts
     (:func:`pipeline.spectrum.gap_from_zero_counts`, two LDLᵀ per shift, about 2 shifts per decade from
@@ -378,7 +149,7 @@ def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: f
     if tol is not None:
         return float(tol), "given"
     top = max(abs(extremes[0]), abs(extremes[1]))
-    if tol_mode == "gap" and H is not None:
+    if needs_dense(tol, tol_mode):
         n = H.shape[-1]
         eps = float(torch.finfo(H.dtype).eps)
         shifts = spectrum.gap_shifts(top, n, rel_tol, gap_ratio, eps)
@@ -387,8 +158,6 @@ def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: f
                                             gap_ratio=gap_ratio, eps=eps)
         if gap is not None:
             return gap, "gap"
-    elif tol_mode == "gap":
-        raise ValueError(GAP_NEEDS_SPECTRUM)
     return rel_tol * top, "rel"
 
 
@@ -469,7 +238,7 @@ def _value_and_gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tens
                         ) -> tuple[float, torch.Tensor]:
     """The (weighted) loss at ``theta`` ``[N]`` and its gradient ``[N]``, one forward and backward per term."""
     value, g = 0.0, 0.0
-    for w, f in _terms(loss_fn):
+    for w, f in hvps.terms(loss_fn):
         g_f, v_f = grad_and_value(f)(theta)
         value, g = value + w * float(v_f), g + w * g_f
     return value, g
@@ -482,11 +251,11 @@ def _values_and_gradients(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.T
     ``workspace_bytes`` (0: the device default; the loss must be vmappable), else one by one."""
     if batched:
         budget = workspace_bytes or default_workspace_bytes(thetas.device)
-        step = max(1, int(budget // _column_bytes(loss_fn, thetas[0])))
+        step = max(1, int(budget // column_bytes(loss_fn, thetas[0])))
         values, G = [], []
         for s in range(0, thetas.shape[0], step):
             g_sum, v_sum = 0.0, 0.0
-            for w, f in _terms(loss_fn):
+            for w, f in hvps.terms(loss_fn):
                 g, v = vmap(grad_and_value(f))(thetas[s:s + step])
                 g_sum, v_sum = g_sum + w * g, v_sum + w * v
             G.append(g_sum)
@@ -531,10 +300,10 @@ def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float
 def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=None, **options) -> SpectrumResult:
     from pipeline import estimate
 
-    if tol is None and tol_mode == "gap":
+    if needs_dense(tol, tol_mode):
         raise ValueError(GAP_NEEDS_SPECTRUM)
     t0 = time.perf_counter()
-    est = estimate.estimate_counts(matvec or estimate.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
+    est = estimate.estimate_counts(matvec or hvps.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
                                    rel_tol=None if tol is not None else rel_tol, dtype=theta.dtype,
                                    device=theta.device, **options)
     n_pos, n_neg = int(round(est.n_pos)), int(round(est.n_neg))
@@ -557,11 +326,8 @@ def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Option
         value, g = _value_and_gradient(loss_fn, theta)
     if not math.isfinite(value):
         raise ValueError(f"the loss is {value} at this point: no spectrum of a non-finite loss")
-    c = summary.counts
     return SpectrumResult(
-        n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)),
-        n_pos=c.n_pos, n_neg=c.n_neg, n_zero=c.n_zero, n_pos_naive=c.n_pos_naive,
-        tol=summary.tol, tol_method=summary.tol_method, lam_min=summary.lam_min, lam_max=summary.lam_max,
+        n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)), summary=summary,
         method=method, dtype=str(theta.dtype).replace("torch.", ""), device=_device_name(theta.device),
         eigenvalues=lam, seconds=seconds, grad_coeffs=grad_coeffs, v_min=v_min)
 
@@ -593,38 +359,6 @@ def is_oom(err: BaseException) -> bool:
     text = str(err).lower()
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text \
         or "can't allocate memory" in text or "cannot allocate memory" in text
-
-
-def total_budget_bytes(device: torch.device, memory_budget_mb: float = 0.0) -> float:
-    """The memory the Hessian stage may hold on ``device``: ``memory_budget_mb`` MiB when given, else
-    80 % of free CUDA memory, or a quarter of the available RAM on CPU (shared with other workers)."""
-    if memory_budget_mb > 0:
-        return memory_budget_mb * 2**20
-    if device.type == "cuda":
-        return 0.8 * torch.cuda.mem_get_info(device)[0]
-    try:
-        return 0.25 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 2 * 2**30
-
-
-def points_per_pass(n_params: int, itemsize: int, device: torch.device, memory_budget_mb: float = 0.0,
-                    method: str = "eigh", vectors: bool = False) -> int:
-    """How many Hessians one pass may hold in three quarters of the budget (the last quarter is build
-    workspace, :func:`pass_workspace_mb`), each point taking its share of :data:`FOOTPRINT` and the
-    pass what is held once (``eigh`` takes the pass's spectra in one batched call, so each point
-    needs 2 × its N² numbers; ``inertia`` and eigh with ``vectors`` count one point at a time, so the
-    pass needs N² numbers per point and what one point's counting adds)."""
-    h = n_params * n_params * itemsize
-    room = HESSIAN_SHARE * total_budget_bytes(device, memory_budget_mb)
-    per, once = _footprint(method, device, vectors)
-    return max(1, int((room - once * h) // (per * h)))
-
-
-def pass_workspace_mb(device: torch.device, memory_budget_mb: float = 0.0) -> float:
-    """Build workspace of a pass, MiB: a quarter of the budget, and no more than the device default."""
-    quarter = (1 - HESSIAN_SHARE) * total_budget_bytes(device, memory_budget_mb)
-    return min(quarter, default_workspace_bytes(device)) / 2**20
 
 
 def spectra_at_many(loss_for: Callable[[torch.device, torch.dtype], Union[LossFn, WeightedTerms]],

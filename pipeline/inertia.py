@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
-from pipeline import block_ldl
+from pipeline import block_ldl, lanczos
 from pipeline.spectrum import Counts
 
 FACTORS = ("auto", "bunch_kaufman", "blocked")
@@ -73,10 +74,8 @@ def counts(H: torch.Tensor, tol: float, *, naive: bool = True, factor: str = "au
     ``factor``: ``bunch_kaufman`` (LAPACK / cuSOLVER sytrf, in place, H put back from a copy of its lower
     triangle kept in row blocks: peak about 1.53×H, H = N² numbers), ``blocked``
     (:func:`pipeline.block_ldl.inertia_`, on the lower triangle while the upper one keeps H: peak about
-    1.0×H plus a few N×512 panels — 1.12–1.18×H measured on CUDA at N ≥ 19k; on CPU, where it is not the
-    default, the resident set grew by 0.8–1.7×H at N = 2–4k (one-off, measured as tests/test_inertia.py
-    measures), the allocator keeping the freed panels; its
-    rounding is held within :data:`BLOCKED_ACCURACY` × tol, and
+    1.0×H plus a few N×512 panels, more on CPU, where it is not the default and the allocator keeps the
+    freed panels (docs/performance.md); its rounding is held within :data:`BLOCKED_ACCURACY` × tol, and
     Bunch–Kaufman takes over for a shift where it gives up, or for tol = 0) or ``auto``
     (:func:`resolve_factor`). On return — also after an error in a factorisation — ``H`` is its lower
     triangle mirrored: unchanged, bit for bit, when it was exactly symmetric, as
@@ -124,7 +123,7 @@ def counts_many(H: torch.Tensor, tols: list[float], *, naive: bool = True, facto
 
 BATCH_PANEL_BYTES = 2**30  # a batch's [B, N, window] panels (about eight) and products stay within this
 # Larger matrices go one at a time: their factorisations are GEMM-bound, and a 32-wide window would take
-# N/32 steps. Measured at N = 1,483 (64 checkpoints, H100: 16× the throughput of one by one).
+# N/32 steps; small ones batched gain many times the throughput of one by one (docs/performance.md).
 BATCH_MAX_N = 2048
 
 
@@ -202,7 +201,7 @@ def _factor_in_place(H: torch.Tensor) -> torch.Tensor:
 
     LAPACK and cuSOLVER factor column-major matrices in place; ``H.mT`` is exactly that view of a
     row-major symmetric ``H``, so handing it to ``ldl_factor_ex`` as its own output makes torch skip
-    the copy it otherwise takes (measured on CPU: +0.02×H of resident memory instead of +1.0×H).
+    the copy it otherwise takes (about 1.0×H of resident memory; docs/performance.md).
     Reads ``H``'s upper triangle (its lower one when ``H`` is stored column-major). Afterwards ``H``
     holds the factor in that triangle: restore it before using it again.
     """
@@ -233,8 +232,8 @@ class _LowerTriangle:
 
     def restore(self, H: torch.Tensor) -> None:
         """Write the saved lower triangle back into ``H`` and mirror it into the upper one, from the saved
-        copy: mirroring within H (:func:`pipeline.block_ldl.mirror_`) measured +0.33×H more resident
-        memory in ``tests/test_inertia.py``'s memory test."""
+        copy: mirroring within H (:func:`pipeline.block_ldl.mirror_`) holds more resident memory
+        (docs/performance.md)."""
         b = self.block
         for i, part in enumerate(self.rows):
             s = i * b
@@ -261,8 +260,7 @@ def extreme_eigenvalues_batch(H: torch.Tensor, steps: int = 80, rtol: float = 1e
     """:func:`extreme_eigenvalues` of each matrix of ``H`` ``[B, N, N]``: on a GPU at once, one batched
     matrix-vector product and one device sync per step for all B, so many small Hessians cost about
     one (a matrix that has converged keeps riding along until all have); elsewhere one matrix after
-    another, which is faster there (8 of N = 2,284 on 2 CPU cores: 1.14-1.18 s against 1.49 s at once,
-    measured once by hand; a pass of counts in scripts/bench_hessian.py went from 0.8× to 1.0× one by one).
+    another, which is faster there (docs/performance.md).
     ``together`` overrides that choice."""
     if not (H.device.type == "cuda" if together is None else together) and H.shape[0] > 1:
         return [ex for M in H for ex in _lanczos_extremes(M[None], steps, rtol)]
@@ -282,9 +280,7 @@ def _lanczos_extremes(H: torch.Tensor, steps: int, rtol: float) -> list[tuple[fl
     for j in range(m):
         w = (H @ Q[:, j, :, None])[..., 0]
         alpha[:, j] = (Q[:, j] * w).sum(-1)
-        basis = Q[:, : j + 1]
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            w = w - (basis.transpose(1, 2) @ (basis @ w[..., None]))[..., 0]
+        w = lanczos.reorthogonalize(w, Q[:, : j + 1])
         beta[:, j] = torch.linalg.vector_norm(w, dim=-1)
         a_host, b_host = alpha[:, : j + 1].cpu(), beta[:, : j + 1].cpu()  # one sync for the batch
         for k in range(b):
@@ -302,13 +298,11 @@ def _lanczos_extremes(H: torch.Tensor, steps: int, rtol: float) -> list[tuple[fl
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor, rtol: float) -> tuple[torch.Tensor, bool]:
-    """Ritz values of the tridiagonal (alpha, beta[:-1]) and whether both extremes have converged:
-    residual ‖H y − θ y‖ = |beta[-1] · s_last| ≤ rtol · max|θ|, or beta[-1] ≈ 0 (invariant subspace)."""
-    k = alpha.numel()
-    T = torch.diag(alpha) + torch.diag(beta[: k - 1], 1) + torch.diag(beta[: k - 1], -1)
-    theta, S = torch.linalg.eigh(T)
-    scale = float(theta.abs().max())
-    resid = (beta[-1] * S[-1, [0, -1]]).abs()
-    done = bool(beta[-1] <= 1e-12 * max(scale, 1e-300)) or bool((resid <= rtol * scale).all())
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor, rtol: float) -> tuple[np.ndarray, bool]:
+    """Ritz values (:func:`pipeline.lanczos.ritz`, ascending) of the tridiagonal (alpha, beta[:-1]) and
+    whether both extremes have converged: residual ‖H y − θ y‖ = |beta[-1] · s_last| ≤ rtol · max|θ|, or
+    beta[-1] ≈ 0 (invariant subspace)."""
+    theta, _, resid = lanczos.ritz(alpha.double().numpy(), beta.double().numpy())
+    scale = float(np.abs(theta).max())
+    done = bool(beta[-1] <= 1e-12 * max(scale, 1e-300)) or bool((resid[[0, -1]] <= rtol * scale).all())
     return theta, done

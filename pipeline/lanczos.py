@@ -5,7 +5,7 @@ earlier ones), so no spurious copies of converged Ritz values appear and the Rit
 orthonormal — which the deflation in :mod:`pipeline.estimate` relies on. Memory: the basis, ``[N, steps]``.
 
 The operator is a callable ``matvec(V) -> A @ V`` on column blocks ``[N, k] -> [N, k]`` (for a Hessian:
-a vmapped Hessian-vector product, :func:`pipeline.estimate.hvp_matvec`). Nothing here knows of models.
+a vmapped Hessian-vector product, :func:`pipeline.hvp.hvp_matvec`). Nothing here knows of models.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-MatVec = Callable[[torch.Tensor], torch.Tensor]  # [N, k] -> [N, k]
+MatVec = Callable[[torch.Tensor], torch.Tensor]  # a symmetric operator: V [N, k] -> A V [N, k] (or v [N] -> A v)
 
 
 @dataclass
@@ -70,16 +70,22 @@ def lanczos(matvec: MatVec, n: int, steps: int, *, v0: Optional[torch.Tensor] = 
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"NaN or inf in the Hessian-vector product at Lanczos step {j}")
         alpha[j] = float(q @ w)
-        basis = Q[:, :j + 1]
-        # Two passes of classical Gram–Schmidt: one pass loses orthogonality once Ritz values converge.
-        for _ in range(2):
-            w = w - basis @ (basis.T @ w)
+        w = reorthogonalize(w, Q[:, :j + 1].T)
         beta[j] = float(torch.linalg.vector_norm(w))
         scale = max(scale, abs(alpha[j]) + beta[j])
         if beta[j] <= 1e-12 * max(scale, 1e-300):  # invariant subspace: the Ritz values are exact
             return alpha[:j + 1], beta[:j + 1], Q[:, :j + 1]
         q = w / beta[j]
     return alpha, beta, Q
+
+
+def reorthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``w`` ``[..., N]`` without its components along the orthonormal rows of ``basis`` ``[..., k, N]``
+    (batch dimensions broadcast): two passes of classical Gram–Schmidt, since one pass loses orthogonality
+    once Ritz values converge (Kahan–Parlett: twice is enough). Every Lanczos loop of the package uses it."""
+    for _ in range(2):
+        w = w - (basis.mT @ (basis @ w[..., None]))[..., 0]
+    return w
 
 
 def ritz(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

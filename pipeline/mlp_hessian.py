@@ -10,8 +10,7 @@ with δ_m = ∂ℓ/∂z_m (backpropagation), Hz^{mm} = ∂²ℓ/∂z_m² (its se
 and Hz^{lm} = (∂z_m/∂z_l)ᵀ Hz^{mm}. The first term is the curvature through the pre-activations, the second
 the bilinear coupling of W_m with the activations that W_l moves. Each term of a block is one GEMM over the
 samples between small factors (:func:`_add_block`), so the whole build is about 2·n·N² flops (n samples) at
-GEMM speed — 0.05 s at N = 1,732 and 0.24 s at N = 3,852 with 512 samples on 2 CPU cores, against 0.54 s
-and 2.3 s for the vmapped HVP build (docs/bench/bench_hessian_cpu.txt). Several points of one model go
+GEMM speed, several times faster than the vmapped HVP build (docs/performance.md). Several points of one model go
 together: every quantity carries a leading point dimension, so each GEMM is one batched GEMM over the
 points (one launch on a GPU instead of one per point). Checked against ``torch.autograd.functional.hessian``
 in tests/test_mlp_hessian.py.
@@ -25,7 +24,7 @@ from typing import Optional
 import torch
 from torch.func import jvp
 
-from pipeline.hessian import symmetrize_
+from pipeline.symmetric import symmetrize_
 from pipeline.models import ACTIVATIONS, MLP
 
 # Workspace for the temporaries when none is given: 64 MiB.

@@ -191,6 +191,7 @@ class CNN:
 
 Model = Union[MLP, CNN]
 MODEL_NAMES = ("mlp", "cnn")
+LOSSES = ("mse", "cross_entropy")  # model.loss: what loss_value computes
 
 
 def make_model(model_cfg, in_dim: int, out_dim: int) -> Model:
@@ -213,7 +214,7 @@ def loss_value(model: Model, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tens
     elif loss == "cross_entropy":
         value = F.cross_entropy(out, Y)
     else:
-        raise ValueError(f"unknown loss {loss!r}: expected mse or cross_entropy")
+        raise ValueError(f"unknown loss {loss!r}: expected one of {', '.join(LOSSES)}")
     if weight_decay:
         value = value + 0.5 * weight_decay * (theta * theta).sum()
     return value

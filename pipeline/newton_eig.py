@@ -27,8 +27,10 @@ import torch
 from torch.func import grad_and_value
 
 from pipeline import critical, spectrum
-from pipeline.hessian import hessian
-from pipeline.refine import GTOL2, LossFn, RefineResult, _hist, _push, _sq, _start
+from pipeline.critical import GTOL2
+from pipeline.hessian_build import hessian
+from pipeline.hvp import LossFn
+from pipeline.refine_result import RefineResult, flat_start, new_history, norm2, push_history
 
 ACCEPT = 1e-4  # a step is taken when the actual decrease of ‖g‖² is at least this share of the predicted one
 
@@ -76,7 +78,7 @@ def _try_steps(gv, theta, V, lam, c, tol, gn2, loss, m, phase, max_tries):
             return None, m, tries - 1
         trial = theta + V @ torch.as_tensor(q, dtype=V.dtype, device=V.device)
         g_t, loss_t = gv(trial)
-        gn2_t = _sq(g_t)
+        gn2_t = norm2(g_t)
         actual = gn2 - gn2_t if phase == "newton" else loss - float(loss_t)
         rho = actual / pred if math.isfinite(gn2_t) else -math.inf
         if rho >= ACCEPT:
@@ -127,15 +129,15 @@ def newton_eig(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, m
     when it converged, and no Hessian-vector products).
     """
     t0 = time.perf_counter()
-    theta = _start(theta0)
+    theta = flat_start(theta0)
     start = theta.clone()
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)
-    gn2, loss, loss0, gn2_0 = _sq(g), float(loss), float(loss), _sq(g)
+    gn2, loss, loss0, gn2_0 = norm2(g), float(loss), float(loss), norm2(g)
     grads, it, stop, phase, level = 1, 0, "", "newton", math.nan
     damp = {"newton": math.nan, "descent": math.nan}
     flat = critical.Flatness(math.nan, math.nan)
-    history = _hist(loss=loss0, grad_norm2=gn2, step_norm=0.0, damping=math.nan, ratio=math.nan, tol=math.nan,
+    history = new_history(loss=loss0, grad_norm2=gn2, step_norm=0.0, damping=math.nan, ratio=math.nan, tol=math.nan,
                     phase="start")
     while gn2 >= gtol2:
         lam, V, c, tol = _eigen(loss_fn, theta, g, rel_tol, gap_ratio, tol_mode)
@@ -158,7 +160,7 @@ def newton_eig(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, m
             break
         theta, g, loss, gn2, rho, p_norm = found
         it += 1
-        _push(history, loss=loss, grad_norm2=gn2, step_norm=p_norm, damping=damp[phase], ratio=rho, tol=tol,
+        push_history(history, loss=loss, grad_norm2=gn2, step_norm=p_norm, damping=damp[phase], ratio=rho, tol=tol,
               phase=phase)
         if continuation:
             phase, level = _next_phase(phase, history, level, patience, progress)

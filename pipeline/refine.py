@@ -7,6 +7,9 @@ Two finders, both pure functions of a loss ``loss_fn(theta) -> scalar`` and a fl
   singular ``H``; a backtracking line search on ``‖g‖²`` (Armijo: ``‖g(θ+αp)‖² ≤ ‖g‖² + 2ρα⟨Hp, g⟩``) picks α.
 - :func:`gnm` — gradient-norm minimisation, the baseline: descent on ``½‖g‖²``, whose gradient is ``Hg``.
 
+A third, :func:`pipeline.newton_eig.newton_eig`, takes Newton steps from the exact eigendecomposition
+(N up to a few thousand); :func:`refine` dispatches to all three by name.
+
 Both stop when ``‖g‖² < gtol2`` (default 1e-10, the cut-off Frye et al. found necessary for correct loss and
 index values). Finders that hunt ``‖g‖² → 0`` can also end where ``g`` lies in the Hessian's null space
 (gradient-flat points, ``Hg = 0`` but ``g ≠ 0``); the MINRES residuals recorded at the final point say so
@@ -16,35 +19,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.func import grad, grad_and_value, jvp
+from torch.func import grad_and_value
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-MatVec = Callable[[torch.Tensor], torch.Tensor]
+from pipeline.critical import GTOL2
+from pipeline.hessian_build import hessian, resolve_hvp
+from pipeline.hvp import LossFn, hvp_at
+from pipeline.lanczos import MatVec, reorthogonalize
+from pipeline.newton_eig import newton_eig
+from pipeline.refine_result import (STOP_REASONS, RefineResult, flat_start,  # noqa: F401  (STOP_REASONS re-exported)
+                                    new_history, norm2, push_history)
 
 METHODS = ("newton_mr", "gnm", "newton_eig")  # newton_eig: pipeline.newton_eig (exact eigendecomposition)
-STOP_REASONS = ("converged", "max_iters", "line_search_failed", "stalled", "gradient_flat")
 MINRES_STOPS = ("solved", "least_squares", "invariant", "max_iters", "zero_rhs")
-GTOL2 = 1e-10
 OPERATORS = ("auto", "hvp", "dense")
-# `auto` builds H (closed form) per Newton step up to this N. One CPU thread, 5 Newton-MR steps of 110-130
-# MINRES iterations each, 512 samples: the ratio of dense to HVP time was 0.33 at N = 1,210 (64-16-10, the
-# lecture net); scripts/bench_refine.py --mode operators (16-h-h-4, docs/bench/bench_refine_operator_cpu.txt):
-# 0.38 at 1,252, 0.89 at 1,732, 1.16 at 2,092, 1.8 at 2,908, 2.6 at 3,852 — an HVP call costs 2-4 ms, a
-# product with a large H is memory-bound. So the crossover is near 1,900 and the bound slightly above it. On an
-# H100 (docs/bench/bench_refine_operator_h100.txt) dense took 0.09-0.11 of the HVP time at every N from 1,252
-# to 3,852, the largest measured: the bound there is just above that.
+# `auto` builds H (closed form) per Newton step up to this N, where products with a dense H are still
+# cheaper than HVPs; above it a product with a large H is memory-bound (crossovers: docs/performance.md).
 AUTO_DENSE_MAX_N = {"cpu": 2048, "cuda": 4096}
-
-
-def hvp_at(loss_fn: LossFn, theta: torch.Tensor) -> MatVec:
-    """``v ↦ H(θ) v`` ``[N] → [N]`` by forward-over-reverse differentiation (one HVP ≈ 2–3 gradients)."""
-    g = grad(loss_fn)
-    return lambda v: jvp(g, (theta,), (v,))[1]
 
 
 # ------------------------------------------------------------------------------------------------ MINRES
@@ -101,7 +96,8 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
 
     The returned ``x`` solves ``min ‖β₁e₁ − T̄y‖`` by a truncated SVD (``rcond``), so a singular ``A`` gives
     the minimum-length least-squares solution in the Krylov space instead of a blown-up one. Memory: the
-    basis, ``(iterations + 1) × N`` numbers.
+    basis, ``(iterations + 1) × N`` numbers. The Lanczos step and the Givens update of the residuals are one
+    recurrence, so they stay in one loop.
     """
     n = b.numel()
     if b.dim() != 1:
@@ -128,8 +124,7 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
         w = w - alpha * V[j]
         if j > 0:
             w = w - betas[-1] * V[j - 1]
-        for _ in range(2):  # full reorthogonalisation, twice: Lanczos vectors lose orthogonality otherwise
-            w = w - V[:j + 1].T @ (V[:j + 1] @ w)
+        w = reorthogonalize(w, V[:j + 1])  # full: Lanczos vectors lose orthogonality otherwise
         beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
         betas.append(beta)
@@ -160,86 +155,36 @@ def minres(matvec: MatVec, b: torch.Tensor, *, rtol: float = 1e-10, max_iters: O
         V[j + 1] = w / beta
         t_prev = phibar * q
     m = len(alphas)
-    T = np.zeros((m + 1, m))
-    T[np.arange(m), np.arange(m)] = alphas
-    T[np.arange(1, m + 1), np.arange(m)] = betas
-    T[np.arange(m - 1), np.arange(1, m)] = betas[:m - 1]
-    if stop == "invariant":
-        T = T[:m]  # the last row is rounding noise: the space is invariant
-    U, S, Wt = np.linalg.svd(T, full_matrices=False)
-    keep = S > rcond * S[0] if S[0] > 0 else np.zeros_like(S, dtype=bool)
-    rhs = np.zeros(T.shape[0])
-    rhs[0] = beta1
-    y = Wt[keep].T @ ((U[:, keep].T @ rhs) / S[keep])
+    y, s_max = _small_least_squares(alphas, betas, beta1, stop == "invariant", rcond)
     x = V[:m].T @ torch.as_tensor(y, dtype=b.dtype, device=b.device)
     r = b - matvec(x)
     ar_vec = matvec(r)
     matvecs += 2
     r_norm = float(torch.linalg.vector_norm(r))
-    s_max = float(S[0])
     cok = float(torch.linalg.vector_norm(ar_vec)) / (s_max * r_norm) if r_norm > 0 and s_max > 0 else 0.0
     return MinresResult(x, r, m, stop, r_norm / beta1, cok, s_max, matvecs)
 
 
+def _small_least_squares(alphas: list, betas: list, beta1: float, invariant: bool, rcond: float
+                         ) -> tuple[np.ndarray, float]:
+    """The minimum-length solution ``y`` ``[m]`` of ``min ‖β₁e₁ − T̄y‖`` for the (m+1)×m Lanczos matrix
+    (m×m when the Krylov space is ``invariant``: its last row is then rounding noise) by an SVD truncated
+    at ``rcond`` · σmax, and σmax, the estimate of ‖A‖₂."""
+    m = len(alphas)
+    T = np.zeros((m + 1, m))
+    T[np.arange(m), np.arange(m)] = alphas
+    T[np.arange(1, m + 1), np.arange(m)] = betas
+    T[np.arange(m - 1), np.arange(1, m)] = betas[:m - 1]
+    if invariant:
+        T = T[:m]
+    U, S, Wt = np.linalg.svd(T, full_matrices=False)
+    keep = S > rcond * S[0] if S[0] > 0 else np.zeros_like(S, dtype=bool)
+    rhs = np.zeros(T.shape[0])
+    rhs[0] = beta1
+    return Wt[keep].T @ ((U[:, keep].T @ rhs) / S[keep]), float(S[0])
+
+
 # ------------------------------------------------------------------------------------------------ finders
-
-
-@dataclass
-class RefineResult:
-    """Outcome of a critical-point finder started at ``theta0``.
-
-    ``theta`` ``[N]`` float64 (on ``theta0``'s device); ``grad_norm2`` = ‖∇L(θ)‖²; ``distance`` = ‖θ − θ0‖;
-    ``stopped_because`` ∈ ``STOP_REASONS``. ``relative_residual`` / ``cokernel_residual``: Frye et al.'s
-    gradient-flat test quantities from MINRES on ``H p = −g`` at the final point (NaN when converged).
-    ``history``: one entry per iteration (lists of equal length; iteration 0 is the start).
-    """
-
-    method: str
-    theta: torch.Tensor
-    loss: float
-    loss0: float
-    grad_norm2: float
-    grad_norm2_0: float
-    iterations: int
-    stopped_because: str
-    distance: float
-    relative_residual: float
-    cokernel_residual: float
-    hvps: int
-    grads: int
-    seconds: float
-    history: dict = field(default_factory=dict)
-
-    @property
-    def loss_change(self) -> float:
-        """``L(θ) − L(θ0)``: negative when refinement lowered the loss."""
-        return self.loss - self.loss0
-
-    @property
-    def converged(self) -> bool:
-        return self.stopped_because == "converged"
-
-    def row(self) -> dict:
-        """Scalar columns for a results table (``refine_*``)."""
-        return {"refine_method": self.method, "refine_iterations": self.iterations,
-                "refine_stopped_because": self.stopped_because, "refine_distance": self.distance,
-                "refine_loss_change": self.loss_change, "refine_grad_norm2_start": self.grad_norm2_0,
-                "refine_grad_norm2": self.grad_norm2, "refine_relative_residual": self.relative_residual,
-                "refine_cokernel_residual": self.cokernel_residual, "refine_hvps": self.hvps,
-                "refine_grads": self.grads, "refine_seconds": self.seconds}
-
-
-def _start(theta0: torch.Tensor) -> torch.Tensor:
-    if theta0.dim() != 1:
-        raise ValueError(f"theta0 must be a flat [N] parameter vector, got shape {tuple(theta0.shape)}")
-    theta = theta0.detach().to(torch.float64).clone()
-    if not torch.isfinite(theta).all():
-        raise ValueError("theta0 contains NaN or inf")
-    return theta
-
-
-def _sq(v: torch.Tensor) -> float:
-    return float(v @ v)
 
 
 def _stalled(gn2s: list, window: int, rtol: float) -> bool:
@@ -260,7 +205,7 @@ def _backtrack(gv, theta: torch.Tensor, d: torch.Tensor, gn2: float, slope: floa
         trial = theta + alpha * d
         g_t, loss_t = gv(trial)
         evals += 1
-        gn2_t = _sq(g_t)
+        gn2_t = norm2(g_t)
         if math.isfinite(gn2_t) and gn2_t <= gn2 + c * alpha * slope:
             return (trial, g_t, loss_t, gn2_t, alpha), evals
         alpha *= backtrack
@@ -285,8 +230,6 @@ def resolve_operator(operator: str, loss_fn: LossFn, theta: torch.Tensor) -> str
         raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")
     if operator != "auto":
         return operator
-    from pipeline.hessian import resolve_hvp
-
     small = theta.numel() <= AUTO_DENSE_MAX_N.get(theta.device.type, AUTO_DENSE_MAX_N["cpu"])
     return "dense" if small and resolve_hvp("auto", theta.device, loss_fn) == "closed_form" else "hvp"
 
@@ -295,19 +238,8 @@ def _matvec(loss_fn: LossFn, theta: torch.Tensor, operator: str) -> MatVec:
     """``v -> H v`` at ``theta`` for a resolved ``operator`` (``hvp`` or ``dense``)."""
     if operator == "hvp":
         return hvp_at(loss_fn, theta)
-    from pipeline.hessian import hessian  # one N×N build per point, then cheap products
-
-    H = hessian(loss_fn, theta)
+    H = hessian(loss_fn, theta)  # one N×N build per point, then cheap products
     return lambda v: H @ v
-
-
-def _hist(**cols) -> dict:
-    return {k: [v] for k, v in cols.items()}
-
-
-def _push(history: dict, **cols) -> None:
-    for k, v in cols.items():
-        history[k].append(v)
 
 
 def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iters: int = 100,
@@ -328,14 +260,14 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
     :func:`resolve_operator`). ``loss_fn`` must accept float64.
     """
     t0 = time.perf_counter()
-    theta = _start(theta0)
+    theta = flat_start(theta0)
     operator = resolve_operator(operator, loss_fn, theta)
     start = theta.clone()
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)
-    gn2, loss0, gn2_0 = _sq(g), float(loss), _sq(g)
+    gn2, loss0, gn2_0 = norm2(g), float(loss), norm2(g)
     hvps, grads, it = 0, 1, 0
-    history = _hist(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0, inner_iterations=0, inner_stop="",
+    history = new_history(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0, inner_iterations=0, inner_stop="",
                     relative_residual=math.nan, cokernel_residual=math.nan)
     last = None  # (MINRES result, θ it was solved at)
     while True:
@@ -359,7 +291,7 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
             break
         theta, g, loss, gn2, alpha = found
         it += 1
-        _push(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * p_norm,
+        push_history(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * p_norm,
               inner_iterations=sol.iterations, inner_stop=sol.stopped_because,
               relative_residual=sol.relative_residual, cokernel_residual=sol.cokernel_residual)
     r, r_h, extra = _final_flatness(loss_fn, theta, g, stop, last, inner_rtol, inner_max_iters, rcond, operator)
@@ -393,21 +325,21 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
     gradient-flat test (MINRES at the final point).
     """
     t0 = time.perf_counter()
-    theta = _start(theta0)
+    theta = flat_start(theta0)
     start = theta.clone()
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)
-    gn2, loss0, gn2_0 = _sq(g), float(loss), _sq(g)
+    gn2, loss0, gn2_0 = norm2(g), float(loss), norm2(g)
     hvps, grads, it = 0, 1, 0
     alpha = 1.0 if lr is None else float(lr)
-    history = _hist(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0)
+    history = new_history(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0)
     while True:
         stop = _stop(gn2, gtol2, it, max_iters, history, stall_window, stall_rtol)
         if stop:
             break
         d = -hvp_at(loss_fn, theta)(g)  # −∇(½‖g‖²)
         hvps += 1
-        dd = _sq(d)
+        dd = norm2(d)
         d_norm = math.sqrt(dd)
         found = None
         if lr is not None and dd > 0:
@@ -415,7 +347,7 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
             g_t, loss_t = gv(trial)
             grads += 1
             if bool(torch.isfinite(g_t).all()):
-                found = (trial, g_t, loss_t, _sq(g_t), alpha)
+                found = (trial, g_t, loss_t, norm2(g_t), alpha)
         else:
             # d/dα ‖g(θ+αd)‖² = 2 gᵀH d = −2‖d‖²: Armijo on ½‖g‖² with constant c.
             found, evals = _backtrack(gv, theta, d, gn2, -2.0 * dd, alpha * grow, c, backtrack)
@@ -425,31 +357,37 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
             break
         theta, g, loss, gn2, alpha = found
         it += 1
-        _push(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * d_norm)
+        push_history(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * d_norm)
     r, r_h, extra = _final_flatness(loss_fn, theta, g, stop, None, inner_rtol, inner_max_iters, rcond, "hvp")
     return RefineResult("gnm", theta, float(loss), loss0, gn2, gn2_0, it, stop,
                         float(torch.linalg.vector_norm(theta - start)), r, r_h, hvps + extra, grads,
                         time.perf_counter() - t0, history)
 
 
-def options_for(method: str, section) -> dict:
-    """The keyword arguments of finder ``method`` found in ``section`` (a dict or config node, e.g. the
-    ``refine:`` config section); keys the finder does not take (``method``, Ray resources, the other finder's
-    settings) are left out. A key that neither finder takes is still allowed: the config owns its keys."""
-    import inspect
+# The settings of the `refine:` config section each finder takes as keyword arguments (the others are
+# `method`, Ray resources and the other finder's settings). tests/test_refine.py checks them against the
+# finders' signatures and the config's schema.
+SETTINGS = {"newton_mr": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "forcing", "rcond", "operator"),
+            "gnm": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "rcond"),
+            "newton_eig": ("gtol2", "max_iters", "damping", "min_damping", "max_tries", "patience", "progress",
+                           "continuation")}
+# The settings of the `hessian:` section a finder also takes: newton_eig cuts its pseudo-inverse off at the
+# counts' tolerance, so it follows their rule.
+COUNT_SETTINGS = {"newton_mr": (), "gnm": (), "newton_eig": ("rel_tol", "gap_ratio", "tol_mode")}
 
+
+def options_for(method: str, section, counts=None) -> dict:
+    """The keyword arguments of finder ``method``: its :data:`SETTINGS` found in ``section`` (a dict or
+    config node, e.g. the ``refine:`` config section) and its :data:`COUNT_SETTINGS` found in ``counts``
+    (the ``hessian:`` section, or None)."""
     if method not in METHODS:
         raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
-    params = inspect.signature(_finder(method)).parameters
-    return {k: section[k] for k in section if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+    found = {k: counts[k] for k in COUNT_SETTINGS[method] if counts is not None and k in counts}
+    return {**found, **{k: section[k] for k in SETTINGS[method] if k in section}}
 
 
 def _finder(method: str) -> Callable[..., RefineResult]:
-    if method == "newton_eig":
-        from pipeline.newton_eig import newton_eig  # it builds on this module's result type
-
-        return newton_eig
-    return {"newton_mr": newton_mr, "gnm": gnm}[method]
+    return {"newton_mr": newton_mr, "gnm": gnm, "newton_eig": newton_eig}[method]
 
 
 def refine(method: str, loss_fn: LossFn, theta0: torch.Tensor, **options) -> RefineResult:

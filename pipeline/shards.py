@@ -2,7 +2,7 @@
 
 For a data set too big for one device (or one process's time), the full-batch Hessian is split by
 data: H V = Σ_s (n_s / n) · H_s V, where H_s is the Hessian of the mean loss over shard s (contiguous
-rows, the weighting of :meth:`pipeline.train.Problem.batched_loss_terms`, L2 counted once). Each actor
+rows, the weighting of :meth:`pipeline.problem.Problem.batched_loss_terms`, L2 counted once). Each actor
 rebuilds its own problem from the run's config and seed — no data travels — and keeps only its shard on
 its device. A matvec sends θ once per point and V once per call through the object store, and sums
 the shards' ``[N, k]`` answers on the caller's device. That is the operator the HVP-only estimator
@@ -17,8 +17,9 @@ from typing import Callable, Iterator
 import ray
 import torch
 
-from pipeline.estimate import MatVec, hvp_matvec
-from pipeline.train import Problem
+from pipeline.hvp import hvp_matvec
+from pipeline.lanczos import MatVec
+from pipeline.problem import Problem
 
 
 @ray.remote

@@ -9,20 +9,28 @@ runs still train, grouped by loss function up to ``hessian.batch_checkpoints`` p
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import json
+import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import jobs, shards, tables
+from pipeline import identity, jobs, rows, shards, tables
 from pipeline.config import ConfigError, validate
 from pipeline.plan import Run, expand
 from pipeline.progress import Progress
-from pipeline.storage import Store
+from pipeline.storage import Store, StorageFull
+
+
+log = logging.getLogger("minratio")
 
 
 @dataclass
@@ -38,6 +46,7 @@ class SweepSummary:
     seconds: float = 0.0
     runs_failed_planned: int = 0  # failed runs among this command's plan (the exit code's business)
     points_failed_planned: int = 0  # failed points of this plan's runs
+    by_grid_point: list = field(default_factory=list)  # rows of :func:`by_grid_point`
 
 
 def _threads(num_cpus: float) -> None:
@@ -53,7 +62,9 @@ def _node_id() -> str:
 @ray.remote
 def _train_task(store_uri: str, sweep: str, run: Run, num_cpus: float, state_every_s: float):
     _threads(num_cpus)
-    return jobs.train_job(store_uri, sweep, run, node_id=_node_id(), state_every_s=state_every_s)
+    t0 = time.monotonic()
+    out = jobs.train_job(store_uri, sweep, run, node_id=_node_id(), state_every_s=state_every_s)
+    return time.monotonic() - t0, out
 
 
 @ray.remote
@@ -62,8 +73,10 @@ def _refine_task(store_uri: str, sweep: str, ref, num_cpus: float):
 
     _threads(num_cpus)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    t0 = time.monotonic()
     try:
-        return jobs.refine_job(store_uri, sweep, ref, device=device, node_id=_node_id())
+        failed = jobs.refine_job(store_uri, sweep, ref, device=device, node_id=_node_id())
+        return time.monotonic() - t0, failed
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -76,15 +89,37 @@ def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
     _threads(num_cpus)
     # A task given a GPU by Ray on a machine where torch sees none (a CPU build) runs on the CPU.
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    t0 = time.monotonic()
     try:
-        return jobs.hessian_job(store_uri, sweep, refs, device=device, node_id=_node_id(),
-                                hvp_shards=shards.sharded_hvp)
+        failed = jobs.hessian_job(store_uri, sweep, refs, device=device, node_id=_node_id(),
+                                  hvp_shards=shards.sharded_hvp)
+        return time.monotonic() - t0, failed
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()  # give the GPU back to the next task sharing it
 
 
 _CONNECTED = None  # the ray config connect() last started or attached a Ray with, while it runs
+_RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_notice(record: logging.LogRecord) -> bool:
+    """Drop Ray's notice that a new local cluster has token authentication on (Ray >= 2.60 prints it at
+    every start unless RAY_AUTH_MODE is set): the local default keeps Ray's token, and docs/cluster.md
+    says so. Setting RAY_AUTH_MODE here instead would not reach Ray's configuration, read at import."""
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit``; keep a handler the caller
+    installed (the CLI's clean stop, :func:`pipeline.cli.stop_on_signals`)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def connect(ray_cfg) -> None:
@@ -109,7 +144,9 @@ def connect(ray_cfg) -> None:
         kwargs["runtime_env"] = OmegaConf.to_container(ray_cfg.runtime_env, resolve=True)
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+        logging.getLogger(_RAY_TOKEN_LOGGER).addFilter(_quiet_token_notice)
+        with _keep_sigterm_handler():
+            ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
         _CONNECTED = wanted
         return
     name = "ray.address" if ray_cfg.address else "RAY_ADDRESS (environment)"
@@ -118,7 +155,8 @@ def connect(ray_cfg) -> None:
                           f"{name}={address!r} offers the CPUs its nodes were started with")
     check_reachable(address, name)
     try:
-        ray.init(address=address, **kwargs)
+        with _keep_sigterm_handler():
+            ray.init(address=address, **kwargs)
         _CONNECTED = wanted
     except (ConnectionError, RuntimeError, ValueError) as err:
         hint = ""
@@ -199,147 +237,215 @@ def resolve_root(cfg: DictConfig) -> str:
 
 
 def run_sweep(cfg: DictConfig) -> SweepSummary:
-    """Run (or resume) the sweep that ``cfg`` describes; return what is in its tables at the end."""
+    """Run (or resume) the sweep that ``cfg`` describes; return what is in its tables at the end.
+
+    Every check comes before any work: the values, the sweep's recorded experiment, the results root,
+    the tolerance the counts can honour, and the cluster's resources."""
     t0 = time.monotonic()
     validate(cfg)
     store = Store.open(resolve_root(cfg))
-    store.check_writable()
     name = str(cfg.sweep.name)
+    record = identity.check(store, name, cfg)
+    store.check_writable()
     runs = expand(cfg)
     connect(cfg.ray)
     preflight(cfg)
+    identity.save(store, name, record)
+    driver = Driver(cfg, store, name, runs)
+    log.info(f"sweep {name!r} in {store.uri}: {len(runs)} runs planned, {driver.prog.skipped} finished earlier; "
+             f"{len(driver.todo)} to train, {driver.prog.points_known} checkpoints waiting to be analysed")
+    driver.run()
+    return summarize(store, name, runs, driver.prog.skipped, time.monotonic() - t0)
 
-    refining = cfg.refine.method != "none"
-    todo, missing = plan_resume(store, name, runs, refining)
-    todo = collections.deque(todo)
-    groups: dict[str, list] = collections.defaultdict(list)
-    to_refine: collections.deque = collections.deque()  # checkpoints waiting for their refinement task
-    for ref in missing:
-        (to_refine if ref.stage == "refined" else groups[ref.group]).append(ref)
 
-    cap = cfg.sweep.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    h, rc = cfg.hessian, cfg.ray
-    prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo), queued=len(todo))
-    in_flight: dict = {}  # object ref -> ("train", Run) | ("hessian", [CheckpointRef]); at most `cap`
+class Driver:
+    """The bounded ``ray.wait`` loop of one sweep: training tasks, then Hessian tasks (grouped by loss
+    function) and refinement tasks for their checkpoints as they appear, at most ``cap`` in flight."""
 
-    hessian_cap = data_parallel_cap(h) if h.data_workers else None
+    def __init__(self, cfg: DictConfig, store: Store, name: str, runs: list[Run]):
+        self.cfg, self.store, self.name = cfg, store, name
+        self.refining = cfg.refine.method != "none"
+        todo, missing = plan_resume(store, name, runs, self.refining)
+        self.todo = collections.deque(todo)
+        self.groups: dict[str, list] = collections.defaultdict(list)  # loss function -> refs to analyse
+        self.to_refine: collections.deque = collections.deque()  # checkpoints waiting for refinement
+        for ref in missing:
+            (self.to_refine if ref.stage == "refined" else self.groups[ref.group]).append(ref)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        self.cap = cfg.sweep.max_in_flight or max(2, 2 * int(cpus))
+        self.hessian_cap = data_parallel_cap(cfg.hessian) if cfg.hessian.data_workers else None
+        self.in_flight: dict = {}  # object ref -> ("train", Run) | ("hessian", [refs]) | ("refine", ref)
+        self.prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo),
+                             points_known=len(missing), slots=max(1.0, cpus / cfg.ray.train_num_cpus))
+        self._busy_at = float("-inf")
 
-    def submit_hessians(force: bool) -> bool:
-        if hessian_cap is not None and sum(k == "hessian" for k, _ in in_flight.values()) >= hessian_cap:
+    def run(self) -> None:
+        while self.todo or self.in_flight or any(self.groups.values()) or self.to_refine:
+            self.fill()
+            self.show()
+            if not self.in_flight:
+                continue
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+            for obj in ready:
+                self.collect(obj)
+        self.show()
+        self.prog.close()
+
+    def fill(self) -> None:
+        """Submit tasks until ``cap`` are in flight: full Hessian batches first (they free checkpoints),
+        then refinements, then training, then partial Hessian batches."""
+        while len(self.in_flight) < self.cap:
+            if not (self.submit_hessians(force=False) or self.submit_refine() or self.submit_train()
+                    or self.submit_hessians(force=True)):
+                return
+
+    def submit_train(self) -> bool:
+        if not self.todo:
             return False
-        for key, refs in list(groups.items()):
+        run, rc = self.todo.popleft(), self.cfg.ray
+        task = _train_task.options(num_cpus=rc.train_num_cpus, max_retries=rc.max_retries)
+        self.in_flight[task.remote(self.store.uri, self.name, run, rc.train_num_cpus, rc.state_every_s)] = ("train", run)
+        return True
+
+    def submit_refine(self) -> bool:
+        if not self.to_refine:
+            return False
+        ref, r = self.to_refine.popleft(), self.cfg.refine
+        task = _refine_task.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
+                                    max_retries=self.cfg.ray.max_retries)
+        self.in_flight[task.remote(self.store.uri, self.name, ref, r.num_cpus)] = ("refine", ref)
+        return True
+
+    def submit_hessians(self, force: bool) -> bool:
+        """One Hessian task for a group with ``batch_checkpoints`` refs waiting (any refs, with ``force``)."""
+        h = self.cfg.hessian
+        if self.hessian_cap is not None and sum(k == "hessian" for k, _ in self.in_flight.values()) >= self.hessian_cap:
+            return False
+        for key, refs in list(self.groups.items()):
             if refs and (force or len(refs) >= h.batch_checkpoints):
-                batch, groups[key] = refs[: h.batch_checkpoints], refs[h.batch_checkpoints:]
+                batch, self.groups[key] = refs[: h.batch_checkpoints], refs[h.batch_checkpoints:]
                 task = _hessian_task.options(num_cpus=h.num_cpus, num_gpus=h.num_gpus or None,
-                                             max_retries=rc.max_retries)
-                in_flight[task.remote(store.uri, name, batch, h.num_cpus)] = ("hessian", batch)
+                                             max_retries=self.cfg.ray.max_retries)
+                self.in_flight[task.remote(self.store.uri, self.name, batch, h.num_cpus)] = ("hessian", batch)
                 return True
         return False
 
-    def pending_points() -> int:
-        waiting = sum(len(v) for v in groups.values()) + len(to_refine)
-        return waiting + sum(len(p) if kind == "hessian" else 1 for kind, p in in_flight.values() if kind != "train")
+    def collect(self, obj) -> None:
+        kind, payload = self.in_flight.pop(obj)
+        if kind == "train":
+            refs = _finish_train(self.store, self.name, obj, payload, self.prog)
+            for ref in refs:
+                self.groups[ref.group].append(ref)
+                if self.refining:
+                    self.to_refine.append(dataclasses.replace(ref, stage="refined"))
+            self.prog.points_known += len(refs) * (1 + self.refining)
+            self.prog.work.checkpoints_per_run.append(len(refs) * (1 + self.refining))
+        else:
+            _finish_hessian(self.store, self.name, obj, [payload] if kind == "refine" else payload, self.prog)
 
-    def new_refs(refs: list) -> None:
-        for ref in refs:
-            groups[ref.group].append(ref)
-            if refining:
-                to_refine.append(dataclasses.replace(ref, stage="refined"))
-
-    r = cfg.refine
-    while todo or in_flight or any(groups.values()) or to_refine:
-        while len(in_flight) < cap:
-            if submit_hessians(force=False):
-                continue
-            if to_refine:
-                ref = to_refine.popleft()
-                task = _refine_task.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
-                                            max_retries=rc.max_retries)
-                in_flight[task.remote(store.uri, name, ref, r.num_cpus)] = ("refine", ref)
-                continue
-            if todo:
-                run = todo.popleft()
-                task = _train_task.options(num_cpus=rc.train_num_cpus, max_retries=rc.max_retries)
-                obj = task.remote(store.uri, name, run, rc.train_num_cpus, rc.state_every_s)
-                in_flight[obj] = ("train", run)
-                prog.queued, prog.running = len(todo), prog.running + 1
-                continue
-            if not submit_hessians(force=True):
-                break
-        prog.points_pending = pending_points()
+    def show(self) -> None:
+        """Update the progress display: counts, what Ray reports busy (at most once a second), time left."""
+        prog, now = self.prog, time.monotonic()
+        if now - self._busy_at >= 1.0:
+            self._busy_at = now
+            total, free = ray.cluster_resources(), ray.available_resources()
+            prog.busy = " ".join(f"{r} {total[r] - free.get(r, 0):g}/{total[r]:g}" for r in ("CPU", "GPU")
+                                 if total.get(r)) + " busy"
+        prog.work.runs_left = len(self.todo) + sum(kind == "train" for kind, _ in self.in_flight.values())
+        prog.work.points_left = prog.points_known - prog.points_done - prog.points_failed
         prog.update()
-        if not in_flight:
-            continue
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-        for obj in ready:
-            kind, payload = in_flight.pop(obj)
-            if kind == "train":
-                new_refs(_finish_train(store, name, obj, payload, prog))
-            else:
-                _finish_hessian(store, name, obj, [payload] if kind == "refine" else payload, prog)
-    prog.points_pending = 0
-    prog.close()
-    return summarize(store, name, runs, prog.skipped, time.monotonic() - t0)
 
 
 def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False) -> tuple[list[Run], list]:
     """What a previous attempt of this sweep left to do: the runs without an ok/diverged ``runs`` row,
     and the checkpoints of finished runs without an ok ``points`` row (with ``refining``, also those
-    without an ok ``stage=refined`` row: returned as refs of stage ``refined``). Only runs with fewer ok
-    points than expected have their checkpoint files listed, so resuming a big finished sweep stays cheap."""
+    without an ok ``stage=refined`` row: returned as refs of stage ``refined``).
+
+    Every checkpoint of a finished run is verified against its record (:func:`jobs.scan_checkpoints`),
+    and one that an analysed point or the run's ``n_checkpoints`` refers to must be there. A finished run
+    with a missing or damaged checkpoint is trained again from its start (its checkpoints, then all its
+    points, are made again), with one warning line per file; every other run goes on as planned."""
     rows = tables.read(store, name, "runs", columns=["status", "n_checkpoints"]).to_pylist()
     finished = {r["run_id"]: r["n_checkpoints"] for r in rows if r["status"] in ("ok", "diverged")}
     done_points = tables.done_keys(store, name, "points")
-    analysed = collections.Counter(key[0] for key in done_points)
+    referenced = collections.defaultdict(set)  # run_id -> steps whose stalled/final point is analysed
+    for run_id, step, stage in done_points:
+        if stage != "refined":
+            referenced[run_id].add(step)
     todo, missing = [], []
     for run in runs:
         if run.run_id not in finished:
             todo.append(run)
-        elif finished[run.run_id] is None or analysed[run.run_id] < finished[run.run_id] * (1 + refining):
-            for ref in jobs.existing_checkpoints(store, name, run):
-                wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
-                missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
+            continue
+        refs, bad = jobs.scan_checkpoints(store, name, run)
+        for step in sorted(referenced[run.run_id] - {ref.step for ref in refs}):
+            path = jobs.checkpoint_path(name, run.run_id, step)
+            bad.setdefault(path, f"checkpoint {store.location(path)} is missing (an analysed point refers to it)")
+        problems = list(bad.values())
+        expected = finished[run.run_id]
+        if not problems and expected is not None and len(refs) < expected:
+            problems.append(f"run {run.run_id} wrote {expected} checkpoints, {len(refs)} are under "
+                            f"{store.location(name)}/checkpoints/{run.run_id}/")
+        if problems:
+            for problem in problems:
+                log.warning("%s: run %s is trained again from its start", problem, run.run_id)
+            todo.append(run)
+            continue
+        for ref in refs:
+            wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
+            missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
     return todo, missing
 
 
 def _finish_train(store: Store, name: str, obj, run: Run, prog: Progress) -> list:
     """Record a finished training task; return its checkpoint refs."""
-    prog.running -= 1
     try:
-        status, refs = ray.get(obj)
+        took, (status, refs) = ray.get(obj)
     except ray.exceptions.RayError as err:  # the worker died more often than ray.max_retries allows
-        tables.write(store, name, "runs", [jobs.run_row(name, run, status="failed",
+        _raise_if_full(err)
+        tables.write(store, name, "runs", [rows.run_row(name, run, status="failed",
                                                         error=f"{type(err).__name__}: {err}")])
         prog.failed += 1
         return []
     prog.failed += status == "failed"
     prog.diverged += status == "diverged"
     prog.done += status == "ok"
+    prog.work.train_s.append(took)
     return refs
 
 
 def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) -> None:
     """Record a finished Hessian or refinement task: the job returns how many of its points failed."""
     try:
-        failed = ray.get(obj)
+        took, failed = ray.get(obj)
         prog.points_done += len(refs) - failed
         prog.points_failed += failed
+        prog.work.point_s.extend([took / len(refs)] * len(refs))
     except ray.exceptions.RayError as err:
+        _raise_if_full(err)
         # The task may have written some points before its worker died: keep those, fail the rest.
         done = tables.done_keys(store, name, "points")
         lost = [r for r in refs if (r.run_id, r.step, r.stage) not in done]
         for r in lost:
-            tables.write(store, name, "points", [{"run_id": r.run_id, "step": r.step, "stage": r.stage,
-                                                  "seed": r.seed, "status": "failed",
-                                                  "error": f"{type(err).__name__}: {err}"}])
+            key = rows.point_key(r.run_id, r.step, r.stage, r.seed)
+            tables.write(store, name, "points", [rows.failed_point_row(key, f"{type(err).__name__}: {err}")])
         prog.points_done += len(refs) - len(lost)
         prog.points_failed += len(lost)
 
 
+def _raise_if_full(err: Exception) -> None:
+    """A task that found the results root full stops the sweep with its one message (recording a
+    failed row would need the room that is missing)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, StorageFull):
+        raise StorageFull(cause.errno, cause.strerror) from None
+
+
 def summarize(store: Store, name: str, planned: list[Run], skipped: int, seconds: float) -> SweepSummary:
-    """What the sweep's tables hold now; the failures among ``planned`` runs and their points apart."""
-    runs = tables.read(store, name, "runs", columns=["status"]).to_pandas()
-    points = tables.read(store, name, "points", columns=["status", "label"]).to_pandas()
+    """What the sweep's tables hold now, per grid point; the failures among ``planned`` runs and their
+    points apart."""
+    runs = tables.read(store, name, "runs", columns=["status", "overrides"]).to_pandas()
+    points = tables.read(store, name, "points", columns=["status", "label", "min_ratio"]).to_pandas()
     ok_points = points[points["status"] == "ok"] if len(points) else points
     ids = {run.run_id for run in planned}
     failed_runs = runs[runs["status"] == "failed"] if len(runs) else runs
@@ -350,4 +456,25 @@ def summarize(store: Store, name: str, planned: list[Run], skipped: int, seconds
         points=len(ok_points), points_failed=len(failed_points),
         labels=ok_points["label"].value_counts().to_dict() if len(ok_points) else {}, seconds=seconds,
         runs_failed_planned=int(failed_runs["run_id"].isin(ids).sum()) if len(failed_runs) else 0,
-        points_failed_planned=int(failed_points["run_id"].isin(ids).sum()) if len(failed_points) else 0)
+        points_failed_planned=int(failed_points["run_id"].isin(ids).sum()) if len(failed_points) else 0,
+        by_grid_point=by_grid_point(runs, points))
+
+
+def by_grid_point(runs, points) -> list[dict]:
+    """One row per grid point (one row in all without a grid): runs by status, points analysed and
+    failed, the minimum ratio's min / median / max over the ok points, and their labels."""
+    rows = []
+    if not len(runs):
+        return rows
+    for point, part in runs.groupby(runs["overrides"].fillna("{}"), sort=True):
+        pts = points[points["run_id"].isin(part["run_id"])] if len(points) else points
+        ok = pts[pts["status"] == "ok"] if len(pts) else pts
+        ratio = ok["min_ratio"].dropna() if len(ok) else ok
+        grid = json.loads(point) if point else {}
+        rows.append({"grid": ", ".join(f"{k}={v}" for k, v in grid.items()) or "all runs",
+                     "runs": len(part), "runs_ok": int((part["status"] == "ok").sum()),
+                     "runs_failed": int((part["status"] == "failed").sum()),
+                     "points": len(ok), "points_failed": int((pts["status"] == "failed").sum()) if len(pts) else 0,
+                     "ratio": (float(ratio.min()), float(ratio.median()), float(ratio.max())) if len(ratio) else None,
+                     "labels": ok["label"].value_counts().to_dict() if len(ok) else {}})
+    return rows

@@ -23,14 +23,8 @@ import pyarrow.parquet as pq
 from pipeline import config as C
 from pipeline.storage import Store
 
-# Version 2 added runs.node_id, runs.resumed_from_step and points.node_id; version 3 the stall tags,
-# honest labels, escape check and refinement columns of `points` and curves.lam_max/grad_cosine. Files of
-# an older version read with nulls in the columns they lack (see `read`); bump the version whenever a
-# column is added. Version 4 added the interval columns of hessian.method=estimate; version 5 the runs
-# columns of the config fields added since: model_conv_layers, model_channels, model_kernel (the CNN),
-# hessian_naive_count and hessian_data_workers. Version 6 changed no column but a meaning: points.flat_residual
-# is Frye et al.'s relative residual r (version-5 rows written before 2026-11-26 hold ‖Hp + g‖/‖g‖), so
-# bump the version for a changed definition too.
+# Bump the version whenever a column is added or a column's definition changes; files of an older version
+# read with nulls in the columns they lack (see `read`). Each version's changes: docs/performance.md.
 SCHEMA_VERSION = 6
 TABLES = ("runs", "points", "spectra", "curves")
 
@@ -124,7 +118,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("estimate_degree", pa.int64()),
         pa.field("estimate_probes", pa.int64()),
         pa.field("estimate_confidence", pa.float64()),
-        # Stall tag (stalled/final rows): why training stopped improving — see pipeline.critical.stall_tag.
+        # Stall tag (stalled/final rows): why training stopped improving — see pipeline.stall.stall_tag.
         pa.field("stall_tag", pa.string()),  # small_gradient | oscillating
         pa.field("stall_grad_ratio", pa.float64()),  # ‖g‖ / ‖g at step 0‖
         pa.field("stall_cosine", pa.float64()),  # cos∠(∇L(θ), ∇L(θ − lr·∇L(θ))); −1 = bouncing across a valley
@@ -147,7 +141,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         # Refinement (stage=refined rows): the critical-point finder's record.
         pa.field("refine_method", pa.string()),
         pa.field("refine_iterations", pa.int64()),
-        pa.field("refine_stopped_because", pa.string()),  # refine.STOP_REASONS, e.g. converged | gradient_flat
+        pa.field("refine_stopped_because", pa.string()),  # refine_result.STOP_REASONS, e.g. converged | gradient_flat
         pa.field("refine_distance", pa.float64()),  # ‖θ_refined − θ_stalled‖
         pa.field("refine_loss_change", pa.float64()),
         pa.field("refine_grad_norm2_start", pa.float64()),
@@ -240,8 +234,16 @@ def read(store: Store, sweep: str, name: str, dedupe: bool = True, columns: list
     return table
 
 
-# Files per pyarrow dataset when reading: one dataset over thousands of small files holds hundreds of MB
-# (measured: +380 MB of RSS for 2,000 files at once, +45 MB in batches of 64, at the same speed).
+def read_files(store: Store, sweep: str, name: str, columns: list | None = None) -> tuple[pa.Table, list, list]:
+    """Every row of table ``name``'s files, not de-duplicated, and ``(files read, files not readable)``:
+    what ``minratio-verify`` checks. ``columns`` may name ``__filename`` (each row's file, full path)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caller reports unreadable files itself
+        return _read_files(store, sweep, name, columns)
+
+
+# Files per pyarrow dataset when reading: one dataset over thousands of small files holds hundreds of MB,
+# batches of this many hold tens, at the same speed (docs/performance.md).
 READ_BATCH_FILES = 64
 
 
@@ -269,7 +271,7 @@ def _read_files(store: Store, sweep: str, name: str, columns: list | None = None
         except FileNotFoundError:
             continue
         return (pa.concat_tables(parts) if parts else empty), good, bad
-    raise RuntimeError(f"files of table {sweep}/{name} under {store.uri} kept vanishing while being read "
+    raise RuntimeError(f"files of table {sweep}/{name} under {store.location()} kept vanishing while being read "
                        f"({attempts} attempts); is a compact running?")
 
 
@@ -291,7 +293,7 @@ def _read_batch(store: Store, files: list, schema: pa.Schema, columns: list | No
         except FileNotFoundError:
             raise
         except (pa.ArrowInvalid, OSError) as err:
-            warnings.warn(f"skipping {store.uri}/{f}: not a readable Parquet file ({err})")
+            warnings.warn(f"skipping {store.location(f)}: not a readable Parquet file ({err})")
             bad.append(f)
 
 

@@ -8,7 +8,6 @@ step; the last state is a checkpoint too, marked ``stalled=False`` unless the ru
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,12 +15,10 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline import critical, stall
-from pipeline.data import Dataset, batches, make_dataset
-from pipeline.mlp_hessian import mlp_hessian
-from pipeline.models import MLP, Model, loss_value, make_model
+from pipeline import stall
+from pipeline.problem import DTYPES, MeanLoss, Problem, make_problem  # noqa: F401  (MeanLoss, Problem: their old home)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OPTIMIZERS = ("gd", "sgd", "adam")  # optim.name: what _optimizer builds
 
 
 @dataclass
@@ -32,7 +29,7 @@ class Checkpoint:
     grad_norm: float  # ‖∇L‖ of the full-batch loss
     stalled: bool  # True: the stall rule fired here; False: the run's last state without a stall
     reason: str  # why this point was saved, e.g. "stall: rel. improvement 3e-05 < 1e-4 over 500 steps"
-    tag: dict = field(default_factory=dict)  # stall tag columns (pipeline.critical.StallTag.row())
+    tag: Optional[stall.StallTag] = None  # why it stalled (small gradient or oscillating), measured at the point
 
 
 @dataclass
@@ -71,74 +68,13 @@ class TrainState:
     since: int  # step of the last stall (the stall window restarts there)
 
 
-@dataclass(frozen=True, eq=False)
-class MeanLoss:
-    """The mean loss of ``model`` over the rows of ``X``, ``Y`` as a function of a flat ``theta`` ``[N]``
-    (:func:`pipeline.models.loss_value`; works under ``torch.func`` transforms). For an MLP it also
-    offers its exact Hessian in closed form (:attr:`closed_form`), which :func:`pipeline.hessian.hessian`
-    uses instead of N Hessian-vector products."""
-
-    model: Model
-    X: torch.Tensor
-    Y: torch.Tensor
-    loss: str
-    weight_decay: float = 0.0
-
-    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
-        return loss_value(self.model, theta, self.X, self.Y, self.loss, self.weight_decay)
-
-    @property
-    def closed_form(self) -> Optional[Callable[..., torch.Tensor]]:
-        """``f(theta, out=, weight=, accumulate=, workspace_bytes=)`` writing weight · H into ``out``
-        (:func:`pipeline.mlp_hessian.mlp_hessian`), or None for models without one (CNN)."""
-        if not isinstance(self.model, MLP):
-            return None
-        return functools.partial(mlp_hessian, self.model, X=self.X, Y=self.Y, loss=self.loss,
-                                 weight_decay=self.weight_decay)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Everything needed to evaluate a run's training loss: rebuilt identically from config + seed."""
-
-    model: Model  # MLP or CNN
-    data: Dataset
-    loss: str
-    weight_decay: float
-
-    def loss_fn(self, X: Optional[torch.Tensor] = None, Y: Optional[torch.Tensor] = None,
-                weight_decay: Optional[float] = None) -> MeanLoss:
-        X = self.data.X if X is None else X
-        Y = self.data.Y if Y is None else Y
-        wd = self.weight_decay if weight_decay is None else weight_decay
-        return MeanLoss(self.model, X, Y, self.loss, wd)
-
-    def batched_loss_terms(self, batch_size: int) -> list:
-        """The full-batch loss as ``(n_b / n, loss on batch b)`` terms; L2 counted once, in the first."""
-        n = self.data.n
-        return [((s.stop - s.start) / n,
-                 self.loss_fn(self.data.X[s], self.data.Y[s], self.weight_decay * n / (s.stop - s.start)
-                              if i == 0 else 0.0))
-                for i, s in enumerate(batches(n, batch_size))]
-
-    def to(self, device, dtype) -> "Problem":
-        return Problem(self.model, self.data.to(device, dtype), self.loss, self.weight_decay)
-
-
-def make_problem(cfg, seed: int) -> Problem:
-    """The model, data set and loss of a run (``cfg``: the run's resolved config with data/model/optim)."""
-    data = make_dataset(cfg.data, seed, cfg.model.loss)
-    model = make_model(cfg.model, data.in_dim, data.out_dim)
-    return Problem(model, data, cfg.model.loss, float(cfg.optim.weight_decay))
-
-
 def _optimizer(cfg, theta: torch.Tensor) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name in ("gd", "sgd"):
         return torch.optim.SGD([theta], lr=o.lr, momentum=o.momentum)
     if o.name == "adam":
         return torch.optim.Adam([theta], lr=o.lr)
-    raise ValueError(f"unknown optim.name {o.name!r}: expected gd, sgd or adam")
+    raise ValueError(f"unknown optim.name {o.name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
 def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
@@ -151,6 +87,9 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     ``on_checkpoint`` is called with each checkpoint as soon as it exists, so its Hessian can start
     while training goes on. ``on_state`` receives a :class:`TrainState` at most every ``state_every_s``
     seconds; passing one back as ``resume`` continues that run with the same result.
+
+    The step loop stays in one piece on purpose: the order of measuring, logging, the stall check, the
+    step and the state save within a step is what makes a resumed run bit-for-bit the uninterrupted one.
     """
     t_start = time.perf_counter()
     dtype = DTYPES[cfg.optim.dtype]
@@ -165,7 +104,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     mini = cfg.data.batch_size > 0 and cfg.data.batch_size < data.n
     curves, checkpoints = Curves(), []
     since, status, step, first = 0, "ok", 0, 0
-    if resume is not None:
+    if resume is not None:  # go on exactly where the saved state left off
         opt.load_state_dict(resume.optimizer)
         gen.set_state(resume.generator)
         curves, checkpoints, since, first = resume.curves, list(resume.checkpoints), resume.since, resume.step
@@ -180,26 +119,16 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     def emit(ck: Checkpoint):
         # Oscillating or small gradient? Measured at the point itself (one extra gradient, a power iteration).
         g0 = curves.grad_norm[0] if curves.grad_norm else ck.grad_norm
-        ck.tag = critical.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters,
-                                       **thresholds).row()
+        ck.tag = stall.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters, **thresholds)
         checkpoints.append(ck)
         if on_checkpoint is not None:
             on_checkpoint(ck)
 
     for step in range(first, o.max_steps + 1):
         logging = step % o.log_every == 0 or step == o.max_steps
-        if not mini:
-            opt.zero_grad(set_to_none=True)
-            value = full(theta)
-            value.backward()
-            loss_now = float(value.detach())
-            if logging:
-                gnorm_now = float(theta.grad.norm())
-        elif logging:
-            theta.grad = None
-            value = full(theta)
-            value.backward()
-            loss_now, gnorm_now = float(value), float(theta.grad.norm())
+        if not mini or logging:
+            loss_now, gnorm = _full_batch(full, theta, opt, logging)
+            gnorm_now = gnorm if logging else gnorm_now
         if not math.isfinite(loss_now):
             status = "diverged"
             break
@@ -209,13 +138,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
             curves.grad_norm.append(gnorm_now)
             lam, cos = math.nan, math.nan
             if s.curvature_every and step % s.curvature_every == 0:
-                point = theta.detach()
-                power = critical.power_lambda_max(full, point, s.power_iters, v0=power_v)
-                lam, power_v = power.lam_max, power.vector
-                if lr is not None:
-                    g_fn = torch.func.grad(full)
-                    g = g_fn(point)
-                    cos = critical.gradient_cosine(g, g_fn(point - lr * g))
+                lam, cos, power_v = _curvature(full, theta.detach(), s.power_iters, lr, power_v)
             curves.lam_max.append(lam)
             curves.grad_cosine.append(cos)
             if stall.is_stalled(curves.step, curves.loss, s.window, s.threshold, since=since):
@@ -229,8 +152,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
         if step == o.max_steps:
             break
         if mini:
-            perm = torch.randperm(data.n, generator=gen)
-            idx = perm[: cfg.data.batch_size]
+            idx = torch.randperm(data.n, generator=gen)[: cfg.data.batch_size]
             opt.zero_grad(set_to_none=True)
             problem.loss_fn(data.X[idx], data.Y[idx])(theta).backward()
         opt.step()
@@ -246,6 +168,28 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     return TrainResult(status, step, loss_now, gnorm_now, model.n_params, curves, checkpoints,
                        time.perf_counter() - t_start,
                        error=f"loss became {loss_now} at step {step}" if status == "diverged" else None)
+
+
+def _full_batch(full, theta: torch.Tensor, opt: torch.optim.Optimizer, logging: bool) -> tuple[float, float]:
+    """The full-batch loss at ``theta`` with its gradient left in ``theta.grad`` (the step of full-batch GD
+    uses it), and ‖∇L‖ at logged steps (NaN otherwise: reading it costs a device sync)."""
+    opt.zero_grad(set_to_none=True)
+    value = full(theta)
+    value.backward()
+    return float(value.detach()), float(theta.grad.norm()) if logging else math.nan
+
+
+def _curvature(full, point: torch.Tensor, power_iters: int, lr: Optional[float], power_v: Optional[torch.Tensor]
+               ) -> tuple[float, float, torch.Tensor]:
+    """λmax at ``point`` by power iteration (warm-started from ``power_v``) and, for (S)GD, the cosine between
+    the gradient and the one after a GD step (NaN for Adam); returns them and the new warm start."""
+    power = stall.power_lambda_max(full, point, power_iters, v0=power_v)
+    cos = math.nan
+    if lr is not None:
+        g_fn = torch.func.grad(full)
+        g = g_fn(point)
+        cos = stall.gradient_cosine(g, g_fn(point - lr * g))
+    return power.lam_max, cos, power.vector
 
 
 def _loss_at(curves: Curves, step: int) -> float:

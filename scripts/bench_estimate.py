@@ -57,7 +57,8 @@ def pipeline_checkpoints(overrides: list[str], seed: int = 0):
     from hydra.core.global_hydra import GlobalHydra
 
     from pipeline.config import register_configs
-    from pipeline.train import make_problem, train
+    from pipeline.problem import make_problem
+    from pipeline.train import train
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -38,7 +38,7 @@ import torch
 from pipeline import hessian as hs
 from pipeline import block_ldl, cusolver, inertia, spectrum
 from pipeline.models import MLP
-from pipeline.train import MeanLoss
+from pipeline.problem import MeanLoss
 
 F64 = torch.float64
 GPU_SIZES = [1999, 5508, 19204, 29124]

@@ -28,16 +28,18 @@ from bench_hessian import Peak, device_name, fmt_mem, problem, timed, warm_up  #
 
 from pipeline import critical  # noqa: E402
 from pipeline import hessian as hs  # noqa: E402
+from pipeline import rows  # noqa: E402
 
 
 def before(f, theta):
     res = hs.spectrum_at(f, theta, method="eigh")
-    return res, critical.critical_report(f, theta, tol=res.tol).row()
+    return res, rows.critical_columns(critical.critical_report(f, theta, tol=res.tol))
 
 
 def now(f, theta):
     res = hs.spectrum_at(f, theta, method="eigh", vectors=True)
-    return res, critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs, res.v_min, tol=res.tol).row()
+    report = critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs, res.v_min, tol=res.tol)
+    return res, rows.critical_columns(report)
 
 
 def agree(a: dict, b: dict) -> bool:

@@ -20,7 +20,6 @@ not a test: nothing asserts.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -31,7 +30,8 @@ import torch
 from pipeline import refine
 from pipeline.config import section
 from pipeline.hessian import spectrum_at
-from pipeline.train import make_problem, train
+from pipeline.problem import make_problem
+from pipeline.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sweep import compose  # noqa: E402  (Hydra composition of the installed config)
@@ -56,7 +56,7 @@ def run_finder(finder: str, overrides: list[str], points) -> list[dict]:
     cfg = compose(overrides + [f"refine={finder}"])
     h = section(cfg, "hessian")
     rule = {"rel_tol": h["rel_tol"], "gap_ratio": h["gap_ratio"], "tol_mode": h["tol_mode"]}
-    opts = refine.options_for(finder, {**rule, **section(cfg, "refine")})
+    opts = refine.options_for(finder, section(cfg, "refine"), h)
     rows = []
     for seed, f, theta, why in points:
         res = refine.refine(finder, f, theta, **opts)

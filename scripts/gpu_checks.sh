@@ -1,63 +1,163 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one command, for a fresh GPU machine with torch + CUDA and no internet
-# (about 7-8 minutes). Fails soft: a failing step is reported and the next one still runs.
-#   1. the tests marked `gpu` that need no Ray: CUDA against CPU for the Hessian build, eigh, LDLᵀ inertia
-#      with cuSOLVER's pivots and the blocked LDLᵀ, the multi-point path, Newton-MR, the estimator, the pipeline's Hessian job;
-#      (tests/test_cluster.py's GPU test needs Ray on the GPU machine and runs there only if Ray is installed)
-#   2. scripts/bench_hessian.py on the GPU (times, ratios against autograd, peak memory with the in-place
-#      eigenvalues, checkpoints/s; 250 s on an H100);
-#   2b. scripts/bench_cusolver_eigh.py: cuSOLVER's batched eigensolver (what newer torch calls for a pass)
-#      and syevd in H's own memory, through ctypes, against eigvalsh — its own step, as a foreign call could crash;
-#   2c. scripts/bench_label.py: a full-spectrum point with its honest label, one eigh with eigenvectors
-#      against the old eigvalsh + critical_report;
-#   3. scripts/bench_refine.py on the GPU (Newton-MR on dense products against HVPs: refine.operator=auto's bound);
-#   4. with ESTIMATE=1: scripts/bench_estimate.py --parts gpu (the HVP-only estimator at N = 10⁵ and 10⁶).
-# The row-loop baseline is skipped where its estimate exceeds 40 s (the estimate for N ≈ 29k is near
-# that line: one H100 run skipped it, another took 55.6 s): the 29k target is an absolute time, and the
-# ratio targets are at N ≈ 19k.
-# Pure-Python wheels the machine lacks (hydra-core, omegaconf, antlr4) may be carried in .whl/.
-# Output goes to $OUT (default ./gpu_out): env.txt, gpu_tests.txt, bench_gpu.txt, bench_cusolver_eigh.txt,
-# bench_label_gpu.txt, bench_refine_gpu.txt, bench_estimate_gpu.txt.
-#   bash scripts/gpu_checks.sh
+# Every GPU check of issue 20 in one command, for a fresh GPU machine with torch + CUDA and no internet,
+# within about 8 minutes (BUDGET_S, default 455 s, after the installs of about 20 s; each step has its own timeout,
+# cut to what is left, and a step is skipped with a line once the budget is spent). Fails soft: a failing
+# step is reported and the next one still runs; the exit code is 1 if any step failed.
+#   0. installs .whl/ (scripts/gpu_wheels.sh builds it: Ray 2.60 without its jars, jsonschema, referencing,
+#      jsonschema-specifications, rpds-py, hydra-core, omegaconf, antlr4) into a temp --target unless Ray,
+#      Hydra and jsonschema are importable already, and minratio itself from this tree (non-editable, so
+#      that the CLI and the Hydra configs, package pipeline.conf, are there as a user's install has them);
+#   1. the GPU tests through Ray: tests/test_cluster.py's fractional-GPU sweep and tests/test_gpu_sweep.py
+#      (the default sweep with hessian.num_gpus=0.25 via the CLI: points on cuda, counts = the CPU's);
+#   2. every other GPU test (CUDA against CPU: Hessian build, eigh, LDLᵀ inertia with cuSOLVER's pivots and
+#      the blocked LDLᵀ, multi-point path, Newton-MR, estimator, the pipeline's Hessian job, models);
+#   3. scripts/bench_counts_inplace.py: exact counts at N ≈ 29k and 100k in H's own memory (closed-form
+#      build + blocked LDLᵀ), peak memory, counts checked by a second factorisation order; 100k needs the
+#      H200's memory — on a smaller GPU the largest N that fits runs in its place;
+#   4. scripts/bench_sweep_gpu.py: +experiment=lecture_digits for about 3 minutes with the Hessian and
+#      refinement tasks on 0.25 GPU each: runs/min, checkpoints/min, nvidia-smi utilisation;
+#   5. the generic-module Hessian next to the closed-form MLP at N ≈ 19k (scripts/bench_hessian.py
+#      $GENERIC_ARGS), once bench_hessian.py has generic-module rows;
+#   6. the older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine; about 6 minutes)
+#      and 7. bench_estimate --parts gpu (about 3 minutes): only when PARTS names them.
+# PARTS (default "tests inplace sweep generic") picks the steps: e.g. PARTS="more" in a second call, or
+# PARTS="inplace" alone.
+# Without CUDA every GPU part says it is skipped, on a line of its own, and the script exits 0.
+# Output goes to $OUT (default ./gpu_out), at most 8 files as the device tool returns: summary.txt,
+# gpu_tests.txt, bench_inplace.txt, bench_sweep_gpu.txt, nvidia_smi.csv, bench_generic.txt, bench_more.txt.
+#   bash scripts/gpu_checks.sh          # docs/gpu.md: how to run it on the device machine
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl >"$OUT/env.txt" 2>&1 && export PYTHONPATH="/tmp/site"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore  # commands run as root there
+BUDGET_S=${BUDGET_S:-455}
+PARTS=" ${PARTS:-tests inplace sweep generic} "
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
 status=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+want() { [[ "$PARTS" == *" $1 "* ]]; }
+
+# step NAME TIMEOUT LOG CMD...: CMD with its own timeout (at most what is left of BUDGET_S), its output to the
+# terminal and appended to LOG; one line in the summary with its exit code, time and last line of output.
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local left=$((BUDGET_S - (SECONDS - T0)))
+  if [ "$left" -lt 20 ]; then
+    note "SKIP  $name: the budget of ${BUDGET_S}s is spent"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local t=$SECONDS
+  echo "== $name ($(date -u +%FT%TZ), timeout ${limit}s): $*" >>"$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]} last
+  last=$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-160)
+  if [ "$rc" -eq 0 ]; then
+    note "ok    $name ($((SECONDS - t))s): $last"
+  else
+    [ "$rc" -eq 124 ] && last="timed out after ${limit}s; $last"
+    note "FAIL  $name: exit $rc ($((SECONDS - t))s): $last"
+    status=1
+  fi
+}
+
+# 0. Installs.
+SITE=$(mktemp -d /tmp/minratio-site.XXXXXX)
+trap 'rm -rf "$SITE"' EXIT
+pip_target() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$@"; }
+if python3 -c "import ray, hydra, omegaconf, jsonschema" 2>/dev/null; then
+  note "wheels: ray, hydra, omegaconf and jsonschema are importable already: .whl/ not installed"
+elif ls .whl/*.whl >/dev/null 2>&1; then
+  if pip_target "$SITE/deps" .whl/*.whl >>"$SUMMARY" 2>&1; then
+    note "wheels: installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE/deps"
+  else
+    note "FAIL  wheels: pip could not install .whl/ (above); the Ray and sweep steps will fail"
+    status=1
+  fi
+else
+  note "FAIL  wheels: Ray is not importable and there is no .whl/: run scripts/gpu_wheels.sh and carry .whl"
+  status=1
+fi
+# --no-build-isolation: the machine's own setuptools builds it (no index to fetch a build backend from).
+if pip_target "$SITE/minratio" --no-build-isolation . >>"$SUMMARY" 2>&1; then
+  export PYTHONPATH="$SITE/minratio:$SITE/deps" PATH="$SITE/minratio/bin:$PATH"
+  note "minratio: installed from this tree into $SITE/minratio"
+else
+  export PYTHONPATH="$PWD:$SITE/deps"
+  note "FAIL  minratio: could not install this tree (above); on PYTHONPATH instead (the CLI's configs may be missing)"
+  status=1
+fi
+T0=$SECONDS
+
 {
   date -u
-  nvidia-smi -L 2>&1 || true
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  python3 -c "import hydra, omegaconf; print('hydra', hydra.__version__)" 2>&1
-} 2>&1 | tee -a "$OUT/env.txt"
+  git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git here)"
+  if command -v nvidia-smi >/dev/null; then nvidia-smi -L; else echo "nvidia-smi: not found"; fi
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+              torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+  # from outside the tree, as the CLI runs in tests/test_gpu_sweep.py: the installed package and its configs
+  (cd /tmp && python3 -c "import ray, hydra, pipeline.conf; print('ray', ray.__version__, 'hydra', hydra.__version__,
+              'pipeline and its configs from', pipeline.conf.__file__)" 2>&1 | tail -1)
+  echo "cpus $(nproc)"
+} 2>&1 | tee -a "$SUMMARY"
+cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+[ "$cuda" = 1 ] || note "no CUDA: the GPU tests will report themselves skipped; the benchmarks say so and exit 0"
 
-tests=(tests/test_hessian.py tests/test_inertia.py tests/test_refine.py tests/test_estimate.py
-       tests/test_gpu_pipeline.py tests/test_mlp_hessian.py tests/test_block_ldl.py)
-[ -f tests/test_models.py ] && tests+=(tests/test_models.py)
-python3 -c "import ray" 2>/dev/null && tests+=(tests/test_cluster.py)
-timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.txt"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "gpu tests: exit $rc" | tee -a "$OUT/gpu_tests.txt"; status=1; }
+# 1-2. Tests (they skip themselves without CUDA).
+PYTEST=(python3 -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors)
+if want tests; then
+  step "GPU tests through Ray" 150 "$OUT/gpu_tests.txt" "${PYTEST[@]}" tests/test_cluster.py tests/test_gpu_sweep.py
+  # every other file with a test marked gpu (test_e2e.py and test_tables.py need duckdb, which is not there)
+  mapfile -t tests < <(grep -l "mark.gpu" tests/test_*.py | grep -v -e test_cluster.py -e test_gpu_sweep.py)
+  step "GPU tests" 120 "$OUT/gpu_tests.txt" "${PYTEST[@]}" "${tests[@]}"
+fi
 
-timeout 400 python3 scripts/bench_hessian.py --device cuda --max-baseline-s 40 2>&1 | tee "$OUT/bench_gpu.txt"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_hessian: exit $rc" | tee -a "$OUT/bench_gpu.txt"; status=1; }
+# 3-4. Benchmarks of issue 20 (each prints one line and exits 0 without CUDA).
+if want inplace; then
+  step "exact counts in H's memory, N ≈ 29k and 100k" 180 "$OUT/bench_inplace.txt" \
+    python3 scripts/bench_counts_inplace.py --sizes 29124,100000 --fit-largest
+fi
+if want sweep; then
+  sweep_s=$((BUDGET_S - (SECONDS - T0) - 40))  # its two sweeps, sized to end before the step's timeout
+  [ "$sweep_s" -gt 170 ] && sweep_s=170
+  step "lecture_digits sweep throughput" 210 "$OUT/bench_sweep_gpu.txt" \
+    python3 scripts/bench_sweep_gpu.py --seconds "$sweep_s" --smi-log "$OUT/nvidia_smi.csv"
+fi
 
-timeout 120 python3 scripts/bench_cusolver_eigh.py 2>&1 | tee "$OUT/bench_cusolver_eigh.txt"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_cusolver_eigh: exit $rc" | tee -a "$OUT/bench_cusolver_eigh.txt"; status=1; }
+# 5. The generic-module Hessian (issue 15's rows in bench_hessian.py).
+if ! want generic; then
+  :
+elif [ "$cuda" != 1 ]; then
+  note "SKIP  generic-module Hessian at N ≈ 19k: no CUDA"
+elif grep -qi generic scripts/bench_hessian.py; then
+  read -r -a generic <<<"${GENERIC_ARGS:---device cuda --sizes 19204 --checkpoints 2 --max-baseline-s 1}"
+  step "generic-module Hessian at N ≈ 19k" 90 "$OUT/bench_generic.txt" python3 scripts/bench_hessian.py "${generic[@]}"
+else
+  note "SKIP  generic-module Hessian: scripts/bench_hessian.py has no generic-module rows yet"
+fi
 
-timeout 60 python3 scripts/bench_label.py --device cuda 2>&1 | tee "$OUT/bench_label_gpu.txt"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_label: exit $rc" | tee -a "$OUT/bench_label_gpu.txt"; status=1; }
-
-timeout 75 python3 scripts/bench_refine.py --mode operators --device cuda 2>&1 | tee "$OUT/bench_refine_gpu.txt"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_refine: exit $rc" | tee -a "$OUT/bench_refine_gpu.txt"; status=1; }
-
-[ "${ESTIMATE:-0}" = 1 ] || exit $status
-timeout 200 python3 scripts/bench_estimate.py --device cuda --parts gpu --gpu-budget 150 2>&1 \
-  | tee "$OUT/bench_estimate_gpu.txt"
-rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || { echo "bench_estimate: exit $rc" | tee -a "$OUT/bench_estimate_gpu.txt"; status=1; }
+# 6-7. The older benchmarks, when PARTS names them.
+if want more || want estimate; then
+  if [ "$cuda" != 1 ]; then
+    note "SKIP  older benchmarks: no CUDA"
+  else
+    if want more; then
+      step "bench_hessian" 400 "$OUT/bench_more.txt" python3 scripts/bench_hessian.py --device cuda --max-baseline-s 40
+      step "bench_cusolver_eigh" 120 "$OUT/bench_more.txt" python3 scripts/bench_cusolver_eigh.py
+      step "bench_label" 60 "$OUT/bench_more.txt" python3 scripts/bench_label.py --device cuda
+      step "bench_refine" 75 "$OUT/bench_more.txt" python3 scripts/bench_refine.py --mode operators --device cuda
+    fi
+    if want estimate; then
+      step "bench_estimate" 200 "$OUT/bench_more.txt" \
+        python3 scripts/bench_estimate.py --device cuda --parts gpu --gpu-budget 150
+    fi
+  fi
+else
+  note "SKIP  older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine, bench_estimate): PARTS=\"more estimate\" runs them"
+fi
+note "gpu_checks: exit $status after $((SECONDS - T0))s of steps (budget ${BUDGET_S}s); logs in $OUT"
 exit $status

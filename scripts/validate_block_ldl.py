@@ -20,7 +20,7 @@ import torch
 from pipeline import block_ldl, inertia
 from pipeline import hessian as hs
 from pipeline.models import MLP
-from pipeline.train import MeanLoss
+from pipeline.problem import MeanLoss
 
 F64 = torch.float64
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from pipeline import estimate, jobs
 from pipeline.analysis import load, open_results
-from pipeline.train import make_problem
+from pipeline.problem import make_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_estimate import slq_share_above  # noqa: E402  (the benchmark's own SLQ, written from its description)

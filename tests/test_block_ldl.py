@@ -10,7 +10,7 @@ import torch
 from pipeline import block_ldl, inertia, spectrum
 from pipeline import hessian as hs
 from pipeline.models import MLP
-from pipeline.train import MeanLoss
+from pipeline.problem import MeanLoss
 from test_inertia import TOL, _planted, _rotate, _tolerant, _truth, _zero_diagonal, cuda
 
 F64 = torch.float64

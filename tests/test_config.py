@@ -1,15 +1,20 @@
 """Config stage: every group composes; bad values stop the program before any run, naming the field."""
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
+from typing import Optional
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_config
-from pipeline.config import ConfigError, seeds_of, validate
+from pipeline.config import Config, ConfigError, seeds_of, validate
 from pipeline.plan import expand, run_id
 
 GROUP_OPTIONS = [
@@ -17,6 +22,7 @@ GROUP_OPTIONS = [
     ("model", "wide_mlp"), ("optim", "gd"),
     ("optim", "sgd"), ("optim", "adam"), ("stall", "default"), ("hessian", "exact"), ("sweep", "default"),
     ("ray", "local"), ("ray", "cluster"), ("refine", "none"), ("refine", "newton_mr"), ("refine", "gnm"),
+    ("refine", "newton_eig"),
 ]
 
 
@@ -56,13 +62,46 @@ BAD = [
     ("sweep.name=..", "sweep.name"),
     ("sweep.name=.", "sweep.name"),
     ("ray.num_cpus=-1", "ray.num_cpus"),
+    ("+sweep.grid={optim.lr:[0.1,inf]}", "optim.lr=inf"),  # a grid point's float is checked like the config's
+    ("plot.hue=model.widht", "plot.hue"),
+    ("plot.hue=model", "plot.hue"),  # a section, not a setting
 ]
+
+
+def test_a_gap_tolerance_with_inertia_is_accepted():
+    """inertia finds the gap from zero counts (one rule across sizes); only the estimator cannot."""
+    validate(compose_config(["hessian.method=inertia", "hessian.tol_mode=gap", "plot.hue=model.width"],
+                            shrink=False))
 
 
 @pytest.mark.parametrize("override,field", BAD)
 def test_bad_values_are_rejected_with_the_field_named(override, field):
     cfg = compose_config(override.split(" "), shrink=False)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(cfg)
+
+
+def _schema_float_fields() -> list[str]:
+    """``section.key`` of every float field of the typed schema, read from the dataclasses themselves."""
+    return [f"{section}.{name}" for section, schema in typing.get_type_hints(Config).items()
+            if dataclasses.is_dataclass(schema)
+            for name, kind in typing.get_type_hints(schema).items() if kind in (float, Optional[float])]
+
+
+FLOAT_FIELDS = _schema_float_fields()
+
+
+def test_the_schema_has_the_float_fields_the_finite_check_covers():
+    assert {"optim.lr", "data.noise", "stall.cosine_tol", "hessian.rel_tol", "refine.rcond",
+            "ray.state_every_s"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+def test_every_float_setting_refuses_inf_and_nan_naming_the_key(key, value):
+    cfg = compose_config([f"{key}={value}"], shrink=False)
+    assert repr(OmegaConf.select(cfg, key)) == value  # Hydra read the override as that float
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={value} is not allowed: expected a finite number")):
         validate(cfg)
 
 

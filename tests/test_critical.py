@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch.func import grad
 
-from pipeline import critical, refine, stall
-from pipeline.critical import (critical_label, critical_report, escape_check, gradient_cosine, gradient_shares,
-                               power_lambda_max, stall_tag)
+from pipeline import critical, refine, rows, stall
+from pipeline.critical import critical_label, critical_report, escape_check, gradient_shares
 from pipeline.hessian import hessian
 from pipeline.models import MLP, loss_value
-from pipeline.train import make_problem, train
+from pipeline.problem import make_problem
+from pipeline.stall import gradient_cosine, power_lambda_max, stall_tag
+from pipeline.train import train
 
 F64 = torch.float64
 
@@ -143,7 +144,7 @@ def test_escape_check_goes_down_from_a_saddle_as_predicted(point, lam_min):
     # Second order: L(θ ± εv) − L(θ) = ½ε²λmin + O(ε³) at a critical point.
     assert esc.delta[0] / esc.predicted[0] == pytest.approx(1.0, abs=1e-2)
     assert esc.grad_dot_v == 0.0
-    row = report.row()
+    row = rows.critical_columns(report)
     assert row["escape_drops"] is True and row["critical_label"] == "saddle"
     assert row["escape_delta"] == min(esc.delta)
 
@@ -200,7 +201,7 @@ def test_gradient_descent_with_a_small_step_stalls_at_a_small_gradient():
     tag, _ = _tag_at_stall(f, torch.ones(3, dtype=F64), 0.5, window=100, threshold=1e-6)
     assert tag.tag == "small_gradient"
     assert tag.grad_ratio < 1e-2 and tag.cosine > 0 and tag.sharpness == pytest.approx(0.25, rel=1e-6)
-    row = tag.row()
+    row = rows.stall_tag_columns(tag)
     assert row["stall_tag"] == "small_gradient" and row["stall_grad_ratio"] == tag.grad_ratio
 
 
@@ -246,7 +247,7 @@ def test_real_training_at_the_edge_of_stability_is_tagged_oscillating(make_cfg):
                     cfg.optim.lr)
     assert tag.tag == "oscillating" and tag.cosine < -0.99
     # The same tag from the checkpoint alone (what a Hessian or refine task has at hand).
-    again = critical.stall_tag_at(f, ck.theta, float(g(theta0).norm()), cfg.optim.lr, power_iters=2000)
+    again = stall.stall_tag_at(f, ck.theta, float(g(theta0).norm()), cfg.optim.lr, power_iters=2000)
     assert again.tag == "oscillating" and again.cosine == pytest.approx(tag.cosine, abs=1e-12)
 
 
@@ -277,7 +278,7 @@ def test_report_at_a_non_critical_point_is_not_critical():
     theta = torch.tensor([0.05, 1.0, 0.0, 1.0], dtype=F64)  # near the PC2 saddle, gradient clearly non-zero
     report = critical_report(ae_loss, theta)
     assert report.grad_norm2 > 1e-6 and report.label == "not_critical"
-    row = report.row()
+    row = rows.critical_columns(report)
     assert set(row) >= {"critical_label", "grad_norm2", "grad_share_neg", "grad_share_zero", "grad_share_pos",
                         "flat_residual", "flat_cokernel", "grad_curvature", "escape_drops", "escape_delta", "escape_predicted"}
     assert row["grad_share_neg"] + row["grad_share_zero"] + row["grad_share_pos"] == pytest.approx(1.0)
@@ -298,8 +299,9 @@ def test_report_from_the_pipelines_decomposition_equals_the_dense_report(where):
     else:
         f, theta = ae_loss, torch.tensor([0.0, 0.0, 0.0, 0.0] if where == "ae_saddle" else [0.05, 1, 0, 1], dtype=F64)
     res = spectrum_at(f, theta, method="eigh", vectors=True)
-    got = critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs, res.v_min, tol=res.tol).row()
-    want = critical_report(f, theta, tol=res.tol).row()
+    got = rows.critical_columns(critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs, res.v_min,
+                                                            tol=res.tol))
+    want = rows.critical_columns(critical_report(f, theta, tol=res.tol))
     assert got.keys() == want.keys()
     for key, value in want.items():
         if isinstance(value, float):

@@ -1,6 +1,7 @@
 """End to end: the real default config, shrunk, on a real local Ray; real Parquet read back three ways."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -108,6 +109,21 @@ def test_rerun_skips_finished_work_and_changes_nothing(sweep_result, ray_session
         pd.testing.assert_frame_equal(before[name], after)
 
 
+def test_the_readme_reads_the_tables_with_pandas_duckdb_and_polars(sweep_result, capsys):
+    """The README's result-reading blocks run as written, on a real sweep's folder."""
+    import re
+    from pathlib import Path
+
+    _, folder, _ = sweep_result
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert sum("results/default" in b for b in blocks) == 3
+    for block in blocks:
+        exec(block.replace("results/default", str(folder)), {})
+    out = capsys.readouterr().out
+    assert out.count("min_ratio") >= 3 and "label" in out
+
+
 def test_analysis_command_writes_figures(sweep_result):
     _, folder, _ = sweep_result
     res = subprocess.run([sys.executable, "-m", "pipeline.analysis", str(folder)], capture_output=True, text=True,
@@ -140,26 +156,33 @@ def test_estimate_method_end_to_end(make_cfg, ray_session):
     assert points["n_pos_naive"].isna().all()
 
 
-def test_failed_points_make_the_command_fail_and_say_where(make_cfg, ray_session, capsys):
+def test_failed_points_make_the_command_fail_and_say_where(make_cfg, ray_session, caplog):
     """A tolerance the estimator cannot resolve (rel_tol 1e-6) fails every point with its reason; the
     command exits 1 and says where the errors are, though every run trained; the summary and the loss
     curves are still drawn."""
     from pipeline import cli
 
+    def logged():
+        info = "\n".join(r.getMessage() for r in caplog.records if r.levelno < logging.WARNING)
+        warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        caplog.clear()
+        return info, warned
+
+    caplog.set_level(logging.INFO, logger="minratio")
     cfg = make_cfg(["sweep.name=unresolved", "sweep.seeds=1", "hessian.method=estimate", "hessian.tol_mode=rel",
                     "hessian.estimate_probes=4", "figures=true"])
     assert cli.run(cfg) == 1
-    out, err = capsys.readouterr()
+    out, err = logged()
     assert "checkpoints analysed: 0  failed:" in out and "loss_curves.png" in out
     assert "0 failed run(s)" in err and "failed point(s)" in err and "unresolved/runs and /points" in err
     points = pd.read_parquet(f"{cfg.results_root}/unresolved/points")
     assert (points["status"] == "failed").all() and points["error"].str.contains("cannot be resolved").all()
-    # Another plan under the same sweep.name that goes well exits 0: those failures are not its own.
+    # Another plan added to the same sweep (sweep.extend) that goes well exits 0: those failures are not its own.
     other = make_cfg(["sweep.name=unresolved", "sweep.seeds=[1]", "hessian.method=estimate", "hessian.tol_mode=rel",
-                      "hessian.rel_tol=1e-2", "hessian.estimate_probes=4", "figures=false"])
+                      "hessian.rel_tol=1e-2", "hessian.estimate_probes=4", "figures=false", "sweep.extend=true"])
     assert cli.run(other) == 0
-    out, err = capsys.readouterr()
-    assert f"also holds {len(points)} failed row(s) of runs this command did not plan" in out
+    out, err = logged()
+    assert f"also holds {len(points)} failed row(s) of runs this command did not plan" in err
     assert "failed point(s)" not in err
 
 
@@ -259,6 +282,7 @@ def test_a_point_that_cannot_be_analysed_fails_alone(make_cfg):
     buf = io.BytesIO()
     torch.save(meta, buf)
     store.write_bytes(refs[0].path, buf.getvalue())
+    store.delete(jobs.record_path(refs[0].path))  # as if training had written it so (else: a damaged file)
     assert jobs.hessian_job(store.uri, "nan", refs) == 1  # what the sweep's progress counts as failed
     points = tables.read(store, "nan", "points").to_pandas().set_index("step")
     bad = points.loc[refs[0].step]

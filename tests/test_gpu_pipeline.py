@@ -76,7 +76,7 @@ def test_inertia_and_estimate_jobs_on_cuda_hold_the_exact_counts(tmp_path):
 def test_cnn_hessians_on_cuda_match_cpu():
     """The digits CNN (conv2d under vmapped HVPs, one point and several at once) on CUDA = CPU."""
     from pipeline import hessian as hs
-    from pipeline.train import make_problem
+    from pipeline.problem import make_problem
 
     cfg = compose_config(["model=cnn", "data.side=4", "data.n_samples=128"])  # 838 parameters
     problem = make_problem(cfg, 0)

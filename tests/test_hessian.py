@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import hessian as hs
+from pipeline import hessian as hs, hessian_build
 from pipeline.data import Dataset
 from pipeline.models import MLP
-from pipeline.train import Problem
+from pipeline.problem import Problem
 
 F64 = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -275,8 +275,8 @@ def test_the_small_workspace_fallback_keeps_an_automatic_chunk(monkeypatch):
     once became 1, one column per vmapped call."""
     model, n, loss, wd = CASES[0]
     prob = _problem(model, n, loss, wd)
-    used, fill = [], hs._fill
-    monkeypatch.setattr(hs, "_fill", lambda H, rows_for, weight, first, chunk:
+    used, fill = [], hessian_build._fill
+    monkeypatch.setattr(hessian_build, "_fill", lambda H, rows_for, weight, first, chunk:
                         used.append(chunk) or fill(H, rows_for, weight, first, chunk))
     thetas = torch.stack([model.init(s) for s in range(2)])
     _, fallback = hs.spectra_at_many(_loss_for(prob, [], 2), thetas, method="eigh", hvp="rev", chunk_size=0)

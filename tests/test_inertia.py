@@ -145,7 +145,7 @@ def test_counts_factor_in_the_matrix_own_memory():
     # (the peak is a high-water mark) — measured this way the copying inertia() takes +1.03×H.
     setup = (
         "from pipeline import inertia\n"
-        "from pipeline.hessian import symmetrize_\n"
+        "from pipeline.symmetric import symmetrize_\n"
         f"A = symmetrize_(torch.randn({n}, {n}, dtype=torch.float64))\n"
         "inertia.counts(A[:64, :64].clone(), 1e-3)\n"  # load LAPACK's code before measuring
     )

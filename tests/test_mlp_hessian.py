@@ -13,7 +13,7 @@ from pipeline import hessian as hs
 from pipeline.data import Dataset
 from pipeline.mlp_hessian import _bytes_per_sample, mlp_hessian
 from pipeline.models import ACTIVATIONS, CNN, MLP
-from pipeline.train import MeanLoss, Problem
+from pipeline.problem import MeanLoss, Problem
 
 F64 = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, validate
 from pipeline.hessian import hessian, hessians
 from pipeline.models import CNN, MLP, loss_value, make_model
 from pipeline.plan import expand
-from pipeline.train import make_problem
+from pipeline.problem import make_problem
 
 F64 = torch.float64
 NN_ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "swish": nn.SiLU, "relu": nn.ReLU,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from pipeline import refine
+from pipeline import refine, rows
 from pipeline.config import ConfigError, validate
 from pipeline.critical import critical_label
 from pipeline.hessian import spectrum_at
@@ -77,10 +77,10 @@ def test_a_planted_gradient_flat_point_is_reported_as_such():
 def test_refine_method_newton_eig_from_the_real_config():
     cfg = compose_config(["refine=newton_eig"], shrink=False)
     validate(cfg)
-    opts = refine.options_for("newton_eig", {"rel_tol": 1e-7, **cfg.refine})
+    opts = refine.options_for("newton_eig", cfg.refine, {**cfg.hessian, "rel_tol": 1e-7})
     assert opts["max_iters"] == 200 and opts["rel_tol"] == 1e-7 and opts["continuation"] is True
     assert "inner_rtol" not in opts and "num_cpus" not in opts
     res = refine.refine("newton_eig", ae_loss, _start(POINTS[2][1]), **opts)
-    assert res.method == "newton_eig" and res.converged and res.row()["refine_stopped_because"] == "converged"
+    assert res.method == "newton_eig" and res.converged and rows.refine_columns(res)["refine_stopped_because"] == "converged"
     with pytest.raises(ConfigError, match="refine.progress"):
         validate(compose_config(["refine=newton_eig", "refine.progress=1.0"], shrink=False))

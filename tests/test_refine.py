@@ -15,7 +15,7 @@ from pipeline.critical import critical_label, critical_report
 from pipeline.data import autoencoder
 from pipeline.hessian import spectrum_at
 from pipeline.models import MLP, loss_value
-from pipeline.train import MeanLoss
+from pipeline.problem import MeanLoss
 
 F64 = torch.float64
 # XᵀX/4 = diag(3, 1) exactly in binary: the sample second moment is Σ with no rounding at all.
@@ -226,6 +226,27 @@ def test_refine_dispatches_by_name():
     assert refine.options_for("newton_mr", section) == {"gtol2": 1e-12, "max_iters": 7, "forcing": 0.01,
                                                         "operator": "dense"}
     assert refine.options_for("gnm", section) == {"gtol2": 1e-12, "max_iters": 7}
+
+
+def test_each_finders_settings_are_its_keyword_arguments_and_config_fields():
+    import dataclasses
+    import inspect
+
+    from pipeline.config import HessianConfig, RefineConfig
+    from pipeline.newton_eig import newton_eig
+
+    fields = {f.name for f in dataclasses.fields(RefineConfig)}
+    counts = {f.name for f in dataclasses.fields(HessianConfig)}
+    for method, finder in (("newton_mr", refine.newton_mr), ("gnm", refine.gnm), ("newton_eig", newton_eig)):
+        params = inspect.signature(finder).parameters
+        keyword = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert set(refine.SETTINGS[method]) <= keyword & fields
+        assert keyword & fields <= set(refine.SETTINGS[method]), "a config setting the finder takes is not passed"
+        assert set(refine.COUNT_SETTINGS[method]) <= keyword & counts
+        assert keyword & (counts - fields) <= set(refine.COUNT_SETTINGS[method]), "a hessian setting is not passed"
+    options = refine.options_for("newton_eig", {"method": "newton_eig", "max_iters": 9, "forcing": 0.1},
+                                 {"rel_tol": 1e-7, "tol_mode": "gap", "method": "eigh"})
+    assert options == {"rel_tol": 1e-7, "tol_mode": "gap", "max_iters": 9}
 
 
 @pytest.mark.parametrize("experiment, data_name", [("lecture_digits", "digits"), ("pennington_bahri", "gaussian"),

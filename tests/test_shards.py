@@ -10,7 +10,7 @@ from pipeline.config import ConfigError, validate
 from pipeline.estimate import hvp_matvec
 from pipeline.shards import sharded_hvp
 from pipeline.sweep import run_sweep
-from pipeline.train import make_problem
+from pipeline.problem import make_problem
 
 SMALL = ["data.n_samples=50", "model.width=6", "optim.weight_decay=1e-3"]  # 50 rows; L2 counted once
 

@@ -1,0 +1,78 @@
+"""One sweep name, one experiment: a sweep folder records the config that defines its runs, and a command
+whose config differs is refused before any work unless it says sweep.extend=true."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import identity
+from pipeline.config import ConfigError
+from pipeline.storage import Store
+
+TINY = ["sweep.seeds=1", "optim.max_steps=300", "figures=false"]
+
+
+def test_identity_ignores_seeds_resources_and_grid_values(make_cfg):
+    base = identity.of_config(make_cfg(TINY))
+    same = identity.of_config(make_cfg(TINY + ["sweep.seeds=5", "hessian.num_gpus=0.5", "ray.num_cpus=1",
+                                               "sweep.progress=none", "hessian.batch_checkpoints=2"]))
+    assert identity.differences(base, same) == {}
+    grid = identity.of_config(make_cfg(TINY + ["+sweep.grid={model.width:[4,16]}"]))
+    assert grid.varied == ("model.width",) and identity.differences(base, grid) == {}
+    assert identity.differences(base, identity.of_config(make_cfg(TINY + ["optim.lr=0.5"]))) == {}  # 0.5 is the default
+    other = identity.of_config(make_cfg(TINY + ["optim.lr=0.25", "refine=newton_mr"]))
+    assert set(identity.differences(base, other)) == {"optim.lr", "refine.method"}
+
+
+def test_a_changed_config_is_refused_before_any_work_and_accepted_with_extend(make_cfg, ray_session):
+    from pipeline.sweep import run_sweep
+
+    cfg = make_cfg(TINY + ["sweep.name=exp"])
+    run_sweep(cfg)
+    store, folder = Store.open(cfg.results_root), Path(cfg.results_root) / "exp"
+    recorded = json.loads((folder / "sweep.json").read_text())
+    assert recorded["fixed"]["model.width"] == "8" and recorded["varied"] == []
+    runs_files = sorted((folder / "runs").iterdir())
+
+    wider = make_cfg(TINY + ["sweep.name=exp", "model.width=4", "optim.lr=0.25"])
+    with pytest.raises(ConfigError) as err:
+        run_sweep(wider)
+    msg = str(err.value)
+    assert "sweep.name='exp' already holds runs of another config (2 setting(s) differ" in msg
+    assert "model.width=4 here, 8 there" in msg and "optim.lr=0.25 here, 0.5 there" in msg
+    assert "sweep.name=exp-" in msg and "sweep.extend=true" in msg
+    assert sorted((folder / "runs").iterdir()) == runs_files  # nothing ran, nothing was written
+    assert identity.read(store, "exp").varied == ()
+
+    summary = run_sweep(make_cfg(TINY + ["sweep.name=exp", "model.width=4", "optim.lr=0.25", "sweep.extend=true"]))
+    assert summary.runs_total == 1 and summary.runs_skipped == 0
+    assert sorted(pd.read_parquet(folder / "runs")["model_width"]) == [4, 8]
+    assert identity.read(store, "exp").varied == ("model.width", "optim.lr")
+    # Both experiments now belong to the sweep: each resumes without extend, a third one is still refused.
+    assert run_sweep(make_cfg(TINY + ["sweep.name=exp"])).runs_skipped == 1
+    with pytest.raises(ConfigError, match=r"model\.depth=2 here, 1 there"):
+        run_sweep(make_cfg(TINY + ["sweep.name=exp", "model.depth=2"]))
+
+
+@pytest.mark.slow
+def test_multirun_jobs_get_a_sweep_each_and_the_log_file_holds_the_summary(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pipeline", "-m", "model.width=4,8", *TINY, "sweep.progress=plain",
+                          f"results_root={tmp_path}/results", f"hydra.sweep.dir={tmp_path}/multirun"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # Every override but seeds and resources names the sweep: optim.max_steps too.
+    names = [f"default,model.width-{w},optim.max_steps-300" for w in (4, 8)]
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == names
+    for job, width in ((0, 4), (1, 8)):
+        runs = pd.read_parquet(tmp_path / "results" / names[job] / "runs")
+        assert list(runs["model_width"]) == [width]
+        (log_file,) = (tmp_path / "multirun" / str(job)).glob("*.log")
+        logged = log_file.read_text()
+        assert f"sweep '{names[job]}': 1 runs in this command" in logged
+        assert "min ratio min/median/max" in logged and "all runs" in logged and "tables: " in logged
+    assert "Token authentication is enabled" not in res.stdout + res.stderr
