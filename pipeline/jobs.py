@@ -422,7 +422,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         subset = params.select(problem.model.segments(), h.get("params"))
         if subset is not None:  # refine over the subset too, the rest held at the checkpoint's values
             f, start = params.SubsetLoss(f, start, subset), subset.take(start)
-        found = refine.refine(r["method"], f, start, **refine.options_for(r["method"], r))
+        found = refine.refine(r["method"], f, start, **refine.options_for(r["method"], r, h))
         full = found.theta if subset is None else subset.put(f.base, found.theta)
         buf = io.BytesIO()
         torch.save({"theta": full.cpu(), "step": ref.step, "start": ref.path, **rows.refine_columns(found)}, buf)
