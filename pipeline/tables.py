@@ -25,7 +25,7 @@ from pipeline.storage import Store
 
 # Bump the version whenever a column is added or a column's definition changes; files of an older version
 # read with nulls in the columns they lack (see `read`). Each version's changes: docs/performance.md.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
@@ -64,6 +64,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("wall_seconds", pa.float64()),
         pa.field("node", pa.string()),  # host name of the worker that trained the run
         pa.field("node_id", pa.string()),  # Ray node id of that worker
+        pa.field("device", pa.string()),  # where the run trained: cpu, cuda:0 (ray.train_num_gpus)
         pa.field("resumed_from_step", pa.int64()),  # a retried task went on from its saved state here
         pa.field("error", pa.string()),
         pa.field("overrides", pa.string()),  # the grid point of this run, JSON
