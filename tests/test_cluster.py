@@ -117,12 +117,13 @@ def shared_gpu_child(root: str, out: str) -> None:
     from conftest import compose_config
     from pipeline.sweep import run_sweep
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # The head has the most CPUs and is the driver's node: a task asking for no GPU would go there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
-        gpu = cluster.add_node(num_cpus=2, num_gpus=1)
+        gpu = cluster.add_node(num_cpus=1, num_gpus=1)
         cluster.wait_for_nodes()
         cfg = compose_config([f"results_root={root}", "sweep.name=shared", f"ray.address={cluster.address}",
-                              *SHARED_GPU, *TINY])
+                              *TINY, *SHARED_GPU])
         summary = run_sweep(cfg)
         Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "points": summary.points}))
     finally:
