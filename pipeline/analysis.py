@@ -40,12 +40,13 @@ KEY = ["run_id", "step", "stage"]
 
 def open_results(folder: str) -> tuple[Store, str]:
     """``<root>/<sweep>`` (path or URI) → the store of ``<root>`` and the sweep name."""
+    folder, sep, query = folder.partition("?")  # a URI's options (endpoint_override=…) belong to the root
     folder = folder.rstrip("/")
     root, sweep = posixpath.split(folder) if "://" in folder else (
         posixpath.dirname(posixpath.abspath(folder)), posixpath.basename(posixpath.abspath(folder)))
-    store = Store.open(root)
+    store = Store.open(root + sep + query)
     if not store.exists(f"{sweep}/runs"):
-        raise FileNotFoundError(f"{folder!r} is not a sweep results folder (no runs/ table inside)")
+        raise FileNotFoundError(f"{store.location(sweep)!r} is not a sweep results folder (no runs/ table inside)")
     return store, sweep
 
 
@@ -89,7 +90,7 @@ def save_figure(fig, store: Store, rel: str) -> str:
     fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     store.write_bytes(rel, buf.getvalue())
-    return store.path(rel)
+    return store.location(rel)
 
 
 def _by_label(ax, df: pd.DataFrame, x: str, y: str, bars: tuple[str, str] | None = None) -> None:

@@ -5,19 +5,82 @@
   writes the figures.
 - ``minratio-analyze <results>/<sweep>`` / ``python -m pipeline.analysis``: figures and summary of a sweep.
 - ``minratio-compact <results>/<sweep>``: merge each table's small files into one.
+- ``minratio-verify <results>/<sweep>``: check a sweep folder (tables readable, keys unique, checkpoints
+  present with their hashes); exit 1 on damage.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
 import sys
+import threading
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, register_configs
+from pipeline.storage import StorageError, join_uri, public_uri
 
 register_configs()
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived while the sweep ran (a BaseException, so no ``except Exception`` on the
+    way up swallows it, as KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler) raise :class:`Interrupted` in the
+    main thread. Without this SIGINT is a raw KeyboardInterrupt traceback, and SIGTERM meets the handler
+    ``ray.init`` installs (``sys.exit``), which ends in Ray's C++ abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def interrupted(cfg: DictConfig, signum: int) -> int:
+    """Stop after :class:`Interrupted`: shut Ray down (a local Ray's workers end; a cluster's tasks of
+    this driver are cancelled), say in one line what is saved and how to resume; return 128 + signum."""
+    import ray
+
+    from pipeline import sweep, tables
+    from pipeline.plan import expand
+    from pipeline.storage import Store
+
+    for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the shutdown short
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+        name = str(cfg.sweep.name)
+        store = Store.open(sweep.resolve_root(cfg))
+        planned = {run.run_id for run in expand(cfg)}
+        runs = len({key[0] for key in tables.done_keys(store, name, "runs")} & planned)
+        points = sum(key[0] in planned for key in tables.done_keys(store, name, "points"))
+        saved = (f"{runs} of {len(planned)} runs and {points} analysed points of sweep {name!r} are saved "
+                 f"under {store.location(name)}")
+    except Exception as err:  # noqa: BLE001 — the line below must come out whatever the tables say
+        saved = f"what finished is saved in the sweep's folder (could not count it: {type(err).__name__})"
+    print(f"minratio: interrupted by {signal.Signals(signum).name}: {saved}; in-flight work was stopped "
+          "and is redone on resume; run the same command again to resume", file=sys.stderr)
+    return 128 + signum
 
 
 log = logging.getLogger("minratio")
@@ -36,18 +99,24 @@ def run(cfg: DictConfig) -> int:
     from pipeline import analysis, sweep
 
     try:
-        summary = sweep.run_sweep(cfg)
+        with stop_on_signals():
+            summary = sweep.run_sweep(cfg)
+    except Interrupted as stop:
+        return interrupted(cfg, stop.signum)
     except ConfigError as err:
         log.error(f"minratio: configuration error: {err}")
         return 2
     except PermissionError as err:
         log.error(f"minratio: {err}")
         return 2
-    folder = f"{summary.root.rstrip('/')}/{summary.sweep}"
+    except StorageError as err:  # a full disk, or the results root failing a write: one line, no traceback
+        log.error(f"minratio: {err}")
+        return 1
+    folder = public_uri(join_uri(summary.root, summary.sweep))  # as shown: no credentials, no query
     log.info(summary_table(summary))
     log.info(f"tables: {folder}/{{runs,points,spectra,curves}}/")
     if cfg.figures:  # also when every point failed: the summary says so, and the loss curves still help
-        store, name = analysis.open_results(folder)
+        store, name = analysis.open_results(join_uri(summary.root, summary.sweep))
         text, figs = analysis.analyze(store, name)
         log.info(text)
         log.info("figures:\n  " + "\n  ".join(figs))
@@ -106,6 +175,8 @@ def sweep_main(cfg: DictConfig) -> None:
     code = run(cfg)
     # Under --multirun a job's failures are reported above and the next job still runs (exiting would
     # end the multirun): main() exits with the worst code once all have run. A single run exits here.
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        sys.exit(code)  # an interrupt ends a --multirun too, not only its current job
     if multirun:
         _MULTIRUN_CODE = max(_MULTIRUN_CODE, code)
     elif code:
@@ -139,3 +210,21 @@ def compact_main() -> None:
         before, rows = tables.compact(store, sweep, name)
         after = len(store.list_files(f"{sweep}/{name}", ".parquet"))
         print(f"{name}: {before} file(s) -> {after}, {rows} rows")
+
+
+def verify_main() -> None:
+    """``minratio-verify``: print :func:`pipeline.verify.verify`'s report; exit 1 on damage, 2 when the
+    folder is not a sweep's."""
+    from pipeline import analysis, verify
+
+    args = analysis.folder_args("Check a minratio sweep folder: every table file readable, every key once, every "
+                       "checkpoint present with the size and SHA-256 recorded when it was written. Exits 1 "
+                       "on damage (each problem names the file and the rows that refer to it), 0 when clean.")
+    try:
+        store, sweep = analysis.open_results(args.folder)
+    except FileNotFoundError as err:
+        print(f"minratio-verify: {err}", file=sys.stderr)
+        sys.exit(2)
+    report = verify.verify(store, sweep)
+    print(report.text())
+    sys.exit(0 if report.clean else 1)

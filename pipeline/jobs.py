@@ -10,8 +10,11 @@ worker or node died, or the whole sweep was restarted) goes on from there instea
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import logging
+import posixpath
 import socket
 import time
 import traceback
@@ -25,9 +28,11 @@ from pipeline import critical, refine, rows, tables
 from pipeline.config import section
 from pipeline.hessian import spectra_at_many, spectrum_at
 from pipeline.plan import Run
-from pipeline.storage import Store
+from pipeline.storage import Store, StorageFull
 from pipeline.problem import make_problem
 from pipeline.train import Checkpoint, Curves, TrainState, train
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,30 +66,116 @@ def problem_group(config: dict, seed: int) -> str:
 
 
 def save_checkpoint(store: Store, sweep: str, run: Run, ck: Checkpoint) -> CheckpointRef:
+    """Write a checkpoint and then its record (:func:`record_path`), so a record always describes a
+    whole file; a crash between the two leaves a checkpoint without a record, checked by loading it."""
     buf = io.BytesIO()
     torch.save({"theta": ck.theta, "step": ck.step, "loss": ck.loss, "grad_norm": ck.grad_norm,
                 "stalled": ck.stalled, "reason": ck.reason, "tag": rows.stall_tag_columns(ck.tag), "run_id": run.run_id,
                 "seed": run.seed}, buf)
     path = checkpoint_path(sweep, run.run_id, ck.step)
-    store.write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    store.write_bytes(path, data)
+    record = {"file": posixpath.basename(path), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+              "step": ck.step, "stalled": bool(ck.stalled)}
+    store.write_bytes(record_path(path), json.dumps(record, sort_keys=True).encode())
     return ref_for(run, ck.step, ck.stalled, path)
+
+
+def record_path(path: str) -> str:
+    """The record written beside checkpoint ``path``: ``step-<step>.pt.json`` holding its ``sha256``,
+    ``bytes``, ``step`` and ``stalled``. One small file per checkpoint, written whole (atomically) once,
+    so it survives a resume and needs no read-modify-write on an object store."""
+    return path + RECORD_SUFFIX
+
+
+RECORD_SUFFIX = ".json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, unreadable, or not the bytes recorded when it was written.
+    The message names the file (as a URI under the results root) and what is wrong, in one line."""
 
 
 def ref_for(run: Run, step: int, stalled: bool, path: str) -> CheckpointRef:
     return CheckpointRef(run, step, "stalled" if stalled else "final", path, problem_group(run.config, run.seed))
 
 
+def read_record(store: Store, path: str) -> dict | None:
+    """The record of checkpoint ``path``, or None where there is none (a sweep written before records
+    existed, or a writer that died between the checkpoint and its record)."""
+    try:
+        return json.loads(store.read_bytes(record_path(path)))
+    except OSError:
+        if not store.exists(record_path(path)):  # object stores do not all raise FileNotFoundError
+            return None
+        raise
+    except (ValueError, KeyError) as err:  # a damaged record: the checkpoint is then checked by loading it
+        log.warning("%s: unreadable checkpoint record (%s); checking the checkpoint by loading it",
+                    store.location(record_path(path)), err)
+        return None
+
+
+def checked_bytes(store: Store, path: str, record: dict | None = None) -> bytes:
+    """The bytes of checkpoint ``path``, checked against its record (read here unless given): raises
+    :class:`CheckpointError` when the file is missing or its size or SHA-256 differ from the record."""
+    where = f"{store.location(path)}"
+    if not store.exists(path):
+        raise CheckpointError(f"checkpoint {where} is missing")
+    data = store.read_bytes(path)
+    record = read_record(store, path) if record is None else record
+    if record is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != record["bytes"] or digest != record["sha256"]:
+            raise CheckpointError(f"checkpoint {where} is damaged: {len(data)} bytes with sha256 {digest[:16]}…, "
+                                  f"recorded {record['bytes']} bytes with sha256 {record['sha256'][:16]}…")
+    return data
+
+
 def load_checkpoint(store: Store, path: str) -> dict:
-    return torch.load(io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=True)
+    """A checkpoint's contents (``theta``, ``step``, ``stalled``, …), verified (:func:`checked_bytes`)
+    and loaded; any fault raises :class:`CheckpointError` naming the file."""
+    data = checked_bytes(store, path)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, pickle errors, EOFError…
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {store.location(path)} is not readable: "
+                              f"{type(err).__name__}: {first}") from None
+
+
+def check_folder(store: Store, folder: str) -> tuple[dict[str, tuple[int, bool]], dict[str, str]]:
+    """Verify every checkpoint under ``folder`` (one run's): ``({path: (step, stalled)} of the good ones,
+    {path: one-line problem} of the others)``.
+
+    A checkpoint with a record is checked against its size and SHA-256; one without (older sweeps) by
+    loading it. A record whose checkpoint is gone is a problem too."""
+    files = store.list_files(folder, ".pt")
+    records = {p[: -len(RECORD_SUFFIX)] for p in store.list_files(folder, ".pt" + RECORD_SUFFIX)}
+    good, problems = {}, {}
+    for path in sorted(set(files) | records):
+        try:
+            record = read_record(store, path)
+            if record is None:
+                meta = load_checkpoint(store, path)
+                good[path] = (int(meta["step"]), bool(meta["stalled"]))
+            else:
+                checked_bytes(store, path, record)
+                good[path] = (int(record["step"]), bool(record["stalled"]))
+        except CheckpointError as err:
+            problems[path] = str(err)
+    return good, problems
+
+
+def scan_checkpoints(store: Store, sweep: str, run: Run) -> tuple[list[CheckpointRef], dict[str, str]]:
+    """The checkpoints a run left under the results root, verified (:func:`check_folder`):
+    ``(refs of the good ones, {path: one-line problem} of the others)``."""
+    good, problems = check_folder(store, f"{sweep}/checkpoints/{run.run_id}")
+    return [ref_for(run, step, stalled, path) for path, (step, stalled) in good.items()], problems
 
 
 def existing_checkpoints(store: Store, sweep: str, run: Run) -> list[CheckpointRef]:
-    """Checkpoints a finished run left on disk (used on resume to find points still missing)."""
-    refs = []
-    for path in store.list_files(f"{sweep}/checkpoints/{run.run_id}", ".pt"):
-        meta = load_checkpoint(store, path)
-        refs.append(ref_for(run, int(meta["step"]), bool(meta["stalled"]), path))
-    return refs
+    """Checkpoints a finished run left that pass :func:`scan_checkpoints`' checks."""
+    return scan_checkpoints(store, sweep, run)[0]
 
 
 def state_path(sweep: str, run_id: str) -> str:
@@ -101,14 +192,36 @@ def save_state(store: Store, sweep: str, run_id: str, st: TrainState) -> None:
 
 
 def load_state(store: Store, sweep: str, run_id: str) -> TrainState | None:
-    """The state a killed attempt of this run saved, or None."""
-    if not store.exists(state_path(sweep, run_id)):
+    """The state a killed attempt of this run saved, or None. A state file that cannot be loaded (cut
+    off or damaged by hand: our writers write it whole) is named in a warning and ignored, so the run
+    starts again from step 0 instead of failing at every resume."""
+    path = state_path(sweep, run_id)
+    if not store.exists(path):
         return None
-    d = torch.load(io.BytesIO(store.read_bytes(state_path(sweep, run_id))), map_location="cpu",
-                   weights_only=True)
-    return TrainState(d["step"], d["theta"], d["optimizer"], d["generator"], Curves(*d["curves"]),
-                      [Checkpoint(**{**ck, "tag": rows.stall_tag_from_columns(ck["tag"])}) for ck in d["checkpoints"]],
-                      d["since"])
+    try:
+        d = torch.load(io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=True)
+        return TrainState(d["step"], d["theta"], d["optimizer"], d["generator"], Curves(*d["curves"]),
+                          [Checkpoint(**{**ck, "tag": rows.stall_tag_from_columns(ck["tag"])})
+                           for ck in d["checkpoints"]], d["since"])
+    except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, pickle errors, EOFError…
+        log.warning("training state %s is not readable (%s: %s); run %s starts again from step 0",
+                    store.location(path), type(err).__name__, str(err).strip().split("\n")[0], run_id)
+        return None
+
+
+def restore_checkpoints(store: Store, sweep: str, run: Run, state: TrainState) -> None:
+    """Re-write, from a saved training state, the checkpoints of that state whose files are missing or
+    damaged (the state holds their parameters), naming each in a warning."""
+    for ck in state.checkpoints:
+        if read_record(store, checkpoint_path(sweep, run.run_id, ck.step)) is None:
+            save_checkpoint(store, sweep, run, ck)  # the killed attempt died before writing the record
+            continue
+        try:
+            checked_bytes(store, checkpoint_path(sweep, run.run_id, ck.step))
+        except CheckpointError as err:
+            log.warning("%s; re-written from the saved training state of run %s", err, run.run_id)
+            save_checkpoint(store, sweep, run, ck)
+
 
 
 def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
@@ -125,12 +238,16 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
     try:
         cfg = run.cfg()
         resume = load_state(store, sweep, run.run_id)
+        if resume is not None:
+            restore_checkpoints(store, sweep, run, resume)
         # Checkpoints an earlier attempt already wrote are files already; list them again for the driver.
         refs = [ref_for(run, ck.step, ck.stalled, checkpoint_path(sweep, run.run_id, ck.step))
                 for ck in (resume.checkpoints if resume else [])]
         result = train(cfg, run.seed, resume=resume, state_every_s=state_every_s, device=device,
                        on_checkpoint=lambda ck: refs.append(save_checkpoint(store, sweep, run, ck)),
                        on_state=lambda st: save_state(store, sweep, run.run_id, st))
+    except StorageFull:
+        raise  # no run is at fault and no row could be written: the driver stops the sweep, naming the root
     except Exception as err:  # noqa: BLE001 — any failure of one run is recorded, the sweep goes on
         tables.write(store, sweep, "runs", [rows.run_row(
             sweep, run, node_id, status="failed", wall_seconds=time.perf_counter() - t0, device=device,
@@ -178,8 +295,10 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     ``hvp_shards``: :func:`pipeline.shards.sharded_hvp`, which ``hessian.data_workers`` > 0 needs (the
     caller has Ray)."""
     store = Store.open(store_uri)
+    refs, metas, failed = _load_all(store, sweep, refs, node_id)
+    if not refs:
+        return failed
     h = section(refs[0].config, "hessian")
-    metas = [load_checkpoint(store, r.path) for r in refs]
     cfg = refs[0].run.cfg()
     problem = make_problem(cfg, refs[0].seed)
     batch_size = refs[0].config["data"]["batch_size"]
@@ -205,7 +324,6 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     except Exception as err:  # noqa: BLE001
         outcomes = [(None, None, _error_text(err))] if len(refs) == 1 else [alone(t) for t in thetas]
     per_point = (time.perf_counter() - t0) / len(refs)
-    failed = 0
     for ref, meta, (res, fallback, err) in zip(refs, metas, outcomes):
         key = rows.point_key(ref.run_id, ref.step, ref.stage, ref.seed)
         where = {"stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
@@ -222,6 +340,24 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
             continue
         _write_point(store, sweep, key, res, {**where, **meta.get("tag", {}), "fallback": fallback, **labels})
     return failed
+
+
+def _load_all(store: Store, sweep: str, refs: list[CheckpointRef], node_id: str | None) -> tuple[list, list, int]:
+    """Load each checkpoint of a Hessian task: ``(refs loaded, their contents, how many failed)``. One
+    that is missing or damaged becomes a ``failed`` points row naming the file (the next resume re-makes
+    it), and the others go on."""
+    good, metas, failed = [], [], 0
+    for ref in refs:
+        try:
+            metas.append(load_checkpoint(store, ref.path))
+            good.append(ref)
+        except CheckpointError as err:
+            key = rows.point_key(ref.run_id, ref.step, ref.stage, ref.seed)
+            tables.write(store, sweep, "points", [rows.failed_point_row(
+                key, str(err), node=socket.gethostname(), node_id=node_id)])
+            failed += 1
+    return good, metas, failed
+
 
 
 def _write_point(store: Store, sweep: str, key: dict, res, columns: dict) -> None:
@@ -279,6 +415,8 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         columns = {**where, **rows.refine_columns(found), "stalled": bool(meta["stalled"]),
                    "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
                    **critical_values(problem, found.theta, res, cfg, device)}
+    except StorageFull:
+        raise  # as in train_job: the sweep stops
     except Exception as err:  # noqa: BLE001
         tables.write(store, sweep, "points", [rows.failed_point_row(
             key, _error_text(err), **where, seconds=time.perf_counter() - t0)])

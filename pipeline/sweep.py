@@ -9,11 +9,14 @@ runs still train, grouped by loss function up to ``hessian.batch_checkpoints`` p
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +27,8 @@ from pipeline import identity, jobs, rows, shards, tables
 from pipeline.config import ConfigError, validate
 from pipeline.plan import Run, expand
 from pipeline.progress import Progress
-from pipeline.storage import Store
+from pipeline.storage import Store, StorageFull
+
 
 log = logging.getLogger("minratio")
 
@@ -120,6 +124,18 @@ def _quiet_token_notice(record: logging.LogRecord) -> bool:
     return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit``; keep a handler the caller
+    installed (the CLI's clean stop, :func:`pipeline.cli.stop_on_signals`)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
 def connect(ray_cfg) -> None:
     """Start a local Ray, or attach to ``ray.address`` (``auto``, ``host:port``, ``ray://host:port``).
 
@@ -143,7 +159,8 @@ def connect(ray_cfg) -> None:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
         logging.getLogger(_RAY_TOKEN_LOGGER).addFilter(_quiet_token_notice)
-        ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
+        with _keep_sigterm_handler():
+            ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False, **kwargs)
         _CONNECTED = wanted
         return
     name = "ray.address" if ray_cfg.address else "RAY_ADDRESS (environment)"
@@ -152,7 +169,8 @@ def connect(ray_cfg) -> None:
                           f"{name}={address!r} offers the CPUs its nodes were started with")
     check_reachable(address, name)
     try:
-        ray.init(address=address, **kwargs)
+        with _keep_sigterm_handler():
+            ray.init(address=address, **kwargs)
         _CONNECTED = wanted
     except (ConnectionError, RuntimeError, ValueError) as err:
         hint = ""
@@ -383,20 +401,41 @@ class Driver:
 def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False) -> tuple[list[Run], list]:
     """What a previous attempt of this sweep left to do: the runs without an ok/diverged ``runs`` row,
     and the checkpoints of finished runs without an ok ``points`` row (with ``refining``, also those
-    without an ok ``stage=refined`` row: returned as refs of stage ``refined``). Only runs with fewer ok
-    points than expected have their checkpoint files listed, so resuming a big finished sweep stays cheap."""
+    without an ok ``stage=refined`` row: returned as refs of stage ``refined``).
+
+    Every checkpoint of a finished run is verified against its record (:func:`jobs.scan_checkpoints`),
+    and one that an analysed point or the run's ``n_checkpoints`` refers to must be there. A finished run
+    with a missing or damaged checkpoint is trained again from its start (its checkpoints, then all its
+    points, are made again), with one warning line per file; every other run goes on as planned."""
     rows = tables.read(store, name, "runs", columns=["status", "n_checkpoints"]).to_pylist()
     finished = {r["run_id"]: r["n_checkpoints"] for r in rows if r["status"] in ("ok", "diverged")}
     done_points = tables.done_keys(store, name, "points")
-    analysed = collections.Counter(key[0] for key in done_points)
+    referenced = collections.defaultdict(set)  # run_id -> steps whose stalled/final point is analysed
+    for run_id, step, stage in done_points:
+        if stage != "refined":
+            referenced[run_id].add(step)
     todo, missing = [], []
     for run in runs:
         if run.run_id not in finished:
             todo.append(run)
-        elif finished[run.run_id] is None or analysed[run.run_id] < finished[run.run_id] * (1 + refining):
-            for ref in jobs.existing_checkpoints(store, name, run):
-                wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
-                missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
+            continue
+        refs, bad = jobs.scan_checkpoints(store, name, run)
+        for step in sorted(referenced[run.run_id] - {ref.step for ref in refs}):
+            path = jobs.checkpoint_path(name, run.run_id, step)
+            bad.setdefault(path, f"checkpoint {store.location(path)} is missing (an analysed point refers to it)")
+        problems = list(bad.values())
+        expected = finished[run.run_id]
+        if not problems and expected is not None and len(refs) < expected:
+            problems.append(f"run {run.run_id} wrote {expected} checkpoints, {len(refs)} are under "
+                            f"{store.location(name)}/checkpoints/{run.run_id}/")
+        if problems:
+            for problem in problems:
+                log.warning("%s: run %s is trained again from its start", problem, run.run_id)
+            todo.append(run)
+            continue
+        for ref in refs:
+            wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
+            missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
     return todo, missing
 
 
@@ -405,6 +444,7 @@ def _finish_train(store: Store, name: str, obj, run: Run, prog: Progress) -> lis
     try:
         took, (status, refs) = ray.get(obj)
     except ray.exceptions.RayError as err:  # the worker died more often than ray.max_retries allows
+        _raise_if_full(err)
         tables.write(store, name, "runs", [rows.run_row(name, run, status="failed",
                                                         error=f"{type(err).__name__}: {err}")])
         prog.failed += 1
@@ -424,6 +464,7 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
         prog.points_failed += failed
         prog.work.point_s.extend([took / len(refs)] * len(refs))
     except ray.exceptions.RayError as err:
+        _raise_if_full(err)
         # The task may have written some points before its worker died: keep those, fail the rest.
         done = tables.done_keys(store, name, "points")
         lost = [r for r in refs if (r.run_id, r.step, r.stage) not in done]
@@ -432,6 +473,14 @@ def _finish_hessian(store: Store, name: str, obj, refs: list, prog: Progress) ->
             tables.write(store, name, "points", [rows.failed_point_row(key, f"{type(err).__name__}: {err}")])
         prog.points_done += len(refs) - len(lost)
         prog.points_failed += len(lost)
+
+
+def _raise_if_full(err: Exception) -> None:
+    """A task that found the results root full stops the sweep with its one message (recording a
+    failed row would need the room that is missing)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, StorageFull):
+        raise StorageFull(cause.errno, cause.strerror) from None
 
 
 def summarize(store: Store, name: str, planned: list[Run], skipped: int, seconds: float) -> SweepSummary:

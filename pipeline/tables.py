@@ -235,6 +235,14 @@ def read(store: Store, sweep: str, name: str, dedupe: bool = True, columns: list
     return table
 
 
+def read_files(store: Store, sweep: str, name: str, columns: list | None = None) -> tuple[pa.Table, list, list]:
+    """Every row of table ``name``'s files, not de-duplicated, and ``(files read, files not readable)``:
+    what ``minratio-verify`` checks. ``columns`` may name ``__filename`` (each row's file, full path)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the caller reports unreadable files itself
+        return _read_files(store, sweep, name, columns)
+
+
 # Files per pyarrow dataset when reading: one dataset over thousands of small files holds hundreds of MB,
 # batches of this many hold tens, at the same speed (docs/performance.md).
 READ_BATCH_FILES = 64
@@ -264,7 +272,7 @@ def _read_files(store: Store, sweep: str, name: str, columns: list | None = None
         except FileNotFoundError:
             continue
         return (pa.concat_tables(parts) if parts else empty), good, bad
-    raise RuntimeError(f"files of table {sweep}/{name} under {store.uri} kept vanishing while being read "
+    raise RuntimeError(f"files of table {sweep}/{name} under {store.location()} kept vanishing while being read "
                        f"({attempts} attempts); is a compact running?")
 
 
@@ -286,7 +294,7 @@ def _read_batch(store: Store, files: list, schema: pa.Schema, columns: list | No
         except FileNotFoundError:
             raise
         except (pa.ArrowInvalid, OSError) as err:
-            warnings.warn(f"skipping {store.uri}/{f}: not a readable Parquet file ({err})")
+            warnings.warn(f"skipping {store.location(f)}: not a readable Parquet file ({err})")
             bad.append(f)
 
 

@@ -282,6 +282,7 @@ def test_a_point_that_cannot_be_analysed_fails_alone(make_cfg):
     buf = io.BytesIO()
     torch.save(meta, buf)
     store.write_bytes(refs[0].path, buf.getvalue())
+    store.delete(jobs.record_path(refs[0].path))  # as if training had written it so (else: a damaged file)
     assert jobs.hessian_job(store.uri, "nan", refs) == 1  # what the sweep's progress counts as failed
     points = tables.read(store, "nan", "points").to_pandas().set_index("step")
     bad = points.loc[refs[0].step]

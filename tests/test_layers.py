@@ -26,7 +26,7 @@ LAYERS = {
     # orchestration and results: config to Ray tasks to tables and figures
     "config": ORCHESTRATION, "plan": ORCHESTRATION, "train": ORCHESTRATION, "jobs": ORCHESTRATION,
     "sweep": ORCHESTRATION, "shards": ORCHESTRATION, "progress": ORCHESTRATION, "storage": ORCHESTRATION,
-    "tables": ORCHESTRATION, "rows": ORCHESTRATION, "identity": ORCHESTRATION, "analysis": ORCHESTRATION, "cli": ORCHESTRATION,
+    "tables": ORCHESTRATION, "rows": ORCHESTRATION, "identity": ORCHESTRATION, "verify": ORCHESTRATION, "analysis": ORCHESTRATION, "cli": ORCHESTRATION,
     "__main__": ORCHESTRATION, "__init__": ORCHESTRATION,
 }
 HYDRA_MODULES = {"cli", "config"}
