@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> int:
     log.info(f"tables: {folder}/{{runs,points,spectra,curves}}/")
     if cfg.figures:  # also when every point failed: the summary says so, and the loss curves still help
         store, name = analysis.open_results(join_uri(summary.root, summary.sweep))
-        text, figs = analysis.analyze(store, name)
+        text, figs = analysis.analyze(store, name, hue=cfg.plot.hue or None, full_range=cfg.plot.full_range)
         log.info(text)
         log.info("figures:\n  " + "\n  ".join(figs))
     failed_runs, failed_points = summary.runs_failed_planned, summary.points_failed_planned

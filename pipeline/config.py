@@ -19,8 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
 
 from pipeline import models, problem, refine
 from pipeline.data import DATA_NAMES
-from pipeline.hessian import needs_spectrum
-from pipeline.hessian_memory import COUNTS_ONLY, METHODS as HESSIAN_METHODS
+from pipeline.hessian import needs_dense
+from pipeline.hessian_memory import MATRIX_FREE, METHODS as HESSIAN_METHODS
 from pipeline.models import LOSSES, MODEL_NAMES
 from pipeline.spectrum import TOL_MODES
 from pipeline.train import OPTIMIZERS
@@ -84,7 +84,7 @@ class StallConfig:
     # Stall tags (oscillating vs small_gradient) — see pipeline.stall.stall_tag:
     grad_ratio_tol: float = 1e-2  # oscillating when ‖g‖/‖g₀‖ ≥ this
     cosine_tol: float = 0.0  # … or when successive gradients have cosine < this
-    sharpness_tol: float = 0.9  # … or when λmax·lr/2 ≥ this (edge of stability)
+    sharpness_tol: float = 0.9  # λmax·lr/2 ≥ this is reported (edge of stability), never a tag on its own
     power_iters: int = 50  # power-iteration steps for λmax (at stalls, and in curves)
     curvature_every: int = 0  # log λmax and the gradient cosine in `curves` every k steps; 0 = off
 
@@ -93,7 +93,7 @@ class StallConfig:
 class HessianConfig:
     method: str = "auto"  # auto | eigh | inertia | estimate
     dtype: str = "float64"
-    tol_mode: str = "auto"  # auto (gap, else rel) | gap | rel | abs
+    tol_mode: str = "auto"  # auto (eigh: gap, else rel; inertia: rel) | gap (eigh and inertia alike) | rel | abs
     rel_tol: float = 1e-6  # tol = rel_tol · max|λ| when no clear gap
     abs_tol: float = 0.0  # used when tol_mode = abs
     gap_ratio: float = 1e4  # a "clear gap": consecutive |λ| differ by at least this factor
@@ -110,7 +110,7 @@ class HessianConfig:
 
 @dataclass
 class RefineConfig:
-    method: str = "none"  # none | newton_mr | gnm: move each stalled point to a nearby critical point
+    method: str = "none"  # none | newton_mr | gnm | newton_eig: move each stalled point to a nearby critical point
     gtol2: float = 1e-10  # converged when ‖g‖² < gtol2; also the "critical" threshold of every label
     max_iters: int = 100  # Newton steps (gnm: descent steps)
     inner_max_iters: int = 500  # MINRES iterations per Newton step
@@ -118,6 +118,12 @@ class RefineConfig:
     forcing: float = 0.1  # inexact Newton: MINRES tolerance min(forcing, max(inner_rtol, ‖g‖^½))
     rcond: float = 1e-10
     operator: str = "auto"  # auto | hvp | dense (pipeline.refine.resolve_operator)
+    damping: float = 1e-3  # newton_eig: starting Levenberg–Marquardt damping, relative to max|λ|
+    min_damping: float = 1e-14  # newton_eig: its floor, relative to max|λ|
+    max_tries: int = 30  # newton_eig: trial steps per eigendecomposition
+    patience: int = 10  # newton_eig: Newton steps that must cut ‖g‖² by `progress` before descent steps help
+    progress: float = 10.0
+    continuation: bool = True  # newton_eig: saddle-free descent steps through slow stretches
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
@@ -144,6 +150,12 @@ class RayConfig:
 
 
 @dataclass
+class PlotConfig:
+    hue: str = ""  # a config key (e.g. model.width) whose value colours the minimum-ratio figure; "" = label
+    full_range: bool = False  # minimum-ratio axes from 0 to 1 instead of the data's range
+
+
+@dataclass
 class Config:
     """The whole config. Its defaults are those of the options ``conf/config.yaml`` picks (a test holds
     them equal), so a value has one default wherever it is read."""
@@ -157,6 +169,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     results_root: str = "results"
     figures: bool = True
+    plot: PlotConfig = field(default_factory=PlotConfig)  # how minratio-sweep draws its figures
 
 
 def register_configs() -> None:
@@ -239,6 +252,8 @@ def _folder_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not set(name) & set("/\\")
 
 
+RUN_SECTIONS = ("data", "model", "optim", "stall", "hessian", "refine")  # what a run records of its config
+
 RULES: tuple[Rule, ...] = (
     *(_finite(key) for key in FLOAT_KEYS),
     *(_one_of(key, allowed) for key, allowed in VOCABULARIES.items()),
@@ -282,6 +297,11 @@ RULES: tuple[Rule, ...] = (
     ("refine.gtol2", lambda c: c.refine.gtol2 > 0, "> 0"),
     ("refine.max_iters", lambda c: c.refine.max_iters >= 1, "≥ 1"),
     ("refine.inner_max_iters", lambda c: c.refine.inner_max_iters >= 1, "≥ 1"),
+    ("refine.damping", lambda c: c.refine.damping > 0, "> 0"),
+    ("refine.min_damping", lambda c: c.refine.min_damping > 0, "> 0"),
+    ("refine.max_tries", lambda c: c.refine.max_tries >= 1, "≥ 1"),
+    ("refine.patience", lambda c: c.refine.patience >= 1, "≥ 1"),
+    ("refine.progress", lambda c: c.refine.progress > 1, "> 1"),
     ("refine.forcing", lambda c: 0 < c.refine.forcing < 1, "in (0, 1)"),
     ("refine.num_cpus", lambda c: c.refine.num_cpus > 0, "> 0"),
     ("refine.num_gpus", lambda c: c.refine.num_gpus >= 0, "≥ 0"),
@@ -295,8 +315,8 @@ RULES: tuple[Rule, ...] = (
     ("hessian.memory_budget_mb", lambda c: c.hessian.memory_budget_mb >= 0, "≥ 0"),
     ("hessian.estimate_probes", lambda c: c.hessian.estimate_probes >= 2, "≥ 2"),
     ("hessian.estimate_degree", lambda c: c.hessian.estimate_degree >= 0, "≥ 0 (0 = auto)"),
-    ("hessian.tol_mode", lambda c: not (c.hessian.method in COUNTS_ONLY and needs_spectrum(None, c.hessian.tol_mode)),
-     lambda c: f"auto, rel or abs with hessian.method={c.hessian.method} (a gap needs the full spectrum: method=eigh)"),
+    ("hessian.tol_mode", lambda c: not (c.hessian.method in MATRIX_FREE and needs_dense(None, c.hessian.tol_mode)),
+     lambda c: f"auto, rel or abs with hessian.method={c.hessian.method} (a gap needs a dense Hessian: eigh or inertia)"),
     ("hessian.batch_checkpoints", lambda c: c.hessian.batch_checkpoints >= 1, "≥ 1"),
     ("hessian.data_workers", lambda c: c.hessian.data_workers >= 0, "≥ 0 (0 = HVPs in the Hessian task)"),
     ("hessian.data_workers", lambda c: c.hessian.data_workers == 0 or c.hessian.method == "estimate",
@@ -312,6 +332,10 @@ RULES: tuple[Rule, ...] = (
     ("ray.num_cpus", lambda c: c.ray.num_cpus is None or c.ray.num_cpus >= 1, "≥ 1, or null (all of this machine's)"),
     ("ray.max_retries", lambda c: c.ray.max_retries >= 0, "≥ 0"),
     ("ray.state_every_s", lambda c: c.ray.state_every_s >= 0, "≥ 0 seconds"),
+    # the runs table holds these sections, one column per setting (pipeline.tables.CONFIG_SECTIONS)
+    ("plot.hue", lambda c: not c.plot.hue or (c.plot.hue.split(".")[0] in RUN_SECTIONS and _has_key(c, c.plot.hue)
+                                              and not OmegaConf.is_config(OmegaConf.select(c, c.plot.hue))),
+     f"'' (colour by label) or a setting under {', '.join(s + '.' for s in RUN_SECTIONS)} e.g. model.width"),
 )
 
 

@@ -4,7 +4,8 @@ Their random-matrix model predicts, below a critical loss εc, an index (share o
 α(ε) ≈ α0 · |(ε − εc)/εc|^{3/2} — zero at εc, where the critical points become minima. Given the critical
 points of one setting (loss ε_i, index α_i > 0), :func:`index_power_fit` fits α = A · (ε − εc)^p with εc
 profiled over a grid below the smallest loss (log α linear in log(ε − εc) for each εc; the εc with the
-least squared error wins) and a bootstrap over the points for the exponent's interval. Pure NumPy.
+least squared error wins) and a bootstrap over the points for the exponent's interval. :func:`spearman`
+gives a rank correlation (e.g. of the minimum ratio with the loss) with a bootstrap interval. Pure NumPy.
 """
 from __future__ import annotations
 
@@ -68,7 +69,57 @@ def index_power_fit(loss, index, *, grid: int = 200, n_boot: int = 300, confiden
         idx = rng.integers(0, eps.size, eps.size)
         if np.unique(eps[idx]).size >= 3:
             boots.append(_profile(eps[idx], alpha[idx], grid // 4)[0])
-    q = (1 - confidence) / 2
-    lo, hi = (float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))) if boots else (np.nan, np.nan)
-    return PowerFit(p, (lo, hi), eps_c, float(np.exp(log_a)), int(eps.size), float(np.sqrt(sse / eps.size)),
+    return PowerFit(p, _percentile_interval(boots, confidence), eps_c, float(np.exp(log_a)), int(eps.size), float(np.sqrt(sse / eps.size)),
                     confidence)
+
+
+@dataclass(frozen=True)
+class RankCorrelation:
+    """Spearman's ρ of ``n`` pairs with its bootstrap interval ``ci`` (percentile, ``confidence``)."""
+
+    rho: float
+    ci: tuple[float, float]
+    n: int
+    confidence: float
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``v`` ``[n]``, ties given their mean rank."""
+    order = np.argsort(v, kind="mergesort")
+    r = np.empty(v.size)
+    r[order] = np.arange(1, v.size + 1)
+    _, inv, counts = np.unique(v, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=r)
+    return (sums / counts)[inv]
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = _ranks(x), _ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = np.sqrt((rx @ rx) * (ry @ ry))
+    return float(rx @ ry / den) if den > 0 else float("nan")
+
+
+def spearman(x, y, *, n_boot: int = 1000, confidence: float = 0.9, seed: int = 0) -> RankCorrelation:
+    """Spearman's rank correlation of ``x`` and ``y`` (1-D, equal length; pairs with a NaN are left out),
+    with a percentile bootstrap interval over the pairs (resamples whose ranks are all tied are skipped).
+    Needs ≥ 3 pairs; raises ValueError naming what it got otherwise."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of one length, got {x.shape} and {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 3:
+        raise ValueError(f"a rank correlation needs ≥ 3 finite pairs, got {x.size}")
+    rng = np.random.default_rng(seed)
+    boots = [_spearman(x[i], y[i]) for i in (rng.integers(0, x.size, x.size) for _ in range(n_boot))]
+    boots = [b for b in boots if np.isfinite(b)]
+    return RankCorrelation(_spearman(x, y), _percentile_interval(boots, confidence), int(x.size), confidence)
+
+
+def _percentile_interval(boots: list, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap values (NaN, NaN when there are none)."""
+    if not boots:
+        return float("nan"), float("nan")
+    q = (1 - confidence) / 2
+    return float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))

@@ -27,7 +27,7 @@ from torch.func import grad_and_value, vmap
 from pipeline import cusolver, hvp as hvps, inertia, spectrum
 from pipeline.hessian_build import (HVP_MODES, activation_bytes, column_bytes, hessian,  # noqa: F401  (re-exported)
                                     hessians, resolve_hvp)
-from pipeline.hessian_memory import (AUTO_EIGH_MAX_N, BATCH_POINTS_DEVICES, COUNTS_ONLY,  # noqa: F401  (re-exported)
+from pipeline.hessian_memory import (AUTO_EIGH_MAX_N, BATCH_POINTS_DEVICES, MATRIX_FREE,  # noqa: F401  (re-exported)
                                      FOOTPRINT, HESSIAN_SHARE, METHODS, default_chunk_size,
                                      default_workspace_bytes, footprint, pass_workspace_mb, points_per_pass,
                                      resolve_method, total_budget_bytes)
@@ -38,7 +38,8 @@ from pipeline.symmetric import symmetrize_  # noqa: F401  (re-exported: its old 
 # docs/performance.md). A relative tolerance below the floor would count rounding noise, so float32 raises
 # rel_tol to it; float64 leaves it alone.
 REL_NOISE_FLOOR = {torch.float32: 1e-6}
-GAP_NEEDS_SPECTRUM = "tol_mode='gap' needs the full spectrum: use method='eigh' or a rel/abs tolerance"
+GAP_NEEDS_SPECTRUM = ("tol_mode='gap' needs the full spectrum or a dense Hessian: use method='eigh' or "
+                      "'inertia', or a rel/abs tolerance")
 
 
 @dataclass
@@ -112,8 +113,9 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
                 naive: bool = True) -> tuple[spectrum.Summary, Optional[np.ndarray]]:
     """Counts for a symmetric matrix ``H`` ``[N, N]`` by ``eigh`` (full spectrum) or ``inertia``.
 
-    ``inertia`` knows no spectrum, so its tolerance is ``tol`` or ``rel_tol`` · max|λ| (``extremes``
-    (λmin, λmax) if given, else from Lanczos); ``tol_mode='gap'`` needs ``eigh``. ``naive=False`` skips
+    ``inertia`` knows no spectrum, so its tolerance is ``tol``, a gap found from zero counts with
+    ``tol_mode='gap'`` (:func:`_inertia_tol`), or ``rel_tol`` · max|λ| (``extremes`` (λmin, λmax) if
+    given, else from Lanczos). ``naive=False`` skips
     inertia's third factorisation (#{λ > 0}; ``n_pos_naive`` is then None). Returns the summary and the
     ascending eigenvalues (None for ``inertia``). A CUDA ``H`` whose ``eigh`` would not fit the free
     memory is overwritten (see :func:`_eigen`).
@@ -125,26 +127,38 @@ def count_dense(H: torch.Tensor, *, method: str = "eigh", tol: Optional[float] =
     if method != "inertia":
         raise ValueError(f"count_dense method must be eigh or inertia, got {method!r}")
     lam_lo, lam_hi = extremes or inertia.extreme_eigenvalues(H)
-    tol, how = _inertia_tol((lam_lo, lam_hi), tol, rel_tol, tol_mode)
+    tol, how = _inertia_tol((lam_lo, lam_hi), tol, rel_tol, tol_mode, H, gap_ratio)
     c = inertia.counts(H, tol, naive=naive)
     return spectrum.Summary(c, tol, how, lam_lo, lam_hi), None
 
 
-def needs_spectrum(tol: Optional[float], tol_mode: str) -> bool:
-    """Whether the tolerance is read from every eigenvalue: ``tol_mode='gap'`` without a given ``tol``
-    (a gap in |λ| is only found in the full spectrum), which the :data:`COUNTS_ONLY` methods do not have."""
+def needs_dense(tol: Optional[float], tol_mode: str) -> bool:
+    """Whether the tolerance is read from a gap in |λ|: ``tol_mode='gap'`` without a given ``tol``. The gap
+    is found in the full spectrum (eigh) or from zero counts of the dense Hessian (inertia); the
+    :data:`MATRIX_FREE` methods have neither."""
     return tol is None and tol_mode == "gap"
 
 
-def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: float, tol_mode: str
-                 ) -> tuple[float, str]:
-    """The tolerance of an ``inertia`` count and how it was set: ``tol`` if given, else ``rel_tol`` ·
-    max|λ| from the Lanczos ``extremes`` (λmin, λmax)."""
-    if needs_spectrum(tol, tol_mode):
-        raise ValueError(GAP_NEEDS_SPECTRUM)
+def _inertia_tol(extremes: tuple[float, float], tol: Optional[float], rel_tol: float, tol_mode: str,
+                 H: torch.Tensor, gap_ratio: float) -> tuple[float, str]:
+    """The tolerance of an ``inertia`` count and how it was set: ``tol`` if given; with ``tol_mode='gap'``
+    the spectrum's gap found from zero counts of ``H`` ``[N, N]`` at log-spaced shifts
+    (:func:`pipeline.spectrum.gap_from_zero_counts`, two LDLᵀ per shift, about 2 shifts per decade from
+    rounding level to ``rel_tol·gap_ratio``), so that eigh and inertia follow one rule; else (or with no
+    gap) ``rel_tol`` · max|λ| from the Lanczos ``extremes`` (λmin, λmax)."""
     if tol is not None:
         return float(tol), "given"
-    return rel_tol * max(abs(extremes[0]), abs(extremes[1])), "rel"
+    top = max(abs(extremes[0]), abs(extremes[1]))
+    if needs_dense(tol, tol_mode):
+        n = H.shape[-1]
+        eps = float(torch.finfo(H.dtype).eps)
+        shifts = spectrum.gap_shifts(top, n, rel_tol, gap_ratio, eps)
+        zeros = [inertia.counts(H, float(t), naive=False).n_zero for t in shifts]
+        gap = spectrum.gap_from_zero_counts(shifts, np.array(zeros), top=top, n=n, rel_tol=rel_tol,
+                                            gap_ratio=gap_ratio, eps=eps)
+        if gap is not None:
+            return gap, "gap"
+    return rel_tol * top, "rel"
 
 
 def _summarize(lam: np.ndarray, dtype: torch.dtype, tol, rel_tol, tol_mode, gap_ratio) -> spectrum.Summary:
@@ -168,8 +182,11 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
 
     ``method``: ``eigh`` (full spectrum), ``inertia`` (counts from LDLᵀ of H ∓ tol·I, no eigenvalues) or
     ``auto`` (``eigh`` up to N = 4,096, ``inertia`` above). ``tol``: |λ| ≤ tol counts as zero; when None
-    it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``;
-    see :func:`pipeline.spectrum.choose_tol`); in float32 ``rel_tol`` is at least 1e-6, its noise floor.
+    it is chosen by ``tol_mode`` (``auto``: from a clear gap in |λ| near zero, else ``rel_tol · max|λ|``,
+    see :func:`pipeline.spectrum.choose_tol` — with ``inertia`` always the latter; ``gap``: the gap rule for
+    ``eigh`` and ``inertia`` alike, inertia finding the gap from zero counts at log-spaced shifts, so one
+    rule holds across sizes; ``result.tol_method`` records which rule set each point's tolerance); in
+    float32 ``rel_tol`` is at least 1e-6, its noise floor.
     ``chunk_size`` / ``memory_budget_mb`` (build workspace; the Hessian and what counting holds,
     :func:`footprint`, come on top) / ``hvp``: see :func:`hessian`. ``naive=False``: ``inertia`` skips the
     factorisation behind the naive #{λ > 0} (two LDLᵀ instead of three; ``n_pos_naive`` is None).
@@ -182,7 +199,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     (:func:`pipeline.estimate.estimate_counts`, options in ``estimate``, e.g. ``{"n_probes": 30,
     "degree": 0}``), each with an interval in ``result.estimate``; the label is ``uncertain`` when the
     intervals allow two labels; a tolerance finer than the estimator's resolution raises ValueError.
-    It needs a relative or given tolerance (``tol_mode="gap"`` needs the full spectrum). ``matvec``
+    It needs a relative or given tolerance (``tol_mode="gap"`` needs a dense Hessian). ``matvec``
     (``V [N, k] -> H V``, e.g. data-parallel from :func:`pipeline.shards.sharded_hvp`) replaces the
     in-process HVPs of ``loss_fn``, which then only gives the loss and gradient.
     """
@@ -283,7 +300,7 @@ def _eigen(H: torch.Tensor, G: Optional[torch.Tensor], max_bytes: Optional[float
 def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=None, **options) -> SpectrumResult:
     from pipeline import estimate
 
-    if needs_spectrum(tol, tol_mode):
+    if needs_dense(tol, tol_mode):
         raise ValueError(GAP_NEEDS_SPECTRUM)
     t0 = time.perf_counter()
     est = estimate.estimate_counts(matvec or hvps.hvp_matvec(loss_fn, theta), theta.numel(), tol=tol,
@@ -449,7 +466,8 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         else:
             extremes = inertia.extreme_eigenvalues_batch(H)  # batched: one matvec per step for the pass
             rel = effective_rel_tol(kw["rel_tol"], H.dtype)
-            tols = [_inertia_tol(ex, kw["tol"], rel, kw["tol_mode"]) for ex in extremes]
+            tols = [_inertia_tol(ex, kw["tol"], rel, kw["tol_mode"], H[k], kw["gap_ratio"])
+                    for k, ex in enumerate(extremes)]
             found = inertia.counts_many(H, [t for t, _ in tols], naive=kw["naive"])  # batched where it pays
             sums = [(spectrum.Summary(c, t, how, *ex), None) for c, (t, how), ex in zip(found, tols, extremes)]
         _sync(device)

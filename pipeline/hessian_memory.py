@@ -18,7 +18,7 @@ from pipeline import inertia
 # spectrum stops costing no more than the counts (docs/performance.md).
 AUTO_EIGH_MAX_N = {"cpu": 4096, "cuda": 4096}
 METHODS = ("auto", "eigh", "inertia", "estimate")
-COUNTS_ONLY = ("inertia", "estimate")  # methods that count without every eigenvalue
+MATRIX_FREE = ("estimate",)  # methods that never hold the dense Hessian (no gap rule: tol_mode=gap)
 # Build workspace on CPU: 16 MiB × threads², at most 256 MiB. On one thread, blocks whose activations stay
 # in cache are fastest; more threads want bigger blocks to amortise each op's fork/join (docs/performance.md).
 CPU_WORKSPACE_BYTES = 16 * 2**20

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError
+from pipeline.config import RUN_SECTIONS as SECTIONS, ConfigError
 from pipeline.storage import Store
 
 RECORD = "sweep.json"
-SECTIONS = ("data", "model", "optim", "stall", "hessian", "refine")
 # Where and how fast a run computes, not what: a sweep may resume on other hardware.
 RESOURCE_KEYS = frozenset({
     "hessian.num_gpus", "hessian.num_cpus", "hessian.chunk_size", "hessian.memory_budget_mb",

@@ -406,7 +406,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         problem = make_problem(ref.run.cfg(), ref.seed).to(device, torch.float64)
         f = problem.loss_fn()
         found = refine.refine(r["method"], f, meta["theta"].to(device, torch.float64),
-                              **refine.options_for(r["method"], r))
+                              **refine.options_for(r["method"], r, h))
         buf = io.BytesIO()
         torch.save({"theta": found.theta.cpu(), "step": ref.step, "start": ref.path, **rows.refine_columns(found)},
                    buf)

@@ -7,6 +7,9 @@ Two finders, both pure functions of a loss ``loss_fn(theta) -> scalar`` and a fl
   singular ``H``; a backtracking line search on ``‖g‖²`` (Armijo: ``‖g(θ+αp)‖² ≤ ‖g‖² + 2ρα⟨Hp, g⟩``) picks α.
 - :func:`gnm` — gradient-norm minimisation, the baseline: descent on ``½‖g‖²``, whose gradient is ``Hg``.
 
+A third, :func:`pipeline.newton_eig.newton_eig`, takes Newton steps from the exact eigendecomposition
+(N up to a few thousand); :func:`refine` dispatches to all three by name.
+
 Both stop when ``‖g‖² < gtol2`` (default 1e-10, the cut-off Frye et al. found necessary for correct loss and
 index values). Finders that hunt ``‖g‖² → 0`` can also end where ``g`` lies in the Hessian's null space
 (gradient-flat points, ``Hg = 0`` but ``g ≠ 0``); the MINRES residuals recorded at the final point say so
@@ -16,8 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,9 +30,11 @@ from pipeline.critical import GTOL2
 from pipeline.hessian_build import hessian, resolve_hvp
 from pipeline.hvp import LossFn, hvp_at
 from pipeline.lanczos import MatVec, reorthogonalize
+from pipeline.newton_eig import newton_eig
+from pipeline.refine_result import (STOP_REASONS, RefineResult, flat_start,  # noqa: F401  (STOP_REASONS re-exported)
+                                    new_history, norm2, push_history)
 
-METHODS = ("newton_mr", "gnm")
-STOP_REASONS = ("converged", "max_iters", "line_search_failed", "stalled")
+METHODS = ("newton_mr", "gnm", "newton_eig")  # newton_eig: pipeline.newton_eig (exact eigendecomposition)
 MINRES_STOPS = ("solved", "least_squares", "invariant", "max_iters", "zero_rhs")
 OPERATORS = ("auto", "hvp", "dense")
 # `auto` builds H (closed form) per Newton step up to this N, where products with a dense H are still
@@ -182,55 +187,6 @@ def _small_least_squares(alphas: list, betas: list, beta1: float, invariant: boo
 # ------------------------------------------------------------------------------------------------ finders
 
 
-@dataclass
-class RefineResult:
-    """Outcome of a critical-point finder started at ``theta0``.
-
-    ``theta`` ``[N]`` float64 (on ``theta0``'s device); ``grad_norm2`` = ‖∇L(θ)‖²; ``distance`` = ‖θ − θ0‖;
-    ``stopped_because`` ∈ ``STOP_REASONS``. ``relative_residual`` / ``cokernel_residual``: Frye et al.'s
-    gradient-flat test quantities from MINRES on ``H p = −g`` at the final point (NaN when converged).
-    ``history``: one entry per iteration (lists of equal length; iteration 0 is the start).
-    """
-
-    method: str
-    theta: torch.Tensor
-    loss: float
-    loss0: float
-    grad_norm2: float
-    grad_norm2_0: float
-    iterations: int
-    stopped_because: str
-    distance: float
-    relative_residual: float
-    cokernel_residual: float
-    hvps: int
-    grads: int
-    seconds: float
-    history: dict = field(default_factory=dict)
-
-    @property
-    def loss_change(self) -> float:
-        """``L(θ) − L(θ0)``: negative when refinement lowered the loss."""
-        return self.loss - self.loss0
-
-    @property
-    def converged(self) -> bool:
-        return self.stopped_because == "converged"
-
-
-def _start(theta0: torch.Tensor) -> torch.Tensor:
-    if theta0.dim() != 1:
-        raise ValueError(f"theta0 must be a flat [N] parameter vector, got shape {tuple(theta0.shape)}")
-    theta = theta0.detach().to(torch.float64).clone()
-    if not torch.isfinite(theta).all():
-        raise ValueError("theta0 contains NaN or inf")
-    return theta
-
-
-def _sq(v: torch.Tensor) -> float:
-    return float(v @ v)
-
-
 def _stalled(gn2s: list, window: int, rtol: float) -> bool:
     """``‖g‖²`` fell by less than a factor ``1 − rtol`` over the last ``window`` iterations."""
     return window > 0 and len(gn2s) > window and gn2s[-1] > (1.0 - rtol) * gn2s[-1 - window]
@@ -249,7 +205,7 @@ def _backtrack(gv, theta: torch.Tensor, d: torch.Tensor, gn2: float, slope: floa
         trial = theta + alpha * d
         g_t, loss_t = gv(trial)
         evals += 1
-        gn2_t = _sq(g_t)
+        gn2_t = norm2(g_t)
         if math.isfinite(gn2_t) and gn2_t <= gn2 + c * alpha * slope:
             return (trial, g_t, loss_t, gn2_t, alpha), evals
         alpha *= backtrack
@@ -286,15 +242,6 @@ def _matvec(loss_fn: LossFn, theta: torch.Tensor, operator: str) -> MatVec:
     return lambda v: H @ v
 
 
-def _hist(**cols) -> dict:
-    return {k: [v] for k, v in cols.items()}
-
-
-def _push(history: dict, **cols) -> None:
-    for k, v in cols.items():
-        history[k].append(v)
-
-
 def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iters: int = 100,
               inner_max_iters: int = 500, inner_rtol: float = 1e-10, forcing: float = 0.1,
               rcond: float = 1e-10, rho: float = 1e-4,
@@ -313,14 +260,14 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
     :func:`resolve_operator`). ``loss_fn`` must accept float64.
     """
     t0 = time.perf_counter()
-    theta = _start(theta0)
+    theta = flat_start(theta0)
     operator = resolve_operator(operator, loss_fn, theta)
     start = theta.clone()
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)
-    gn2, loss0, gn2_0 = _sq(g), float(loss), _sq(g)
+    gn2, loss0, gn2_0 = norm2(g), float(loss), norm2(g)
     hvps, grads, it = 0, 1, 0
-    history = _hist(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0, inner_iterations=0, inner_stop="",
+    history = new_history(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0, inner_iterations=0, inner_stop="",
                     relative_residual=math.nan, cokernel_residual=math.nan)
     last = None  # (MINRES result, θ it was solved at)
     while True:
@@ -344,7 +291,7 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
             break
         theta, g, loss, gn2, alpha = found
         it += 1
-        _push(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * p_norm,
+        push_history(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * p_norm,
               inner_iterations=sol.iterations, inner_stop=sol.stopped_because,
               relative_residual=sol.relative_residual, cokernel_residual=sol.cokernel_residual)
     r, r_h, extra = _final_flatness(loss_fn, theta, g, stop, last, inner_rtol, inner_max_iters, rcond, operator)
@@ -378,21 +325,21 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
     gradient-flat test (MINRES at the final point).
     """
     t0 = time.perf_counter()
-    theta = _start(theta0)
+    theta = flat_start(theta0)
     start = theta.clone()
     gv = grad_and_value(loss_fn)
     g, loss = gv(theta)
-    gn2, loss0, gn2_0 = _sq(g), float(loss), _sq(g)
+    gn2, loss0, gn2_0 = norm2(g), float(loss), norm2(g)
     hvps, grads, it = 0, 1, 0
     alpha = 1.0 if lr is None else float(lr)
-    history = _hist(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0)
+    history = new_history(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0)
     while True:
         stop = _stop(gn2, gtol2, it, max_iters, history, stall_window, stall_rtol)
         if stop:
             break
         d = -hvp_at(loss_fn, theta)(g)  # −∇(½‖g‖²)
         hvps += 1
-        dd = _sq(d)
+        dd = norm2(d)
         d_norm = math.sqrt(dd)
         found = None
         if lr is not None and dd > 0:
@@ -400,7 +347,7 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
             g_t, loss_t = gv(trial)
             grads += 1
             if bool(torch.isfinite(g_t).all()):
-                found = (trial, g_t, loss_t, _sq(g_t), alpha)
+                found = (trial, g_t, loss_t, norm2(g_t), alpha)
         else:
             # d/dα ‖g(θ+αd)‖² = 2 gᵀH d = −2‖d‖²: Armijo on ½‖g‖² with constant c.
             found, evals = _backtrack(gv, theta, d, gn2, -2.0 * dd, alpha * grow, c, backtrack)
@@ -410,7 +357,7 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
             break
         theta, g, loss, gn2, alpha = found
         it += 1
-        _push(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * d_norm)
+        push_history(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * d_norm)
     r, r_h, extra = _final_flatness(loss_fn, theta, g, stop, None, inner_rtol, inner_max_iters, rcond, "hvp")
     return RefineResult("gnm", theta, float(loss), loss0, gn2, gn2_0, it, stop,
                         float(torch.linalg.vector_norm(theta - start)), r, r_h, hvps + extra, grads,
@@ -421,21 +368,30 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
 # `method`, Ray resources and the other finder's settings). tests/test_refine.py checks them against the
 # finders' signatures and the config's schema.
 SETTINGS = {"newton_mr": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "forcing", "rcond", "operator"),
-            "gnm": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "rcond")}
+            "gnm": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol", "rcond"),
+            "newton_eig": ("gtol2", "max_iters", "damping", "min_damping", "max_tries", "patience", "progress",
+                           "continuation")}
+# The settings of the `hessian:` section a finder also takes: newton_eig cuts its pseudo-inverse off at the
+# counts' tolerance, so it follows their rule.
+COUNT_SETTINGS = {"newton_mr": (), "gnm": (), "newton_eig": ("rel_tol", "gap_ratio", "tol_mode")}
 
 
-def options_for(method: str, section) -> dict:
-    """The keyword arguments of finder ``method`` found in ``section`` (a dict or config node, e.g. the
-    ``refine:`` config section): its :data:`SETTINGS` that the section holds."""
+def options_for(method: str, section, counts=None) -> dict:
+    """The keyword arguments of finder ``method``: its :data:`SETTINGS` found in ``section`` (a dict or
+    config node, e.g. the ``refine:`` config section) and its :data:`COUNT_SETTINGS` found in ``counts``
+    (the ``hessian:`` section, or None)."""
     if method not in METHODS:
         raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
-    return {k: section[k] for k in SETTINGS[method] if k in section}
+    found = {k: counts[k] for k in COUNT_SETTINGS[method] if counts is not None and k in counts}
+    return {**found, **{k: section[k] for k in SETTINGS[method] if k in section}}
+
+
+def _finder(method: str) -> Callable[..., RefineResult]:
+    return {"newton_mr": newton_mr, "gnm": gnm, "newton_eig": newton_eig}[method]
 
 
 def refine(method: str, loss_fn: LossFn, theta0: torch.Tensor, **options) -> RefineResult:
-    """Run the finder named ``method`` (``newton_mr`` or ``gnm``) with its keyword ``options``."""
-    if method == "newton_mr":
-        return newton_mr(loss_fn, theta0, **options)
-    if method == "gnm":
-        return gnm(loss_fn, theta0, **options)
-    raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
+    """Run the finder named ``method`` (one of :data:`METHODS`) with its keyword ``options``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
+    return _finder(method)(loss_fn, theta0, **options)

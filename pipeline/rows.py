@@ -3,7 +3,7 @@
 Every column name a row carries is written here, from a typed record: a run and its training result
 (``runs``, ``curves``), a :class:`pipeline.hessian.SpectrumResult` (its :class:`pipeline.spectrum.Summary`
 of counts, tolerance and extreme eigenvalues), a :class:`pipeline.stall.StallTag`, a
-:class:`pipeline.critical.CriticalReport` and a :class:`pipeline.refine.RefineResult` (``points``,
+:class:`pipeline.critical.CriticalReport` and a :class:`pipeline.refine_result.RefineResult` (``points``,
 ``spectra``). The tasks (:mod:`pipeline.jobs`) and the driver (:mod:`pipeline.sweep`) only choose which rows
 to write.
 """
@@ -20,7 +20,7 @@ from pipeline import tables
 from pipeline.critical import CriticalReport, EscapeCheck
 from pipeline.hessian import SpectrumResult
 from pipeline.plan import Run
-from pipeline.refine import RefineResult
+from pipeline.refine_result import RefineResult
 from pipeline.stall import StallTag
 
 

@@ -65,6 +65,42 @@ def choose_tol(abs_eigs: np.ndarray, rel_tol: float = 1e-6, gap_ratio: float = 1
     return float(rel), "rel"
 
 
+def gap_shifts(top: float, n: int, rel_tol: float = 1e-6, gap_ratio: float = 1e4,
+               eps: float = float(np.finfo(np.float64).eps), per_decade: int = 2) -> np.ndarray:
+    """Log-spaced tolerances ``[K]`` (ascending, ``per_decade`` per decade) at which zero counts
+    #{|λ| ≤ t} reveal the gap :func:`choose_tol` looks for in a spectrum with max|λ| = ``top`` and ``n``
+    eigenvalues: from the rounding floor ``n·eps·top`` up to ``rel_tol·top·gap_ratio`` (a gap's upper side
+    above a lower side ≤ rel_tol·top), capped at ``top``."""
+    if not top > 0:
+        return np.zeros(0)
+    lo = np.log10(n * eps * top)
+    hi = np.log10(min(rel_tol * top * gap_ratio, top))
+    return 10.0 ** np.arange(lo, hi + 1e-9, 1.0 / per_decade) if hi > lo else np.zeros(0)
+
+
+def gap_from_zero_counts(tols: np.ndarray, n_zero: np.ndarray, *, top: float, n: int, rel_tol: float = 1e-6,
+                         gap_ratio: float = 1e4, eps: float = float(np.finfo(np.float64).eps)) -> Optional[float]:
+    """:func:`choose_tol`'s gap rule from counts alone (an inertia count knows no spectrum): ``n_zero[k]`` =
+    #{|λ| ≤ ``tols[k]``} for ascending ``tols`` ``[K]`` (e.g. :func:`gap_shifts`). A count that stays the
+    same from ``tols[j]`` to ``tols[k]`` means no |λ| in (tols[j], tols[k]]: a gap of at least
+    tols[k]/tols[j]. The lowest plateau with ≥ 1 eigenvalue below it, tols[j] ≤ ``rel_tol·top``, tols[k]
+    above rounding noise (``100·n·eps·top``) and tols[k]/tols[j] ≥ ``gap_ratio`` wins; its tolerance is
+    √(tols[j]·tols[k]), inside the gap, so the counts equal eigh's with the spectrum's own gap. A gap
+    narrower than ``gap_ratio`` times one grid step may be missed (then None: the caller falls back to
+    the relative rule, as :func:`choose_tol` does)."""
+    tols, n_zero = np.asarray(tols, dtype=float), np.asarray(n_zero)
+    rel, noise = rel_tol * top, 100.0 * n * eps * top
+    for j in range(len(tols)):
+        if n_zero[j] < 1 or tols[j] > rel:
+            continue
+        k = j
+        while k + 1 < len(tols) and n_zero[k + 1] == n_zero[j]:
+            k += 1
+        if tols[k] >= noise and tols[k] / tols[j] >= gap_ratio:
+            return float(np.sqrt(tols[j] * tols[k]))
+    return None
+
+
 def count(eigenvalues: np.ndarray, tol: float) -> Counts:
     """Counts of λ above ``tol``, below ``−tol`` and in between (inclusive) for eigenvalues ``[n]``."""
     if not tol >= 0:  # also NaN

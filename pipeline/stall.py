@@ -94,11 +94,15 @@ class StallTag:
 def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam_max: float = math.nan,
               lr: Optional[float] = None, *, grad_ratio_tol: float = 1e-2, cosine_tol: float = 0.0,
               sharpness_tol: float = 0.9) -> StallTag:
-    """Tag a stalled checkpoint ``oscillating`` when any of these holds, else ``small_gradient``:
+    """Tag a stalled checkpoint ``oscillating`` when the iterate shows evidence of bouncing across a valley,
+    else ``small_gradient``. Evidence is either of:
 
     - the gradient is not small relative to its start: ``‖g‖/‖g₀‖ ≥ grad_ratio_tol``;
-    - successive gradients point against each other: ``cosine < cosine_tol``;
-    - the top Hessian eigenvalue is near the edge of stability: ``λmax·lr/2 ≥ sharpness_tol``.
+    - successive gradients point against each other: ``cosine < cosine_tol``.
+
+    Sharpness near the edge of stability, ``λmax·lr/2 ≥ sharpness_tol``, is reported among the reasons when
+    it holds, but never tags a point on its own: a run can sit at λmax ≈ 2/lr and still converge smoothly
+    (cosine ≈ +1, a small gradient).
 
     ``grad_norm``, ``grad_norm0``: ‖g‖ at the stall and at step 0. ``cosine``: from :func:`gradient_cosine`.
     ``lam_max``: from :func:`power_lambda_max`. ``lr``: the (S)GD learning rate; pass None for Adam, whose
@@ -113,10 +117,11 @@ def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam
         reasons.append(f"grad_ratio={ratio:.3g}>={grad_ratio_tol:g}")
     if cosine < cosine_tol:
         reasons.append(f"cosine={cosine:.3g}<{cosine_tol:g}")
+    bouncing = bool(reasons)  # NaN comparisons are False: unmeasured criteria never fire
     if sharp >= sharpness_tol:
         reasons.append(f"lam_max*lr/2={sharp:.3g}>={sharpness_tol:g}")
-    if not reasons:  # NaN comparisons are False: unmeasured criteria never fire
-        reasons.append(f"grad_ratio={ratio:.3g}<{grad_ratio_tol:g}")
+    if not bouncing:
+        reasons.insert(0, f"grad_ratio={ratio:.3g}<{grad_ratio_tol:g}")
         return StallTag("small_gradient", ratio, cosine, sharp, "; ".join(reasons))
     return StallTag("oscillating", ratio, cosine, sharp, "; ".join(reasons))
 

@@ -197,29 +197,6 @@ def check_reachable(address: str, name: str = "ray.address", timeout_s: float = 
                           f"within {timeout_s:g}s ({err})") from None
 
 
-def check_gap_tolerance(runs: list[Run]) -> None:
-    """Refuse ``hessian.tol_mode=gap`` where ``hessian.method=auto`` will count without a full spectrum
-    (above :data:`pipeline.hessian.AUTO_EIGH_MAX_N` parameters), before anything trains: every point
-    would fail. (Where auto falls to the estimator for lack of memory, the point's error says so.)"""
-    from pipeline.hessian import AUTO_EIGH_MAX_N
-    from pipeline.problem import make_problem
-
-    sizes: dict[str, int] = {}
-    for run in runs:
-        h = run.config["hessian"]
-        if h["method"] != "auto" or h["tol_mode"] != "gap":
-            continue
-        key = repr((run.config["data"], run.config["model"]))
-        if key not in sizes:
-            sizes[key] = make_problem(run.cfg(), run.seed).model.n_params
-        limit = AUTO_EIGH_MAX_N["cuda" if h["num_gpus"] > 0 else "cpu"]
-        if sizes[key] > limit:
-            where = f" at sweep.grid point {run.overrides}" if run.overrides else ""
-            raise ConfigError(f"hessian.tol_mode=gap needs the full spectrum, but hessian.method=auto counts "
-                              f"without it above {limit:,} parameters and the model has {sizes[key]:,}{where}: "
-                              "set hessian.method=eigh, or hessian.tol_mode=rel or abs")
-
-
 def preflight(cfg: DictConfig) -> None:
     """Refuse requests the cluster can never satisfy, before any task is submitted."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -285,7 +262,6 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
     record = identity.check(store, name, cfg)
     store.check_writable()
     runs = expand(cfg)
-    check_gap_tolerance(runs)
     connect(cfg.ray)
     preflight(cfg)
     identity.save(store, name, record)

@@ -142,7 +142,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         # Refinement (stage=refined rows): the critical-point finder's record.
         pa.field("refine_method", pa.string()),
         pa.field("refine_iterations", pa.int64()),
-        pa.field("refine_stopped_because", pa.string()),  # converged | max_iters | line_search_failed | stalled
+        pa.field("refine_stopped_because", pa.string()),  # refine_result.STOP_REASONS, e.g. converged | gradient_flat
         pa.field("refine_distance", pa.float64()),  # ‖θ_refined − θ_stalled‖
         pa.field("refine_loss_change", pa.float64()),
         pa.field("refine_grad_norm2_start", pa.float64()),

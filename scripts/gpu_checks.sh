@@ -152,7 +152,7 @@ if want more || want estimate; then
       step "bench_hessian" 400 "$OUT/bench_more.txt" python3 scripts/bench_hessian.py --device cuda --max-baseline-s 40
       step "bench_cusolver_eigh" 120 "$OUT/bench_more.txt" python3 scripts/bench_cusolver_eigh.py
       step "bench_label" 60 "$OUT/bench_more.txt" python3 scripts/bench_label.py --device cuda
-      step "bench_refine" 75 "$OUT/bench_more.txt" python3 scripts/bench_refine.py --device cuda
+      step "bench_refine" 75 "$OUT/bench_more.txt" python3 scripts/bench_refine.py --mode operators --device cuda
     fi
     if want estimate; then
       step "bench_estimate" 200 "$OUT/bench_more.txt" \

@@ -50,24 +50,27 @@ def _ok(store):
     return t, t["points"][t["points"]["status"] == "ok"]
 
 
-def test_the_lecture_figure_has_one_point_per_checkpoint_and_the_estimators_bars(store):
-    _, ok = _ok(store)
-    fig = analysis.fig_min_ratio(ok)
-    left, right = fig.axes
+def test_the_lecture_figure_has_one_point_per_analysed_point_and_the_estimators_bars(store):
+    t, ok = _ok(store)
+    fig = analysis.fig_min_ratio(analysis.with_hue(ok, t["runs"], None))
+    left, right = fig.axes  # the naive ratio differs (0.75 vs 0.5): its own panel
     drawn = sum(len(c.get_offsets()) for c in left.collections if isinstance(c, PathCollection))  # scatters
-    assert drawn == 2  # r1's stalled point and r2's final one; the refined point has its own figure
-    assert sorted(t.get_text() for t in left.get_legend().get_texts()) == ["saddle, stalled (1)", "uncertain, final (1)"]
+    assert drawn == 3  # r1's stalled and refined points and r2's final one
+    assert sorted(t.get_text() for t in right.get_legend().get_texts()) == [  # one legend, beside the panels
+        "critical point (‖g‖² < 1e-10)", "not critical", "saddle (2)", "uncertain (1)"]
     bars = [c for c in left.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 1  # the estimated point's interval 0.5–0.7
-    assert "not taken at 1 of 2 points" in " ".join(t.get_text() for t in right.texts)
+    assert left.get_ylim()[0] > 0.4 and left.get_ylim()[1] < 0.8  # fitted to the data, not 0–1
+    full = analysis.fig_min_ratio(analysis.with_hue(ok, t["runs"], None), full_range=True).axes[0]
+    assert full.get_ylim() == (-0.03, 1.03)
 
 
 def test_an_estimate_just_outside_its_own_interval_still_draws(store):
     """The counts are rounded apart from their bounds, so a point may sit outside its bars (0.49 < 0.5)."""
     tables.write(store, SWEEP, "points", [_point("r4", 10, "final", method="estimate", min_ratio=0.49,
                                                  min_ratio_lo=0.5, min_ratio_hi=0.7, min_ratio_naive=None)])
-    _, ok = _ok(store)
-    assert len(analysis.fig_min_ratio(ok).axes[0].containers) == 2  # its group and r2's
+    t, ok = _ok(store)
+    assert len(analysis.fig_min_ratio(analysis.with_hue(ok, t["runs"], None)).axes[0].containers) == 2  # its group and r2's
 
 
 def test_ratio_vs_tol_marks_the_tolerance_each_count_used(store):
@@ -107,4 +110,4 @@ def test_a_sweep_whose_points_all_failed_still_gets_its_summary_and_curves(tmp_p
                  stem="r1")
     text, figs = analysis.analyze(store, SWEEP)
     assert "checkpoints analysed: 0  failed: 1" in text
-    assert [f.rsplit("/", 1)[-1] for f in figs] == ["loss_curves.png"]
+    assert [f.rsplit("/", 1)[-1] for f in figs] == ["loss_curves.png", "loss_curves.pdf"]

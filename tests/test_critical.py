@@ -210,6 +210,17 @@ def test_stall_tag_skips_what_was_not_measured():
     adam = stall_tag(1e-6, 1.0, cosine=0.5, lam_max=1e3, lr=None)  # Adam: no 2/lr limit
     assert adam.tag == "small_gradient" and math.isnan(adam.sharpness)
     assert stall_tag(1e-6, 1.0, cosine=-0.2).tag == "oscillating"
+    assert stall_tag(0.5, 1.0, cosine=0.9).tag == "oscillating"  # a large gradient is evidence enough
+
+
+def test_sharpness_alone_does_not_make_a_stall_oscillate():
+    # The lecture run at lr 0.5 that converged smoothly: cosine +1.0, ‖g‖/‖g₀‖ = 5e-4, λmax·lr/2 = 0.92.
+    smooth = stall_tag(5e-4, 1.0, cosine=1.0, lam_max=3.68, lr=0.5)
+    assert smooth.tag == "small_gradient"
+    assert smooth.sharpness == pytest.approx(0.92) and "lam_max*lr/2=0.92" in smooth.reasons
+    # The same sharpness with gradients that point against each other is a bounce.
+    bounce = stall_tag(5e-4, 1.0, cosine=-0.3, lam_max=3.68, lr=0.5)
+    assert bounce.tag == "oscillating" and "cosine" in bounce.reasons and "lam_max" in bounce.reasons
     with pytest.raises(ValueError, match="grad_norm"):
         stall_tag(-1.0, 1.0)
 

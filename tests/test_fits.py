@@ -28,3 +28,23 @@ def test_points_with_zero_index_are_left_out_and_too_few_points_refused():
     assert fit.n == 4 and fit.eps_c < 0.3
     with pytest.raises(ValueError, match="1-D of one length"):
         index_power_fit(eps, alpha[:3])
+
+
+def test_spearman_matches_scipy_and_its_interval_covers_the_truth():
+    from scipy.stats import spearmanr
+
+    from pipeline.fits import spearman
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, 80)
+    y = -x + rng.normal(0, 0.3, 80)
+    y[:5] = y[0]  # ties
+    res = spearman(x, y, n_boot=400)
+    assert res.rho == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert res.ci[0] < res.rho < res.ci[1] and res.ci[1] < 0 and res.n == 80
+    # Independent data: the interval straddles 0.
+    free = spearman(rng.uniform(size=200), rng.uniform(size=200), n_boot=400)
+    assert free.ci[0] < 0 < free.ci[1]
+    assert spearman(np.arange(5.0), np.array([1, 2, np.nan, 4, 5.0])).n == 4
+    with pytest.raises(ValueError, match="got 2"):
+        spearman([1.0, 2.0], [3.0, 4.0])

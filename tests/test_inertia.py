@@ -228,3 +228,42 @@ def test_cuda_inertia_equals_cpu_including_two_by_two_pivots():
     lo, hi = inertia.extreme_eigenvalues(cases[0].cuda())
     ref = np.linalg.eigvalsh(cases[0].numpy())
     assert abs(lo - ref[0]) <= 1e-9 * abs(ref).max() and abs(hi - ref[-1]) <= 1e-9 * abs(ref).max()
+
+
+GAP_CASES = [  # name, eigenvalues: a gap of 1e6 below 1e-8·max, none, and zeros that are exact
+    ("gap", [-2.0, -1e-3, 0.5, 1.0, 3.0] + [1e-14, -3e-15, 2e-14]),
+    ("no_gap", list(np.geomspace(1e-12, 1.0, 8)) + [-0.2, 0.7]),
+    ("exact_zeros", [0.0, 0.0, 0.0, -1.0, 2.0, 5e-5, 1.0]),
+]
+
+
+@pytest.mark.parametrize("name, eigs", GAP_CASES, ids=[c[0] for c in GAP_CASES])
+def test_gap_rule_by_inertia_counts_matches_eigh(name, eigs):
+    from pipeline.hessian import count_dense
+
+    gen = torch.Generator().manual_seed(3)
+    n = len(eigs)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    H = Q @ torch.diag(torch.tensor(eigs, dtype=torch.float64)) @ Q.T
+    H = (H + H.T) / 2
+    by_eigh, _ = count_dense(H, method="eigh", tol_mode="gap")
+    lam = torch.linalg.eigvalsh(H)
+    by_inertia, _ = count_dense(H.clone(), method="inertia", tol_mode="gap",
+                                extremes=(float(lam[0]), float(lam[-1])))
+    assert by_inertia.tol_method == by_eigh.tol_method == ("rel" if name == "no_gap" else "gap")
+    c_i, c_e = by_inertia.counts, by_eigh.counts  # (the naive #{λ > 0} of rounding-level zeros is noise)
+    assert (c_i.n_pos, c_i.n_neg, c_i.n_zero) == (c_e.n_pos, c_e.n_neg, c_e.n_zero)
+    if name == "gap":
+        assert by_eigh.counts.n_zero == 3 and 1e-13 < by_inertia.tol < 1e-3
+
+
+def test_gap_from_zero_counts_finds_the_lowest_plateau():
+    from pipeline import spectrum
+
+    tols = 10.0 ** np.arange(-14, -1, 0.5)
+    lam = np.array([1e-15, 2e-13, 1e-6, 1e-1, 0.5, 1.0])  # gaps 5e6 (2e-13 → 1e-6) and 1e5 (1e-6 → 1e-1)
+    zeros = np.array([(np.abs(lam) <= t).sum() for t in tols])
+    tol = spectrum.gap_from_zero_counts(tols, zeros, top=1.0, n=lam.size, rel_tol=1e-6)
+    assert 2e-13 < tol < 1e-6  # the lowest gap, as choose_tol picks it
+    assert spectrum.count(lam, tol) == spectrum.count(lam, spectrum.choose_tol(np.abs(lam), mode="gap")[0])
+    assert spectrum.gap_from_zero_counts(tols, zeros, top=1.0, n=lam.size, gap_ratio=1e8) is None

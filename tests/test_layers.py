@@ -22,7 +22,7 @@ LAYERS = {
     "hessian_build": CURVATURE, "hessian_memory": CURVATURE, "hessian": CURVATURE, "inertia": CURVATURE,
     "estimate": CURVATURE, "spectrum": CURVATURE,
     # landscape science: stalls, critical-point labels, refinement, fits
-    "stall": SCIENCE, "critical": SCIENCE, "refine": SCIENCE, "fits": SCIENCE,
+    "stall": SCIENCE, "critical": SCIENCE, "refine": SCIENCE, "refine_result": SCIENCE, "newton_eig": SCIENCE, "fits": SCIENCE,
     # orchestration and results: config to Ray tasks to tables and figures
     "config": ORCHESTRATION, "plan": ORCHESTRATION, "train": ORCHESTRATION, "jobs": ORCHESTRATION,
     "sweep": ORCHESTRATION, "shards": ORCHESTRATION, "progress": ORCHESTRATION, "storage": ORCHESTRATION,

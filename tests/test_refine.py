@@ -232,17 +232,25 @@ def test_each_finders_settings_are_its_keyword_arguments_and_config_fields():
     import dataclasses
     import inspect
 
-    from pipeline.config import RefineConfig
+    from pipeline.config import HessianConfig, RefineConfig
+    from pipeline.newton_eig import newton_eig
 
     fields = {f.name for f in dataclasses.fields(RefineConfig)}
-    for method, finder in (("newton_mr", refine.newton_mr), ("gnm", refine.gnm)):
+    counts = {f.name for f in dataclasses.fields(HessianConfig)}
+    for method, finder in (("newton_mr", refine.newton_mr), ("gnm", refine.gnm), ("newton_eig", newton_eig)):
         params = inspect.signature(finder).parameters
         keyword = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         assert set(refine.SETTINGS[method]) <= keyword & fields
         assert keyword & fields <= set(refine.SETTINGS[method]), "a config setting the finder takes is not passed"
+        assert set(refine.COUNT_SETTINGS[method]) <= keyword & counts
+        assert keyword & (counts - fields) <= set(refine.COUNT_SETTINGS[method]), "a hessian setting is not passed"
+    options = refine.options_for("newton_eig", {"method": "newton_eig", "max_iters": 9, "forcing": 0.1},
+                                 {"rel_tol": 1e-7, "tol_mode": "gap", "method": "eigh"})
+    assert options == {"rel_tol": 1e-7, "tol_mode": "gap", "max_iters": 9}
 
 
-@pytest.mark.parametrize("experiment, data_name", [("lecture_digits", "digits"), ("pennington_bahri", "gaussian")])
+@pytest.mark.parametrize("experiment, data_name", [("lecture_digits", "digits"), ("pennington_bahri", "gaussian"),
+                                                   ("ratio_vs_loss", "digits")])
 def test_experiment_configs_compose_with_the_real_config(experiment, data_name):
     cfg = compose_config([f"+experiment={experiment}"], shrink=False)
     validate(cfg)
@@ -250,6 +258,9 @@ def test_experiment_configs_compose_with_the_real_config(experiment, data_name):
     assert cfg.hessian.method == "eigh" and cfg.hessian.dtype == "float64"
     if experiment == "lecture_digits":
         assert len(seeds_of(cfg.sweep.seeds)) >= 100
+    if experiment == "ratio_vs_loss":  # one grid across width, data size and learning rate, one tolerance rule
+        assert set(cfg.sweep.grid) == {"model.width", "data.n_samples", "optim.lr"}
+        assert cfg.refine.method == "newton_eig" and cfg.hessian.tol_mode == "gap" and cfg.plot.hue
 
 
 @pytest.mark.gpu
