@@ -159,6 +159,7 @@ class RayConfig:
     address: Optional[str] = None  # None = start a local Ray; "auto", "host:port" or "ray://…"
     num_cpus: Optional[int] = None  # local Ray only: CPUs to offer (None = all)
     train_num_cpus: float = 1.0  # CPUs per training task
+    train_num_gpus: float = 0.0  # GPUs per training task (fractional allowed); 0 = train on the CPU
     max_retries: int = 3  # Ray retries of a task whose worker died
     state_every_s: float = 60.0  # seconds between saves of a training task's state; a retry resumes there
     runtime_env: dict = field(default_factory=dict)
@@ -348,6 +349,8 @@ RULES: tuple[Rule, ...] = (
     ("sweep.name", lambda c: _folder_name(str(c.sweep.name)),
      "a folder name under results_root: not empty, '.' or '..', without '/' or '\\'"),
     ("ray.train_num_cpus", lambda c: c.ray.train_num_cpus > 0, "> 0"),
+    ("ray.train_num_gpus", lambda c: c.ray.train_num_gpus >= 0, "≥ 0 (0 = train on the CPU)"),
+    _whole_or_fraction("ray.train_num_gpus"),
     ("ray.num_cpus", lambda c: c.ray.num_cpus is None or c.ray.num_cpus >= 1, "≥ 1, or null (all of this machine's)"),
     ("ray.max_retries", lambda c: c.ray.max_retries >= 0, "≥ 0"),
     ("ray.state_every_s", lambda c: c.ray.state_every_s >= 0, "≥ 0 seconds"),

@@ -227,11 +227,13 @@ def restore_checkpoints(store: Store, sweep: str, run: Run, state: TrainState) -
 
 
 def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
-              state_every_s: float = 60.0) -> tuple[str, list[CheckpointRef]]:
-    """Train ``run``, write its checkpoints, curve and ``runs`` row; return its status and checkpoints.
+              state_every_s: float = 60.0, device: str = "cpu") -> tuple[str, list[CheckpointRef]]:
+    """Train ``run`` on ``device``, write its checkpoints, curve and ``runs`` row; return its status and
+    checkpoints.
 
-    Resumes from the state an earlier attempt saved, if any. An exception inside training becomes a
-    ``failed`` row (and no checkpoints), never a dead sweep. ``node_id``: the Ray node, for the row.
+    Resumes from the state an earlier attempt saved, if any (saved on the CPU, so on any device). An
+    exception inside training becomes a ``failed`` row (and no checkpoints), never a dead sweep.
+    ``node_id``: the Ray node, for the row; the row's ``device`` is where the run trained.
     """
     store = Store.open(store_uri)
     t0 = time.perf_counter()
@@ -243,14 +245,14 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
         # Checkpoints an earlier attempt already wrote are files already; list them again for the driver.
         refs = [ref_for(run, ck.step, ck.stalled, checkpoint_path(sweep, run.run_id, ck.step))
                 for ck in (resume.checkpoints if resume else [])]
-        result = train(cfg, run.seed, resume=resume, state_every_s=state_every_s,
+        result = train(cfg, run.seed, resume=resume, state_every_s=state_every_s, device=device,
                        on_checkpoint=lambda ck: refs.append(save_checkpoint(store, sweep, run, ck)),
                        on_state=lambda st: save_state(store, sweep, run.run_id, st))
     except StorageFull:
         raise  # no run is at fault and no row could be written: the driver stops the sweep, naming the root
     except Exception as err:  # noqa: BLE001 — any failure of one run is recorded, the sweep goes on
         tables.write(store, sweep, "runs", [rows.run_row(
-            sweep, run, node_id, status="failed", wall_seconds=time.perf_counter() - t0,
+            sweep, run, node_id, status="failed", wall_seconds=time.perf_counter() - t0, device=device,
             error=_error_text(err))])
         return "failed", []
     tables.write(store, sweep, "curves", rows.curve_rows(run.run_id, result.curves))
@@ -258,7 +260,7 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
         sweep, run, node_id, status=result.status, steps=result.steps, final_loss=result.final_loss,
         final_grad_norm=result.final_grad_norm, n_params=result.n_params,
         n_checkpoints=len(result.checkpoints), n_stalls=sum(ck.stalled for ck in result.checkpoints),
-        wall_seconds=time.perf_counter() - t0, error=result.error,
+        wall_seconds=time.perf_counter() - t0, error=result.error, device=result.device,
         resumed_from_step=resume.step if resume else None)])
     if store.exists(state_path(sweep, run.run_id)):
         store.delete(state_path(sweep, run.run_id))  # the run is complete: a later attempt starts over

@@ -59,44 +59,58 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _task_device() -> str:
+    """``cuda`` where Ray gave this task a GPU and torch sees one; else ``cpu`` (a task given a GPU by Ray
+    on a machine whose torch is a CPU build runs on the CPU, and its row's ``device`` says so)."""
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def _release(device: str) -> None:
+    """Give the GPU's cached memory back to the next task sharing it."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 @ray.remote
 def _train_task(store_uri: str, sweep: str, run: Run, num_cpus: float, state_every_s: float):
     _threads(num_cpus)
+    device = _task_device()
     t0 = time.monotonic()
-    out = jobs.train_job(store_uri, sweep, run, node_id=_node_id(), state_every_s=state_every_s)
-    return time.monotonic() - t0, out
+    try:
+        out = jobs.train_job(store_uri, sweep, run, node_id=_node_id(), state_every_s=state_every_s,
+                             device=device)
+        return time.monotonic() - t0, out
+    finally:
+        _release(device)
 
 
 @ray.remote
 def _refine_task(store_uri: str, sweep: str, ref, num_cpus: float):
-    import torch
-
     _threads(num_cpus)
-    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    device = _task_device()
     t0 = time.monotonic()
     try:
         failed = jobs.refine_job(store_uri, sweep, ref, device=device, node_id=_node_id())
         return time.monotonic() - t0, failed
     finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        _release(device)
 
 
 @ray.remote
 def _hessian_task(store_uri: str, sweep: str, refs: list, num_cpus: float):
-    import torch
-
     _threads(num_cpus)
-    # A task given a GPU by Ray on a machine where torch sees none (a CPU build) runs on the CPU.
-    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    device = _task_device()
     t0 = time.monotonic()
     try:
         failed = jobs.hessian_job(store_uri, sweep, refs, device=device, node_id=_node_id(),
                                   hvp_shards=shards.sharded_hvp)
         return time.monotonic() - t0, failed
     finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()  # give the GPU back to the next task sharing it
+        _release(device)
 
 
 _CONNECTED = None  # the ray config connect() last started or attached a Ray with, while it runs
@@ -221,13 +235,13 @@ def preflight(cfg: DictConfig) -> None:
     max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     h = cfg.hessian
     sections = ("hessian", "refine") if cfg.refine.method != "none" else ("hessian",)  # tasks that will run
-    for section in sections:
-        gpus = cfg[section].num_gpus
+    gpu_keys = [("ray.train_num_gpus", cfg.ray.train_num_gpus)]
+    gpu_keys += [(f"{s}.num_gpus", cfg[s].num_gpus) for s in sections]
+    for key, gpus in gpu_keys:
         if gpus > 0 and max_gpu == 0:
-            raise ConfigError(f"{section}.num_gpus={gpus} but the Ray cluster has no GPU; "
-                              f"use {section}.num_gpus=0 to run on CPU")
+            raise ConfigError(f"{key}={gpus} but the Ray cluster has no GPU; use {key}=0 to run on CPU")
         if gpus > max_gpu:
-            raise ConfigError(f"{section}.num_gpus={gpus} but the largest node has {max_gpu:g} GPU(s)")
+            raise ConfigError(f"{key}={gpus} but the largest node has {max_gpu:g} GPU(s)")
     needs = [("ray.train_num_cpus", cfg.ray.train_num_cpus)] + [(f"{s}.num_cpus", cfg[s].num_cpus) for s in sections]
     for key, need in needs:
         if need > max_cpu:
@@ -304,11 +318,14 @@ class Driver:
         for ref in missing:
             (self.to_refine if ref.stage == "refined" else self.groups[ref.group]).append(ref)
         cpus = float(ray.cluster_resources().get("CPU", 1))
+        slots = cpus / cfg.ray.train_num_cpus  # training tasks that fit at once
+        if cfg.ray.train_num_gpus:
+            slots = min(slots, _total("GPU") / cfg.ray.train_num_gpus)
         self.cap = cfg.sweep.max_in_flight or max(2, 2 * int(cpus))
         self.hessian_cap = data_parallel_cap(cfg.hessian) if cfg.hessian.data_workers else None
         self.in_flight: dict = {}  # object ref -> ("train", Run) | ("hessian", [refs]) | ("refine", ref)
         self.prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo),
-                             points_known=len(missing), slots=max(1.0, cpus / cfg.ray.train_num_cpus))
+                             points_known=len(missing), slots=max(1.0, slots))
         self._busy_at = float("-inf")
 
     def run(self) -> None:
@@ -335,7 +352,8 @@ class Driver:
         if not self.todo:
             return False
         run, rc = self.todo.popleft(), self.cfg.ray
-        task = _train_task.options(num_cpus=rc.train_num_cpus, max_retries=rc.max_retries)
+        task = _train_task.options(num_cpus=rc.train_num_cpus, num_gpus=rc.train_num_gpus or None,
+                                   max_retries=rc.max_retries)
         self.in_flight[task.remote(self.store.uri, self.name, run, rc.train_num_cpus, rc.state_every_s)] = ("train", run)
         return True
 

@@ -69,6 +69,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("wall_seconds", pa.float64()),
         pa.field("node", pa.string()),  # host name of the worker that trained the run
         pa.field("node_id", pa.string()),  # Ray node id of that worker
+        pa.field("device", pa.string()),  # where the run trained: cpu, cuda:0 (ray.train_num_gpus)
         pa.field("resumed_from_step", pa.int64()),  # a retried task went on from its saved state here
         pa.field("error", pa.string()),
         pa.field("overrides", pa.string()),  # the grid point of this run, JSON

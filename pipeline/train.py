@@ -52,16 +52,18 @@ class TrainResult:
     checkpoints: list
     seconds: float
     error: Optional[str] = None
+    device: str = "cpu"  # where it trained, as torch names it (cpu, cuda:0)
 
 
 @dataclass
 class TrainState:
     """Everything :func:`train` needs to go on from ``step`` exactly as if it had never stopped
-    (a retried task resumes from it). Saved after the optimizer step of a logged step."""
+    (a retried task resumes from it). Saved after the optimizer step of a logged step. Its tensors are
+    on the CPU whatever the training device, so a run may resume on another device."""
 
     step: int  # the next step to take
-    theta: torch.Tensor  # [n_params]
-    optimizer: dict  # torch optimizer state_dict (momentum buffers, Adam moments)
+    theta: torch.Tensor  # [n_params], CPU
+    optimizer: dict  # torch optimizer state_dict (momentum buffers, Adam moments), CPU tensors
     generator: torch.Tensor  # state of the mini-batch sampler's RNG
     curves: Curves
     checkpoints: list  # Checkpoint objects emitted so far
@@ -80,23 +82,26 @@ def _optimizer(cfg, theta: torch.Tensor) -> torch.optim.Optimizer:
 def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
           on_checkpoint: Optional[Callable[[Checkpoint], None]] = None,
           resume: Optional[TrainState] = None, on_state: Optional[Callable[[TrainState], None]] = None,
-          state_every_s: float = 60.0) -> TrainResult:
+          state_every_s: float = 60.0, device: str = "cpu") -> TrainResult:
     """Train one run. ``cfg`` has ``data``, ``model``, ``optim`` and ``stall`` sections.
 
     Deterministic given (cfg, seed): initial parameters come from ``seed``, mini-batch order too.
     ``on_checkpoint`` is called with each checkpoint as soon as it exists, so its Hessian can start
     while training goes on. ``on_state`` receives a :class:`TrainState` at most every ``state_every_s``
     seconds; passing one back as ``resume`` continues that run with the same result.
+    ``device``: where the problem's tensors, θ and the optimizer state live (``cuda`` for a GPU); the
+    mini-batch sampler stays on the CPU, so a run draws the same batches on every device, and what
+    leaves the loop (checkpoints, states) is on the CPU.
 
     The step loop stays in one piece on purpose: the order of measuring, logging, the stall check, the
     step and the state save within a step is what makes a resumed run bit-for-bit the uninterrupted one.
     """
     t_start = time.perf_counter()
     dtype = DTYPES[cfg.optim.dtype]
-    problem = make_problem(cfg, seed).to("cpu", dtype)
+    problem = make_problem(cfg, seed).to(device, dtype)
     model, data = problem.model, problem.data
     start = theta0 if resume is None else resume.theta
-    theta = (model.init(seed, dtype) if start is None else start.to(dtype)).clone().requires_grad_(True)
+    theta = (model.init(seed, dtype) if start is None else start).to(device, dtype, copy=True).requires_grad_(True)
     opt = _optimizer(cfg, theta)
     full = problem.loss_fn()
     o, s = cfg.optim, cfg.stall
@@ -105,7 +110,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     curves, checkpoints = Curves(), []
     since, status, step, first = 0, "ok", 0, 0
     if resume is not None:  # go on exactly where the saved state left off
-        opt.load_state_dict(resume.optimizer)
+        opt.load_state_dict(resume.optimizer)  # moves its tensors to theta's device
         gen.set_state(resume.generator)
         curves, checkpoints, since, first = resume.curves, list(resume.checkpoints), resume.since, resume.step
     # Mini-batch steps only refresh these at logged steps; a resumed run starts from the last logged values.
@@ -119,7 +124,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     def emit(ck: Checkpoint):
         # Oscillating or small gradient? Measured at the point itself (one extra gradient, a power iteration).
         g0 = curves.grad_norm[0] if curves.grad_norm else ck.grad_norm
-        ck.tag = stall.stall_tag_at(full, ck.theta.to(dtype), g0, lr, power_iters=s.power_iters, **thresholds)
+        ck.tag = stall.stall_tag_at(full, ck.theta.to(device, dtype), g0, lr, power_iters=s.power_iters, **thresholds)
         checkpoints.append(ck)
         if on_checkpoint is not None:
             on_checkpoint(ck)
@@ -144,7 +149,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
             if stall.is_stalled(curves.step, curves.loss, s.window, s.threshold, since=since):
                 ref = _loss_at(curves, step - s.window)
                 rel = stall.relative_improvement(ref, loss_now)
-                emit(Checkpoint(step, theta.detach().clone(), loss_now, gnorm_now, True,
+                emit(Checkpoint(step, _cpu(theta.detach()), loss_now, gnorm_now, True,
                                 f"stall: relative improvement {rel:.4g} < {s.threshold:g} over {s.window} steps"))
                 since = step
                 if len(checkpoints) >= s.max_stalls:
@@ -152,22 +157,35 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
         if step == o.max_steps:
             break
         if mini:
-            idx = torch.randperm(data.n, generator=gen)[: cfg.data.batch_size]
+            idx = torch.randperm(data.n, generator=gen)[: cfg.data.batch_size].to(data.X.device)
             opt.zero_grad(set_to_none=True)
             problem.loss_fn(data.X[idx], data.Y[idx])(theta).backward()
         opt.step()
         if on_state is not None and logging and time.perf_counter() - last_state >= state_every_s:
-            on_state(TrainState(step + 1, theta.detach().clone(), copy.deepcopy(opt.state_dict()),
+            on_state(TrainState(step + 1, _cpu(theta.detach()), _cpu(opt.state_dict()),
                                 gen.get_state(), copy.deepcopy(curves), list(checkpoints), since))
             last_state = time.perf_counter()
 
     if status == "ok" and (not checkpoints or checkpoints[-1].step != step):
-        emit(Checkpoint(step, theta.detach().clone(), loss_now, gnorm_now, False,
+        emit(Checkpoint(step, _cpu(theta.detach()), loss_now, gnorm_now, False,
                         f"final: reached optim.max_steps={o.max_steps}" if step == o.max_steps
                         else "final"))
     return TrainResult(status, step, loss_now, gnorm_now, model.n_params, curves, checkpoints,
                        time.perf_counter() - t_start,
-                       error=f"loss became {loss_now} at step {step}" if status == "diverged" else None)
+                       error=f"loss became {loss_now} at step {step}" if status == "diverged" else None,
+                       device=str(theta.device))
+
+
+def _cpu(obj):
+    """A copy of ``obj`` (a tensor, or dicts and lists of them: an optimizer's state_dict) with every tensor
+    on the CPU: what the loop hands out must not alias the live parameters or pin a GPU's memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _full_batch(full, theta: torch.Tensor, opt: torch.optim.Optimizer, logging: bool) -> tuple[float, float]:

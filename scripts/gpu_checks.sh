@@ -14,8 +14,10 @@
 #   3. scripts/bench_counts_inplace.py: exact counts at N ≈ 29k and 100k in H's own memory (closed-form
 #      build + blocked LDLᵀ), peak memory, counts checked by a second factorisation order; 100k needs the
 #      H200's memory — on a smaller GPU the largest N that fits runs in its place;
-#   4. scripts/bench_sweep_gpu.py: +experiment=lecture_digits for about 3 minutes with the Hessian and
-#      refinement tasks on 0.25 GPU each: runs/min, checkpoints/min, nvidia-smi utilisation;
+#   4. scripts/bench_sweep_gpu.py: +experiment=lecture_digits for about 3 minutes with training, Hessian and
+#      refinement tasks sharing the GPU: the Hessian and refinement tasks on 0.25 GPU each, the training tasks
+#      on TRAIN_FRACTION each (default 1/CPUs: every core's training task fits on the card; 0 trains on the
+#      CPU cores): runs/min, checkpoints/min, nvidia-smi utilisation;
 #   5. the generic-module Hessian next to the closed-form MLP at N ≈ 19k (scripts/bench_hessian.py
 #      $GENERIC_ARGS), once bench_hessian.py has generic-module rows;
 #   6. the older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine; about 6 minutes)
@@ -125,7 +127,8 @@ if want sweep; then
   sweep_s=$((BUDGET_S - (SECONDS - T0) - 40))  # its two sweeps, sized to end before the step's timeout
   [ "$sweep_s" -gt 170 ] && sweep_s=170
   step "lecture_digits sweep throughput" 210 "$OUT/bench_sweep_gpu.txt" \
-    python3 scripts/bench_sweep_gpu.py --seconds "$sweep_s" --smi-log "$OUT/nvidia_smi.csv"
+    python3 scripts/bench_sweep_gpu.py --seconds "$sweep_s" --smi-log "$OUT/nvidia_smi.csv" \
+    ${TRAIN_FRACTION:+--train-fraction "$TRAIN_FRACTION"}
 fi
 
 # 5. The generic-module Hessian (issue 15's rows in bench_hessian.py).

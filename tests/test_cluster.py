@@ -110,6 +110,49 @@ def test_hessian_tasks_land_only_on_the_gpu_node_and_a_lost_node_loses_no_row(tm
     assert dfs["runs"]["node_id"].notna().all()
 
 
+def shared_gpu_child(root: str, out: str) -> None:
+    """A CPU-only head and a node advertising one GPU; training and Hessian tasks each ask for half of it."""
+    from ray.cluster_utils import Cluster
+
+    from conftest import compose_config
+    from pipeline.sweep import run_sweep
+
+    # The head has the most CPUs and is the driver's node: a task asking for no GPU would go there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        gpu = cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        cfg = compose_config([f"results_root={root}", "sweep.name=shared", f"ray.address={cluster.address}",
+                              *TINY, *SHARED_GPU])
+        summary = run_sweep(cfg)
+        Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "points": summary.points}))
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+
+SHARED_GPU = ["ray.train_num_gpus=0.5", "hessian.num_gpus=0.5", "sweep.seeds=2"]
+
+
+@pytest.mark.slow
+def test_training_tasks_ask_for_their_gpu_fraction_and_say_where_they_trained(tmp_path, make_cfg):
+    """Only the GPU node can hold a task asking for ``ray.train_num_gpus``: every run trains there. Its GPU
+    is Ray's bookkeeping, which this CPU build of torch cannot use, so the runs say they trained on the CPU."""
+    root, out = tmp_path / "results", tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, __file__, "shared_gpu", str(root), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(out.read_text())
+    dfs = assert_tables_complete(make_cfg(TINY + SHARED_GPU), root / "shared")
+    runs, points = dfs["runs"], dfs["points"]
+    assert set(runs["node_id"]) == {info["gpu_node"]}  # no run trained on the GPU-less head
+    assert set(points["node_id"]) == {info["gpu_node"]}
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert set(runs["device"]) == {expected}, runs["device"].value_counts()
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """Stop a process started with ``start_new_session=True`` and everything it started."""
     for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.0)):
@@ -212,6 +255,7 @@ CLUSTER_CANNOT = [  # (override, what the message must name) on the shared 2-CPU
     ("hessian.num_gpus=1", "hessian.num_gpus=1"),
     ("hessian.num_gpus=0.25", "hessian.num_gpus=0.25"),
     ("ray.train_num_cpus=64", "ray.train_num_cpus=64"),
+    ("ray.train_num_gpus=0.25", "ray.train_num_gpus=0.25 but the Ray cluster has no GPU; use ray.train_num_gpus=0"),
     ("hessian.memory_budget_mb=1e9", "hessian.memory_budget_mb=1e+09"),
     # a Hessian task and its 2 data workers hold 3 CPUs at once: never schedulable on 2
     ("hessian.method=estimate hessian.tol_mode=rel hessian.data_workers=2", "hessian.data_workers=2"),
@@ -280,4 +324,4 @@ def test_fractional_gpus_on_a_real_gpu_run_the_hessians_on_cuda(ray_session, mak
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
-    {"multinode": multinode_child}[sys.argv[1]](*sys.argv[2:])
+    {"multinode": multinode_child, "shared_gpu": shared_gpu_child}[sys.argv[1]](*sys.argv[2:])

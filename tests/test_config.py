@@ -62,6 +62,8 @@ BAD = [
     ("sweep.name=..", "sweep.name"),
     ("sweep.name=.", "sweep.name"),
     ("ray.num_cpus=-1", "ray.num_cpus"),
+    ("ray.train_num_gpus=-0.25", "ray.train_num_gpus"),
+    ("ray.train_num_gpus=1.5", "ray.train_num_gpus"),  # a fraction of one GPU, or whole GPUs
     ("+sweep.grid={optim.lr:[0.1,inf]}", "optim.lr=inf"),  # a grid point's float is checked like the config's
     ("plot.hue=model.widht", "plot.hue"),
     ("plot.hue=model", "plot.hue"),  # a section, not a setting
