@@ -1,5 +1,5 @@
 """``python -m pipeline`` runs the sweep (same as ``minratio-sweep``)."""
-from pipeline.cli import main
+from pipeline.orchestration.cli import main
 
 if __name__ == "__main__":
     main()

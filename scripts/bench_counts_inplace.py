@@ -5,7 +5,7 @@ The model is bench_hessian's (MLP 16-h-h-4, tanh, 512 Gaussian samples, MSE, flo
 N = h² + 22h + 4). For each N:
 
 1. parameters to counts as the pipeline runs a point with ``hessian.method=inertia naive_count=false``:
-   one :func:`pipeline.hessian.spectrum_at` call — the closed-form Hessian built into one N×N buffer, Lanczos
+   one :func:`pipeline.curvature.hessian.spectrum_at` call — the closed-form Hessian built into one N×N buffer, Lanczos
    for max|λ| (tol = 1e-6·max|λ|), then n+ and n− from the LDLᵀ of H ∓ tol·I in H's own memory (the blocked
    LDLᵀ on CUDA: ``inertia.resolve_factor``). Wall time and peak CUDA memory above the start, in units of
    H = N²·8 bytes. Best of ``--repeat`` where N ≤ 40,000 (the first call also reported).
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import hessian as hs
-from pipeline import inertia
+from pipeline.curvature import hessian as hs
+from pipeline.curvature import inertia
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hessian import Peak, device_name, free_bytes, problem, sync, timed, warm_up, width_for  # noqa: E402

@@ -1,7 +1,7 @@
 """Benchmark (CUDA only): cuSOLVER eigensolvers that torch 2.11's ``eigvalsh`` does not call, through ctypes.
 
 Why: torch 2.11's CUDA ``eigvalsh`` loops cuSOLVER's ``syevd`` over a batch of matrices larger than
-32 × 32, and eigh peaks at 6×H. This script measures, with :mod:`pipeline.cusolver` (what a pass of
+32 × 32, and eigh peaks at 6×H. This script measures, with :mod:`pipeline.numerics.cusolver` (what a pass of
 ``spectra_at_many`` on CUDA uses), against torch's calls:
 
 1. device workspace that ``cusolverDnXsyevd`` asks for (eigenvalues only / with vectors) and that
@@ -25,8 +25,8 @@ import argparse
 import torch
 
 from bench_hessian import F64, Peak, device_name, problem, timed  # the same MLP problem and clocks as bench_hessian
-from pipeline import cusolver
-from pipeline import hessian as hs
+from pipeline.numerics import cusolver
+from pipeline.curvature import hessian as hs
 
 
 def peak_of(fn, device: torch.device):

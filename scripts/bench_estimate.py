@@ -1,12 +1,12 @@
-"""Benchmark of the HVP-only count estimator (:mod:`pipeline.estimate`) against exact counts, and of SLQ
+"""Benchmark of the HVP-only count estimator (:mod:`pipeline.curvature.estimate`) against exact counts, and of SLQ
 "as PyHessian computes it", on the same checkpoints.
 
     python scripts/bench_estimate.py                  # CPU: N ≈ 2.7k checkpoints + time to ±0.02 at N ≈ 10⁴
     python scripts/bench_estimate.py --device cuda --parts gpu   # N ≈ 10⁵ and 10⁶ on one GPU (< 3 min)
     python scripts/bench_estimate.py --quick          # a smaller grid, for a smoke run
 
-1. Checkpoints: stalled points of real pipeline runs (:func:`pipeline.train.train` on the real Hydra config),
-   exact spectra by :func:`pipeline.hessian.spectrum_at` (float64 ``eigh``).
+1. Checkpoints: stalled points of real pipeline runs (:func:`pipeline.orchestration.train.train` on the real Hydra config),
+   exact spectra by :func:`pipeline.curvature.hessian.spectrum_at` (float64 ``eigh``).
 2. Estimator error, interval and time against the Chebyshev degree and the number of probes, at
    tolerances rel·max|λ| — or "refused" where the tolerance is finer than the resolution.
 3. SLQ as PyHessian computes it, written here from its description: Rademacher start vectors, ``steps``
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from pipeline import estimate
-from pipeline.chebyshev import min_degree
-from pipeline.data import synthetic
-from pipeline.hessian import spectrum_at
-from pipeline.lanczos import lanczos, ritz
-from pipeline.models import MLP, loss_value
+from pipeline.curvature import estimate
+from pipeline.numerics.chebyshev import min_degree
+from pipeline.curvature.data import synthetic
+from pipeline.curvature.hessian import spectrum_at
+from pipeline.numerics.lanczos import lanczos, ritz
+from pipeline.curvature.models import MLP, loss_value
 
 REL_TOLS = (1e-6, 1e-5, 1e-4, 1e-3)
 
@@ -56,9 +56,9 @@ def pipeline_checkpoints(overrides: list[str], seed: int = 0):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.config import register_configs
-    from pipeline.problem import make_problem
-    from pipeline.train import train
+    from pipeline.orchestration.config import register_configs
+    from pipeline.curvature.problem import make_problem
+    from pipeline.orchestration.train import train
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -4,9 +4,9 @@ One run on one device (CUDA when present, else CPU; ``--device`` to choose). The
 MLP 16-h-h-4, tanh, 512 Gaussian samples, MSE, float64, random initialisation; N = h² + 22h + 4.
 For each N it times
 
-- ours: the Hessian build (closed form, :mod:`pipeline.mlp_hessian`, the default for MLPs; HVP modes
+- ours: the Hessian build (closed form, :mod:`pipeline.curvature.mlp_hessian`, the default for MLPs; HVP modes
   ``rev`` and ``fwd``), ``eigh`` (eigvalsh of it; on CUDA also the in-place eigenvalues of
-  :func:`pipeline.cusolver.eigvalsh_inplace_`, time and peak) and ``inertia``:
+  :func:`pipeline.numerics.cusolver.eigvalsh_inplace_`, time and peak) and ``inertia``:
   Lanczos for max|λ|, then the counts from two LDLᵀ factorisations (H ∓ tol·I: Bunch–Kaufman and
   the blocked one), and with the third
   behind the naive #{λ > 0} (``hessian.naive_count``); one LDLᵀ alone; parameters to counts in one
@@ -35,10 +35,11 @@ import time
 
 import torch
 
-from pipeline import hessian as hs
-from pipeline import block_ldl, cusolver, inertia, spectrum
-from pipeline.models import MLP
-from pipeline.problem import MeanLoss
+from pipeline.curvature import hessian as hs
+from pipeline.numerics import block_ldl, cusolver
+from pipeline.curvature import inertia, spectrum
+from pipeline.curvature.models import MLP
+from pipeline.curvature.problem import MeanLoss
 
 F64 = torch.float64
 GPU_SIZES = [1999, 5508, 19204, 29124]
@@ -196,7 +197,7 @@ def bench_size(n_target: int, device: torch.device, args) -> dict:
 
 
 def _time_blocked(H: torch.Tensor, tol: float, block: int, device: torch.device, repeat: int):
-    """(best seconds, gave up?) of one :func:`pipeline.block_ldl.inertia_` of H − tol·I, on a fresh copy
+    """(best seconds, gave up?) of one :func:`pipeline.numerics.block_ldl.inertia_` of H − tol·I, on a fresh copy
     each time (the copy is not timed)."""
     runs = []
     for _ in range(repeat):
@@ -258,7 +259,7 @@ def bench_batched(n_target: int, checkpoints: int, device: torch.device) -> dict
 
 def bench_windows(device: torch.device, batch: int = 64, sizes=(32, 48, 64, 128, 512)) -> list[tuple]:
     """The blocked LDLᵀ's windows: seconds for ``batch`` eigendecompositions of m × m in one batched call
-    and one by one — what sets :data:`pipeline.block_ldl.BATCH_BLOCK`."""
+    and one by one — what sets :data:`pipeline.numerics.block_ldl.BATCH_BLOCK`."""
     g = torch.Generator().manual_seed(2)
     out = []
     for m in sizes:
@@ -308,17 +309,17 @@ def fmt_mem(b, n: int) -> str:
 
 
 def generic_problem(kind: str, device: torch.device, samples: int, seed: int = 0):
-    """A user's-style ``nn.Module`` through :class:`pipeline.torch_model.TorchModel` (no closed form):
+    """A user's-style ``nn.Module`` through :class:`pipeline.curvature.torch_model.TorchModel` (no closed form):
     ``mlp`` — the same 16-32-32-4 tanh MLP as a module (N = 1,732); ``cnn`` —
-    :class:`pipeline.nets.SmallCNN` on 1×8×8 images, channels (16, 24) (N = 4,610); MSE, float64."""
-    from pipeline.torch_model import TorchModel
+    :class:`pipeline.curvature.nets.SmallCNN` on 1×8×8 images, channels (16, 24) (N = 4,610); MSE, float64."""
+    from pipeline.curvature.torch_model import TorchModel
 
     g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
-        model = TorchModel("pipeline.nets.TanhMLP", {"in_features": 16, "hidden": [32, 32], "out_features": 4})
+        model = TorchModel("pipeline.curvature.nets.TanhMLP", {"in_features": 16, "hidden": [32, 32], "out_features": 4})
         X, out = torch.randn(samples, 16, generator=g, dtype=F64), 4
     else:
-        model = TorchModel("pipeline.nets.SmallCNN", {"in_channels": 1, "side": 8, "channels": [16, 24],
+        model = TorchModel("pipeline.curvature.nets.SmallCNN", {"in_channels": 1, "side": 8, "channels": [16, 24],
                                                       "n_classes": 10}, sample_shape=(1, 8, 8))
         X, out = torch.randn(samples, 64, generator=g, dtype=F64), 10
     Y = torch.randn(samples, out, generator=g, dtype=F64)
@@ -455,7 +456,7 @@ def main(argv=None) -> None:
               f"| {fmt_t(r['to_counts'])} | {fmt_t(r['row'])} | {fmt_t(r['vec'])} "
               f"| {fmt_t(r['eigvalsh'])} |")
 
-    print("\n## Counts: Bunch–Kaufman (LAPACK / cuSOLVER sytrf) against the blocked LDLᵀ (pipeline.block_ldl)\n")
+    print("\n## Counts: Bunch–Kaufman (LAPACK / cuSOLVER sytrf) against the blocked LDLᵀ (pipeline.numerics.block_ldl)\n")
     blocks = list(rows[0]["blocked"]) if rows else []
     print("| N | counts, Bunch–Kaufman (Lanczos + 2 sytrf) | counts, auto | auto's factor | one sytrf (copy) | "
           + " | ".join(f"one blocked, window {b}" for b in blocks) + " |")

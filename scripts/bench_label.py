@@ -1,10 +1,10 @@
 """Benchmark: one full-spectrum point of the pipeline with its honest-label columns, two ways.
 
 - before (the baseline, as the Hessian job did it until the pass kept its eigenvectors): the pass's
-  ``spectrum_at(method="eigh")`` — build, eigvalsh — then :func:`pipeline.critical.critical_report`,
+  ``spectrum_at(method="eigh")`` — build, eigvalsh — then :func:`pipeline.landscape.critical.critical_report`,
   which builds the Hessian again and takes an eigh with eigenvectors;
 - now: ``spectrum_at(method="eigh", vectors=True)`` — build, one eigh with eigenvectors, keeping Vᵀg and
-  v_min — then :func:`pipeline.critical.report_from_eigen`, which needs no N×N matrix.
+  v_min — then :func:`pipeline.landscape.critical.report_from_eigen`, which needs no N×N matrix.
 
 Same model as ``scripts/bench_hessian.py`` (MLP 16-h-h-4 tanh, 512 samples, MSE, float64, random init).
 Prints the times, the speed-up against the baseline of this run, the peak CUDA memory (n/a on CPU) and
@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hessian import Peak, device_name, fmt_mem, problem, timed, warm_up  # noqa: E402
 
-from pipeline import critical  # noqa: E402
-from pipeline import hessian as hs  # noqa: E402
-from pipeline import rows  # noqa: E402
+from pipeline.landscape import critical  # noqa: E402
+from pipeline.curvature import hessian as hs  # noqa: E402
+from pipeline.orchestration import rows  # noqa: E402
 
 
 def before(f, theta):

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import refine
-from pipeline.config import section
-from pipeline.hessian import spectrum_at
-from pipeline.problem import make_problem
-from pipeline.train import train
+from pipeline.landscape import refine
+from pipeline.orchestration.config import section
+from pipeline.curvature.hessian import spectrum_at
+from pipeline.curvature.problem import make_problem
+from pipeline.orchestration.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sweep import compose  # noqa: E402  (Hydra composition of the installed config)

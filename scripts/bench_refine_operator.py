@@ -1,6 +1,6 @@
 """Benchmark: Newton-MR on dense products with the closed-form Hessian (``refine.operator=dense``) against
 MINRES on Hessian-vector products (``hvp``), the measurement behind ``refine.operator=auto``'s bound
-(:data:`pipeline.refine.AUTO_DENSE_MAX_N`).
+(:data:`pipeline.landscape.refine.AUTO_DENSE_MAX_N`).
 
 The model is bench_hessian's: MLP 16-h-h-4, tanh, 512 Gaussian samples, MSE, float64; the start is 1,000
 full-batch GD steps (lr 0.2) from initialisation. For each N it runs ``--steps`` Newton-MR steps with each
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import refine
+from pipeline.landscape import refine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hessian import device_name, problem, sync  # noqa: E402  (the same model and device name)

@@ -43,7 +43,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.config import register_configs
+    from pipeline.orchestration.config import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -67,9 +67,9 @@ def sequential(cfg) -> tuple[float, int]:
     """The sweep's work without Ray: every training job, then the Hessian jobs in the same batches."""
     import torch
 
-    from pipeline import jobs
-    from pipeline.plan import expand
-    from pipeline.storage import Store
+    from pipeline.orchestration import jobs
+    from pipeline.orchestration.plan import expand
+    from pipeline.orchestration.storage import Store
 
     torch.set_num_threads(1)
     store = Store.open(str(cfg.results_root))
@@ -92,7 +92,7 @@ def sequential(cfg) -> tuple[float, int]:
 def efficiency(n_runs: int, root: Path) -> dict:
     import ray
 
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     cores = os.cpu_count() or 1
     # Both sides warm: first calls pay for data loading and PyTorch's lazy set-up, once per process.
@@ -127,7 +127,7 @@ def in_task_seconds(folder: Path) -> float:
 
 def memory_child(n_runs: int, root: str) -> None:
     """Run a sweep of ``n_runs`` tiny runs in this fresh process; print the driver's RSS as JSON."""
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     def rss_mb() -> float:
         for line in Path("/proc/self/status").read_text().splitlines():

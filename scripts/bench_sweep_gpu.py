@@ -96,7 +96,7 @@ def sweep(root: Path, name: str, seeds: int, fraction: float, train_fraction: fl
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import compose_config  # the real config, from the package or from the source tree
 
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     cfg = compose_config(["+experiment=lecture_digits", f"results_root={root}", f"sweep.name={name}",
                           f"sweep.seeds={seeds}", f"hessian.num_gpus={fraction:g}", f"refine.num_gpus={fraction:g}",

@@ -2,7 +2,7 @@
 
 Reads a sweep's tables, keeps the points whose squared gradient norm is below ``--max-grad-norm2`` (1e-10,
 Frye et al.'s cut; P&B used 1e-6), groups them by a ``runs`` column (default ``data_n_samples``, the
-grid of ``+experiment=pennington_bahri``), fits each group with :func:`pipeline.fits.index_power_fit`,
+grid of ``+experiment=pennington_bahri``), fits each group with :func:`pipeline.landscape.fits.index_power_fit`,
 prints a Markdown table and draws ``index_fit.png`` next to the sweep's other figures.
 
     python scripts/fit_index.py results/pennington_bahri
@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline import analysis  # noqa: E402
-from pipeline.fits import index_power_fit  # noqa: E402
+from pipeline.orchestration import analysis  # noqa: E402
+from pipeline.landscape.fits import index_power_fit  # noqa: E402
 
 
 def main(argv=None) -> None:

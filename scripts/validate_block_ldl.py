@@ -1,4 +1,4 @@
-"""Validation: the blocked LDLᵀ's counts (pipeline.block_ldl) against eigvalsh on a stress set.
+"""Validation: the blocked LDLᵀ's counts (pipeline.numerics.block_ldl) against eigvalsh on a stress set.
 
 Matrices: random spectra rotated by a random orthogonal Q (Gaussian; PSD with a large null space and a
 few small negatives; eigenvalues planted at ±tol·(1 ± δ); log-uniform over 16 decades of both signs;
@@ -17,10 +17,11 @@ import argparse
 
 import torch
 
-from pipeline import block_ldl, inertia
-from pipeline import hessian as hs
-from pipeline.models import MLP
-from pipeline.problem import MeanLoss
+from pipeline.numerics import block_ldl
+from pipeline.curvature import inertia
+from pipeline.curvature import hessian as hs
+from pipeline.curvature.models import MLP
+from pipeline.curvature.problem import MeanLoss
 
 F64 = torch.float64
 

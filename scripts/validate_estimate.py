@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import estimate, jobs
-from pipeline.analysis import load, open_results
-from pipeline.problem import make_problem
+from pipeline.curvature import estimate
+from pipeline.orchestration import jobs
+from pipeline.orchestration.analysis import load, open_results
+from pipeline.curvature.problem import make_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_estimate import slq_share_above  # noqa: E402  (the benchmark's own SLQ, written from its description)

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from pipeline.config import register_configs
+from pipeline.orchestration.config import register_configs
 
 # Small enough for 2 cores: a few seeds, short training; everything else is the real default config.
 SHRINK = ["sweep.seeds=3", "optim.max_steps=1200", "stall.window=300", "sweep.progress=plain"]
@@ -44,9 +44,9 @@ def peak_rss_growth_mib(setup: str, measured: str, env: dict | None = None) -> f
 def two_stalls(make_cfg, sweep: str):
     """One run of the default net trained in this process (no Ray) until it has stalled twice: its store
     and its two checkpoints, one group of the Hessian stage."""
-    from pipeline import jobs
-    from pipeline.plan import expand
-    from pipeline.storage import Store
+    from pipeline.orchestration import jobs
+    from pipeline.orchestration.plan import expand
+    from pipeline.orchestration.storage import Store
 
     cfg = make_cfg([f"sweep.name={sweep}", "sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])
     store = Store.open(cfg.results_root)

@@ -8,8 +8,8 @@ import pytest
 from matplotlib.collections import PathCollection
 from matplotlib.container import ErrorbarContainer
 
-from pipeline import analysis, tables
-from pipeline.storage import Store
+from pipeline.orchestration import analysis, tables
+from pipeline.orchestration.storage import Store
 
 SWEEP = "a"
 LAM_STALLED = [-0.5, 1e-9, 0.2, 1.0]

@@ -1,4 +1,4 @@
-"""The blocked LDLᵀ (pipeline.block_ldl) against eigvalsh and Bunch–Kaufman: planted eigenvalues at
+"""The blocked LDLᵀ (pipeline.numerics.block_ldl) against eigvalsh and Bunch–Kaufman: planted eigenvalues at
 ±tol·(1 ± 1e-3), network Hessians from the closed form, zero diagonals that need delayed pivots, exact
 zeros, the give-up path, and H put back bit for bit; on CUDA (where it is the default) against the CPU."""
 from __future__ import annotations
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import block_ldl, inertia, spectrum
-from pipeline import hessian as hs
-from pipeline.models import MLP
-from pipeline.problem import MeanLoss
+from pipeline.numerics import block_ldl
+from pipeline.curvature import inertia, spectrum
+from pipeline.curvature import hessian as hs
+from pipeline.curvature.models import MLP
+from pipeline.curvature.problem import MeanLoss
 from test_inertia import TOL, _planted, _rotate, _tolerant, _truth, _zero_diagonal, cuda
 
 F64 = torch.float64

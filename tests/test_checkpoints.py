@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import jobs, tables
-from pipeline.plan import expand
-from pipeline.storage import Store
-from pipeline.sweep import plan_resume, run_sweep
+from pipeline.orchestration import jobs, tables
+from pipeline.orchestration.plan import expand
+from pipeline.orchestration.storage import Store
+from pipeline.orchestration.sweep import plan_resume, run_sweep
 
 SWEEP = ["sweep.name=ck", "sweep.seeds=2", "optim.max_steps=1500", "stall.window=300", "figures=false"]
 
@@ -150,7 +150,7 @@ def test_a_hessian_task_given_a_damaged_checkpoint_fails_that_point_alone_naming
 
 
 def test_a_resumed_training_task_rewrites_its_damaged_checkpoints_from_the_saved_state(make_cfg, caplog):
-    from pipeline.train import train
+    from pipeline.orchestration.train import train
 
     cfg = make_cfg(["sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])
     (run,) = expand(cfg)
@@ -189,7 +189,7 @@ def verify_cli(folder: Path):
     import subprocess
     import sys
 
-    code = "from pipeline.cli import verify_main; verify_main()"
+    code = "from pipeline.orchestration.cli import verify_main; verify_main()"
     return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
 
 

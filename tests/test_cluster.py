@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import tables
-from pipeline.config import ConfigError
-from pipeline.plan import expand
+from pipeline.orchestration import tables
+from pipeline.orchestration.config import ConfigError
+from pipeline.orchestration.plan import expand
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -63,7 +63,7 @@ def multinode_child(root: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
     from conftest import compose_config
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
@@ -115,7 +115,7 @@ def shared_gpu_child(root: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
     from conftest import compose_config
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     # The head has the most CPUs and is the driver's node: a task asking for no GPU would go there.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
@@ -223,7 +223,7 @@ def test_an_unreachable_address_fails_at_once_naming_it(tmp_path):
 
 @pytest.mark.parametrize("address", ["head-node", "head:port", "ray://", "10.0.0.1:"])
 def test_a_malformed_address_is_refused_naming_it(address):
-    from pipeline.sweep import check_reachable
+    from pipeline.orchestration.sweep import check_reachable
 
     with pytest.raises(ConfigError, match=f"ray.address='{re.escape(address)}' is not allowed"):
         check_reachable(address)
@@ -234,7 +234,7 @@ def no_work_done(root: Path) -> bool:
 
 
 def test_a_grid_key_that_does_not_exist_fails_before_work(make_cfg, tmp_path):
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     cfg = make_cfg(["+sweep.grid={model.widht:[2,4]}"])
     with pytest.raises(ConfigError, match="model.widht"):
@@ -243,7 +243,7 @@ def test_a_grid_key_that_does_not_exist_fails_before_work(make_cfg, tmp_path):
 
 
 def test_an_unwritable_results_root_fails_before_work(make_cfg, tmp_path):
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     (tmp_path / "a-file").write_text("")
     cfg = make_cfg([f"results_root={tmp_path / 'a-file' / 'results'}"])
@@ -265,7 +265,7 @@ CLUSTER_CANNOT = [  # (override, what the message must name) on the shared 2-CPU
 
 @pytest.mark.parametrize("override,named", CLUSTER_CANNOT)
 def test_requests_the_cluster_cannot_meet_fail_before_work(ray_session, make_cfg, tmp_path, override, named):
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     with pytest.raises(ConfigError, match=named.replace("+", r"\+")):
         run_sweep(make_cfg(override.split()))
@@ -278,7 +278,7 @@ def test_a_later_sweep_in_the_process_gets_the_ray_it_asks_for():
     script = """
 import ray
 from omegaconf import OmegaConf
-from pipeline.sweep import connect
+from pipeline.orchestration.sweep import connect
 seen = []
 for cpus in (1, 1, 2):
     connect(OmegaConf.create({"address": None, "num_cpus": cpus, "runtime_env": {}}))
@@ -291,7 +291,7 @@ print([c for c, _ in seen], seen[0][1] == seen[1][1])
 
 
 def test_resources_of_refinement_are_not_checked_when_there_is_none(ray_session, make_cfg):
-    from pipeline.sweep import preflight
+    from pipeline.orchestration.sweep import preflight
 
     preflight(make_cfg(["refine=none", "refine.num_gpus=1"]))  # no refinement task will ask for the GPU
 
@@ -299,7 +299,7 @@ def test_resources_of_refinement_are_not_checked_when_there_is_none(ray_session,
 def test_data_parallel_hessian_tasks_are_capped_to_what_the_cluster_holds_at_once(ray_session, make_cfg):
     """Each task waits for its workers while holding its own CPUs: two that together need more than the
     cluster has could wait for each other for ever, so the sweep runs only as many as fit at once."""
-    from pipeline.sweep import data_parallel_cap
+    from pipeline.orchestration.sweep import data_parallel_cap
 
     def cap(workers, cpus):
         return data_parallel_cap(make_cfg(["hessian.method=estimate", f"hessian.data_workers={workers}",
@@ -311,7 +311,7 @@ def test_data_parallel_hessian_tasks_are_capped_to_what_the_cluster_holds_at_onc
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fractional_gpus_on_a_real_gpu_run_the_hessians_on_cuda(ray_session, make_cfg, tmp_path):
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     assert ray_session.cluster_resources().get("GPU", 0) >= 1, "Ray did not detect the GPU"
 

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_config
-from pipeline.config import Config, ConfigError, seeds_of, validate
-from pipeline.plan import expand, run_id
+from pipeline.orchestration.config import Config, ConfigError, seeds_of, validate
+from pipeline.orchestration.plan import expand, run_id
 
 GROUP_OPTIONS = [
     ("data", "synthetic"), ("data", "digits"), ("data", "gaussian"), ("model", "mlp"), ("model", "cnn"),

@@ -14,14 +14,14 @@ import termios
 
 import pandas as pd
 
-from pipeline.cli import summary_table
-from pipeline.progress import Progress, Work
-from pipeline.sweep import SweepSummary, by_grid_point
+from pipeline.orchestration.cli import summary_table
+from pipeline.orchestration.progress import Progress, Work
+from pipeline.orchestration.sweep import SweepSummary, by_grid_point
 
 # A sweep's progress driven to its end with long counts, drawn on whatever terminal stderr is.
 DRIVE = """
 import time
-from pipeline.progress import Progress
+from pipeline.orchestration.progress import Progress
 p = Progress(total_runs=123456, skipped=1000, mode="auto", busy="CPU 15/16 GPU 1/2 busy")
 p.work.train_s, p.work.point_s, p.work.checkpoints_per_run = [12.0], [3.0], [2]
 for i in range(0, 122456, 9973):

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch.func import grad
 
-from pipeline import critical, refine, rows, stall
-from pipeline.critical import critical_label, critical_report, escape_check, gradient_shares
-from pipeline.hessian import hessian
-from pipeline.models import MLP, loss_value
-from pipeline.problem import make_problem
-from pipeline.stall import gradient_cosine, power_lambda_max, stall_tag
-from pipeline.train import train
+from pipeline.landscape import critical, refine, stall
+from pipeline.orchestration import rows
+from pipeline.landscape.critical import critical_label, critical_report, escape_check, gradient_shares
+from pipeline.curvature.hessian import hessian
+from pipeline.curvature.models import MLP, loss_value
+from pipeline.curvature.problem import make_problem
+from pipeline.landscape.stall import gradient_cosine, power_lambda_max, stall_tag
+from pipeline.orchestration.train import train
 
 F64 = torch.float64
 
@@ -289,7 +290,7 @@ def test_report_at_a_non_critical_point_is_not_critical():
 def test_report_from_the_pipelines_decomposition_equals_the_dense_report(where):
     """The pipeline's pass keeps only Vᵀg and v_min of its eigh (spectrum_at(..., vectors=True)); the report
     built from them (report_from_eigen) equals critical_report's, which takes its own eigh of the Hessian."""
-    from pipeline.hessian import spectrum_at
+    from pipeline.curvature.hessian import spectrum_at
 
     if where == "tanh_mlp":
         model = MLP(3, 2, depth=1, width=5, activation="tanh")

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import compose_config
-from pipeline import datasets
-from pipeline.config import ConfigError, validate
-from pipeline.data import make_dataset
-from pipeline.plan import expand
-from pipeline.sweep import check_problems
+from pipeline.curvature import datasets
+from pipeline.orchestration.config import ConfigError, validate
+from pipeline.curvature.data import make_dataset
+from pipeline.orchestration.plan import expand
+from pipeline.orchestration.sweep import check_problems
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "usernets")
 if EXAMPLES not in sys.path:

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import tables
-from pipeline.storage import Store, StorageFull
+from pipeline.orchestration import tables
+from pipeline.orchestration.storage import Store, StorageFull
 
 
 def mount_tmpfs(path: Path, size: str) -> None:
@@ -78,7 +78,7 @@ SWEEP = ["sweep.name=full", "sweep.seeds=4", "optim.max_steps=4000", "stall.wind
 def test_a_sweep_that_fills_the_disk_stops_with_one_message_and_resumes_once_there_is_room(
         ray_session, small_disk, capsys, caplog):
     from conftest import compose_config
-    from pipeline import cli
+    from pipeline.orchestration import cli
 
     cfg = compose_config([f"results_root={small_disk / 'results'}", *SWEEP])
     folder = small_disk / "results" / "full"

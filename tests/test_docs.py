@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from pipeline.config import Config, validate
+from pipeline.orchestration.config import Config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -138,7 +138,7 @@ def test_help_lists_only_real_options(tmp_path):
 def test_tables_page_names_every_column():
     """docs/tables.md names every column of every table; the runs table's config columns follow the rule
     it states (`<section>_<key>` for every per-run config value)."""
-    from pipeline import tables
+    from pipeline.orchestration import tables
 
     doc = (ROOT / "docs/tables.md").read_text()
     config_columns = {tables.column_name(section, key) for section in ("data", "model", "optim", "stall", "hessian",

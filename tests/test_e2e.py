@@ -12,9 +12,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import two_stalls
-from pipeline import tables
-from pipeline.plan import expand
-from pipeline.sweep import run_sweep
+from pipeline.orchestration import tables
+from pipeline.orchestration.plan import expand
+from pipeline.orchestration.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +126,7 @@ def test_the_readme_reads_the_tables_with_pandas_duckdb_and_polars(sweep_result,
 
 def test_analysis_command_writes_figures(sweep_result):
     _, folder, _ = sweep_result
-    res = subprocess.run([sys.executable, "-m", "pipeline.analysis", str(folder)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "pipeline.orchestration.analysis", str(folder)], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert "checkpoints analysed" in res.stdout
@@ -139,7 +139,7 @@ def test_analysis_command_writes_figures(sweep_result):
 
 
 def test_analysis_command_rejects_a_folder_that_is_not_a_sweep(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "pipeline.analysis", str(tmp_path)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "pipeline.orchestration.analysis", str(tmp_path)], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode != 0 and "not a sweep results folder" in res.stderr
 
@@ -160,7 +160,7 @@ def test_failed_points_make_the_command_fail_and_say_where(make_cfg, ray_session
     """A tolerance the estimator cannot resolve (rel_tol 1e-6) fails every point with its reason; the
     command exits 1 and says where the errors are, though every run trained; the summary and the loss
     curves are still drawn."""
-    from pipeline import cli
+    from pipeline.orchestration import cli
 
     def logged():
         info = "\n".join(r.getMessage() for r in caplog.records if r.levelno < logging.WARNING)
@@ -248,8 +248,8 @@ def test_jobs_accept_a_config_composed_before_newer_keys_existed(make_cfg):
     running sweep) fills missing hessian/refine keys with their defaults instead of failing every point."""
     import dataclasses
 
-    from pipeline import jobs
-    from pipeline.storage import Store
+    from pipeline.orchestration import jobs
+    from pipeline.orchestration.storage import Store
 
     cfg = make_cfg(["sweep.seeds=1", "optim.max_steps=400", "stall.window=100", "refine=newton_mr",
                     "refine.max_iters=2"])
@@ -274,7 +274,7 @@ def test_a_point_that_cannot_be_analysed_fails_alone(make_cfg):
 
     import torch
 
-    from pipeline import jobs
+    from pipeline.orchestration import jobs
 
     store, refs = two_stalls(make_cfg, "nan")
     meta = jobs.load_checkpoint(store, refs[0].path)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import estimate
-from pipeline.chebyshev import SmoothedSteps, chebyshev_moments, jackson, resolution
-from pipeline.data import synthetic
-from pipeline.hessian import spectrum_at
-from pipeline.models import MLP, loss_value
+from pipeline.curvature import estimate
+from pipeline.numerics.chebyshev import SmoothedSteps, chebyshev_moments, jackson, resolution
+from pipeline.curvature.data import synthetic
+from pipeline.curvature.hessian import spectrum_at
+from pipeline.curvature.models import MLP, loss_value
 
 SEEDS, PROBES = 40, 10  # 40 independent estimates of 10 probes each, for the coverage checks
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from conftest import two_stalls
-from pipeline import jobs, tables
-from pipeline.plan import expand
-from pipeline.storage import Store
-from pipeline.sweep import run_sweep
-from pipeline.train import train
+from pipeline.orchestration import jobs, tables
+from pipeline.orchestration.plan import expand
+from pipeline.orchestration.storage import Store
+from pipeline.orchestration.sweep import run_sweep
+from pipeline.orchestration.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 # Values that legitimately differ between two executions of the same run.
@@ -261,8 +261,8 @@ def test_a_hessian_task_that_dies_keeps_the_points_it_wrote(ray_session, make_cf
     as failed and leaves the written one ok (every points key is one file, so a failed row would replace it)."""
     import ray
 
-    from pipeline.progress import Progress
-    from pipeline.sweep import _finish_hessian
+    from pipeline.orchestration.progress import Progress
+    from pipeline.orchestration.sweep import _finish_hessian
 
     store, refs = two_stalls(make_cfg, "dies")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from matplotlib.collections import PathCollection
 
-from pipeline import analysis, tables
-from pipeline.storage import Store
+from pipeline.orchestration import analysis, tables
+from pipeline.orchestration.storage import Store
 
 SWEEP = "grid"
 WIDTHS = (4, 8, 16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.fits import index_power_fit
+from pipeline.landscape.fits import index_power_fit
 
 
 @pytest.mark.parametrize("p_true,eps_c", [(1.5, 0.2), (1.0, 0.05), (2.0, 0.5)])
@@ -33,7 +33,7 @@ def test_points_with_zero_index_are_left_out_and_too_few_points_refused():
 def test_spearman_matches_scipy_and_its_interval_covers_the_truth():
     from scipy.stats import spearmanr
 
-    from pipeline.fits import spearman
+    from pipeline.landscape.fits import spearman
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, 80)

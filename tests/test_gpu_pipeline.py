@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import compose_config
-from pipeline import jobs, tables
-from pipeline.plan import expand
-from pipeline.storage import Store
+from pipeline.orchestration import jobs, tables
+from pipeline.orchestration.plan import expand
+from pipeline.orchestration.storage import Store
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -75,8 +75,8 @@ def test_inertia_and_estimate_jobs_on_cuda_hold_the_exact_counts(tmp_path):
 
 def test_cnn_hessians_on_cuda_match_cpu():
     """The digits CNN (conv2d under vmapped HVPs, one point and several at once) on CUDA = CPU."""
-    from pipeline import hessian as hs
-    from pipeline.problem import make_problem
+    from pipeline.curvature import hessian as hs
+    from pipeline.curvature.problem import make_problem
 
     cfg = compose_config(["model=cnn", "data.side=4", "data.n_samples=128"])  # 838 parameters
     problem = make_problem(cfg, 0)

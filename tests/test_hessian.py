@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import hessian as hs, hessian_build
-from pipeline.data import Dataset
-from pipeline.models import MLP
-from pipeline.problem import Problem
+from pipeline.curvature import hessian as hs, hessian_build
+from pipeline.curvature.data import Dataset
+from pipeline.curvature.models import MLP
+from pipeline.curvature.problem import Problem
 
 F64 = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -412,10 +412,10 @@ def test_cuda_batched_path_equals_cpu():
 @cuda
 @pytest.mark.parametrize("dtype, rtol", [(F64, 1e-9), (torch.float32, 1e-4)])
 def test_cuda_batched_eigensolver_equals_torch_and_the_cpu(dtype, rtol, monkeypatch):
-    """A CUDA pass takes its spectra from cuSOLVER's batched solver (pipeline.cusolver), eigenvectors too:
+    """A CUDA pass takes its spectra from cuSOLVER's batched solver (pipeline.numerics.cusolver), eigenvectors too:
     the same eigenvalues and counts as torch's own calls (MINRATIO_BATCHED_EIGH=torch) and the CPU, and Vᵀg
     and v_min that hold against the float64 autograd Hessian (Σc² = ‖g‖², Σλc² = gᵀHg, Hv = λv)."""
-    from pipeline import cusolver
+    from pipeline.numerics import cusolver
 
     model, prob = _gpu_case()
     thetas = torch.stack([model.init(s) for s in range(4)])
@@ -449,7 +449,7 @@ def test_cuda_inplace_eigvalsh_holds_one_hessian_and_equals_eigvalsh(dtype, rtol
     """cusolver.eigvalsh_inplace_ (sytrd in H's memory, dsterf on the host): torch's eigenvalues of a
     planted spectrum with near-zero eigenvalues, in H and sytrd's workspace (torch's eigvalsh: 6×H); a pass whose
     budget cannot hold eigvalsh's copy and workspace takes it, with the CPU's counts."""
-    from pipeline import cusolver
+    from pipeline.numerics import cusolver
 
     n = 1500
     g = torch.Generator().manual_seed(3)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import identity
-from pipeline.config import ConfigError
-from pipeline.storage import Store
+from pipeline.orchestration import identity
+from pipeline.orchestration.config import ConfigError
+from pipeline.orchestration.storage import Store
 
 TINY = ["sweep.seeds=1", "optim.max_steps=300", "figures=false"]
 
@@ -30,7 +30,7 @@ def test_identity_ignores_seeds_resources_and_grid_values(make_cfg):
 
 
 def test_a_changed_config_is_refused_before_any_work_and_accepted_with_extend(make_cfg, ray_session):
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.sweep import run_sweep
 
     cfg = make_cfg(TINY + ["sweep.name=exp"])
     run_sweep(cfg)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import peak_rss_growth_mib
-from pipeline import inertia, spectrum
+from pipeline.curvature import inertia, spectrum
 
 F64 = torch.float64
 TOL = 1e-6
@@ -145,7 +145,7 @@ def test_counts_factor_in_the_matrix_own_memory():
     # (the peak is a high-water mark) — measured this way the copying inertia() takes +1.03×H.
     setup = (
         "from pipeline import inertia\n"
-        "from pipeline.symmetric import symmetrize_\n"
+        "from pipeline.numerics.symmetric import symmetrize_\n"
         f"A = symmetrize_(torch.randn({n}, {n}, dtype=torch.float64))\n"
         "inertia.counts(A[:64, :64].clone(), 1e-3)\n"  # load LAPACK's code before measuring
     )
@@ -239,7 +239,7 @@ GAP_CASES = [  # name, eigenvalues: a gap of 1e6 below 1e-8·max, none, and zero
 
 @pytest.mark.parametrize("name, eigs", GAP_CASES, ids=[c[0] for c in GAP_CASES])
 def test_gap_rule_by_inertia_counts_matches_eigh(name, eigs):
-    from pipeline.hessian import count_dense
+    from pipeline.curvature.hessian import count_dense
 
     gen = torch.Generator().manual_seed(3)
     n = len(eigs)
@@ -258,7 +258,7 @@ def test_gap_rule_by_inertia_counts_matches_eigh(name, eigs):
 
 
 def test_gap_from_zero_counts_finds_the_lowest_plateau():
-    from pipeline import spectrum
+    from pipeline.curvature import spectrum
 
     tols = 10.0 ** np.arange(-14, -1, 0.5)
     lam = np.array([1e-15, 2e-13, 1e-6, 1e-1, 0.5, 1.0])  # gaps 5e6 (2e-13 → 1e-6) and 1e5 (1e-6 → 1e-1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.lanczos import extreme_eigenpairs, lanczos, ritz
+from pipeline.numerics.lanczos import extreme_eigenpairs, lanczos, ritz
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,7 +1,8 @@
-"""The package's layers, read from its source with ``ast``: imports only go down, no module imports itself
-back through others, only orchestration talks to Ray, and only the entry points and the config to Hydra.
+"""The package's layers, read from its source with ``ast``: each layer is a folder of ``pipeline/``
+(numerics, curvature, landscape, orchestration), imports only go down, no module imports itself back
+through others, only orchestration talks to Ray, and only the entry points and the config to Hydra.
 
-Every module of ``pipeline/`` must be placed in :data:`LAYERS`; a new module fails here until it is."""
+Every module lives in a layer's folder; only ``__init__`` and ``__main__`` sit at the top."""
 from __future__ import annotations
 
 import ast
@@ -14,27 +15,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 NUMERICS, CURVATURE, SCIENCE, ORCHESTRATION = 0, 1, 2, 3
 LAYER_NAMES = {NUMERICS: "numerics", CURVATURE: "problem and curvature", SCIENCE: "landscape science",
                ORCHESTRATION: "orchestration and results"}
-LAYERS = {
-    # numerics: pure functions over matrices or matvecs
-    "lanczos": NUMERICS, "chebyshev": NUMERICS, "block_ldl": NUMERICS, "cusolver": NUMERICS, "symmetric": NUMERICS,
-    # problem and curvature: data, models, the loss of flat θ, HVPs, the Hessian, counting, the spectrum
-    "data": CURVATURE, "datasets": CURVATURE, "models": CURVATURE, "nets": CURVATURE, "torch_model": CURVATURE,
-    "params": CURVATURE, "problem": CURVATURE, "hvp": CURVATURE, "mlp_hessian": CURVATURE,
-    "hessian_build": CURVATURE, "hessian_memory": CURVATURE, "hessian": CURVATURE, "inertia": CURVATURE,
-    "estimate": CURVATURE, "spectrum": CURVATURE,
-    # landscape science: stalls, critical-point labels, refinement, fits
-    "stall": SCIENCE, "critical": SCIENCE, "refine": SCIENCE, "refine_result": SCIENCE, "newton_eig": SCIENCE, "fits": SCIENCE,
-    # orchestration and results: config to Ray tasks to tables and figures
-    "config": ORCHESTRATION, "plan": ORCHESTRATION, "train": ORCHESTRATION, "jobs": ORCHESTRATION,
-    "sweep": ORCHESTRATION, "shards": ORCHESTRATION, "progress": ORCHESTRATION, "storage": ORCHESTRATION,
-    "tables": ORCHESTRATION, "rows": ORCHESTRATION, "identity": ORCHESTRATION, "verify": ORCHESTRATION, "analysis": ORCHESTRATION, "cli": ORCHESTRATION,
-    "__main__": ORCHESTRATION, "__init__": ORCHESTRATION,
-}
+FOLDERS = {"numerics": NUMERICS, "curvature": CURVATURE, "landscape": SCIENCE, "orchestration": ORCHESTRATION}
+TOP = {"__init__", "__main__"}  # the package's re-exports and ``python -m pipeline``: above every layer
 HYDRA_MODULES = {"cli", "config"}
 
 
 def _modules() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PACKAGE.glob("*.py"))}
+    return {p.stem: p for p in sorted(PACKAGE.rglob("*.py")) if p.stem != "__init__" or p.parent == PACKAGE}
+
+
+def _layer_of(path: Path) -> int:
+    return ORCHESTRATION if path.parent == PACKAGE else FOLDERS.get(path.parent.name, -1)
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:
@@ -45,30 +36,38 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("pipeline."):
-                    ours.add(alias.name.split(".")[1])
+                    ours.add(alias.name.split(".")[-1])
                 else:
                     theirs.add(alias.name.split(".")[0])
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "pipeline":
-                ours.update(alias.name for alias in node.names)
-            elif node.module.startswith("pipeline."):
-                ours.add(node.module.split(".")[1])
+            parts = node.module.split(".")
+            if parts[0] != "pipeline":
+                theirs.add(parts[0])
+            elif len(parts) == 1 or (len(parts) == 2 and parts[1] in FOLDERS):
+                ours.update(alias.name for alias in node.names)  # from pipeline[.layer] import module
             else:
-                theirs.add(node.module.split(".")[0])
+                ours.add(parts[-1])
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
-            raise AssertionError(f"{path.name}: relative import; write `from pipeline.x import y`")
+            raise AssertionError(f"{path.name}: relative import; write `from pipeline.layer.x import y`")
     return ours - {"conf"}, theirs
 
 
-GRAPH = {name: _imports(path) for name, path in _modules().items()}
+MODULES = _modules()
+LAYERS = {name: _layer_of(path) for name, path in MODULES.items()}
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
 
 
-def test_every_module_has_a_layer():
-    unplaced = sorted(set(GRAPH) - set(LAYERS))
-    assert not unplaced, (f"module(s) {unplaced} have no layer: add each to LAYERS in tests/test_layers.py as "
-                          "NUMERICS, CURVATURE (problem and curvature), SCIENCE (landscape science) or "
-                          "ORCHESTRATION (orchestration and results)")
-    assert not set(LAYERS) - set(GRAPH), f"LAYERS names modules that do not exist: {sorted(set(LAYERS) - set(GRAPH))}"
+def test_every_module_sits_in_a_layer_folder():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.stem not in TOP)
+    assert not loose, (f"module(s) {loose} sit at the top of pipeline/: move each into numerics/, curvature/ "
+                       "(problem and curvature), landscape/ (landscape science) or orchestration/")
+    strays = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                    if p.parent != PACKAGE and p.parent.name not in FOLDERS)
+    assert not strays, f"{strays} are in no layer's folder ({', '.join(FOLDERS)})"
+    names = [p.stem for p in PACKAGE.rglob("*.py") if p.stem != "__init__"]
+    assert len(names) == len(set(names)), "two modules share a name across layers"
+    for folder in FOLDERS:
+        assert (PACKAGE / folder / "__init__.py").exists(), f"pipeline/{folder}/ has no __init__.py"
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))

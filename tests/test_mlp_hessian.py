@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import peak_rss_growth_mib
-from pipeline import hessian as hs
-from pipeline.data import Dataset
-from pipeline.mlp_hessian import _bytes_per_sample, mlp_hessian
-from pipeline.models import ACTIVATIONS, CNN, MLP
-from pipeline.problem import MeanLoss, Problem
+from pipeline.curvature import hessian as hs
+from pipeline.curvature.data import Dataset
+from pipeline.curvature.mlp_hessian import _bytes_per_sample, mlp_hessian
+from pipeline.curvature.models import ACTIVATIONS, CNN, MLP
+from pipeline.curvature.problem import MeanLoss, Problem
 
 F64 = torch.float64
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -126,8 +126,8 @@ def test_temporaries_stay_within_the_workspace():
     workspace, in a fresh process whose allocator returns freed blocks at once (MALLOC_MMAP_THRESHOLD_):
     within the workspace. (Sizing the row chunks by the products alone once took 720 MiB here.)"""
     setup = (
-        "from pipeline.models import MLP\n"
-        "from pipeline.mlp_hessian import _bytes_per_sample, mlp_hessian\n"
+        "from pipeline.curvature.models import MLP\n"
+        "from pipeline.curvature.mlp_hessian import _bytes_per_sample, mlp_hessian\n"
         "m, n = MLP(200, 10, depth=1, width=8), 4000\n"
         "g = torch.Generator().manual_seed(0)\n"
         "X, Y = torch.randn(n, 200, generator=g, dtype=torch.float64), torch.randn(n, 10, generator=g, dtype=torch.float64)\n"

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from pipeline.config import ConfigError, validate
-from pipeline.hessian import hessian, hessians
-from pipeline.models import CNN, MLP, loss_value, make_model
-from pipeline.plan import expand
-from pipeline.problem import make_problem
+from pipeline.orchestration.config import ConfigError, validate
+from pipeline.curvature.hessian import hessian, hessians
+from pipeline.curvature.models import CNN, MLP, loss_value, make_model
+from pipeline.orchestration.plan import expand
+from pipeline.curvature.problem import make_problem
 
 F64 = torch.float64
 NN_ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "swish": nn.SiLU, "relu": nn.ReLU,
@@ -209,9 +209,9 @@ def test_large_estimate_experiment_composes_at_about_1e5_parameters():
 def test_cnn_sweep_end_to_end(make_cfg, ray_session):
     """model=cnn through the real pipeline on Ray: train → stall → Hessian → tables; one spectrum checked
     against torch.autograd's Hessian at the saved checkpoint."""
-    from pipeline.jobs import load_checkpoint
-    from pipeline.storage import Store
-    from pipeline.sweep import run_sweep
+    from pipeline.orchestration.jobs import load_checkpoint
+    from pipeline.orchestration.storage import Store
+    from pipeline.orchestration.sweep import run_sweep
 
     cfg = make_cfg(["model=cnn", "sweep.name=cnn", "sweep.seeds=2", "data.n_samples=64", "model.channels=2",
                     "model.conv_layers=1", "optim.max_steps=400", "stall.window=100", "stall.max_stalls=1",

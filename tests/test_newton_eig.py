@@ -1,4 +1,4 @@
-"""The eigendecomposition finder (pipeline.newton_eig) against the closed-form critical points of the 2→1→2
+"""The eigendecomposition finder (pipeline.landscape.newton_eig) against the closed-form critical points of the 2→1→2
 linear autoencoder (SCIENCE.md), a planted gradient-flat quadratic, and the real config."""
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import compose_config
-from pipeline import refine, rows
-from pipeline.config import ConfigError, validate
-from pipeline.critical import critical_label
-from pipeline.hessian import spectrum_at
-from pipeline.newton_eig import descent_step, lm_step, newton_eig
+from pipeline.landscape import refine
+from pipeline.orchestration import rows
+from pipeline.orchestration.config import ConfigError, validate
+from pipeline.landscape.critical import critical_label
+from pipeline.curvature.hessian import spectrum_at
+from pipeline.landscape.newton_eig import descent_step, lm_step, newton_eig
 from test_refine import F64, IDS, POINTS, _flat_loss, _start, ae_loss, ae_map
 
 

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 
 from conftest import compose_config
-from pipeline.sweep import run_sweep
+from pipeline.orchestration.sweep import run_sweep
 from test_datasets import cifar_fixture, mnist_fixture
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name,expect", [("mnist_lecture", "name: mnist"), ("cifar_cnn", "pipeline.nets.SmallCNN")])
+@pytest.mark.parametrize("name,expect", [("mnist_lecture", "name: mnist"), ("cifar_cnn", "pipeline.curvature.nets.SmallCNN")])
 def test_experiment_composes_as_one_command(name, expect):
     out = subprocess.run([sys.executable, "-m", "pipeline", f"+experiment={name}", "--cfg", "job"],
                          capture_output=True, text=True, timeout=120)

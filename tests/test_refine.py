@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import compose_config
-from pipeline import refine
-from pipeline.config import seeds_of, validate
-from pipeline.critical import critical_label, critical_report
-from pipeline.data import autoencoder
-from pipeline.hessian import spectrum_at
-from pipeline.models import MLP, loss_value
-from pipeline.problem import MeanLoss
+from pipeline.landscape import refine
+from pipeline.orchestration.config import seeds_of, validate
+from pipeline.landscape.critical import critical_label, critical_report
+from pipeline.curvature.data import autoencoder
+from pipeline.curvature.hessian import spectrum_at
+from pipeline.curvature.models import MLP, loss_value
+from pipeline.curvature.problem import MeanLoss
 
 F64 = torch.float64
 # XᵀX/4 = diag(3, 1) exactly in binary: the sample second moment is Σ with no rounding at all.
@@ -232,8 +232,8 @@ def test_each_finders_settings_are_its_keyword_arguments_and_config_fields():
     import dataclasses
     import inspect
 
-    from pipeline.config import HessianConfig, RefineConfig
-    from pipeline.newton_eig import newton_eig
+    from pipeline.orchestration.config import HessianConfig, RefineConfig
+    from pipeline.landscape.newton_eig import newton_eig
 
     fields = {f.name for f in dataclasses.fields(RefineConfig)}
     counts = {f.name for f in dataclasses.fields(HessianConfig)}

@@ -22,9 +22,9 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from pipeline import tables
-from pipeline.storage import Store
-from pipeline.sweep import run_sweep
+from pipeline.orchestration import tables
+from pipeline.orchestration.storage import Store
+from pipeline.orchestration.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET, KEY, SECRET = "minratio", "testing", "testing-secret"
@@ -173,7 +173,7 @@ def test_compaction_on_s3_keeps_every_row_and_the_folder_verifies(s3_sweep, s3_e
         assert files > 1 and rows == len(before[name])
         assert len(store.list_files(f"s3/{name}", ".parquet")) == 1  # no failed rows: one merged file
         pd.testing.assert_frame_equal(frame(fs, folder, name), before[name], obj=name)
-    verify = subprocess.run([sys.executable, "-c", "from pipeline.cli import verify_main; verify_main()",
+    verify = subprocess.run([sys.executable, "-c", "from pipeline.orchestration.cli import verify_main; verify_main()",
                              store.uri_of("s3")], capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and "clean:" in verify.stdout, verify.stdout + verify.stderr
     assert SECRET not in verify.stdout  # messages show the URI without its credentials

@@ -1,4 +1,4 @@
-"""Data-parallel HVPs over Ray actors (pipeline.shards) against the in-process operator, on a real local Ray."""
+"""Data-parallel HVPs over Ray actors (pipeline.orchestration.shards) against the in-process operator, on a real local Ray."""
 from __future__ import annotations
 
 import pandas as pd
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import compose_config
-from pipeline.config import ConfigError, validate
-from pipeline.estimate import hvp_matvec
-from pipeline.shards import sharded_hvp
-from pipeline.sweep import run_sweep
-from pipeline.problem import make_problem
+from pipeline.orchestration.config import ConfigError, validate
+from pipeline.curvature.estimate import hvp_matvec
+from pipeline.orchestration.shards import sharded_hvp
+from pipeline.orchestration.sweep import run_sweep
+from pipeline.curvature.problem import make_problem
 
 SMALL = ["data.n_samples=50", "model.width=6", "optim.weight_decay=1e-3"]  # 50 rows; L2 counted once
 

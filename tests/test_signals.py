@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import tables
-from pipeline.sweep import run_sweep
+from pipeline.orchestration import tables
+from pipeline.orchestration.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 # Runs of about a second each, four of them two at a time: a signal after the first finished run

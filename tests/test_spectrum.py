@@ -1,10 +1,10 @@
-"""The one definition of counts, tolerance, ratios and labels (pipeline.spectrum)."""
+"""The one definition of counts, tolerance, ratios and labels (pipeline.curvature.spectrum)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import spectrum
+from pipeline.curvature import spectrum
 
 
 def test_counts_with_tolerance_are_inclusive_at_zero():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import stall
+from pipeline.landscape import stall
 
 STEPS = list(range(0, 5001, 10))
 

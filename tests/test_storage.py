@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.storage import Store, temp_name
+from pipeline.orchestration.storage import Store, temp_name
 
 
 def test_write_replaces_the_whole_file_and_leaves_no_temporary(tmp_path):

@@ -13,8 +13,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import tables
-from pipeline.storage import Store, temp_name
+from pipeline.orchestration import tables
+from pipeline.orchestration.storage import Store, temp_name
 
 SWEEP = "s"
 

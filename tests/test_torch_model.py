@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from pipeline import params
-from pipeline.config import ConfigError, validate
-from pipeline.hessian import hessian
-from pipeline.models import loss_value
-from pipeline.plan import expand
-from pipeline.sweep import check_problems
-from pipeline.torch_model import ModelError, TorchModel, build_module, import_object, restore
-from pipeline.problem import make_problem
+from pipeline.curvature import params
+from pipeline.orchestration.config import ConfigError, validate
+from pipeline.curvature.hessian import hessian
+from pipeline.curvature.models import loss_value
+from pipeline.orchestration.plan import expand
+from pipeline.orchestration.sweep import check_problems
+from pipeline.curvature.torch_model import ModelError, TorchModel, build_module, import_object, restore
+from pipeline.curvature.problem import make_problem
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "usernets")
 if EXAMPLES not in sys.path:
@@ -166,7 +166,7 @@ def test_train_mode_buffers_with_batched_data_are_refused():
 
 
 def test_run_ids_of_builtin_models_do_not_see_the_new_keys():
-    from pipeline.plan import run_id
+    from pipeline.orchestration.plan import run_id
 
     cfg = expand(compose_config([]))[0].config
     old = {s: dict(v) for s, v in cfg.items()}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import jobs, tables
-from pipeline.plan import expand
-from pipeline.storage import Store
-from pipeline.train import train
+from pipeline.orchestration import jobs, tables
+from pipeline.orchestration.plan import expand
+from pipeline.orchestration.storage import Store
+from pipeline.orchestration.train import train
 
 # Momentum gives the optimizer a state to carry across devices; a small step keeps float64 rounding
 # differences between devices from growing (no edge-of-stability oscillation).

@@ -53,8 +53,8 @@ def test_spectra_equal_autograd_of_the_same_loss(user_sweep):
     module's loss rebuilt here at the checkpoint's θ."""
     if EXAMPLES not in sys.path:
         sys.path.insert(0, EXAMPLES)
-    from pipeline.params import select
-    from pipeline.problem import make_problem
+    from pipeline.curvature.params import select
+    from pipeline.curvature.problem import make_problem
 
     points = pd.read_parquet(user_sweep / "points")
     spectra = pd.read_parquet(user_sweep / "spectra").set_index(["run_id", "step", "stage"])

@@ -1,0 +1,101 @@
+"""One sweep name, one experiment: the config that defines a sweep's runs, recorded in its folder.
+
+A sweep folder ``<results_root>/<sweep.name>/`` holds ``sweep.json``: every setting that changes what a
+run computes (data, model, optim, stall, the Hessian's counting settings, refinement), flattened to dotted
+keys, apart from the seeds and the keys a grid varies. A later command under the same name whose
+settings differ would mix runs of two experiments in one set of tables; it is refused before any work,
+naming the keys, unless it says ``sweep.extend=true`` — then the keys it changes join the varied ones.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.orchestration.config import RUN_SECTIONS as SECTIONS, ConfigError
+from pipeline.orchestration.storage import Store
+
+RECORD = "sweep.json"
+# Where and how fast a run computes, not what: a sweep may resume on other hardware.
+RESOURCE_KEYS = frozenset({
+    "hessian.num_gpus", "hessian.num_cpus", "hessian.chunk_size", "hessian.memory_budget_mb",
+    "hessian.batch_checkpoints", "hessian.data_workers", "refine.num_cpus", "refine.num_gpus"})
+
+
+@dataclass(frozen=True)
+class Identity:
+    """``fixed``: dotted key -> value (canonical JSON) of every setting shared by the sweep's runs;
+    ``varied``: the keys that differ between its runs (grid keys, and keys added with ``sweep.extend``)."""
+
+    fixed: dict
+    varied: tuple
+
+    def to_json(self) -> str:
+        return json.dumps({"fixed": self.fixed, "varied": sorted(self.varied)}, indent=1, sort_keys=True)
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(node, sort_keys=True)}
+
+
+def of_config(cfg: DictConfig) -> Identity:
+    """The identity of the experiment ``cfg`` (composed and validated) describes."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    flat = {}
+    for name in SECTIONS:
+        flat.update(_flatten(resolved[name], f"{name}."))
+    varied = tuple(sorted(resolved["sweep"]["grid"] or {}))
+    fixed = {k: v for k, v in flat.items() if k not in RESOURCE_KEYS and k not in varied}
+    return Identity(fixed, varied)
+
+
+def read(store: Store, sweep: str) -> Identity | None:
+    """The identity recorded in the sweep's folder, or None for a new sweep."""
+    rel = f"{sweep}/{RECORD}"
+    if not store.exists(rel):
+        return None
+    data = json.loads(store.read_bytes(rel))
+    return Identity(dict(data["fixed"]), tuple(data["varied"]))
+
+
+def differences(recorded: Identity, wanted: Identity) -> dict:
+    """``{key: (recorded value, wanted value)}`` for the settings both fix and on which they differ."""
+    ignore = set(recorded.varied) | set(wanted.varied)
+    return {k: (recorded.fixed[k], wanted.fixed[k]) for k in sorted(recorded.fixed.keys() & wanted.fixed.keys())
+            if k not in ignore and json.loads(recorded.fixed[k]) != json.loads(wanted.fixed[k])}  # 1 == 1.0
+
+
+def merged(recorded: Identity | None, wanted: Identity) -> Identity:
+    """The record after ``wanted`` joined the sweep: the keys on which they differ become varied ones."""
+    if recorded is None:
+        return wanted
+    varied = set(recorded.varied) | set(wanted.varied) | set(differences(recorded, wanted))
+    fixed = {**wanted.fixed, **recorded.fixed}
+    return Identity({k: v for k, v in fixed.items() if k not in varied}, tuple(sorted(varied)))
+
+
+def check(store: Store, sweep: str, cfg: DictConfig) -> Identity:
+    """Refuse ``cfg`` when the sweep's folder records another experiment (unless ``sweep.extend``);
+    return the record to :func:`save` once the command is under way. Reads only; writes nothing."""
+    recorded, wanted = read(store, sweep), of_config(cfg)
+    diff = differences(recorded, wanted) if recorded else {}
+    if diff and not cfg.sweep.extend:
+        shown = "; ".join(f"{k}={json.loads(new)!r} here, {json.loads(old)!r} there" for k, (old, new) in
+                          list(diff.items())[:8]) + ("; …" if len(diff) > 8 else "")
+        key, (_, new) = next(iter(diff.items()))
+        raise ConfigError(
+            f"sweep.name={sweep!r} already holds runs of another config ({len(diff)} setting(s) differ: "
+            f"{shown}). Give this experiment its own name, e.g. sweep.name={sweep}-{key.split('.')[-1]}"
+            f"{json.loads(new)}, or add sweep.extend=true to add its runs to the same tables")
+    return merged(recorded, wanted)
+
+
+def save(store: Store, sweep: str, identity: Identity) -> None:
+    """Write the sweep's record (atomically: a reader sees the old or the new one)."""
+    store.write_bytes(f"{sweep}/{RECORD}", identity.to_json().encode())
