@@ -114,3 +114,14 @@ def test_the_walk_sees_real_imports():
     """The walk itself: known edges are found, function-level imports included (so the test can fail)."""
     assert "hvp" in GRAPH["hessian"][0] and "estimate" in GRAPH["hessian"][0]  # the latter inside a function
     assert "ray" in GRAPH["sweep"][1] and "hydra" in GRAPH["cli"][1]
+
+
+def test_the_readme_layout_table_matches_the_tree():
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `pipeline/(\w+)/`[^|]*\| ([\w, ]+) \|$", readme, re.M)
+    table = {folder: sorted(m.strip() for m in mods.split(",")) for folder, mods in rows}
+    tree = {folder: sorted(p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__")
+            for folder in FOLDERS}
+    assert table == tree, "README's Code layout table and pipeline/'s folders differ"
