@@ -21,12 +21,8 @@ from pipeline.orchestration.sweep import plan_resume, run_sweep
 SWEEP = ["sweep.name=ck", "sweep.seeds=2", "optim.max_steps=1500", "stall.window=300", "figures=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Training in this process on one thread: two intra-op threads on a loaded 2-core machine spin-wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store, StorageFull
@@ -64,12 +63,8 @@ def test_a_write_to_a_full_disk_names_the_root_the_file_and_the_room_it_needed(s
     assert store.read_bytes("s/runs/before.parquet") == b"kept"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Training in this process on one thread: two intra-op threads on a loaded 2-core machine spin-wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SWEEP = ["sweep.name=full", "sweep.seeds=4", "optim.max_steps=4000", "stall.window=500", "figures=false"]

@@ -36,14 +36,8 @@ DRIVER_KILL = ["sweep.name=faults", "sweep.seeds=4", "optim.max_steps=4000", "st
                "hessian.batch_checkpoints=2", "figures=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Training in this process on one thread: two intra-op threads on a loaded 2-core machine can be
-    a hundred times slower (measured: 34 s instead of 0.14 s for a 500-step run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Training in this process on one thread: two intra-op threads on a loaded 2-core machine spin-wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def raw_tables(folder: Path) -> dict[str, pd.DataFrame]:

@@ -20,7 +20,6 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
-import torch
 
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
@@ -98,12 +97,8 @@ def assert_same_tables(fs, got: str, want: str) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-8, atol=1e-10 * np.abs(y).max())
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Training in this process on one thread: two intra-op threads on a loaded 2-core machine spin-wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
