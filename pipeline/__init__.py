@@ -5,7 +5,8 @@ The package is four layers, each a folder, imports only going down (``tests/test
 HVPs, the Hessian and its counts), ``landscape`` (stalls, critical points, refinement, fits) and
 ``orchestration`` (config, Ray tasks, tables, analysis, the command line).
 
-The public API is re-exported here, imported on first use so that ``import pipeline`` stays light::
+The public API is re-exported here, imported on first use so that ``import pipeline`` stays light (names
+that are also module names, such as ``hessian`` or ``refine``, are left to their layer's package)::
 
     from pipeline import spectrum_at, make_problem
 """
@@ -18,7 +19,6 @@ _EXPORTS = {
     "spectrum_at": "pipeline.curvature.hessian",
     "spectra_at_many": "pipeline.curvature.hessian",
     "SpectrumResult": "pipeline.curvature.hessian",
-    "hessian": "pipeline.curvature.hessian_build",
     # a run's model, data and loss as a function of flat θ; a user's nn.Module
     "make_problem": "pipeline.curvature.problem",
     "Problem": "pipeline.curvature.problem",
@@ -27,8 +27,6 @@ _EXPORTS = {
     # counts, tolerance and labels of a spectrum
     "summarize": "pipeline.curvature.spectrum",
     "Counts": "pipeline.curvature.spectrum",
-    # critical-point finders
-    "refine": "pipeline.landscape.refine",
     # a whole sweep from a composed Hydra config
     "run_sweep": "pipeline.orchestration.sweep",
 }

@@ -491,11 +491,11 @@ def test_cuda_inplace_eigvalsh_holds_one_hessian_and_equals_eigvalsh(dtype, rtol
 def test_a_cpu_spectrum_leaves_cuda_alone_and_the_switch_turns_the_inplace_path_off():
     """A CPU eigh never asks for cuSOLVER (which would set up CUDA on GPU 0); MINRATIO_BATCHED_EIGH=torch
     keeps torch's eigvalsh even where the in-place path would be taken."""
-    code = ("import torch; from pipeline import hessian as hs\n"
+    code = ("import torch; from pipeline.curvature import hessian as hs\n"
             "H = torch.diag(torch.arange(1., 51., dtype=torch.float64))\n"
             "print(hs.count_dense(H, method='eigh')[0].counts.n_pos, torch.cuda.is_initialized())\n"
             "import os; os.environ['MINRATIO_BATCHED_EIGH'] = 'torch'\n"
-            "from pipeline import cusolver\n"
+            "from pipeline.numerics import cusolver\n"
             "print(cusolver.eigvalsh_needs_inplace(H.cuda(), max_bytes=1))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["50", "False", "False"], out

@@ -144,7 +144,7 @@ def test_counts_factor_in_the_matrix_own_memory():
     # Built without N×N temporaries: a setup that peaks higher than counts would hide what counts take
     # (the peak is a high-water mark) — measured this way the copying inertia() takes +1.03×H.
     setup = (
-        "from pipeline import inertia\n"
+        "from pipeline.curvature import inertia\n"
         "from pipeline.numerics.symmetric import symmetrize_\n"
         f"A = symmetrize_(torch.randn({n}, {n}, dtype=torch.float64))\n"
         "inertia.counts(A[:64, :64].clone(), 1e-3)\n"  # load LAPACK's code before measuring

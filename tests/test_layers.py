@@ -125,3 +125,13 @@ def test_the_readme_layout_table_matches_the_tree():
     tree = {folder: sorted(p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__")
             for folder in FOLDERS}
     assert table == tree, "README's Code layout table and pipeline/'s folders differ"
+
+
+def test_the_package_re_exports_its_public_api():
+    import pipeline
+
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None, name
+    assert pipeline.spectrum_at.__module__ == "pipeline.curvature.hessian"
+    with pytest.raises(AttributeError):
+        pipeline.no_such_name  # noqa: B018
