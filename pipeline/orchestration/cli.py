@@ -55,6 +55,19 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
+def _interrupt_in(err: BaseException) -> "Interrupted | None":
+    """:class:`Interrupted` if ``err`` is one or was raised while handling one. A signal that lands inside
+    Ray's compiled ``ray.wait`` comes back as a ``SystemError`` ("returned a result with an exception set")
+    whose context is our :class:`Interrupted`."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Interrupted):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def interrupted(cfg: DictConfig, signum: int) -> int:
     """Stop after :class:`Interrupted`: shut Ray down (a local Ray's workers end; a cluster's tasks of
     this driver are cancelled), say in one line what is saved and how to resume; return 128 + signum."""
@@ -101,8 +114,6 @@ def run(cfg: DictConfig) -> int:
     try:
         with stop_on_signals():
             summary = sweep.run_sweep(cfg)
-    except Interrupted as stop:
-        return interrupted(cfg, stop.signum)
     except ConfigError as err:
         log.error(f"minratio: configuration error: {err}")
         return 2
@@ -112,6 +123,11 @@ def run(cfg: DictConfig) -> int:
     except StorageError as err:  # a full disk, or the results root failing a write: one line, no traceback
         log.error(f"minratio: {err}")
         return 1
+    except BaseException as err:  # noqa: BLE001 — an interrupt may arrive wrapped, see _interrupt_in
+        stop = _interrupt_in(err)
+        if stop is None:
+            raise
+        return interrupted(cfg, stop.signum)
     folder = public_uri(join_uri(summary.root, summary.sweep))  # as shown: no credentials, no query
     log.info(summary_table(summary))
     log.info(f"tables: {folder}/{{runs,points,spectra,curves}}/")
