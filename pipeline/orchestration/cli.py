@@ -212,16 +212,25 @@ def analyze_main() -> None:
     analysis.main()
 
 
-def compact_main() -> None:
-    from pipeline.orchestration import analysis, tables
+def _open_sweep(prog: str, code: int, description: str):
+    """The ``(store, sweep)`` named by a command's folder argument; a folder that is not a sweep's is one
+    line on stderr and exit ``code``."""
+    from pipeline.orchestration import analysis
 
-    args = analysis.folder_args("Merge the small Parquet files of each table of a sweep into one file per table (failed "
-                       "rows keep their own files, which the resume that retries them replaces). Run it when no "
-                       "sweep is writing to the folder.")
+    args = analysis.folder_args(description)
     try:
-        store, sweep = analysis.open_results(args.folder)
+        return analysis.open_results(args.folder)
     except FileNotFoundError as err:
-        sys.exit(f"minratio-compact: {err}")
+        print(f"{prog}: {err}", file=sys.stderr)
+        sys.exit(code)
+
+
+def compact_main() -> None:
+    from pipeline.orchestration import tables
+
+    store, sweep = _open_sweep("minratio-compact", 1, "Merge the small Parquet files of each table of a sweep into one "
+                               "file per table (failed rows keep their own files, which the resume that retries them "
+                               "replaces). Run it when no sweep is writing to the folder.")
     for name in tables.TABLES:
         before, rows = tables.compact(store, sweep, name)
         after = len(store.list_files(f"{sweep}/{name}", ".parquet"))
@@ -231,16 +240,12 @@ def compact_main() -> None:
 def verify_main() -> None:
     """``minratio-verify``: print :func:`pipeline.orchestration.verify.verify`'s report; exit 1 on damage, 2 when the
     folder is not a sweep's."""
-    from pipeline.orchestration import analysis, verify
+    from pipeline.orchestration import verify
 
-    args = analysis.folder_args("Check a minratio sweep folder: every table file readable, every key once, every "
-                       "checkpoint present with the size and SHA-256 recorded when it was written. Exits 1 "
-                       "on damage (each problem names the file and the rows that refer to it), 0 when clean.")
-    try:
-        store, sweep = analysis.open_results(args.folder)
-    except FileNotFoundError as err:
-        print(f"minratio-verify: {err}", file=sys.stderr)
-        sys.exit(2)
+    store, sweep = _open_sweep("minratio-verify", 2, "Check a minratio sweep folder: every table file readable, every "
+                               "key once, every checkpoint present with the size and SHA-256 recorded when it was "
+                               "written. Exits 1 on damage (each problem names the file and the rows that refer to "
+                               "it), 0 when clean.")
     report = verify.verify(store, sweep)
     print(report.text())
     sys.exit(0 if report.clean else 1)
