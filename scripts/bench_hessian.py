@@ -38,6 +38,7 @@ import torch
 from pipeline.curvature import hessian as hs
 from pipeline.numerics import block_ldl, cusolver
 from pipeline.curvature import inertia, spectrum
+from pipeline.curvature.hvp import hvp_rows
 from pipeline.curvature.models import MLP
 from pipeline.curvature.problem import MeanLoss
 
@@ -335,7 +336,7 @@ def hvp_floor(f, theta: torch.Tensor, device: torch.device) -> tuple[float, floa
     e = torch.zeros(1, n, dtype=theta.dtype, device=device)
     e[0, 0] = 1
     with FlopCounterMode(display=False) as counter:
-        hs._hvp_rows(f, theta, "rev")(e)
+        hvp_rows(f, theta, "rev")(e)
     A = torch.randn(1024, 1024, dtype=F64, device=device)
     t, _ = timed(lambda: A @ A, device, 3)
     rate = 2 * 1024 ** 3 / t
