@@ -311,3 +311,28 @@ def test_report_from_the_pipelines_decomposition_equals_the_dense_report(where):
             assert got[key] == value, key
     with pytest.raises(ValueError, match="theta's shape"):
         critical.report_from_eigen(f, theta, res.eigenvalues, res.grad_coeffs[:-1], res.v_min)
+
+
+def test_an_exact_minimum_is_small_gradient_whatever_its_rounding_noise_cosine():
+    # Zero-loss least squares: at θ* the computed gradient is rounding noise, and so is the cosine between it
+    # and the next GD step's gradient — a negative noise cosine must not make the point "oscillating".
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(64, 12, generator=g, dtype=torch.float64)
+    theta_star = torch.randn(12, generator=g, dtype=torch.float64)
+    y = (X * theta_star).sum(1)  # another summation order than X @ θ: residuals of rounding size
+
+    def f(theta):
+        return ((X @ theta - y) ** 2).mean()
+
+    g_star = torch.func.grad(f)(theta_star)
+    g0 = float(torch.func.grad(f)(torch.zeros(12, dtype=torch.float64)).norm())
+    ratio = float(g_star.norm()) / g0
+    assert 0 < ratio < stall.NOISE_EPS * torch.finfo(torch.float64).eps  # the path under test: noise, not zero
+    tag = stall.stall_tag_at(f, theta_star, g0, lr=0.1, power_iters=20)
+    assert tag.tag == "small_gradient" and math.isfinite(tag.cosine)
+    assert "not used: gradient at rounding level" in tag.reasons
+    # Whatever sign the noise takes, a negative cosine at the rounding level is not evidence of a bounce …
+    assert stall_tag(1e-17, 1.0, cosine=-0.9, noise_ratio=2.2e-13).tag == "small_gradient"
+    assert "not used" in stall_tag(1e-17, 1.0, cosine=-0.9, noise_ratio=2.2e-13).reasons
+    # … while the same cosine above the rounding level still is.
+    assert stall_tag(1e-9, 1.0, cosine=-0.9, noise_ratio=2.2e-13).tag == "oscillating"

@@ -22,6 +22,9 @@ from torch.func import grad
 from pipeline.curvature.hvp import LossFn, hvp_at
 
 STALL_TAGS = ("small_gradient", "oscillating")
+# ‖g‖/‖g₀‖ below this many machine epsilons is rounding noise: a mean loss's gradient sums many
+# O(‖g₀‖) per-sample terms, each rounded, so an exact minimum's computed gradient is a few hundred ε·‖g₀‖.
+NOISE_EPS = 1e3
 
 
 def relative_improvement(before: float, after: float) -> float:
@@ -93,7 +96,7 @@ class StallTag:
 
 def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam_max: float = math.nan,
               lr: Optional[float] = None, *, grad_ratio_tol: float = 1e-2, cosine_tol: float = 0.0,
-              sharpness_tol: float = 0.9) -> StallTag:
+              sharpness_tol: float = 0.9, noise_ratio: float = 0.0) -> StallTag:
     """Tag a stalled checkpoint ``oscillating`` when the iterate shows evidence of bouncing across a valley,
     else ``small_gradient``. Evidence is either of:
 
@@ -106,7 +109,9 @@ def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam
 
     ``grad_norm``, ``grad_norm0``: ‖g‖ at the stall and at step 0. ``cosine``: from :func:`gradient_cosine`.
     ``lam_max``: from :func:`power_lambda_max`. ``lr``: the (S)GD learning rate; pass None for Adam, whose
-    stability limit is not 2/lr. A NaN value (not measured) skips its criterion.
+    stability limit is not 2/lr. A NaN value (not measured) skips its criterion. ``noise_ratio``: below this
+    ``‖g‖/‖g₀‖`` the gradient is rounding noise (an exact minimum, loss ≈ 0), its direction carries no
+    information, and the cosine criterion is not applied (:func:`stall_tag_at` derives it from the dtype).
     """
     if grad_norm < 0 or grad_norm0 < 0:
         raise ValueError(f"gradient norms must be ≥ 0, got grad_norm={grad_norm}, grad_norm0={grad_norm0}")
@@ -115,13 +120,16 @@ def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam
     reasons = []
     if ratio >= grad_ratio_tol:
         reasons.append(f"grad_ratio={ratio:.3g}>={grad_ratio_tol:g}")
-    if cosine < cosine_tol:
+    noise = ratio < noise_ratio
+    if cosine < cosine_tol and not noise:
         reasons.append(f"cosine={cosine:.3g}<{cosine_tol:g}")
     bouncing = bool(reasons)  # NaN comparisons are False: unmeasured criteria never fire
     if sharp >= sharpness_tol:
         reasons.append(f"lam_max*lr/2={sharp:.3g}>={sharpness_tol:g}")
     if not bouncing:
         reasons.insert(0, f"grad_ratio={ratio:.3g}<{grad_ratio_tol:g}")
+        if noise and math.isfinite(cosine):
+            reasons.append(f"cosine={cosine:.3g} not used: gradient at rounding level (grad_ratio<{noise_ratio:.3g})")
         return StallTag("small_gradient", ratio, cosine, sharp, "; ".join(reasons))
     return StallTag("oscillating", ratio, cosine, sharp, "; ".join(reasons))
 
@@ -132,7 +140,8 @@ def stall_tag_at(loss_fn: LossFn, theta: torch.Tensor, grad_norm0: float, lr: Op
     the cosine is taken between ∇L(θ) and the gradient after one more GD step (θ − lr·∇L(θ)), which is what
     GD's next gradient is, and λmax by :func:`power_lambda_max`. ``grad_norm0``: ‖∇L‖ at step 0 (first entry
     of the run's curve). ``lr`` None (Adam): no cosine step and no 2/lr criterion, only ‖g‖/‖g₀‖.
-    ``thresholds``: ``grad_ratio_tol``, ``cosine_tol``, ``sharpness_tol`` of :func:`stall_tag`."""
+    ``thresholds``: ``grad_ratio_tol``, ``cosine_tol``, ``sharpness_tol`` of :func:`stall_tag`. The rounding
+    level below which the cosine is noise is :data:`NOISE_EPS` machine epsilons of ``theta``'s dtype."""
     theta = theta.detach()
     g_fn = grad(loss_fn)
     g = g_fn(theta)
@@ -140,7 +149,8 @@ def stall_tag_at(loss_fn: LossFn, theta: torch.Tensor, grad_norm0: float, lr: Op
     if lr is not None:
         cos = gradient_cosine(g, g_fn(theta - lr * g))
         lam = power_lambda_max(loss_fn, theta, power_iters).lam_max
-    return stall_tag(float(torch.linalg.vector_norm(g)), grad_norm0, cos, lam, lr, **thresholds)
+    noise = NOISE_EPS * torch.finfo(theta.dtype).eps
+    return stall_tag(float(torch.linalg.vector_norm(g)), grad_norm0, cos, lam, lr, noise_ratio=noise, **thresholds)
 
 
 def gradient_cosine(g_prev: torch.Tensor, g: torch.Tensor) -> float:
