@@ -49,7 +49,8 @@ def store(tmp_path):
 
 
 def _check_axes(fig) -> int:
-    """Every scattered point and data-space line vertex inside its axes' limits; x tick labels apart.
+    """Every scattered point and data-space line vertex inside its axes' limits; x tick labels apart; legends
+    outside the frame.
     Returns how many points were checked."""
     fig.canvas.draw()
     checked = 0
@@ -66,6 +67,9 @@ def _check_axes(fig) -> int:
                  if t.get_visible() and t.get_text() and x0 <= t.get_position()[0] <= x1]
         for a, b in itertools.combinations(boxes, 2):
             assert not a.overlaps(b), f"x tick labels collide in {ax.get_title()!r}"
+        legend = ax.get_legend()
+        if legend is not None:  # beside the frame, where it hides no point
+            assert not legend.get_window_extent().overlaps(ax.get_window_extent()), ax.get_title()
     return checked
 
 

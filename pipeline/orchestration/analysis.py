@@ -180,7 +180,13 @@ def _hue_legend(ax, df: pd.DataFrame) -> None:
     handles = [dot(color=colors[k], label=f"{k} ({(df['hue'] == k).sum()})") for k in colors]
     handles += [dot(color="0.3", label="critical point (‖g‖² < 1e-10)"),
                 dot(mfc="none", color="0.3", label="not critical")]
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
+    _legend_outside(ax, handles=handles)
+
+
+def _legend_outside(ax, **kwargs) -> None:
+    """The legend beside ``ax``, right of its frame, so that it hides no point (figures are saved with a
+    tight bounding box, which keeps it in the file)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
 
 
 def _log_loss_axis(ax, values: pd.Series) -> None:
@@ -273,7 +279,7 @@ def fig_grad_norm(ok: pd.DataFrame):
     if ax.get_yscale() == "log":  # the line must stay in view even when every point lies far above it
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, GTOL2 ** 0.5 / 3), hi)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return fig
 
 
@@ -292,7 +298,7 @@ def fig_index(ok: pd.DataFrame):
         eps = np.geomspace(max(crit["loss"].min(), fit.eps_c * 1.0001), crit["loss"].max(), 100)
         ax.plot(eps, fit.A * (eps - fit.eps_c) ** fit.p, color="0.2", lw=1.2,
                 label=f"A(ε − εc)^p at critical points: p = {fit.p:.2f} [{fit.p_ci[0]:.2f}, {fit.p_ci[1]:.2f}]")
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     return fig
 
 
@@ -316,7 +322,7 @@ def fig_stalled_vs_refined(ok: pd.DataFrame, full_range: bool = False):
     _log_loss_axis(ax, pd.concat([starts["loss"], ends["loss"]]))
     _fit_ylim(ax, pd.concat([starts["min_ratio"], ends["min_ratio"]]), full_range)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     return fig
 
 
