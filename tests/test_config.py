@@ -202,3 +202,23 @@ def test_cli_cfg_job_and_help_work_as_hydra_users_expect(tmp_path):
     assert "width: 11" in res.stdout
     res = _cli("--help", cwd=tmp_path)
     assert res.returncode == 0 and "minratio-sweep" in res.stdout and "synthetic" in res.stdout
+
+
+def test_a_run_carries_one_typed_config_that_pickles():
+    """plan.expand builds one RunConfig per run, the form every task reads: typed values (a grid's 1 on a
+    float field is 1.0 there, while the id keeps hashing the grid's spelling), the hessian section split
+    into counting settings and the task's resources, and a round trip through the runs table's record."""
+    import pickle
+
+    from pipeline.orchestration.config import HessianConfig, HessianCounting, HessianResources, RunConfig
+
+    (run,) = expand(compose_config(["sweep.seeds=1", "hessian.num_gpus=0.25", "+sweep.grid={optim.lr:[1]}"],
+                                   shrink=False))
+    c = run.config
+    assert isinstance(c, RunConfig) and type(c.optim.lr) is float and c.optim.lr == 1.0
+    assert c.hessian_task.num_gpus == 0.25 and not hasattr(c.hessian, "num_gpus") and c.hessian.rel_tol == 1e-6
+    counting, task = ({f.name for f in dataclasses.fields(k)} for k in (HessianCounting, HessianResources))
+    assert not counting & task and counting | task == {f.name for f in dataclasses.fields(HessianConfig)}
+    assert pickle.loads(pickle.dumps(run)) == run
+    assert RunConfig.from_sections(c.sections()) == c
+    assert run_id({**c.sections(), "optim": {**c.sections()["optim"], "lr": 1}}, run.seed) == run.run_id
