@@ -24,6 +24,7 @@ import pytest
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
 from pipeline.orchestration.sweep import run_sweep
+from test_faults import descendants
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET, KEY, SECRET = "minratio", "testing", "testing-secret"
@@ -177,22 +178,6 @@ def test_compaction_on_s3_keeps_every_row_and_the_folder_verifies(s3_sweep, s3_e
 def objects(fs, folder: str) -> int:
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     return sum(i.path.endswith(".parquet") for i in infos)
-
-
-def descendants(pid: int) -> list[int]:
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
 
 
 @pytest.mark.slow
