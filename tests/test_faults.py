@@ -86,16 +86,7 @@ def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_pa
     deadline = time.monotonic() + 240
     while count_files(root / "faults" / "runs") < 2 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    # A machine crash: the driver, the local Ray it started and that Ray's workers (which run in process
-    # groups of their own) all die at once.
-    doomed = descendants(driver.pid)
-    os.killpg(driver.pid, signal.SIGKILL)
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    driver.wait(timeout=30)
+    crash(driver)
     finished = count_files(root / "faults" / "runs")
     assert 2 <= finished < 4, f"the driver was to be killed mid-sweep, {finished} of 4 runs had finished"
 
@@ -108,6 +99,19 @@ def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_pa
 
 # --------------------------------------------------------------------------------------------------
 # Killing Ray workers of the shared Ray while they run a task.
+
+def crash(driver: subprocess.Popen) -> None:
+    """A machine crash: the driver (started with ``start_new_session``), the local Ray it started and that
+    Ray's workers (which run in process groups of their own) all die at once."""
+    doomed = descendants(driver.pid)
+    os.killpg(driver.pid, signal.SIGKILL)
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    driver.wait(timeout=30)
+
 
 def descendants(pid: int) -> list[int]:
     parent = {}
