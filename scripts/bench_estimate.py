@@ -57,7 +57,7 @@ def pipeline_checkpoints(overrides: list[str], seed: int = 0):
     from hydra.core.global_hydra import GlobalHydra
 
     from pipeline.orchestration.config import register_configs
-    from pipeline.curvature.problem import make_problem
+    from pipeline.orchestration.train import run_problem
     from pipeline.orchestration.train import train
 
     register_configs()
@@ -65,7 +65,7 @@ def pipeline_checkpoints(overrides: list[str], seed: int = 0):
     with initialize_config_module("pipeline.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     result = train(cfg, seed)
-    problem = make_problem(cfg, seed)
+    problem = run_problem(cfg, seed)
     return [(f"{cfg.data.name}-{problem.model.n_params}@{ck.step}", problem, ck.theta.to(torch.float64))
             for ck in result.checkpoints]
 

@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 
 from pipeline.landscape import refine
-from pipeline.orchestration.config import section
 from pipeline.curvature.hessian import spectrum_at
-from pipeline.curvature.problem import make_problem
-from pipeline.orchestration.train import train
+from pipeline.orchestration.train import run_problem, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sweep import compose  # noqa: E402  (Hydra composition of the installed config)
@@ -46,7 +44,7 @@ def stalled_points(overrides: list[str], seeds: int) -> list[tuple[int, object, 
     out = []
     for seed in range(seeds):
         ck = train(cfg, seed).checkpoints[0]
-        f = make_problem(cfg, seed).to("cpu", torch.float64).loss_fn()
+        f = run_problem(cfg, seed).to("cpu", torch.float64).loss_fn()
         out.append((seed, f, ck.theta.to(torch.float64), "stall" if ck.stalled else "final"))
     return out
 
@@ -54,9 +52,9 @@ def stalled_points(overrides: list[str], seeds: int) -> list[tuple[int, object, 
 def run_finder(finder: str, overrides: list[str], points) -> list[dict]:
     """One row per point: stop reason, iterations, seconds, final ‖g‖² and, when converged, the label."""
     cfg = compose(overrides + [f"refine={finder}"])
-    h = section(cfg, "hessian")
-    rule = {"rel_tol": h["rel_tol"], "gap_ratio": h["gap_ratio"], "tol_mode": h["tol_mode"]}
-    opts = refine.options_for(finder, section(cfg, "refine"), h)
+    h = cfg.hessian
+    rule = {"rel_tol": h.rel_tol, "gap_ratio": h.gap_ratio, "tol_mode": h.tol_mode}
+    opts = refine.options_for(finder, cfg.refine, h)
     rows = []
     for seed, f, theta, why in points:
         res = refine.refine(finder, f, theta, **opts)

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from pipeline.curvature import estimate
 from pipeline.orchestration import jobs
 from pipeline.orchestration.analysis import load, open_results
-from pipeline.curvature.problem import make_problem
+from pipeline.orchestration.train import run_problem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_estimate import slq_share_above  # noqa: E402  (the benchmark's own SLQ, written from its description)
@@ -62,7 +62,7 @@ def main() -> None:
     for i, (label, cfg, seed, theta, lam) in enumerate(points):
         if args.max_points and i >= args.max_points:
             break
-        loss = make_problem(cfg, seed).to("cpu", torch.float64).loss_fn()
+        loss = run_problem(cfg, seed).to("cpu", torch.float64).loss_fn()
         mv = estimate.hvp_matvec(loss, theta.to(torch.float64))
         n, top = lam.size, np.abs(lam).max()
         slq = slq_share_above(mv, n, [r * top for r in rels], steps=args.slq_steps, n_v=1, seed=0,

@@ -151,7 +151,7 @@ def test_a_resumed_training_task_rewrites_its_damaged_checkpoints_from_the_saved
     cfg = make_cfg(["sweep.seeds=1", "optim.max_steps=1500", "stall.window=100"])
     (run,) = expand(cfg)
     store, states = Store.open(cfg.results_root), []
-    train(run.cfg(), run.seed, on_state=states.append, state_every_s=0.0)
+    train(run.config, run.seed, on_state=states.append, state_every_s=0.0)
     state = next(s for s in states if s.checkpoints)
     for ck in state.checkpoints:
         jobs.save_checkpoint(store, "s", run, ck)

@@ -70,6 +70,16 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("key", ["hessian.num_gpus", "hessian.num_cpus", "refine.num_gpus", "refine.num_cpus",
+                                 "ray.train_num_gpus", "ray.train_num_cpus"])
+def test_resource_shares_with_more_decimals_than_ray_keeps_are_refused(key):
+    """Ray refuses a task asking for 0.33333 GPUs when the task is submitted (mid-sweep): refused here,
+    naming the key and Ray's precision; 4 decimal places pass."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + r"=0\.33333.*4 decimal places"):
+        validate(compose_config([f"{key}=0.33333"], shrink=False))
+    validate(compose_config([f"{key}=0.3333"], shrink=False))
+
+
 def test_a_gap_tolerance_with_inertia_is_accepted():
     """inertia finds the gap from zero counts (one rule across sizes); only the estimator cannot."""
     validate(compose_config(["hessian.method=inertia", "hessian.tol_mode=gap", "plot.hue=model.width"],
@@ -135,7 +145,7 @@ def test_plan_expands_seeds_times_grid_with_stable_ids():
     again = expand(compose_config(["sweep.seeds=[0,1]", "+sweep.grid={model.width:[3,5],optim.lr:[0.1,0.2]}"],
                                   shrink=False))
     assert [r.run_id for r in runs] == [r.run_id for r in again]
-    widths = sorted({r.config["model"]["width"] for r in runs})
+    widths = sorted({r.config.model.width for r in runs})
     assert widths == [3, 5]
     # Resources and the sweep's name do not change what a run computes, hence not its id.
     moved = expand(compose_config(["sweep.seeds=[0,1]", "sweep.name=other", "hessian.num_gpus=0.5",
@@ -150,7 +160,7 @@ def test_grid_values_reach_the_settings_that_interpolate_them():
                           "model.width=${data.n_features}"],
                          shrink=False)
     validate(cfg)
-    assert [(r.config["data"]["n_features"], r.config["model"]["width"]) for r in expand(cfg)] == [(4, 4), (9, 9)]
+    assert [(r.config.data.n_features, r.config.model.width) for r in expand(cfg)] == [(4, 4), (9, 9)]
 
 
 def test_grid_run_ids_are_pinned():
@@ -164,14 +174,14 @@ def test_grid_run_ids_are_pinned():
     same = compose_config(["sweep.seeds=1", "+sweep.grid={optim.lr:[1,1.0],model.bias:[1,0]}"], shrink=False)
     validate(same)
     runs = expand(same)
-    assert [r.config["model"]["bias"] for r in runs] == [True, False]
+    assert [r.config.model.bias for r in runs] == [True, False]
 
 
 def test_run_id_is_a_pure_function_of_config_and_seed():
     cfg = compose_config([], shrink=False)
     run = expand(cfg)[0]
-    assert run_id(run.config, run.seed) == run.run_id
-    assert run_id(run.config, run.seed + 1) != run.run_id
+    assert run_id(run.config.sections(), run.seed) == run.run_id
+    assert run_id(run.config.sections(), run.seed + 1) != run.run_id
 
 
 def _cli(*args, cwd):
@@ -192,3 +202,23 @@ def test_cli_cfg_job_and_help_work_as_hydra_users_expect(tmp_path):
     assert "width: 11" in res.stdout
     res = _cli("--help", cwd=tmp_path)
     assert res.returncode == 0 and "minratio-sweep" in res.stdout and "synthetic" in res.stdout
+
+
+def test_a_run_carries_one_typed_config_that_pickles():
+    """plan.expand builds one RunConfig per run, the form every task reads: typed values (a grid's 1 on a
+    float field is 1.0 there, while the id keeps hashing the grid's spelling), the hessian section split
+    into counting settings and the task's resources, and a round trip through the runs table's record."""
+    import pickle
+
+    from pipeline.orchestration.config import HessianConfig, HessianCounting, HessianResources, RunConfig
+
+    (run,) = expand(compose_config(["sweep.seeds=1", "hessian.num_gpus=0.25", "+sweep.grid={optim.lr:[1]}"],
+                                   shrink=False))
+    c = run.config
+    assert isinstance(c, RunConfig) and type(c.optim.lr) is float and c.optim.lr == 1.0
+    assert c.hessian_task.num_gpus == 0.25 and not hasattr(c.hessian, "num_gpus") and c.hessian.rel_tol == 1e-6
+    counting, task = ({f.name for f in dataclasses.fields(k)} for k in (HessianCounting, HessianResources))
+    assert not counting & task and counting | task == {f.name for f in dataclasses.fields(HessianConfig)}
+    assert pickle.loads(pickle.dumps(run)) == run
+    assert RunConfig.from_sections(c.sections()) == c
+    assert run_id({**c.sections(), "optim": {**c.sections()["optim"], "lr": 1}}, run.seed) == run.run_id

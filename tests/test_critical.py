@@ -15,9 +15,8 @@ from pipeline.orchestration import rows
 from pipeline.landscape.critical import critical_label, critical_report, escape_check, gradient_shares
 from pipeline.curvature.hessian import hessian
 from pipeline.curvature.models import MLP, loss_value
-from pipeline.curvature.problem import make_problem
 from pipeline.landscape.stall import gradient_cosine, power_lambda_max, stall_tag
-from pipeline.orchestration.train import train
+from pipeline.orchestration.train import run_problem, train
 
 F64 = torch.float64
 
@@ -231,7 +230,7 @@ def test_real_training_at_the_edge_of_stability_is_tagged_oscillating(make_cfg):
     # keeps the top mode bouncing, the loss stops falling, and train()'s stall rule fires.
     cfg = make_cfg(["data=synthetic", "data.n_samples=64", "model.depth=0", "model.activation=linear",
                     "stall.window=200", "stall.threshold=1e-3", "stall.max_stalls=1", "optim.max_steps=1000"])
-    problem = make_problem(cfg, 0)
+    problem = run_problem(cfg, 0)
     f = problem.loss_fn()
     theta0 = problem.model.init(0)
     lam_max = float(torch.linalg.eigvalsh(hessian(f, theta0))[-1])

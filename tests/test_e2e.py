@@ -13,6 +13,7 @@ import pytest
 
 from conftest import two_stalls
 from pipeline.orchestration import tables
+from pipeline.orchestration.config import RunConfig
 from pipeline.orchestration.plan import expand
 from pipeline.orchestration.sweep import run_sweep
 
@@ -255,10 +256,12 @@ def test_jobs_accept_a_config_composed_before_newer_keys_existed(make_cfg):
                     "refine.max_iters=2"])
     store = Store.open(cfg.results_root)
     (run,) = expand(cfg)
-    old = {**run.config, "hessian": {k: v for k, v in run.config["hessian"].items()
-                                     if k not in ("naive_count", "data_workers")},
-           "refine": {k: v for k, v in run.config["refine"].items() if k != "gtol2"}}
-    run = dataclasses.replace(run, config=old)
+    sections = run.config.sections()
+    old = {**sections, "hessian": {k: v for k, v in sections["hessian"].items()
+                                   if k not in ("naive_count", "data_workers")},
+           "refine": {k: v for k, v in sections["refine"].items() if k != "gtol2"}}
+    run = dataclasses.replace(run, config=RunConfig.from_sections(old))
+    assert run.config.hessian.naive_count is True and run.config.refine.gtol2 == 1e-10
     status, refs = jobs.train_job(store.uri, "old", run)
     assert status == "ok"
     jobs.hessian_job(store.uri, "old", refs)

@@ -86,16 +86,7 @@ def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_pa
     deadline = time.monotonic() + 240
     while count_files(root / "faults" / "runs") < 2 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    # A machine crash: the driver, the local Ray it started and that Ray's workers (which run in process
-    # groups of their own) all die at once.
-    doomed = descendants(driver.pid)
-    os.killpg(driver.pid, signal.SIGKILL)
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    driver.wait(timeout=30)
+    crash(driver)
     finished = count_files(root / "faults" / "runs")
     assert 2 <= finished < 4, f"the driver was to be killed mid-sweep, {finished} of 4 runs had finished"
 
@@ -108,6 +99,19 @@ def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_pa
 
 # --------------------------------------------------------------------------------------------------
 # Killing Ray workers of the shared Ray while they run a task.
+
+def crash(driver: subprocess.Popen) -> None:
+    """A machine crash: the driver (started with ``start_new_session``), the local Ray it started and that
+    Ray's workers (which run in process groups of their own) all die at once."""
+    doomed = descendants(driver.pid)
+    os.killpg(driver.pid, signal.SIGKILL)
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    driver.wait(timeout=30)
+
 
 def descendants(pid: int) -> list[int]:
     parent = {}
@@ -185,7 +189,7 @@ def test_killed_workers_are_retried_training_resumes_from_its_saved_state(ray_se
     by_id = {r.run_id: r for r in expand(cfg)}
     curves = pd.read_parquet(folder / "curves")
     for run_id, row in resumed.iterrows():
-        ref = train(by_id[run_id].cfg(), by_id[run_id].seed)
+        ref = train(by_id[run_id].config, by_id[run_id].seed)
         assert row["steps"] == ref.steps and row["final_loss"] == pytest.approx(ref.final_loss, rel=1e-10)
         got = curves[curves["run_id"] == run_id].sort_values("step")
         assert got["step"].tolist() == ref.curves.step
@@ -205,13 +209,13 @@ RESUME_CASES = [  # optimizers whose state (momentum, moments, sampler RNG) must
 def test_training_resumed_from_a_saved_state_ends_where_an_uninterrupted_run_does(make_cfg, tmp_path, overrides):
     cfg = make_cfg(["sweep.seeds=1", "model.width=4", "optim.max_steps=600", "stall.window=200", *overrides])
     run = expand(cfg)[0]
-    whole = train(run.cfg(), run.seed)
+    whole = train(run.config, run.seed)
     store, states = Store.open(str(tmp_path / "r")), []
-    train(run.cfg(), run.seed, on_state=states.append, state_every_s=0.0)
+    train(run.config, run.seed, on_state=states.append, state_every_s=0.0)
     jobs.save_state(store, "s", run.run_id, states[len(states) // 2])  # through the file, as a retry reads it
     state = jobs.load_state(store, "s", run.run_id)
     assert 0 < state.step < whole.steps
-    resumed = train(run.cfg(), run.seed, resume=state)
+    resumed = train(run.config, run.seed, resume=state)
     assert resumed.steps == whole.steps and resumed.final_loss == whole.final_loss
     assert resumed.curves.loss == whole.curves.loss
     assert [c.step for c in resumed.checkpoints] == [c.step for c in whole.checkpoints]

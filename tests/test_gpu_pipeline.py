@@ -76,10 +76,10 @@ def test_inertia_and_estimate_jobs_on_cuda_hold_the_exact_counts(tmp_path):
 def test_cnn_hessians_on_cuda_match_cpu():
     """The digits CNN (conv2d under vmapped HVPs, one point and several at once) on CUDA = CPU."""
     from pipeline.curvature import hessian as hs
-    from pipeline.curvature.problem import make_problem
+    from pipeline.orchestration.train import run_problem
 
     cfg = compose_config(["model=cnn", "data.side=4", "data.n_samples=128"])  # 838 parameters
-    problem = make_problem(cfg, 0)
+    problem = run_problem(cfg, 0)
     thetas = torch.stack([problem.model.init(s) for s in range(3)])
     cpu = hs.hessian(problem.loss_fn(), thetas[0])
     gpu_problem = problem.to("cuda", torch.float64)

@@ -135,3 +135,37 @@ def test_the_package_re_exports_its_public_api():
     assert pipeline.spectrum_at.__module__ == "pipeline.curvature.hessian"
     with pytest.raises(AttributeError):
         pipeline.no_such_name  # noqa: B018
+
+
+# A function whose code (its docstring aside) runs past this many lines says in its docstring why it stays
+# in one piece: "in one piece", "in one loop" or "on purpose" (house rule: functions ≤ ~60 lines).
+LONG_LINES = 60
+LONG_REASON = ("in one piece", "in one loop", "on purpose")
+
+
+def _long_functions(tree: ast.AST) -> list[tuple[str, int, str]]:
+    """``(name, code lines, docstring)`` of each function in ``tree`` whose body after its docstring spans
+    more than :data:`LONG_LINES` lines."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node) or ""
+            body = node.body[1:] if doc and len(node.body) > 1 else node.body
+            lines = node.end_lineno - body[0].lineno + 1
+            if lines > LONG_LINES:
+                out.append((node.name, lines, " ".join(doc.split())))
+    return out
+
+
+def test_long_functions_say_why_they_stay_in_one_piece():
+    unexplained = [f"{path.relative_to(PACKAGE.parent)}:{name} ({lines} lines)"
+                   for path in MODULES.values() for name, lines, doc in _long_functions(ast.parse(path.read_text()))
+                   if not any(reason in doc for reason in LONG_REASON)]
+    assert not unexplained, f"functions over {LONG_LINES} lines without a reason in their docstring: {unexplained}"
+
+
+def test_the_long_function_check_measures_code_not_docstrings():
+    code = lambda n, doc: f'def f():\n    """{doc}"""\n' + "    x = 1\n" * n  # noqa: E731
+    assert _long_functions(ast.parse(code(LONG_LINES, "short"))) == []
+    ((name, lines, doc),) = _long_functions(ast.parse(code(LONG_LINES + 1, "kept in one piece on purpose")))
+    assert (name, lines) == ("f", LONG_LINES + 1) and "on purpose" in doc

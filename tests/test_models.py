@@ -14,7 +14,7 @@ from pipeline.orchestration.config import ConfigError, validate
 from pipeline.curvature.hessian import hessian, hessians
 from pipeline.curvature.models import CNN, MLP, loss_value, make_model
 from pipeline.orchestration.plan import expand
-from pipeline.curvature.problem import make_problem
+from pipeline.orchestration.train import run_problem
 
 F64 = torch.float64
 NN_ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "swish": nn.SiLU, "relu": nn.ReLU,
@@ -142,7 +142,7 @@ def test_cnn_config_builds_the_cnn_it_describes():
     validate(cfg)
     model = make_model(cfg.model, 64, 10)
     assert model == CNN(64, 10, conv_layers=3, channels=5, kernel=5, depth=1, width=7)
-    problem = make_problem(cfg, 0)
+    problem = run_problem(cfg, 0)
     assert isinstance(problem.model, CNN) and problem.model.in_dim == problem.data.in_dim == 64
 
 
@@ -198,7 +198,7 @@ def test_large_estimate_experiment_composes_at_about_1e5_parameters():
     validate(cfg)
     assert cfg.sweep.name == "large_estimate" and cfg.hessian.method == "estimate"
     assert cfg.hessian.tol_mode == "rel" and cfg.data.name == "digits"
-    problem = make_problem(cfg, 0)  # builds the data too: 8×8 digits, 64 inputs
+    problem = run_problem(cfg, 0)  # builds the data too: 8×8 digits, 64 inputs
     assert problem.data.in_dim == 64 and problem.model.n_params == 99_985
 
 
@@ -234,7 +234,7 @@ def test_cnn_sweep_end_to_end(make_cfg, ray_session):
     lam = np.asarray(spectra.loc[(row["run_id"], row["step"], row["stage"]), "eigenvalues"])
     ck = load_checkpoint(Store.open(cfg.results_root), f"cnn/checkpoints/{row['run_id']}/step-{row['step']:09d}.pt")
     seed = int(runs.set_index("run_id").loc[row["run_id"], "seed"])
-    f = make_problem(cfg, seed).loss_fn()
+    f = run_problem(cfg, seed).loss_fn()
     expected = np.linalg.eigvalsh(torch.autograd.functional.hessian(f, ck["theta"].to(F64)).numpy())
     np.testing.assert_allclose(lam, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
     assert int((lam > row["tol"]).sum()) == row["n_pos"]

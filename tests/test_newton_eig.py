@@ -2,6 +2,8 @@
 linear autoencoder (SCIENCE.md), a planted gradient-flat quadratic, and the real config."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import compose_config
 from pipeline.landscape import refine
 from pipeline.orchestration import rows
 from pipeline.orchestration.config import ConfigError, validate
+from pipeline.orchestration.plan import expand
 from pipeline.landscape.critical import critical_label
 from pipeline.curvature.hessian import spectrum_at
 from pipeline.landscape.newton_eig import descent_step, lm_step, newton_eig
@@ -78,7 +81,8 @@ def test_a_planted_gradient_flat_point_is_reported_as_such():
 def test_refine_method_newton_eig_from_the_real_config():
     cfg = compose_config(["refine=newton_eig"], shrink=False)
     validate(cfg)
-    opts = refine.options_for("newton_eig", cfg.refine, {**cfg.hessian, "rel_tol": 1e-7})
+    run = expand(cfg)[0].config
+    opts = refine.options_for("newton_eig", run.refine, dataclasses.replace(run.hessian, rel_tol=1e-7))
     assert opts["max_iters"] == 200 and opts["rel_tol"] == 1e-7 and opts["continuation"] is True
     assert "inner_rtol" not in opts and "num_cpus" not in opts
     res = refine.refine("newton_eig", ae_loss, _start(POINTS[2][1]), **opts)

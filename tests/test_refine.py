@@ -222,21 +222,24 @@ def test_refine_dispatches_by_name():
         refine.refine("bfgs", ae_loss, theta0)
     with pytest.raises(ValueError, match="flat"):
         refine.newton_mr(ae_loss, theta0.reshape(2, 2))
-    section = {"method": "gnm", "gtol2": 1e-12, "max_iters": 7, "forcing": 0.01, "operator": "dense", "num_gpus": 0}
-    assert refine.options_for("newton_mr", section) == {"gtol2": 1e-12, "max_iters": 7, "forcing": 0.01,
-                                                        "operator": "dense"}
-    assert refine.options_for("gnm", section) == {"gtol2": 1e-12, "max_iters": 7}
+    from pipeline.orchestration.config import RefineConfig
+
+    section = RefineConfig(method="gnm", gtol2=1e-12, max_iters=7, forcing=0.01, operator="dense", num_gpus=0.5)
+    mr = refine.options_for("newton_mr", section)
+    assert set(mr) == set(refine.SETTINGS["newton_mr"])
+    assert (mr["gtol2"], mr["max_iters"], mr["forcing"], mr["operator"]) == (1e-12, 7, 0.01, "dense")
+    assert refine.options_for("gnm", section) == {k: getattr(section, k) for k in refine.SETTINGS["gnm"]}
 
 
 def test_each_finders_settings_are_its_keyword_arguments_and_config_fields():
     import dataclasses
     import inspect
 
-    from pipeline.orchestration.config import HessianConfig, RefineConfig
+    from pipeline.orchestration.config import HessianCounting, RefineConfig
     from pipeline.landscape.newton_eig import newton_eig
 
     fields = {f.name for f in dataclasses.fields(RefineConfig)}
-    counts = {f.name for f in dataclasses.fields(HessianConfig)}
+    counts = {f.name for f in dataclasses.fields(HessianCounting)}  # never a task's resources
     for method, finder in (("newton_mr", refine.newton_mr), ("gnm", refine.gnm), ("newton_eig", newton_eig)):
         params = inspect.signature(finder).parameters
         keyword = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -244,9 +247,11 @@ def test_each_finders_settings_are_its_keyword_arguments_and_config_fields():
         assert keyword & fields <= set(refine.SETTINGS[method]), "a config setting the finder takes is not passed"
         assert set(refine.COUNT_SETTINGS[method]) <= keyword & counts
         assert keyword & (counts - fields) <= set(refine.COUNT_SETTINGS[method]), "a hessian setting is not passed"
-    options = refine.options_for("newton_eig", {"method": "newton_eig", "max_iters": 9, "forcing": 0.1},
-                                 {"rel_tol": 1e-7, "tol_mode": "gap", "method": "eigh"})
-    assert options == {"rel_tol": 1e-7, "tol_mode": "gap", "max_iters": 9}
+    options = refine.options_for("newton_eig", RefineConfig(method="newton_eig", max_iters=9, forcing=0.1),
+                                 HessianCounting(rel_tol=1e-7, tol_mode="gap", method="eigh"))
+    assert set(options) == {*refine.SETTINGS["newton_eig"], *refine.COUNT_SETTINGS["newton_eig"]}
+    assert (options["rel_tol"], options["tol_mode"], options["max_iters"]) == (1e-7, "gap", 9)
+    assert "forcing" not in options and "method" not in options
 
 
 @pytest.mark.parametrize("experiment, data_name", [("lecture_digits", "digits"), ("pennington_bahri", "gaussian"),

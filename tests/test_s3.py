@@ -7,7 +7,6 @@ read the tables from it. Credentials travel in the URI (in-process sweep) or in 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
 from pipeline.orchestration.sweep import run_sweep
+from test_faults import crash
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET, KEY, SECRET = "minratio", "testing", "testing-secret"
@@ -179,22 +179,6 @@ def objects(fs, folder: str) -> int:
     return sum(i.path.endswith(".parquet") for i in infos)
 
 
-def descendants(pid: int) -> list[int]:
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
 @pytest.mark.slow
 def test_a_driver_killed_mid_sweep_on_s3_resumes_to_the_uninterrupted_tables(s3_sweep, s3_endpoint):
     """Credentials and endpoint come from AWS_* variables here: the driver's local Ray workers see them."""
@@ -208,14 +192,7 @@ def test_a_driver_killed_mid_sweep_on_s3_resumes_to_the_uninterrupted_tables(s3_
     deadline = time.monotonic() + 240
     while objects(fs, f"{BUCKET}/killed/s3/runs") < 2 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    doomed = descendants(driver.pid)  # the driver, its local Ray and that Ray's workers die at once
-    os.killpg(driver.pid, signal.SIGKILL)
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    driver.wait(timeout=30)
+    crash(driver)  # the driver, its local Ray and that Ray's workers die at once
     finished = objects(fs, f"{BUCKET}/killed/s3/runs")
     assert 2 <= finished < 4, f"the driver was to be killed mid-sweep, {finished} of 4 runs had finished"
 

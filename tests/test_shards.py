@@ -10,14 +10,14 @@ from pipeline.orchestration.config import ConfigError, validate
 from pipeline.curvature.estimate import hvp_matvec
 from pipeline.orchestration.shards import sharded_hvp
 from pipeline.orchestration.sweep import run_sweep
-from pipeline.curvature.problem import make_problem
+from pipeline.orchestration.train import run_problem
 
 SMALL = ["data.n_samples=50", "model.width=6", "optim.weight_decay=1e-3"]  # 50 rows; L2 counted once
 
 
 def _problem_for(overrides):
     cfg = compose_config(SMALL + overrides)
-    return lambda: make_problem(cfg, 3)
+    return lambda: run_problem(cfg, 3)
 
 
 @pytest.mark.parametrize("shards,rows", [(1, 50), (3, 50), (3, 2)])  # 3 shards of 2 rows: one adds nothing

@@ -17,7 +17,7 @@ from pipeline.curvature.models import loss_value
 from pipeline.orchestration.plan import expand
 from pipeline.orchestration.sweep import check_problems
 from pipeline.curvature.torch_model import ModelError, TorchModel, build_module, import_object, restore
-from pipeline.curvature.problem import make_problem
+from pipeline.orchestration.train import run_problem
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples" / "usernets")
 if EXAMPLES not in sys.path:
@@ -68,7 +68,7 @@ CASES = [
 def test_user_module_hessian_equals_autograd(overrides, mode, one_thread):
     cfg = compose_config([*overrides, "data.n_samples=48"])
     validate(cfg)
-    problem = make_problem(cfg, 3).to("cpu", torch.float64)
+    problem = run_problem(cfg, 3).to("cpu", torch.float64)
     assert isinstance(problem.model, TorchModel) and problem.model.buffers == mode
     assert problem.data.sample_shape == (1, 4, 4)
     theta = problem.model.init(3) + 0.05 * torch.randn(problem.model.n_params, dtype=torch.float64)
@@ -83,7 +83,7 @@ def test_user_module_hessian_equals_autograd(overrides, mode, one_thread):
 
 def test_parameter_subset_hessian_is_the_block_of_the_full_one(one_thread):
     cfg = compose_config([*CASES[0][0], "data.n_samples=48", "hessian.params='^(head|blocks.0.bn)'"])
-    problem = make_problem(cfg, 0)
+    problem = run_problem(cfg, 0)
     sub = params.select(problem.model.segments(), cfg.hessian.params)
     assert sub.names == ("blocks.0.bn.weight", "blocks.0.bn.bias", "head.weight", "head.bias")
     assert sub.n_params == 3 + 3 + 30 + 10
@@ -95,7 +95,7 @@ def test_parameter_subset_hessian_is_the_block_of_the_full_one(one_thread):
     by_list = params.select(problem.model.segments(), ["head.bias", "head.weight"])
     assert torch.equal(by_list.index, torch.arange(sub.index[6], sub.index[-1] + 1))
     # the built-in MLP names its pieces too
-    mlp = make_problem(compose_config(["hessian.params=[layers.1.bias]"]), 0).model
+    mlp = run_problem(compose_config(["hessian.params=[layers.1.bias]"]), 0).model
     assert params.select(mlp.segments(), ["layers.1.bias"]).n_params == 10
 
 
@@ -168,7 +168,7 @@ def test_train_mode_buffers_with_batched_data_are_refused():
 def test_run_ids_of_builtin_models_do_not_see_the_new_keys():
     from pipeline.orchestration.plan import run_id
 
-    cfg = expand(compose_config([]))[0].config
+    cfg = expand(compose_config([]))[0].config.sections()
     old = {s: dict(v) for s, v in cfg.items()}
     for k in ("_target_", "kwargs", "buffers"):
         old["model"].pop(k)

@@ -40,7 +40,7 @@ def run(make_cfg, one_thread):
 def test_a_run_resumed_on_the_cpu_from_a_state_saved_on_its_device_ends_as_the_uninterrupted_run(
         run, tmp_path, device):
     states = []
-    whole = train(run.cfg(), run.seed, device=device, on_state=states.append, state_every_s=0.0)
+    whole = train(run.config, run.seed, device=device, on_state=states.append, state_every_s=0.0)
     assert whole.device.startswith(device) and len(states) > 2
     for st in states:
         assert devices_of([st.theta, st.optimizer, [ck.theta for ck in st.checkpoints]]) == {"cpu"}
@@ -48,7 +48,7 @@ def test_a_run_resumed_on_the_cpu_from_a_state_saved_on_its_device_ends_as_the_u
     store = Store.open(str(tmp_path / "results"))
     middle = states[len(states) // 2]
     jobs.save_state(store, "s", run.run_id, middle)
-    resumed = train(run.cfg(), run.seed, device="cpu", resume=jobs.load_state(store, "s", run.run_id))
+    resumed = train(run.config, run.seed, device="cpu", resume=jobs.load_state(store, "s", run.run_id))
     assert resumed.device == "cpu" and resumed.steps == whole.steps
     assert [ck.step for ck in resumed.checkpoints] == [ck.step for ck in whole.checkpoints]
     got, want = np.array(resumed.curves.loss), np.array(whole.curves.loss)

@@ -54,7 +54,7 @@ def test_spectra_equal_autograd_of_the_same_loss(user_sweep):
     if EXAMPLES not in sys.path:
         sys.path.insert(0, EXAMPLES)
     from pipeline.curvature.params import select
-    from pipeline.curvature.problem import make_problem
+    from pipeline.orchestration.train import run_problem
 
     points = pd.read_parquet(user_sweep / "points")
     spectra = pd.read_parquet(user_sweep / "spectra").set_index(["run_id", "step", "stage"])
@@ -64,7 +64,7 @@ def test_spectra_equal_autograd_of_the_same_loss(user_sweep):
         p = points[points["param_subset"] == subset_spec].iloc[0]
         ck = sorted((user_sweep / "checkpoints" / p["run_id"]).glob("*.pt"))
         theta = torch.load(next(c for c in ck if f"{p['step']:09d}" in c.name), weights_only=True)["theta"]
-        problem = make_problem(cfg, int(p["seed"]))
+        problem = run_problem(cfg, int(p["seed"]))
         H = torch.autograd.functional.hessian(problem.loss_fn(), theta.double())
         sub = select(problem.model.segments(), subset_spec)
         if sub is not None:

@@ -140,7 +140,7 @@ def _loaded(data_cfg, loss: str) -> Dataset:
     ``data._target_``; first ``n_samples`` (0 = all), inputs kept as flat rows with their ``sample_shape``.
     Integer labels are class targets for cross-entropy and one-hot rows for MSE, as for the digits."""
     if data_cfg.name == "torch":
-        X, Y = datasets.from_target(str(data_cfg._target_), data_cfg.get("kwargs"))
+        X, Y = datasets.from_target(str(data_cfg._target_), getattr(data_cfg, "kwargs", None))
     else:
         X, Y = datasets.load_images(data_cfg.name, str(data_cfg.root), str(data_cfg.split), bool(data_cfg.download))
         if data_cfg.side != X.shape[-1]:

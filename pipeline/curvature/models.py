@@ -222,8 +222,8 @@ def make_model(model_cfg, in_dim: int, out_dim: int, sample_shape: tuple = (), s
     import path ``model._target_``, built with ``model.kwargs`` and the run's ``seed``) for ``in_dim``
     inputs (``sample_shape``: one sample's shape, as the user's module receives it)."""
     if model_cfg.name == "torch":
-        return TorchModel(str(model_cfg._target_), plain(model_cfg.get("kwargs") or {}), tuple(sample_shape),
-                          str(model_cfg.get("buffers", "eval")), int(seed))
+        return TorchModel(str(model_cfg._target_), plain(getattr(model_cfg, "kwargs", None) or {}), tuple(sample_shape),
+                          str(getattr(model_cfg, "buffers", "eval")), int(seed))
     if model_cfg.name == "mlp":
         return MLP(in_dim, out_dim, model_cfg.depth, model_cfg.width, model_cfg.activation, model_cfg.bias)
     if model_cfg.name == "cnn":

@@ -72,8 +72,10 @@ class Problem:
         return Problem(self.model, self.data.to(device, dtype), self.loss, self.weight_decay)
 
 
-def make_problem(cfg, seed: int) -> Problem:
-    """The model, data set and loss of a run (``cfg``: the run's resolved config with data/model/optim)."""
-    data = make_dataset(cfg.data, seed, cfg.model.loss)
-    model = make_model(cfg.model, data.in_dim, data.out_dim, data.sample_shape, seed)
-    return Problem(model, data, cfg.model.loss, float(cfg.optim.weight_decay))
+def make_problem(data_cfg, model_cfg, seed: int, weight_decay: float = 0.0) -> Problem:
+    """The model, data set and loss of a run: ``data_cfg`` and ``model_cfg`` are its ``data`` and ``model``
+    settings (records with the keys of the config's sections, read as attributes), ``weight_decay`` its
+    L2 coefficient λ (the loss adds λ/2·‖θ‖²)."""
+    data = make_dataset(data_cfg, seed, model_cfg.loss)
+    model = make_model(model_cfg, data.in_dim, data.out_dim, data.sample_shape, seed)
+    return Problem(model, data, model_cfg.loss, float(weight_decay))

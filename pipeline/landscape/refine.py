@@ -242,6 +242,44 @@ def _matvec(loss_fn: LossFn, theta: torch.Tensor, operator: str) -> MatVec:
     return lambda v: H @ v
 
 
+class _Walk:
+    """The state a finder walks from ``theta0`` ``[N]``: the point θ, its gradient ``g`` and ``loss``, ‖g‖²,
+    the counts of HVPs, gradients and steps, and the history; :meth:`take` accepts a line search's point
+    and :meth:`result` makes the :class:`RefineResult`. One owner for what both finders record."""
+
+    def __init__(self, loss_fn: LossFn, theta0: torch.Tensor, **history_columns):
+        self.t0 = time.perf_counter()
+        self.theta = flat_start(theta0)
+        self.start = self.theta.clone()
+        self.gv = grad_and_value(loss_fn)
+        self.g, loss = self.gv(self.theta)
+        self.loss = self.loss0 = float(loss)
+        self.gn2 = self.gn2_0 = norm2(self.g)
+        self.hvps, self.grads, self.it = 0, 1, 0
+        self.history = new_history(loss=self.loss, grad_norm2=self.gn2, step=0.0, step_norm=0.0, **history_columns)
+
+    def stop(self, gtol2: float, max_iters: int, window: int, rtol: float) -> str:
+        return _stop(self.gn2, gtol2, self.it, max_iters, self.history, window, rtol)
+
+    def take(self, found, direction_norm: float, **history_columns) -> bool:
+        """Move to the line search's ``found`` ``(θ, g, loss, ‖g‖², α)`` and record the step (its length is
+        α·``direction_norm``); False, with nothing changed, where the search found no point."""
+        if found is None:
+            return False
+        self.theta, self.g, loss, self.gn2, alpha = found
+        self.loss = float(loss)
+        self.it += 1
+        push_history(self.history, loss=self.loss, grad_norm2=self.gn2, step=alpha,
+                     step_norm=alpha * direction_norm, **history_columns)
+        return True
+
+    def result(self, method: str, stop: str, flatness: tuple[float, float, int]) -> RefineResult:
+        r, r_h, extra = flatness
+        return RefineResult(method, self.theta, self.loss, self.loss0, self.gn2, self.gn2_0, self.it, stop,
+                            float(torch.linalg.vector_norm(self.theta - self.start)), r, r_h, self.hvps + extra,
+                            self.grads, time.perf_counter() - self.t0, self.history)
+
+
 def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iters: int = 100,
               inner_max_iters: int = 500, inner_rtol: float = 1e-10, forcing: float = 0.1,
               rcond: float = 1e-10, rho: float = 1e-4,
@@ -259,45 +297,28 @@ def newton_mr(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, ma
     products), ``dense`` (build H once per step, then matrix products) or ``auto`` (see
     :func:`resolve_operator`). ``loss_fn`` must accept float64.
     """
-    t0 = time.perf_counter()
-    theta = flat_start(theta0)
-    operator = resolve_operator(operator, loss_fn, theta)
-    start = theta.clone()
-    gv = grad_and_value(loss_fn)
-    g, loss = gv(theta)
-    gn2, loss0, gn2_0 = norm2(g), float(loss), norm2(g)
-    hvps, grads, it = 0, 1, 0
-    history = new_history(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0, inner_iterations=0, inner_stop="",
-                    relative_residual=math.nan, cokernel_residual=math.nan)
+    w = _Walk(loss_fn, theta0, inner_iterations=0, inner_stop="", relative_residual=math.nan,
+              cokernel_residual=math.nan)
+    operator = resolve_operator(operator, loss_fn, w.theta)
     last = None  # (MINRES result, θ it was solved at)
-    while True:
-        stop = _stop(gn2, gtol2, it, max_iters, history, stall_window, stall_rtol)
-        if stop:
-            break
-        matvec = _matvec(loss_fn, theta, operator)
+    while not (stop := w.stop(gtol2, max_iters, stall_window, stall_rtol)):
+        matvec = _matvec(loss_fn, w.theta, operator)
         # Inexact Newton: a loose solve far away, tighter as ‖g‖ → 0 (superlinear convergence near the end).
-        eta = min(forcing, max(inner_rtol, math.sqrt(math.sqrt(gn2))))
-        sol = minres(matvec, -g, rtol=eta, max_iters=inner_max_iters, rcond=rcond)
-        hvps += sol.matvecs
-        last = (sol, theta)
-        p = sol.x
-        hp = -g - sol.residual  # H p, from r = −g − H p
-        slope = 2.0 * float(hp @ g)  # d/dα ‖g(θ+αp)‖² at α = 0
-        p_norm = float(torch.linalg.vector_norm(p))
-        found, evals = _backtrack(gv, theta, p, gn2, slope, 1.0, rho, backtrack)
-        grads += evals
-        if found is None:
+        eta = min(forcing, max(inner_rtol, math.sqrt(math.sqrt(w.gn2))))
+        sol = minres(matvec, -w.g, rtol=eta, max_iters=inner_max_iters, rcond=rcond)
+        w.hvps += sol.matvecs
+        last = (sol, w.theta)
+        hp = -w.g - sol.residual  # H p, from r = −g − H p
+        slope = 2.0 * float(hp @ w.g)  # d/dα ‖g(θ+αp)‖² at α = 0
+        found, evals = _backtrack(w.gv, w.theta, sol.x, w.gn2, slope, 1.0, rho, backtrack)
+        w.grads += evals
+        if not w.take(found, float(torch.linalg.vector_norm(sol.x)), inner_iterations=sol.iterations,
+                      inner_stop=sol.stopped_because, relative_residual=sol.relative_residual,
+                      cokernel_residual=sol.cokernel_residual):
             stop = "line_search_failed"
             break
-        theta, g, loss, gn2, alpha = found
-        it += 1
-        push_history(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * p_norm,
-              inner_iterations=sol.iterations, inner_stop=sol.stopped_because,
-              relative_residual=sol.relative_residual, cokernel_residual=sol.cokernel_residual)
-    r, r_h, extra = _final_flatness(loss_fn, theta, g, stop, last, inner_rtol, inner_max_iters, rcond, operator)
-    return RefineResult("newton_mr", theta, float(loss), loss0, gn2, gn2_0, it, stop,
-                        float(torch.linalg.vector_norm(theta - start)), r, r_h, hvps + extra, grads,
-                        time.perf_counter() - t0, history)
+    return w.result("newton_mr", stop, _final_flatness(loss_fn, w.theta, w.g, stop, last, inner_rtol,
+                                                       inner_max_iters, rcond, operator))
 
 
 def _final_flatness(loss_fn, theta, g, stop, last, rtol, max_iters, rcond, operator) -> tuple[float, float, int]:
@@ -324,44 +345,29 @@ def gnm(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iter
     gradient-flat point, where GNM cannot move. The ``inner_*`` settings only serve the final
     gradient-flat test (MINRES at the final point).
     """
-    t0 = time.perf_counter()
-    theta = flat_start(theta0)
-    start = theta.clone()
-    gv = grad_and_value(loss_fn)
-    g, loss = gv(theta)
-    gn2, loss0, gn2_0 = norm2(g), float(loss), norm2(g)
-    hvps, grads, it = 0, 1, 0
+    w = _Walk(loss_fn, theta0)
     alpha = 1.0 if lr is None else float(lr)
-    history = new_history(loss=loss0, grad_norm2=gn2, step=0.0, step_norm=0.0)
-    while True:
-        stop = _stop(gn2, gtol2, it, max_iters, history, stall_window, stall_rtol)
-        if stop:
-            break
-        d = -hvp_at(loss_fn, theta)(g)  # −∇(½‖g‖²)
-        hvps += 1
+    while not (stop := w.stop(gtol2, max_iters, stall_window, stall_rtol)):
+        d = -hvp_at(loss_fn, w.theta)(w.g)  # −∇(½‖g‖²)
+        w.hvps += 1
         dd = norm2(d)
-        d_norm = math.sqrt(dd)
         found = None
         if lr is not None and dd > 0:
-            trial = theta + alpha * d
-            g_t, loss_t = gv(trial)
-            grads += 1
+            trial = w.theta + alpha * d
+            g_t, loss_t = w.gv(trial)
+            w.grads += 1
             if bool(torch.isfinite(g_t).all()):
                 found = (trial, g_t, loss_t, norm2(g_t), alpha)
         else:
             # d/dα ‖g(θ+αd)‖² = 2 gᵀH d = −2‖d‖²: Armijo on ½‖g‖² with constant c.
-            found, evals = _backtrack(gv, theta, d, gn2, -2.0 * dd, alpha * grow, c, backtrack)
-            grads += evals
-        if found is None:
+            found, evals = _backtrack(w.gv, w.theta, d, w.gn2, -2.0 * dd, alpha * grow, c, backtrack)
+            w.grads += evals
+        if not w.take(found, math.sqrt(dd)):
             stop = "line_search_failed"
             break
-        theta, g, loss, gn2, alpha = found
-        it += 1
-        push_history(history, loss=float(loss), grad_norm2=gn2, step=alpha, step_norm=alpha * d_norm)
-    r, r_h, extra = _final_flatness(loss_fn, theta, g, stop, None, inner_rtol, inner_max_iters, rcond, "hvp")
-    return RefineResult("gnm", theta, float(loss), loss0, gn2, gn2_0, it, stop,
-                        float(torch.linalg.vector_norm(theta - start)), r, r_h, hvps + extra, grads,
-                        time.perf_counter() - t0, history)
+        alpha = found[4]
+    return w.result("gnm", stop, _final_flatness(loss_fn, w.theta, w.g, stop, None, inner_rtol, inner_max_iters,
+                                                 rcond, "hvp"))
 
 
 # The settings of the `refine:` config section each finder takes as keyword arguments (the others are
@@ -377,13 +383,13 @@ COUNT_SETTINGS = {"newton_mr": (), "gnm": (), "newton_eig": ("rel_tol", "gap_rat
 
 
 def options_for(method: str, section, counts=None) -> dict:
-    """The keyword arguments of finder ``method``: its :data:`SETTINGS` found in ``section`` (a dict or
-    config node, e.g. the ``refine:`` config section) and its :data:`COUNT_SETTINGS` found in ``counts``
-    (the ``hessian:`` section, or None)."""
+    """The keyword arguments of finder ``method``: its :data:`SETTINGS` read as attributes of ``section``
+    (a run's ``refine`` settings) and its :data:`COUNT_SETTINGS` of ``counts`` (its ``hessian`` counting
+    settings; None: the finder's defaults)."""
     if method not in METHODS:
         raise ValueError(f"unknown refine method {method!r}: expected one of {', '.join(METHODS)}")
-    found = {k: counts[k] for k in COUNT_SETTINGS[method] if counts is not None and k in counts}
-    return {**found, **{k: section[k] for k in SETTINGS[method] if k in section}}
+    found = {k: getattr(counts, k) for k in COUNT_SETTINGS[method]} if counts is not None else {}
+    return {**found, **{k: getattr(section, k) for k in SETTINGS[method]}}
 
 
 def _finder(method: str) -> Callable[..., RefineResult]:

@@ -1,7 +1,7 @@
 """Inertia of a symmetric matrix from a blocked LDLᵀ built on GEMMs: counts at matrix-multiply speed.
 
-cuSOLVER's Bunch–Kaufman ``sytrf`` picks its pivots one column at a time and reaches a few TFLOP/s on
-an H100; the same N³/3 flops as matrix products run ten times faster. This factorisation eliminates
+cuSOLVER's Bunch–Kaufman ``sytrf`` picks its pivots one column at a time, so its N³/3 flops run far
+below matrix-multiply speed (docs/performance.md gives the timings). This factorisation eliminates
 whole blocks instead. For the window W of ``block`` not yet eliminated indices it takes the
 eigendecomposition W = Q Λ Qᵀ (an orthogonal congruence: Sylvester's law keeps the inertia), then
 eliminates each eigen-direction q_j with pivot λ_j:
@@ -32,9 +32,9 @@ from typing import Optional
 
 import torch
 
-BLOCK = 512  # window of one matrix (H100: 0.59 s at N = 29,124 for 512, 0.57 for 1,024, 256 gave up)
-BATCH_BLOCK = 32  # window of a batch: cuSOLVER decomposes a batch of ≤ 32 × 32 in one call (H100: 64 of
-# them in 0.3 ms, against 18 ms one by one, and 40 ms for a batch of 48 × 48)
+BLOCK = 512  # window of one matrix: smaller windows give up more often, larger ones gain little (docs/performance.md)
+BATCH_BLOCK = 32  # window of a batch: cuSOLVER decomposes a batch of windows ≤ 32 × 32 in one call, larger
+# ones one by one
 GROWTH = 8.0  # per window: each row's D_i may reach at most this × the current bound on the entries
 
 

@@ -1,21 +1,20 @@
 """cuSOLVER's symmetric eigensolvers through ctypes, for what torch's CUDA ``eigvalsh`` / ``eigh`` do not do.
 
-torch 2.11 loops cuSOLVER's ``syevd`` over a batch of matrices larger than 32 × 32, so a pass of 64
-Hessians of N = 1,483 took as long as 64 single calls (1.10 s on an H100). ``cusolverDnXsyevBatched``
-(cuSOLVER ≥ 11.7.1, CUDA 12.6.2) does the batch in one call: 0.33 s, 3.3×, eigenvalues within 1.1e-15
-relative of eigvalsh (``scripts/bench_cusolver_eigh.py``, ``docs/bench/bench_cusolver_eigh_h100.txt``).
+torch loops cuSOLVER's ``syevd`` over a batch of matrices larger than 32 × 32, so a pass of B Hessians
+costs B single calls. ``cusolverDnXsyevBatched`` (cuSOLVER ≥ 11.7.1, CUDA 12.6.2) does the batch in one
+call, with the same eigenvalues to rounding (timings: docs/performance.md, ``scripts/bench_cusolver_eigh.py``).
 :func:`syev_batched_` runs it in the matrices' own memory (they are destroyed, or hold the eigenvectors),
 on torch's current stream, with its workspace from torch's allocator — in sub-batches that fit the free
-memory (its workspace is about 4.1×H per matrix). The library is the ``libcusolver`` torch itself loaded.
+memory (its workspace, which cuSOLVER sizes, is about 4×H per matrix). The library is the ``libcusolver``
+torch itself loaded.
 
 cuSOLVER's ``syevd`` (and the batched ``syevBatched``) asks for about 4×H of workspace, with or without
-eigenvectors (N = 1,483 to 29,124), so torch's ``eigvalsh``, which also copies H, peaks at 6×H.
+eigenvectors, so torch's ``eigvalsh``, which also copies H, needs about 6×H.
 :func:`eigvalsh_inplace_` takes a matrix's eigenvalues in about 1×H instead: cuSOLVER's tridiagonal
-reduction ``sytrd`` in the matrix's own memory (its workspace is a panel: 1.07-1.08×H in all at
-N = 19,204 and 29,124, about 2×H at 2k), then LAPACK's ``dsterf`` on the host for the tridiagonal's
-eigenvalues (O(N²), sequential) — what LAPACK's ``dsyevd`` does for eigenvalues alone, so as accurate.
-1.4-1.6× slower than ``syevd`` at those sizes on an H100 (``docs/bench/bench_hessian_h100_inplace.txt``);
-for Hessians whose 6×H does not fit.
+reduction ``sytrd`` in the matrix's own memory (its workspace is a panel), then LAPACK's ``dsterf`` on
+the host for the tridiagonal's eigenvalues (O(N²), sequential) — what LAPACK's ``dsyevd`` does for
+eigenvalues alone, so as accurate, and slower than ``syevd``: for Hessians whose 6×H does not fit
+(docs/performance.md has the memory and time measured).
 
 ``MINRATIO_BATCHED_EIGH=torch`` in the environment turns both paths off (torch's calls are used).
 No Ray, Hydra or files here.
@@ -223,8 +222,8 @@ def _syev(lib, A: torch.Tensor, vectors: bool) -> torch.Tensor:
 
 def syev_batched_(A: torch.Tensor, vectors: bool = False, max_bytes: Optional[float] = None
                   ) -> Optional[torch.Tensor]:
-    """:func:`syev_` over ``A`` ``[B, N, N]`` in sub-batches whose workspace (about 4.1×N² numbers per
-    matrix) fits the free device memory and ``max_bytes`` (the caller's budget); None, with ``A``
+    """:func:`syev_` over ``A`` ``[B, N, N]`` in sub-batches whose workspace (as cuSOLVER sizes it, about
+    4×N² numbers per matrix) fits the free device memory and ``max_bytes`` (the caller's budget); None, with ``A``
     untouched, when not even one matrix's does or cuSOLVER cannot size it. When a later sub-batch runs
     out of memory, the rest go through torch one matrix at a time, leaving ``A`` as :func:`syev_` would."""
     try:
@@ -299,7 +298,8 @@ def eigvalsh_inplace_(A: torch.Tensor) -> torch.Tensor:
 
 def sytrd_workspace_bytes(A: torch.Tensor) -> int:
     """Device memory :func:`eigvalsh_inplace_` takes beside ``A`` ``[N, N]``: cuSOLVER's ``sytrd`` workspace
-    (a panel: measured 0.07×N² numbers at N = 29,124, but about N² at N = 1,500) and the tridiagonal."""
+    (a panel, as cuSOLVER sizes it: a small share of N² at large N, about N² at N ≈ 1,500) and the
+    tridiagonal."""
     lib = _sytrd_library(A)
     with torch.cuda.device(A.device):
         handle, _ = _handle(lib, A.device)

@@ -337,10 +337,8 @@ def fig_ratio_vs_tol(spectra: pd.DataFrame, points: pd.DataFrame):
         top = float(np.abs(lam).max()) if lam.size else 0.0
         if top > 0 and tol > 0:  # NaN (no points row) compares False
             ax.scatter([tol / top], [(lam > tol).sum() / lam.size], s=14, color=line.get_color(), zorder=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("tol / max|λ|")
-    ax.set_ylabel("minimum ratio #{λ > tol} / n")
-    ax.set_title("minimum ratio against the tolerance (• the one used)")
+    ax.set(xscale="log", xlabel="tol / max|λ|", ylabel="minimum ratio #{λ > tol} / n",
+           title="minimum ratio against the tolerance (• the one used)")
     ax.grid(alpha=0.3)
     return fig
 
@@ -363,10 +361,7 @@ def fig_curves(curves: pd.DataFrame, points: pd.DataFrame):
         line, = ax.plot(part["step"], part["loss"], lw=1, alpha=0.7)
         stalls = points[(points["run_id"] == run_id) & (points["stage"] == "stalled")]
         ax.scatter(stalls["step"], stalls["loss"], color=line.get_color(), marker="x", zorder=3)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("full-batch training loss")
-    ax.set_title("training curves (× = stall)")
+    ax.set(yscale="log", xlabel="step", ylabel="full-batch training loss", title="training curves (× = stall)")
     ax.grid(alpha=0.3)
     return fig
 

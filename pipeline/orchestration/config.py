@@ -33,8 +33,9 @@ REFINE_METHODS = ("none", *refine.METHODS)
 # Image sets and their full side (digits from scikit-learn, the others in torchvision's layout).
 IMAGE_SIDES = {"digits": 8, **{name: side for name, (_, _, side) in datasets.IMAGE_SETS.items()}}
 CLASSIFICATION_DATA = (*IMAGE_SIDES, "torch")  # torch: if its labels are ints
-# The hessian keys that change what a run computes, so enter its id (pipeline.orchestration.plan.run_id) and may vary
-# over a sweep's grid; the rest (resources, batching, estimator settings) are shared by the whole sweep.
+# The counting keys (HessianCounting) that enter a run's id (pipeline.orchestration.plan.run_id), so may vary over a
+# sweep's grid; the estimator's settings never entered it (pinned ids: a resumed sweep keeps its runs), and
+# HessianResources never change what a run computes.
 HESSIAN_ID_KEYS = ("method", "dtype", "tol_mode", "rel_tol", "abs_tol", "gap_ratio", "params")
 
 
@@ -106,23 +107,38 @@ class StallConfig:
 
 
 @dataclass
-class HessianConfig:
+class HessianCounting:
+    """What the Hessian task computes at a point: the method, precision, tolerance rule and estimator."""
     method: str = "auto"  # auto | eigh | inertia | estimate
     dtype: str = "float64"
     tol_mode: str = "auto"  # auto (eigh: gap, else rel; inertia: rel) | gap (eigh and inertia alike) | rel | abs
     rel_tol: float = 1e-6  # tol = rel_tol · max|λ| when no clear gap
     abs_tol: float = 0.0  # used when tol_mode = abs
     gap_ratio: float = 1e4  # a "clear gap": consecutive |λ| differ by at least this factor
+    estimate_probes: int = 30  # method=estimate: Rademacher probes of the stochastic trace
+    estimate_degree: int = 0  # method=estimate: Chebyshev degree; 0 = the least that resolves tol
+    naive_count: bool = True  # inertia: a third LDLᵀ (of H itself) for the naive #{λ > 0}; false skips it
+    params: Any = None  # null/all = every trainable parameter; a regex searched in names, or a list of names
+
+
+@dataclass
+class HessianResources:
+    """Where and how fast a Hessian task runs, never what it computes: its Ray resources, how many
+    checkpoints it takes, its workspace, and the actors that split the data for its HVPs. A sweep may
+    resume with other values (pipeline.orchestration.identity), and they never enter a run's id."""
     num_gpus: float = 0.0  # GPUs per Hessian task (fractional allowed); 0 = CPU
     num_cpus: float = 1.0
     chunk_size: int = 0  # Hessian columns built per vmap call; 0 = derived from memory_budget_mb
     memory_budget_mb: float = 0.0  # 0 = a share of free device memory
     batch_checkpoints: int = 8  # checkpoints of one architecture analysed per task
-    estimate_probes: int = 30  # method=estimate: Rademacher probes of the stochastic trace
-    estimate_degree: int = 0  # method=estimate: Chebyshev degree; 0 = the least that resolves tol
-    naive_count: bool = True  # inertia: a third LDLᵀ (of H itself) for the naive #{λ > 0}; false skips it
     data_workers: int = 0  # method=estimate: Ray actors that split the data for HVPs (0 = in the task)
-    params: Any = None  # null/all = every trainable parameter; a regex searched in names, or a list of names
+
+
+@dataclass
+class HessianConfig(HessianResources, HessianCounting):
+    """The ``hessian:`` section a user writes: one flat namespace (``hessian.num_gpus=0.25``,
+    ``hessian.rel_tol=1e-8``) holding the keys of both records. A run's typed config keeps them apart
+    (:class:`RunConfig` ``.hessian`` and ``.hessian_task``)."""
 
 
 @dataclass
@@ -189,6 +205,41 @@ class Config:
     plot: PlotConfig = field(default_factory=PlotConfig)  # how minratio-sweep draws its figures
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """One run's resolved config, typed: built once per run by :func:`pipeline.orchestration.plan.expand`
+    and carried as is (pickled, a few kB) to its training, Hessian and refinement tasks, which read
+    ``config.hessian.rel_tol``. The user's flat ``hessian:`` section is split into what a task computes
+    (``hessian``) and where and how fast it runs (``hessian_task``)."""
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    stall: StallConfig
+    hessian: HessianCounting
+    hessian_task: HessianResources
+    refine: RefineConfig
+
+    @classmethod
+    def from_sections(cls, sections: dict) -> "RunConfig":
+        """The typed config of resolved sections ``{"data": {...}, ..., "refine": {...}}``, checked against
+        the schema (``1`` on a float field becomes ``1.0``); a key a section lacks takes its default."""
+        typed = {name: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), sections.get(name, {})))
+                 for name, schema in _SECTIONS.items() if name in RUN_SECTIONS}
+        h = typed.pop("hessian")
+        return cls(**typed, hessian=_part(HessianCounting, h), hessian_task=_part(HessianResources, h))
+
+    def sections(self) -> dict:
+        """The run's config as the user wrote it, plain containers by section (``hessian`` flat again): what
+        the ``runs`` table records (``config_json`` and one column per key)."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in RUN_SECTIONS if name != "hessian"}
+        return {**out, "hessian": {**dataclasses.asdict(self.hessian), **dataclasses.asdict(self.hessian_task)}}
+
+
+def _part(record: type, whole: Any) -> Any:
+    """The fields of dataclass ``record`` taken from ``whole`` (a dataclass holding at least them)."""
+    return record(**{f.name: getattr(whole, f.name) for f in dataclasses.fields(record)})
+
+
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "stall": StallConfig,
              "hessian": HessianConfig, "refine": RefineConfig, "sweep": SweepConfig, "ray": RayConfig}
 
@@ -203,13 +254,6 @@ def register_configs() -> None:
 def _require(cond: bool, field_name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}={value!r} is not allowed: expected {allowed}")
-
-
-def section(config: dict, name: str) -> dict:
-    """Section ``name`` of a run's resolved config dict, with the schema's defaults for any key it lacks —
-    a config composed by an older minratio (a task running newer code than its driver) still works."""
-    schema = {"hessian": HessianConfig, "refine": RefineConfig}[name]
-    return {**dataclasses.asdict(schema()), **config.get(name, {})}
 
 
 def seeds_of(seeds: Any) -> list[int]:
@@ -268,6 +312,20 @@ def _one_of(key: str, allowed: tuple) -> Rule:
 def _whole_or_fraction(key: str) -> Rule:
     return (key, lambda c: OmegaConf.select(c, key) <= 1 or float(OmegaConf.select(c, key)).is_integer(),
             "a fraction ≤ 1 or a whole number")
+
+
+# Ray keeps resource quantities to 4 decimal places and refuses a request with more ("0.33333"), when the
+# task is submitted, mid-sweep; the shares a task asks for are checked here instead.
+RAY_DECIMALS = 4
+RAY_SHARE_KEYS = ("hessian.num_gpus", "hessian.num_cpus", "refine.num_gpus", "refine.num_cpus",
+                 "ray.train_num_gpus", "ray.train_num_cpus")
+
+
+def _ray_quantity(key: str) -> Rule:
+    def ok(c: DictConfig) -> bool:
+        value = float(OmegaConf.select(c, key))
+        return abs(round(value, RAY_DECIMALS) - value) <= 1e-12 * max(1.0, abs(value))
+    return (key, ok, f"at most {RAY_DECIMALS} decimal places (Ray's resource precision), e.g. 0.3333 or 0.25")
 
 
 def _folder_name(name: str) -> bool:
@@ -329,6 +387,7 @@ RULES: tuple[Rule, ...] = (
     ("refine.num_cpus", lambda c: c.refine.num_cpus > 0, "> 0"),
     ("refine.num_gpus", lambda c: c.refine.num_gpus >= 0, "≥ 0"),
     _whole_or_fraction("refine.num_gpus"),
+    *(_ray_quantity(key) for key in RAY_SHARE_KEYS),
     ("hessian.rel_tol", lambda c: 0 <= c.hessian.rel_tol < 1, "in [0, 1)"),
     ("hessian.abs_tol", lambda c: c.hessian.abs_tol >= 0, "≥ 0"),
     ("hessian.gap_ratio", lambda c: c.hessian.gap_ratio > 1, "> 1"),

@@ -8,19 +8,19 @@ naming the keys, unless it says ``sweep.extend=true`` — then the keys it chang
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import RUN_SECTIONS as SECTIONS, ConfigError
+from pipeline.orchestration.config import RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
 from pipeline.orchestration.storage import Store
 
 RECORD = "sweep.json"
 # Where and how fast a run computes, not what: a sweep may resume on other hardware.
-RESOURCE_KEYS = frozenset({
-    "hessian.num_gpus", "hessian.num_cpus", "hessian.chunk_size", "hessian.memory_budget_mb",
-    "hessian.batch_checkpoints", "hessian.data_workers", "refine.num_cpus", "refine.num_gpus"})
+RESOURCE_KEYS = frozenset({*(f"hessian.{f.name}" for f in dataclasses.fields(HessianResources)),
+                           "refine.num_cpus", "refine.num_gpus"})
 
 
 @dataclass(frozen=True)

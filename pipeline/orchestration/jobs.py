@@ -18,6 +18,7 @@ import posixpath
 import socket
 import time
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable, Optional
@@ -27,12 +28,11 @@ import torch
 from pipeline.landscape import critical, refine
 from pipeline.curvature import params
 from pipeline.orchestration import rows, tables
-from pipeline.orchestration.config import section
+from pipeline.orchestration.config import HessianCounting, HessianResources, RunConfig
 from pipeline.curvature.hessian import spectra_at_many, spectrum_at
 from pipeline.orchestration.plan import Run
 from pipeline.orchestration.storage import Store, StorageFull
-from pipeline.curvature.problem import make_problem
-from pipeline.orchestration.train import Checkpoint, Curves, TrainState, train
+from pipeline.orchestration.train import Checkpoint, Curves, TrainState, run_problem, train
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,14 @@ def checkpoint_path(sweep: str, run_id: str, step: int) -> str:
     return f"{sweep}/checkpoints/{run_id}/step-{step:09d}.pt"
 
 
-def problem_group(config: dict, seed: int) -> str:
+def problem_group(config: RunConfig, seed: int) -> str:
     """Checkpoints whose loss functions are identical (same data, model, loss, L2, Hessian settings)."""
-    data = dict(config["data"])
-    if data.get("seed") is None:
+    data = dataclasses.asdict(config.data)
+    if data["seed"] is None:
         data["seed"] = seed  # per-run data sets: batch only within the run
-    key = {"data": data, "model": config["model"], "wd": config["optim"]["weight_decay"],
-           "hessian": config["hessian"]}
-    if config["model"].get("name") == "torch":
+    key = {"data": data, "model": dataclasses.asdict(config.model), "wd": config.optim.weight_decay,
+           "hessian": dataclasses.asdict(config.hessian)}
+    if config.model.name == "torch":
         key["seed"] = seed  # a user's module is built with the run's seed: its buffers may differ by seed
     return json.dumps(key, sort_keys=True, default=str)
 
@@ -240,14 +240,13 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
     store = Store.open(store_uri)
     t0 = time.perf_counter()
     try:
-        cfg = run.cfg()
         resume = load_state(store, sweep, run.run_id)
         if resume is not None:
             restore_checkpoints(store, sweep, run, resume)
         # Checkpoints an earlier attempt already wrote are files already; list them again for the driver.
         refs = [ref_for(run, ck.step, ck.stalled, checkpoint_path(sweep, run.run_id, ck.step))
                 for ck in (resume.checkpoints if resume else [])]
-        result = train(cfg, run.seed, resume=resume, state_every_s=state_every_s, device=device,
+        result = train(run.config, run.seed, resume=resume, state_every_s=state_every_s, device=device,
                        on_checkpoint=lambda ck: refs.append(save_checkpoint(store, sweep, run, ck)),
                        on_state=lambda st: save_state(store, sweep, run.run_id, st))
     except StorageFull:
@@ -269,25 +268,25 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
     return result.status, refs
 
 
-def spectrum_options(h: dict) -> dict:
-    """The counting options of the ``hessian`` config section, as :func:`spectrum_at` takes them; full
+def spectrum_options(h: HessianCounting) -> dict:
+    """The counting options of a run's Hessian settings, as :func:`spectrum_at` takes them; full
     spectra keep what :func:`critical_values` needs of their eigenvectors (``vectors``)."""
-    return {"method": h["method"], "tol": h["abs_tol"] if h["tol_mode"] == "abs" else None,
-            "rel_tol": h["rel_tol"], "tol_mode": h["tol_mode"], "gap_ratio": h["gap_ratio"],
-            "naive": h["naive_count"], "vectors": True,
-            "estimate": {"n_probes": h["estimate_probes"], "degree": h["estimate_degree"]}}
+    return {"method": h.method, "tol": h.abs_tol if h.tol_mode == "abs" else None,
+            "rel_tol": h.rel_tol, "tol_mode": h.tol_mode, "gap_ratio": h.gap_ratio,
+            "naive": h.naive_count, "vectors": True,
+            "estimate": {"n_probes": h.estimate_probes, "degree": h.estimate_degree}}
 
 
-def _hvp_operator(hvp_shards: Optional[Callable], h: dict, cfg, seed: int, device: str):
-    """A context giving ``matvec_at(theta)`` over ``hessian.data_workers`` data shards of the run ``cfg`` /
-    ``seed`` (``h``: its hessian section), or None (in-process HVPs)."""
-    workers = h["data_workers"]
-    if not workers:
+def _hvp_operator(hvp_shards: Optional[Callable], config: RunConfig, seed: int, device: str):
+    """A context giving ``matvec_at(theta)`` over ``hessian.data_workers`` data shards of the run
+    ``config`` / ``seed``, or None (in-process HVPs)."""
+    task: HessianResources = config.hessian_task
+    if not task.data_workers:
         return contextlib.nullcontext(None)
     if hvp_shards is None:
-        raise ValueError(f"hessian.data_workers={workers} needs Ray: run it through the sweep")
-    return hvp_shards(lambda: make_problem(cfg, seed), workers, device=device, dtype=h["dtype"],
-                      num_cpus=h["num_cpus"], num_gpus=h["num_gpus"])
+        raise ValueError(f"hessian.data_workers={task.data_workers} needs Ray: run it through the sweep")
+    return hvp_shards(lambda: run_problem(config, seed), task.data_workers, device=device,
+                      dtype=config.hessian.dtype, num_cpus=task.num_cpus, num_gpus=task.num_gpus)
 
 
 def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: str = "cpu",
@@ -302,11 +301,11 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
     refs, metas, failed = _load_all(store, sweep, refs, node_id)
     if not refs:
         return failed
-    h = section(refs[0].config, "hessian")
-    cfg = refs[0].run.cfg()
-    problem = make_problem(cfg, refs[0].seed)
-    batch_size = refs[0].config["data"]["batch_size"]
-    subset = params.select(problem.model.segments(), h.get("params"))
+    config = refs[0].config
+    h, task = config.hessian, config.hessian_task
+    problem = run_problem(config, refs[0].seed)
+    batch_size = config.data.batch_size
+    subset = params.select(problem.model.segments(), h.params)
 
     def analyse(thetas: torch.Tensor) -> list[tuple]:
         if subset is not None and len(thetas) > 1:  # each point holds the rest of θ fixed at its own values
@@ -315,11 +314,11 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
         def loss_for(dev, dtype):
             terms = problem.to(dev, dtype).batched_loss_terms(batch_size)
             return terms if subset is None else params.restrict(terms, thetas[0].to(dev, dtype), subset)
-        with _hvp_operator(hvp_shards, h, cfg, refs[0].seed, device) as matvec_at:
+        with _hvp_operator(hvp_shards, config, refs[0].seed, device) as matvec_at:
             results, fallback = spectra_at_many(
                 loss_for, thetas if subset is None else subset.take(thetas),
-                dtype=h["dtype"], device=device, chunk_size=h["chunk_size"],
-                memory_budget_mb=h["memory_budget_mb"], matvec_at=matvec_at, **spectrum_options(h))
+                dtype=h.dtype, device=device, chunk_size=task.chunk_size,
+                memory_budget_mb=task.memory_budget_mb, matvec_at=matvec_at, **spectrum_options(h))
         return [(res, fallback, None) for res in results]
 
     def alone(theta: torch.Tensor) -> tuple:
@@ -339,10 +338,10 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
         key = rows.point_key(ref.run_id, ref.step, ref.stage, ref.seed)
         where = {"stalled": bool(meta["stalled"]), "stall_reason": meta["reason"], "node": socket.gethostname(),
                  "node_id": node_id, "seconds": per_point,
-                 "param_subset": params.spec_text(h.get("params"))}
+                 "param_subset": params.spec_text(h.params)}
         if res is not None:
             try:
-                labels = critical_values(problem, meta["theta"], res, refs[0].config, device, subset)
+                labels = critical_values(problem, meta["theta"], res, config.refine.gtol2, device, subset)
             except Exception as error:  # noqa: BLE001
                 res, err = None, _error_text(error)
         if res is None:
@@ -385,7 +384,7 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
 
 
-def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str = "cpu",
+def critical_values(problem, theta: torch.Tensor, res, gtol2: float, device: str = "cpu",
                     subset: Optional[params.ParamSubset] = None) -> dict:
     """Honest-label columns at a point (pipeline.landscape.critical): gradient shares per eigenspace, the
     gradient-flat test, ``critical_label`` and the escape check. They need the gradient in the Hessian's
@@ -393,8 +392,8 @@ def critical_values(problem, theta: torch.Tensor, res, config: dict, device: str
     — from the same decomposition as the counts, so ``critical_label`` and ``label`` always agree at a
     critical point; elsewhere the label says only whether the gradient is small. The loss, ‖g‖² and
     the escape check are evaluated in float64 on ``device``, the task's. ``subset``: the parameters the
-    Hessian was taken over (``theta`` ``[N]`` is the whole point; the rest stays fixed), None for all."""
-    gtol2 = section(config, "refine")["gtol2"]
+    Hessian was taken over (``theta`` ``[N]`` is the whole point; the rest stays fixed), None for all.
+    ``gtol2``: the run's ``refine.gtol2``, below which ‖g‖² counts as critical."""
     if res.grad_coeffs is None:
         small = res.grad_norm ** 2 < gtol2
         return rows.gradient_columns(res.grad_norm ** 2, res.label if small else "not_critical")
@@ -413,20 +412,19 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
     ``refine_*`` columns) and its spectrum. A failure becomes a ``failed`` row. Returns 1 if it failed,
     else 0 (as :func:`hessian_job` counts its failed points)."""
     store = Store.open(store_uri)
-    cfg = ref.config
-    r, h = section(cfg, "refine"), section(cfg, "hessian")
+    r, h = ref.config.refine, ref.config.hessian
     key = rows.point_key(ref.run_id, ref.step, "refined", ref.seed)
-    where = {"node": socket.gethostname(), "node_id": node_id, "refine_method": r["method"],
-             "param_subset": params.spec_text(h.get("params"))}
+    where = {"node": socket.gethostname(), "node_id": node_id, "refine_method": r.method,
+             "param_subset": params.spec_text(h.params)}
     t0 = time.perf_counter()
     try:
         meta = load_checkpoint(store, ref.path)
-        problem = make_problem(ref.run.cfg(), ref.seed).to(device, torch.float64)
+        problem = run_problem(ref.config, ref.seed).to(device, torch.float64)
         f, start = problem.loss_fn(), meta["theta"].to(device, torch.float64)
-        subset = params.select(problem.model.segments(), h.get("params"))
+        subset = params.select(problem.model.segments(), h.params)
         if subset is not None:  # refine over the subset too, the rest held at the checkpoint's values
             f, start = params.SubsetLoss(f, start, subset), subset.take(start)
-        found = refine.refine(r["method"], f, start, **refine.options_for(r["method"], r, h))
+        found = refine.refine(r.method, f, start, **refine.options_for(r.method, r, h))
         full = found.theta if subset is None else subset.put(f.base, found.theta)
         buf = io.BytesIO()
         torch.save({"theta": full.cpu(), "step": ref.step, "start": ref.path, **rows.refine_columns(found)}, buf)
@@ -434,7 +432,7 @@ def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cp
         res = spectrum_at(f, found.theta, **spectrum_options(h))
         columns = {**where, **rows.refine_columns(found), "stalled": bool(meta["stalled"]),
                    "stall_reason": meta["reason"], "seconds": time.perf_counter() - t0,
-                   **critical_values(problem, full, res, cfg, device, subset)}
+                   **critical_values(problem, full, res, r.gtol2, device, subset)}
     except StorageFull:
         raise  # as in train_job: the sweep stops
     except Exception as err:  # noqa: BLE001

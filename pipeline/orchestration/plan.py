@@ -1,7 +1,7 @@
 """Stage 2 — sweep plan: the config expanded into runs, ``sweep.seeds`` × the grid of overrides.
 
-Each run carries its own fully resolved config (plain containers, no interpolations left), so it can be
-shipped to a Ray worker as is, and a ``run_id`` hashed from exactly the values that change what it
+Each run carries its own resolved config as one typed object (:class:`pipeline.orchestration.config.RunConfig`),
+shipped to its Ray tasks as is, and a ``run_id`` hashed from exactly the values that change what it
 computes: the same config gives the same id on any machine, and resources or sweep names do not matter.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import HESSIAN_ID_KEYS, apply_overrides, grid_points, seeds_of
+from pipeline.orchestration.config import (HESSIAN_ID_KEYS, RUN_SECTIONS, RunConfig, apply_overrides, grid_points,
+                                          seeds_of)
 
 # Sections whose values change what a run computes, hence its id. Hessian *resources* do not, and neither
 # does `refine` (refined points are keyed by stage=refined: use a new sweep.name to refine differently).
@@ -33,14 +34,13 @@ class Run:
     run_id: str
     seed: int
     overrides: dict  # the grid point, {dotted key: value}
-    config: dict  # resolved config of this run: data/model/optim/stall/hessian/refine sections
-
-    def cfg(self) -> DictConfig:
-        return OmegaConf.create(self.config)
+    config: RunConfig
 
 
 def run_id(config: dict, seed: int) -> str:
-    """12 hex digits of SHA-256 over the run's computation-relevant config and seed (canonical JSON)."""
+    """12 hex digits of SHA-256 over the run's computation-relevant config and seed (canonical JSON).
+    ``config``: the resolved sections as plain containers, in the grid's spelling (``0`` where a grid wrote
+    0 on a float field: the ids of sweeps started before grid points were typed stay as they were)."""
     ident = {s: config[s] for s in ID_SECTIONS}
     if ident["model"].get("name") != "cnn":
         ident["model"] = {k: v for k, v in ident["model"].items() if k not in CNN_ONLY_KEYS}
@@ -59,14 +59,14 @@ def expand(cfg: DictConfig) -> list[Run]:
     runs, seen = [], set()
     for point in grid_points(grid):
         point_cfg = apply_overrides(cfg, point)
-        sections = {s: OmegaConf.to_container(point_cfg[s], resolve=True)
-                    for s in (*ID_SECTIONS, "hessian", "refine")}
+        sections = {s: OmegaConf.to_container(point_cfg[s], resolve=True) for s in RUN_SECTIONS}
+        typed = RunConfig.from_sections(sections)
         for seed in seeds_of(OmegaConf.to_container(cfg.sweep, resolve=True)["seeds"]):
             same = run_id(_as_floats(sections), seed)  # 1 and 1.0 on a float field are one run
             if same in seen:
                 continue  # two grid points that resolve to the same run: compute it once
             seen.add(same)
-            runs.append(Run(run_id(sections, seed), seed, point, sections))
+            runs.append(Run(run_id(sections, seed), seed, point, typed))
     return runs
 
 

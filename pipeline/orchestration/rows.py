@@ -30,8 +30,8 @@ def run_row(sweep: str, run: Run, node_id: Optional[str] = None, **values) -> di
     row = {"run_id": run.run_id, "sweep": sweep, "seed": run.seed, "node": socket.gethostname(),
            "node_id": node_id,
            "overrides": json.dumps(run.overrides, sort_keys=True, default=str),
-           "config_json": json.dumps(run.config, sort_keys=True, default=str)}
-    row.update(tables.config_columns(run.config))
+           "config_json": json.dumps(run.config.sections(), sort_keys=True, default=str)}
+    row.update(tables.config_columns(run.config.sections()))
     row.update(values)
     return row
 

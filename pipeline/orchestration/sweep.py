@@ -205,20 +205,21 @@ def check_problems(runs: list[Run]) -> None:
     import json
 
     from pipeline.curvature import params, torch_model
-    from pipeline.curvature.problem import make_problem
+    from pipeline.orchestration.train import run_problem
 
     seen = set()
     for run in runs:
         c = run.config
-        key = json.dumps([c["data"], c["model"], c["hessian"].get("params")], sort_keys=True, default=str)
+        key = json.dumps([dataclasses.asdict(c.data), dataclasses.asdict(c.model), c.hessian.params],
+                         sort_keys=True, default=str)
         if key in seen:
             continue
         seen.add(key)
         where = f" (sweep.grid point {run.overrides})" if run.overrides else ""
         try:
-            problem = make_problem(run.cfg(), run.seed)
+            problem = run_problem(c, run.seed)
             model, data = problem.model, problem.data
-            params.select(model.segments(), c["hessian"].get("params"))
+            params.select(model.segments(), c.hessian.params)
             if isinstance(model, torch_model.TorchModel):
                 k = min(data.n, 8)
                 torch_model.check_model(model, problem.loss_fn(data.X[:k], data.Y[:k]), model.init(run.seed),

@@ -70,6 +70,12 @@ class TrainState:
     since: int  # step of the last stall (the stall window restarts there)
 
 
+def run_problem(cfg, seed: int) -> Problem:
+    """The model, data set and loss of a run (``cfg``: its RunConfig; read are ``data``, ``model`` and
+    ``optim.weight_decay``), as built, on the CPU."""
+    return make_problem(cfg.data, cfg.model, seed, cfg.optim.weight_decay)
+
+
 def _optimizer(cfg, theta: torch.Tensor) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name in ("gd", "sgd"):
@@ -83,7 +89,8 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
           on_checkpoint: Optional[Callable[[Checkpoint], None]] = None,
           resume: Optional[TrainState] = None, on_state: Optional[Callable[[TrainState], None]] = None,
           state_every_s: float = 60.0, device: str = "cpu") -> TrainResult:
-    """Train one run. ``cfg`` has ``data``, ``model``, ``optim`` and ``stall`` sections.
+    """Train one run. ``cfg``: its :class:`pipeline.orchestration.config.RunConfig` (read are its ``data``,
+    ``model``, ``optim`` and ``stall`` sections, as attributes; a composed config's nodes serve as well).
 
     Deterministic given (cfg, seed): initial parameters come from ``seed``, mini-batch order too.
     ``on_checkpoint`` is called with each checkpoint as soon as it exists, so its Hessian can start
@@ -98,7 +105,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     """
     t_start = time.perf_counter()
     dtype = DTYPES[cfg.optim.dtype]
-    problem = make_problem(cfg, seed).to(device, dtype)
+    problem = run_problem(cfg, seed).to(device, dtype)
     model, data = problem.model, problem.data
     start = theta0 if resume is None else resume.theta
     theta = (model.init(seed, dtype) if start is None else start).to(device, dtype, copy=True).requires_grad_(True)
