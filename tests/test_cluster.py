@@ -152,6 +152,20 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def answers_http(port: int) -> bool:
+    """Whether an HTTP server answers on 127.0.0.1:``port`` (any status: the dashboard may ask for a token)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------------
 # `ray start --head` on non-default ports, then `ray job submit --working-dir . -- minratio-sweep …`.
 
@@ -176,6 +190,8 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
         submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
                   "minratio-sweep", f"results_root={root}", "sweep.name=job", "ray=cluster", *job]
         deadline = time.monotonic() + 90
+        while not answers_http(dash) and time.monotonic() < deadline:  # no `ray job submit` process per try
+            time.sleep(0.2)
         while True:  # the job server answers a few seconds after the head starts
             proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
             if "submitted successfully" in proc.stdout + proc.stderr or time.monotonic() > deadline:
