@@ -13,6 +13,10 @@ from pipeline.orchestration.config import register_configs
 
 # Small enough for 2 cores: a few seeds, short training; everything else is the real default config.
 SHRINK = ["sweep.seeds=3", "optim.max_steps=1200", "stall.window=300", "sweep.progress=plain"]
+# The sweep that the fault and signal tests stop mid-way: runs of about a second each, four of them two at a
+# time, so a driver stopped after its first finished runs still has others training.
+MID_SWEEP = ["sweep.name=mid", "sweep.seeds=4", "optim.max_steps=4000", "stall.window=500",
+             "hessian.batch_checkpoints=2", "figures=false"]
 
 
 def compose_config(overrides: list[str] | None = None, shrink: bool = True):
@@ -73,6 +77,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_mid_sweep(ray_session, tmp_path_factory) -> Path:
+    """The folder of ``MID_SWEEP`` run once without interruption on the shared Ray: what every stopped and
+    resumed copy of it must end equal to."""
+    from pipeline.orchestration.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert run_sweep(compose_config([f"results_root={root}", *MID_SWEEP])).run_status == {"ok": 4}
+    return root / "mid"
 
 
 @pytest.fixture(scope="session")

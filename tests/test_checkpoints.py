@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -181,23 +183,30 @@ def test_an_unreadable_training_state_is_named_and_the_run_starts_again(make_cfg
 # --------------------------------------------------------------------------------------------------
 # minratio-verify: the whole folder checked, each problem named with the rows that refer to it.
 
-def verify_cli(folder: Path):
-    import subprocess
-    import sys
+def verify_cli(folder: Path, capsys) -> subprocess.CompletedProcess:
+    """``minratio-verify FOLDER`` run in this process (tests/test_s3.py runs it as its own process): its exit
+    code, stdout and stderr."""
+    from pipeline.orchestration.cli import verify_main
 
-    code = "from pipeline.orchestration.cli import verify_main; verify_main()"
-    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    argv, sys.argv = sys.argv, ["minratio-verify", str(folder)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            verify_main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["minratio-verify", str(folder)], exit_.value.code, out.out, out.err)
 
 
-def test_verify_reports_a_clean_sweep_as_clean(finished, tmp_path):
+def test_verify_reports_a_clean_sweep_as_clean(finished, tmp_path, capsys):
     _, store, folder = copy_of(finished, tmp_path)
-    out = verify_cli(folder)
+    out = verify_cli(folder, capsys)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "clean:" in out.stdout and "DAMAGED" not in out.stdout
     assert f"checkpoints: {len(checkpoints(folder))} checked" in out.stdout
 
 
-def test_verify_names_each_damaged_file_and_the_rows_that_refer_to_it(finished, tmp_path):
+def test_verify_names_each_damaged_file_and_the_rows_that_refer_to_it(finished, tmp_path, capsys):
     _, store, folder = copy_of(finished, tmp_path)
     first, second = checkpoints(folder)[:2]
     data = bytearray(first.read_bytes())
@@ -210,7 +219,7 @@ def test_verify_names_each_damaged_file_and_the_rows_that_refer_to_it(finished, 
     run_file = sorted((folder / "runs").glob("*.parquet"))[0]
     shutil.copy(run_file, folder / "runs" / "copy-by-hand.parquet")
 
-    out = verify_cli(folder)
+    out = verify_cli(folder, capsys)
     assert out.returncode == 1, out.stdout + out.stderr
     lines = out.stdout.splitlines()
 
@@ -227,6 +236,6 @@ def test_verify_names_each_damaged_file_and_the_rows_that_refer_to_it(finished, 
     assert "DAMAGED: 4 problem(s)" in out.stdout
 
 
-def test_verify_refuses_a_folder_that_is_not_a_sweep(tmp_path):
-    out = verify_cli(tmp_path)
+def test_verify_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    out = verify_cli(tmp_path, capsys)
     assert out.returncode == 2 and "not a sweep results folder" in out.stderr

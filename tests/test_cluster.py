@@ -57,15 +57,22 @@ def assert_tables_complete(cfg, folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# A head node, a GPU node and a CPU node that is removed mid-sweep (ray.cluster_utils.Cluster).
+# One cluster (ray.cluster_utils.Cluster) for two sweeps: a CPU-only head, a GPU node, and a CPU node that
+# is removed during the first sweep.
 
-def multinode_child(root: str, out: str) -> None:
+SHARED_GPU = ["ray.train_num_gpus=0.5", "hessian.num_gpus=0.5", "sweep.seeds=2"]
+
+
+def cluster_child(root: str, out: str) -> None:
+    """Sweep ``multi``: Hessian tasks ask for a whole GPU while a CPU node dies mid-sweep. Then sweep
+    ``shared`` on the two nodes left: training and Hessian tasks each ask for half of the GPU."""
     from ray.cluster_utils import Cluster
 
     from conftest import compose_config
     from pipeline.orchestration.sweep import run_sweep
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # The head has the most CPUs and is the driver's node: a task asking for no GPU would go there.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         gpu = cluster.add_node(num_cpus=1, num_gpus=1, resources={"gpu_node": 1})
         doomed = cluster.add_node(num_cpus=1)
@@ -82,10 +89,13 @@ def multinode_child(root: str, out: str) -> None:
 
         remover = threading.Thread(target=remove_after_first_run, daemon=True)
         remover.start()
-        summary = run_sweep(cfg)
+        multi = run_sweep(cfg)
         remover.join(timeout=60)
+        shared = run_sweep(compose_config([f"results_root={root}", "sweep.name=shared",
+                                           f"ray.address={cluster.address}", *TINY, *SHARED_GPU]))
         Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "doomed_node": doomed.node_id,
-                                         "removed": not remover.is_alive(), "points": summary.points}))
+                                         "removed": not remover.is_alive(), "points": multi.points,
+                                         "shared_points": shared.points}))
     finally:
         import ray
 
@@ -93,13 +103,20 @@ def multinode_child(root: str, out: str) -> None:
         cluster.shutdown()
 
 
-@pytest.mark.slow
-def test_hessian_tasks_land_only_on_the_gpu_node_and_a_lost_node_loses_no_row(tmp_path, make_cfg):
-    root, out = tmp_path / "results", tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, __file__, "multinode", str(root), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, start_new_session=True)
+@pytest.fixture(scope="module")
+def cluster_sweeps(tmp_path_factory) -> tuple[Path, dict]:
+    """The results folder of :func:`cluster_child`'s two sweeps, run in a child process, and what it saw."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    root, out = tmp / "results", tmp / "out.json"
+    proc = subprocess.run([sys.executable, __file__, "cluster", str(root), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(out.read_text())
+    return root, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_hessian_tasks_land_only_on_the_gpu_node_and_a_lost_node_loses_no_row(cluster_sweeps, make_cfg):
+    root, info = cluster_sweeps
     assert info["removed"]
     cfg = make_cfg(TINY + ["hessian.num_gpus=1"])
     dfs = assert_tables_complete(cfg, root / "multi")
@@ -110,43 +127,14 @@ def test_hessian_tasks_land_only_on_the_gpu_node_and_a_lost_node_loses_no_row(tm
     assert dfs["runs"]["node_id"].notna().all()
 
 
-def shared_gpu_child(root: str, out: str) -> None:
-    """A CPU-only head and a node advertising one GPU; training and Hessian tasks each ask for half of it."""
-    from ray.cluster_utils import Cluster
-
-    from conftest import compose_config
-    from pipeline.orchestration.sweep import run_sweep
-
-    # The head has the most CPUs and is the driver's node: a task asking for no GPU would go there.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    try:
-        gpu = cluster.add_node(num_cpus=1, num_gpus=1)
-        cluster.wait_for_nodes()
-        cfg = compose_config([f"results_root={root}", "sweep.name=shared", f"ray.address={cluster.address}",
-                              *TINY, *SHARED_GPU])
-        summary = run_sweep(cfg)
-        Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "points": summary.points}))
-    finally:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
-
-
-SHARED_GPU = ["ray.train_num_gpus=0.5", "hessian.num_gpus=0.5", "sweep.seeds=2"]
-
-
 @pytest.mark.slow
-def test_training_tasks_ask_for_their_gpu_fraction_and_say_where_they_trained(tmp_path, make_cfg):
+def test_training_tasks_ask_for_their_gpu_fraction_and_say_where_they_trained(cluster_sweeps, make_cfg):
     """Only the GPU node can hold a task asking for ``ray.train_num_gpus``: every run trains there. Its GPU
     is Ray's bookkeeping, which this CPU build of torch cannot use, so the runs say they trained on the CPU."""
-    root, out = tmp_path / "results", tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, __file__, "shared_gpu", str(root), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(out.read_text())
+    root, info = cluster_sweeps
     dfs = assert_tables_complete(make_cfg(TINY + SHARED_GPU), root / "shared")
     runs, points = dfs["runs"], dfs["points"]
+    assert info["shared_points"] == len(points) > 0
     assert set(runs["node_id"]) == {info["gpu_node"]}  # no run trained on the GPU-less head
     assert set(points["node_id"]) == {info["gpu_node"]}
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -162,6 +150,20 @@ def stop_group(proc: subprocess.Popen) -> None:
             break
         time.sleep(grace)
     proc.wait(timeout=30)
+
+
+def answers_http(port: int) -> bool:
+    """Whether an HTTP server answers on 127.0.0.1:``port`` (any status: the dashboard may ask for a token)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +190,8 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
         submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
                   "minratio-sweep", f"results_root={root}", "sweep.name=job", "ray=cluster", *job]
         deadline = time.monotonic() + 90
+        while not answers_http(dash) and time.monotonic() < deadline:  # no `ray job submit` process per try
+            time.sleep(0.2)
         while True:  # the job server answers a few seconds after the head starts
             proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
             if "submitted successfully" in proc.stdout + proc.stderr or time.monotonic() > deadline:
@@ -324,4 +328,4 @@ def test_fractional_gpus_on_a_real_gpu_run_the_hessians_on_cuda(ray_session, mak
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
-    {"multinode": multinode_child, "shared_gpu": shared_gpu_child}[sys.argv[1]](*sys.argv[2:])
+    {"cluster": cluster_child}[sys.argv[1]](*sys.argv[2:])

@@ -139,10 +139,15 @@ def test_analysis_command_writes_figures(sweep_result):
     assert all((folder / "figures" / f).stat().st_size > 10_000 for f in figs)
 
 
-def test_analysis_command_rejects_a_folder_that_is_not_a_sweep(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "pipeline.orchestration.analysis", str(tmp_path)], capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode != 0 and "not a sweep results folder" in res.stderr
+def test_analysis_command_rejects_a_folder_that_is_not_a_sweep(tmp_path, monkeypatch):
+    """Run in this process (the test above runs the command as a process of its own): ``sys.exit`` with a
+    message is exit code 1 and that message on stderr."""
+    from pipeline.orchestration import analysis
+
+    monkeypatch.setattr(sys, "argv", ["minratio-analyze", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        analysis.main()
+    assert isinstance(exit_.value.code, str) and "not a sweep results folder" in exit_.value.code
 
 
 def test_estimate_method_end_to_end(make_cfg, ray_session):

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import two_stalls
+from conftest import MID_SWEEP, two_stalls
 from pipeline.orchestration import jobs, tables
 from pipeline.orchestration.plan import expand
 from pipeline.orchestration.storage import Store
@@ -31,9 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 # Values that legitimately differ between two executions of the same run.
 VOLATILE = ["written_at", "wall_seconds", "seconds", "build_seconds", "count_seconds", "node", "node_id",
             "resumed_from_step"]
-# Runs long enough (about a second each) to kill the driver while some are done and some are not.
-DRIVER_KILL = ["sweep.name=faults", "sweep.seeds=4", "optim.max_steps=4000", "stall.window=500",
-               "hessian.batch_checkpoints=2", "figures=false"]
 
 
 # Training in this process on one thread: two intra-op threads on a loaded 2-core machine spin-wait.
@@ -61,40 +58,29 @@ def assert_same_tables(got: Path, want: Path) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-8, atol=1e-10 * np.abs(y).max())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(ray_session, tmp_path_factory):
-    """The driver-kill sweep run once without faults, on the shared Ray."""
-    from conftest import compose_config
-
-    root = tmp_path_factory.mktemp("uninterrupted")
-    summary = run_sweep(compose_config([f"results_root={root}", *DRIVER_KILL]))
-    assert summary.run_status == {"ok": 4}
-    return root / "faults"
-
-
 def count_files(folder: Path) -> int:
     return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_path, uninterrupted):
+def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_path, uninterrupted_mid_sweep):
     root = tmp_path / "results"
-    cmd = [sys.executable, "-m", "pipeline", f"results_root={root}", *DRIVER_KILL, "sweep.progress=plain",
+    cmd = [sys.executable, "-m", "pipeline", f"results_root={root}", *MID_SWEEP, "sweep.progress=plain",
            "ray.num_cpus=2"]
     driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.monotonic() + 240
-    while count_files(root / "faults" / "runs") < 2 and driver.poll() is None and time.monotonic() < deadline:
+    while count_files(root / "mid" / "runs") < 2 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     crash(driver)
-    finished = count_files(root / "faults" / "runs")
+    finished = count_files(root / "mid" / "runs")
     assert 2 <= finished < 4, f"the driver was to be killed mid-sweep, {finished} of 4 runs had finished"
 
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(rf"4 runs in this command \({finished} finished earlier, skipped\)", rerun.stdout), rerun.stdout
-    assert_same_tables(root / "faults", uninterrupted)
-    assert not list((root / "faults" / "state").glob("*.pt"))  # finished runs leave no training state
+    assert_same_tables(root / "mid", uninterrupted_mid_sweep)
+    assert not list((root / "mid" / "state").glob("*.pt"))  # finished runs leave no training state
 
 
 # --------------------------------------------------------------------------------------------------
