@@ -95,11 +95,14 @@ def test_the_histogram_is_of_the_stage_asked_for(store):
     assert any(f.endswith("eigenvalues_r1_100_stalled.png") for f in figs)  # not the refined point
     _, figs = analysis.analyze(store, SWEEP, "r1:100:refined")
     assert any(f.endswith("eigenvalues_r1_100_refined.png") for f in figs)
+    for path in store.list_files(f"{SWEEP}/figures"):
+        store.delete(path)
     for bad in ("r1:last", "r1", "r1:100:stalled:x"):
         with pytest.raises(ValueError, match="RUN_ID:STEP"):
             analysis.analyze(store, SWEEP, bad)
     with pytest.raises(ValueError, match="has no spectrum"):
         analysis.analyze(store, SWEEP, "r1:100:final")
+    assert not store.list_files(f"{SWEEP}/figures")  # refused before any figure was drawn or written
 
 
 def test_a_sweep_whose_points_all_failed_still_gets_its_summary_and_curves(tmp_path):

@@ -398,6 +398,8 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None, hue: str | 
     t = load(store, sweep)
     ok = t["points"][t["points"]["status"] == "ok"]
     ok = with_hue(ok, t["runs"], hue)  # before any figure: an unknown key fails before files are written
+    sel = _histogram_point(t["spectra"].merge(ok, on=KEY, suffixes=("", "_point")), checkpoint, sweep) \
+        if len(t["spectra"]) else []  # a bad or unknown --checkpoint likewise
     figs = []
     out = f"{sweep}/figures"
     if len(ok):
@@ -408,7 +410,6 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None, hue: str | 
             figs += save_figure(fig_stalled_vs_refined(ok, full_range), store, f"{out}/stalled_vs_refined")
     if len(t["spectra"]):
         figs += save_figure(fig_ratio_vs_tol(t["spectra"], ok), store, f"{out}/ratio_vs_tol")
-        sel = _histogram_point(t["spectra"].merge(ok, on=KEY, suffixes=("", "_point")), checkpoint, sweep)
         if len(sel):
             row = sel.iloc[0]
             figs += save_figure(fig_eigenvalues(row), store,
