@@ -27,7 +27,7 @@ from pipeline.numerics.symmetric import symmetrize_
 
 HVP_MODES = ("auto", *hvps.MODES, "closed_form")
 DEFAULT_HVP = {"cpu": "rev", "cuda": "rev"}  # auto's pick where no probe runs (no point given, or a small build)
-PROBE_MIN_BLOCKS = 4  # auto probes only builds of at least this many blocks: then the probe is a small share
+PROBE_MIN_BLOCKS = 16  # auto probes only builds of at least this many blocks: then the probe is a small share
 # auto's picks in this process: (device, dtype, loss structure) -> (mode, {mode: seconds of one block}).
 AUTO_PICKS: dict = {}
 
@@ -67,19 +67,19 @@ def structure(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> tup
 
 def probe_hvp(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, chunk: int) -> tuple[str, dict]:
     """``(mode, {mode: seconds})``: each mode of :data:`pipeline.curvature.hvp.MODES` timed building the
-    first block of ``chunk`` columns of the first term at ``theta`` ``[N]`` (best of two, on the device,
-    synchronised), the faster one picked. Cached in :data:`AUTO_PICKS` per :func:`structure`."""
+    first block of ``chunk`` columns of the first term at ``theta`` ``[N]`` (once each, on the device,
+    synchronised; the caller's loss and gradient evaluations have paid the one-off initialisations), the
+    faster one picked. Cached in :data:`AUTO_PICKS` per :func:`structure`."""
     key = structure(loss_fn, theta)
     if key not in AUTO_PICKS:
         fn, theta = hvps.terms(loss_fn)[0][1], theta.detach()
         seconds = {}
         for mode in hvps.MODES:
-            for _ in range(2):
-                _sync(theta.device)
-                t0 = time.perf_counter()
-                _first_block(fn, theta, mode, chunk)
-                _sync(theta.device)
-                seconds[mode] = min(seconds.get(mode, float("inf")), time.perf_counter() - t0)
+            _sync(theta.device)
+            t0 = time.perf_counter()
+            _first_block(fn, theta, mode, chunk)
+            _sync(theta.device)
+            seconds[mode] = time.perf_counter() - t0
         AUTO_PICKS[key] = (min(seconds, key=seconds.get), seconds)
     return AUTO_PICKS[key]
 
