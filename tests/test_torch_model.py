@@ -217,3 +217,17 @@ def test_split_build_in_every_mode_equals_autograd_and_auto_is_probed_once(one_t
     assert hs.resolve_hvp("auto", theta.device, f, theta, 5) != mode and len(hs.AUTO_PICKS) == 1
     assert hs.resolve_hvp("auto", theta.device, f, theta, problem.model.n_params) == hs.DEFAULT_HVP["cpu"]
     hs.AUTO_PICKS.clear()
+
+
+def test_the_points_record_how_each_hessian_was_built(one_thread):
+    """SpectrumResult.hvp, the points table's `hvp`: closed_form for the MLP, auto's pick for a module."""
+    from pipeline.curvature.hessian import spectrum_at
+    from pipeline.curvature.hvp import MODES
+    from pipeline.orchestration.rows import spectrum_columns
+    problem = make_problem(compose_config([*CASES[2][0], "data.n_samples=24"]), 0)
+    theta = problem.model.init(0)
+    assert spectrum_columns(spectrum_at(problem.loss_fn(), theta, hvp="fwd"))["hvp"] == "fwd"
+    assert spectrum_at(problem.loss_fn(), theta, chunk_size=4).hvp in MODES  # probed: 172 columns, 43 blocks
+    mlp = make_problem(compose_config(["data.n_samples=24"]), 0)
+    assert spectrum_at(mlp.loss_fn(), mlp.model.init(0)).hvp == "closed_form"
+    assert spectrum_at(mlp.loss_fn(), mlp.model.init(0), method="estimate", rel_tol=1e-3).hvp is None

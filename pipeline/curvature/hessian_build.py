@@ -197,6 +197,24 @@ def _fill_term(H: torch.Tensor, fn, theta: torch.Tensor, mode: str, weight: floa
         _fill(H, lambda V: over_points(theta, V), weight, first, chunk)
 
 
+def build_mode(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk_size: int = 0,
+               memory_budget_mb: float = 0.0, hvp: str = "auto") -> str:
+    """The mode :func:`hessian` (``theta`` ``[N]``) or :func:`hessians` (``[B, N]``) builds in with these
+    arguments: ``closed_form``, ``rev`` or ``fwd`` (``auto`` resolved, probing once if it must)."""
+    mode = resolve_hvp(hvp, theta.device, loss_fn)
+    if mode == "closed_form":
+        return mode
+    return resolve_hvp(hvp, theta.device, loss_fn, theta, _chunk(loss_fn, theta, chunk_size, memory_budget_mb))
+
+
+def _chunk(loss_fn, theta: torch.Tensor, chunk_size: int, memory_budget_mb: float) -> int:
+    """Columns per block per point: ``chunk_size``, or what the workspace holds (``theta`` ``[N]`` or ``[B, N]``)."""
+    first = theta if theta.dim() == 1 else theta[0]
+    return chunk_size or default_chunk_size(theta.shape[-1], theta.device, column_bytes=column_bytes(loss_fn, first),
+                                            workspace_bytes=memory_budget_mb * 2**20,
+                                            n_points=1 if theta.dim() == 1 else theta.shape[0])
+
+
 def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk_size: int = 0,
             memory_budget_mb: float = 0.0, hvp: str = "auto", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense, symmetrised Hessian ``[N, N]`` of ``loss_fn`` at ``theta`` ``[N]``.
@@ -225,8 +243,7 @@ def hessian(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk
         for i, (weight, fn) in enumerate(hvps.terms(loss_fn)):
             _closed_form(fn)(theta, out=H, weight=weight, accumulate=i > 0, workspace_bytes=workspace)
         return H
-    chunk = chunk_size or default_chunk_size(n, theta.device, column_bytes=column_bytes(loss_fn, theta),
-                                             workspace_bytes=memory_budget_mb * 2**20)
+    chunk = _chunk(loss_fn, theta, chunk_size, memory_budget_mb)
     mode = resolve_hvp(hvp, theta.device, loss_fn, theta, chunk)
     for i, (weight, fn) in enumerate(hvps.terms(loss_fn)):
         _fill_term(H, fn, theta, mode, weight, i == 0, chunk)
@@ -247,8 +264,7 @@ def hessians(loss_fn: Union[LossFn, WeightedTerms], thetas: torch.Tensor, *, chu
     mode = resolve_hvp(hvp, thetas.device, loss_fn)
     if mode == "closed_form":
         return hessian(loss_fn, thetas, memory_budget_mb=memory_budget_mb, hvp=mode)
-    chunk = chunk_size or default_chunk_size(n, thetas.device, column_bytes=column_bytes(loss_fn, thetas[0]),
-                                             workspace_bytes=memory_budget_mb * 2**20, n_points=b)
+    chunk = _chunk(loss_fn, thetas, chunk_size, memory_budget_mb)
     mode = resolve_hvp(hvp, thetas.device, loss_fn, thetas, chunk)
     H = torch.empty(b, n, n, dtype=thetas.dtype, device=thetas.device)
     for i, (weight, fn) in enumerate(hvps.terms(loss_fn)):
