@@ -66,10 +66,10 @@ def structure(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor) -> tup
 
 
 def probe_hvp(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, chunk: int) -> tuple[str, dict]:
-    """``(mode, {mode: seconds})``: each mode of :data:`pipeline.curvature.hvp.MODES` timed building the
-    first block of ``chunk`` columns of the first term at ``theta`` ``[N]`` (once each, on the device,
-    synchronised; the caller's loss and gradient evaluations have paid the one-off initialisations), the
-    faster one picked. Cached in :data:`AUTO_PICKS` per :func:`structure`."""
+    """``(mode, {mode: seconds})``: each mode of :data:`pipeline.curvature.hvp.MODES` timed building one
+    block of ``chunk`` columns of the first term at ``theta`` ``[N]`` (:func:`_probe_block`; once each, on
+    the device, synchronised; the caller's loss and gradient evaluations have paid the one-off
+    initialisations), the faster one picked. Cached in :data:`AUTO_PICKS` per :func:`structure`."""
     key = structure(loss_fn, theta)
     if key not in AUTO_PICKS:
         fn, theta = hvps.terms(loss_fn)[0][1], theta.detach()
@@ -77,19 +77,22 @@ def probe_hvp(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, chunk:
         for mode in hvps.MODES:
             _sync(theta.device)
             t0 = time.perf_counter()
-            _first_block(fn, theta, mode, chunk)
+            _probe_block(fn, theta, mode, chunk)
             _sync(theta.device)
             seconds[mode] = time.perf_counter() - t0
         AUTO_PICKS[key] = (min(seconds, key=seconds.get), seconds)
     return AUTO_PICKS[key]
 
 
-def _first_block(fn, theta: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
-    """The rows of the build's first block of at most ``chunk`` columns of ``fn`` at ``theta``, in ``mode``."""
+def _probe_block(fn, theta: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
+    """The rows of one block of at most ``chunk`` columns of ``fn`` at ``theta``, in ``mode``: of the largest
+    parameter tensor where ``fn`` offers a split (the tensor most of the build's columns belong to), else
+    the build's first block."""
     split = hvps.split_of(fn)
-    size = split[0][0] if split else theta.numel()
+    part = max(range(len(split[0])), key=split[0].__getitem__) if split else 0
+    size = split[0][part] if split else theta.numel()
     E = torch.eye(min(chunk, size), size, dtype=theta.dtype, device=theta.device)
-    return (hvps.hvp_part_rows(fn, theta, mode, 0) if split else hvps.hvp_rows(fn, theta, mode))(E)
+    return (hvps.hvp_part_rows(fn, theta, mode, part) if split else hvps.hvp_rows(fn, theta, mode))(E)
 
 
 def _sync(device: torch.device) -> None:
