@@ -326,6 +326,78 @@ def test_fractional_gpus_on_a_real_gpu_run_the_hessians_on_cuda(ray_session, mak
     assert dfs["points"]["device"].str.startswith("cuda").all()
 
 
+# --------------------------------------------------------------------------------------------------
+# A user's package that no worker can import, shipped to a two-node cluster with ray.runtime_env.py_modules.
+
+SHIPPED = """from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 5):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def shipped_child(root: str, out: str) -> None:
+    """The package lives in a folder only this driver's sys.path names (not PYTHONPATH, not the working
+    directory, both of which Ray passes on to workers); a task without the runtime_env cannot import it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from conftest import compose_config
+    from pipeline.orchestration.sweep import run_sweep
+
+    package = Path(root).parent / "code" / "shipnets"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(SHIPPED)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        sys.path.insert(0, str(package.parent))  # after the nodes started: their workers do not inherit it
+
+        @ray.remote(num_cpus=0)
+        def importable() -> bool:
+            try:
+                __import__("shipnets")
+                return True
+            except ModuleNotFoundError:
+                return False
+
+        ray.init(address=cluster.address)
+        without = ray.get(importable.remote())
+        ray.shutdown()
+        cfg = compose_config([f"results_root={root}", "sweep.name=shipped", f"ray.address={cluster.address}",
+                              "model=torch", "model._target_=shipnets.Net", "+model.kwargs={hidden: 5}",
+                              f"+ray.runtime_env={{py_modules: [{package}]}}", *TINY[1:]])
+        summary = run_sweep(cfg)
+        nodes = ray.get(importable.remote()), len(ray.nodes())
+        Path(out).write_text(json.dumps({"without": without, "with": nodes[0], "nodes": nodes[1],
+                                         "points": summary.points}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_users_package_shipped_with_runtime_env_py_modules_runs_on_the_cluster(tmp_path):
+    root, out = tmp_path / "results", tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, __file__, "shipped", str(root), str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(out.read_text())
+    assert info["without"] is False and info["with"] is True and info["nodes"] == 2
+    runs = pd.read_parquet(root / "shipped" / "runs")
+    points = pd.read_parquet(root / "shipped" / "points")
+    assert set(runs["status"]) == {"ok"} and set(runs["model_target"]) == {"shipnets.Net"}
+    assert len(runs) == 4 and info["points"] == len(points) > 0 and set(points["status"]) == {"ok"}
+    assert runs["node_id"].nunique() == 2  # both nodes' workers imported the shipped package
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
-    {"cluster": cluster_child}[sys.argv[1]](*sys.argv[2:])
+    {"cluster": cluster_child, "shipped": shipped_child}[sys.argv[1]](*sys.argv[2:])

@@ -185,3 +185,49 @@ def test_import_object_names_a_missing_dependency_inside_the_users_module(tmp_pa
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModelError, match="not_installed_dep"):
         import_object("brokenpkg.Net")
+
+
+def test_split_build_in_every_mode_equals_autograd_and_auto_is_probed_once(one_thread):
+    """A module's loss is built tensor by tensor (its split into parameter tensors); rev, fwd, the flat
+    build of the same function, several points at once and weighted terms all give autograd's Hessian,
+    and auto's probe picks one of the modes, once per loss structure."""
+    from pipeline.curvature import hessian_build as hs
+    from pipeline.curvature.hvp import MODES, split_of
+    cfg = compose_config([*CASES[0][0], "data.n_samples=24"])
+    problem = run_problem(cfg, 1).to("cpu", torch.float64)
+    f = problem.loss_fn()
+    assert split_of(f)[0] == [size for _, _, size in problem.model.segments()]
+    theta = problem.model.init(1) + 0.05 * torch.randn(problem.model.n_params, dtype=torch.float64)
+    expected = torch.autograd.functional.hessian(f, theta)
+    scale = float(expected.abs().max())
+    flat = lambda t: f(t)  # noqa: E731 — the same loss without the split: the row-block build
+    for mode in MODES:
+        for loss in (f, flat):
+            assert float((hs.hessian(loss, theta, hvp=mode, chunk_size=7) - expected).abs().max()) <= 1e-12 * scale
+    terms = problem.batched_loss_terms(10)
+    thetas = torch.stack([theta, 0.5 * theta])
+    both = hs.hessians(terms, thetas, hvp="fwd", chunk_size=9)
+    assert float((both[0] - expected).abs().max()) <= 1e-12 * scale
+    assert float((both[1] - torch.autograd.functional.hessian(f, thetas[1])).abs().max()) <= 1e-12 * scale
+    hs.AUTO_PICKS.clear()
+    assert float((hs.hessian(f, theta, chunk_size=5) - expected).abs().max()) <= 1e-12 * scale
+    (key, (mode, seconds)), = hs.AUTO_PICKS.items()
+    assert mode in MODES and set(seconds) == set(MODES) and mode == min(seconds, key=seconds.get)
+    hs.AUTO_PICKS[key] = ("fwd" if mode == "rev" else "rev", seconds)  # a cached pick is used, not re-probed
+    assert hs.resolve_hvp("auto", theta.device, f, theta, 5) != mode and len(hs.AUTO_PICKS) == 1
+    assert hs.resolve_hvp("auto", theta.device, f, theta, problem.model.n_params) == hs.DEFAULT_HVP["cpu"]
+    hs.AUTO_PICKS.clear()
+
+
+def test_the_points_record_how_each_hessian_was_built(one_thread):
+    """SpectrumResult.hvp, the points table's `hvp`: closed_form for the MLP, auto's pick for a module."""
+    from pipeline.curvature.hessian import spectrum_at
+    from pipeline.curvature.hvp import MODES
+    from pipeline.orchestration.rows import spectrum_columns
+    problem = run_problem(compose_config([*CASES[2][0], "data.n_samples=24"]), 0)
+    theta = problem.model.init(0)
+    assert spectrum_columns(spectrum_at(problem.loss_fn(), theta, hvp="fwd"))["hvp"] == "fwd"
+    assert spectrum_at(problem.loss_fn(), theta, chunk_size=4).hvp in MODES  # probed: 172 columns, 43 blocks
+    mlp = run_problem(compose_config(["data.n_samples=24"]), 0)
+    assert spectrum_at(mlp.loss_fn(), mlp.model.init(0)).hvp == "closed_form"
+    assert spectrum_at(mlp.loss_fn(), mlp.model.init(0), method="estimate", rel_tol=1e-3).hvp is None

@@ -27,7 +27,7 @@ from torch.func import grad_and_value, vmap
 from pipeline.numerics import cusolver
 from pipeline.curvature import hvp as hvps, inertia, spectrum
 from pipeline.curvature.hessian_build import (HVP_MODES, activation_bytes, column_bytes, hessian,  # noqa: F401  (re-exported)
-                                    hessians, resolve_hvp)
+                                    build_mode, hessians, resolve_hvp)
 from pipeline.curvature.hessian_memory import (AUTO_EIGH_MAX_N, BATCH_POINTS_DEVICES, MATRIX_FREE,  # noqa: F401  (re-exported)
                                      FOOTPRINT, HESSIAN_SHARE, METHODS, default_chunk_size,
                                      default_workspace_bytes, footprint, pass_workspace_mb, points_per_pass,
@@ -67,6 +67,8 @@ class SpectrumResult:
     # the eigenvalues' order) and the eigenvector of λmin — what pipeline.landscape.critical.report_from_eigen needs.
     grad_coeffs: Optional[np.ndarray] = None
     v_min: Optional[np.ndarray] = None
+    # how H was built: closed_form, rev or fwd (pipeline.curvature.hessian_build.build_mode); None: no dense H
+    hvp: Optional[str] = None
 
     # The summary's values, read as the result's own (res.n_pos, res.tol, …).
     counts = property(attrgetter("summary.counts"))
@@ -215,6 +217,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     # the eigenbasis needs the gradient; taken before the clock starts, as a pass takes it
     value, g = _value_and_gradient(loss_fn, theta) if method == "eigh" and vectors else (None, None)
     t0 = time.perf_counter()
+    hvp = build_mode(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     H = hessian(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     _check_finite(H[None], "Hessian")
     _sync(device)
@@ -232,7 +235,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
         del H
     _sync(device)
     return _result(loss_fn, theta, summary, lam, method, {"build": t1 - t0, "count": time.perf_counter() - t1},
-                   **eigen)
+                   hvp=hvp, **eigen)
 
 
 def _value_and_gradient(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor
@@ -320,9 +323,10 @@ def _estimated(loss_fn, theta: torch.Tensor, *, tol, rel_tol, tol_mode, matvec=N
 
 def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Optional[np.ndarray], method: str,
             seconds: dict, g: Optional[torch.Tensor] = None, grad_coeffs: Optional[np.ndarray] = None,
-            v_min: Optional[np.ndarray] = None, value: Optional[float] = None) -> SpectrumResult:
+            v_min: Optional[np.ndarray] = None, value: Optional[float] = None,
+            hvp: Optional[str] = None) -> SpectrumResult:
     """The result at ``theta``: the loss and gradient norm (``value`` and ``g`` when already taken) with
-    the counts."""
+    the counts and how H was built (``hvp``)."""
     if value is None or g is None:
         value, g = _value_and_gradient(loss_fn, theta)
     if not math.isfinite(value):
@@ -330,7 +334,7 @@ def _result(loss_fn, theta: torch.Tensor, summary: spectrum.Summary, lam: Option
     return SpectrumResult(
         n_params=theta.numel(), loss=value, grad_norm=float(torch.linalg.vector_norm(g)), summary=summary,
         method=method, dtype=str(theta.dtype).replace("torch.", ""), device=_device_name(theta.device),
-        eigenvalues=lam, seconds=seconds, grad_coeffs=grad_coeffs, v_min=v_min)
+        eigenvalues=lam, seconds=seconds, grad_coeffs=grad_coeffs, v_min=v_min, hvp=hvp)
 
 
 def _check_tol_mode(tol: Optional[float], tol_mode: str) -> None:
@@ -444,7 +448,10 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         values, G = _values_and_gradients(loss, part, batch_points, workspace_mb * 2**20)  # as spectrum_at:
         eigen = [{"value": v, "g": g} for v, g in zip(values, G)]  # in neither build nor count seconds
         t0 = time.perf_counter()
-        if batch_points and len(part) > 1:
+        batched = batch_points and len(part) > 1
+        hvp = build_mode(loss, part if batched else part[0], chunk_size=chunk_size, memory_budget_mb=workspace_mb,
+                         hvp=hvp)
+        if batched:
             H = hessians(loss, part, chunk_size=chunk_size, memory_budget_mb=workspace_mb, hvp=hvp)
         else:
             H = torch.empty(len(part), n, n, dtype=thetas.dtype, device=device)
@@ -474,7 +481,7 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
         _sync(device)
         secs = {"build": (t1 - t0) / len(part), "count": (time.perf_counter() - t1) / len(part)}
         del H
-        out.extend(_result(loss, theta, summ, lam, method, dict(secs), **e)
+        out.extend(_result(loss, theta, summ, lam, method, dict(secs), hvp=hvp, **e)
                    for theta, (summ, lam), e in zip(part, sums, eigen))
     return out
 

@@ -13,11 +13,16 @@ Two differentiation modes give the same product ``H v``:
 :func:`hvp_fn` is the product for one term; :func:`hvp_rows` vmaps it over basis rows (the dense Hessian
 build, :mod:`pipeline.curvature.hessian`), :func:`hvp_matvec` over column blocks (the estimator's operator,
 :mod:`pipeline.curvature.estimate`) and :func:`hvp_at` applies it to one vector (power iteration, refinement).
+A term may also offer θ split by parameter tensor (:func:`split_of`: ``part_sizes`` and ``of_parts``, as
+:class:`pipeline.curvature.problem.MeanLoss` does for a module's parameters). Then :func:`hvp_part_rows`
+gives the Hessian's rows for one tensor's basis vectors over that tensor and the ones after it only: the
+tensors before it are constants (no tangent, no gradient), so autograd prunes their forward tangents and
+backward work, and the missing block is the mirror of one already built (H is symmetric).
 Everything runs on ``theta``'s device and dtype and knows nothing of models, Ray or files.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -56,6 +61,42 @@ def hvp_fn(fn: LossFn, theta: torch.Tensor, mode: str) -> MatVec:
 def hvp_rows(fn: LossFn, theta: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """Basis rows ``V`` ``[c, N]`` ↦ ``V H`` ``[c, N]`` (rows of the Hessian of one term ``fn``)."""
     return vmap(hvp_fn(fn, theta, mode))
+
+
+def split_of(fn) -> Optional[tuple[list[int], Callable[[Sequence[torch.Tensor]], torch.Tensor]]]:
+    """A term's θ split by parameter tensor: ``(sizes, of_parts)`` where θ is ``sizes`` flat parts end to
+    end and ``of_parts([θ_0, …, θ_L])`` is ``fn(θ)``; None when the term offers no split (``part_sizes``
+    None or absent, or one part only)."""
+    sizes = getattr(fn, "part_sizes", None)
+    if sizes is None or len(sizes) < 2:
+        return None
+    return list(sizes), fn.of_parts
+
+
+def hvp_part_rows(fn, theta: torch.Tensor, mode: str, part: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Basis rows ``V`` ``[c, k]`` of parameter tensor ``part`` (k entries at offset s in θ) ↦ the Hessian
+    rows ``(V H)[:, s:]`` ``[c, N - s]``: the block of ``part`` against itself and every later tensor.
+
+    ``fn`` must offer a split (:func:`split_of`). ``rev`` differentiates the gradient of tensor ``part``
+    backward w.r.t. tensors ``part..L``; ``fwd`` pushes the tangent of tensor ``part`` forward through the
+    gradient w.r.t. tensors ``part..L``. Vmappable over the rows and over ``theta`` ``[N]``."""
+    check_mode(mode)
+    sizes, of_parts = split_of(fn)
+    parts = list(torch.split(theta, sizes, dim=-1))
+    fixed, rest = parts[:part], parts[part:]
+
+    def loss(*ps):
+        return of_parts([*fixed, *ps])
+
+    if mode == "rev":
+        _, pull = vjp(grad(loss), *rest)  # d/dθ_part, a function of θ_part..θ_L
+        return vmap(lambda v: torch.cat(pull(v), dim=-1))
+    every = tuple(range(len(rest)))
+
+    def g(head):
+        return torch.cat(grad(loss, argnums=every)(head, *rest[1:]), dim=-1)
+
+    return vmap(lambda v: jvp(g, (rest[0],), (v,))[1])
 
 
 def hvp_at(loss_fn: LossFn, theta: torch.Tensor, mode: str = "fwd") -> MatVec:

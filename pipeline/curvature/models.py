@@ -236,13 +236,17 @@ def loss_value(model: Model, theta: torch.Tensor, X: torch.Tensor, Y: torch.Tens
                weight_decay: float = 0.0) -> torch.Tensor:
     """Mean training loss over the rows of ``X`` (a scalar): ½‖f(x) − y‖² averaged, or cross-entropy,
     plus ``weight_decay``/2 · ‖θ‖² when ``weight_decay`` > 0."""
-    out = model.forward(theta, X)
-    if loss == "mse":
-        value = 0.5 * ((out - Y) ** 2).sum(dim=1).mean()
-    elif loss == "cross_entropy":
-        value = F.cross_entropy(out, Y)
-    else:
-        raise ValueError(f"unknown loss {loss!r}: expected one of {', '.join(LOSSES)}")
+    value = output_loss(model.forward(theta, X), Y, loss)
     if weight_decay:
         value = value + 0.5 * weight_decay * (theta * theta).sum()
     return value
+
+
+def output_loss(out: torch.Tensor, Y: torch.Tensor, loss: str) -> torch.Tensor:
+    """The mean ``loss`` (``mse``: ½‖out − y‖² averaged; ``cross_entropy``) of outputs ``out`` ``[n, k]``
+    against targets ``Y`` (a scalar), without any weight decay."""
+    if loss == "mse":
+        return 0.5 * ((out - Y) ** 2).sum(dim=1).mean()
+    if loss == "cross_entropy":
+        return F.cross_entropy(out, Y)
+    raise ValueError(f"unknown loss {loss!r}: expected one of {', '.join(LOSSES)}")

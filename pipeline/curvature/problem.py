@@ -13,7 +13,7 @@ import torch
 
 from pipeline.curvature.data import Dataset, batches, make_dataset
 from pipeline.curvature.mlp_hessian import mlp_hessian
-from pipeline.curvature.models import MLP, Model, loss_value, make_model
+from pipeline.curvature.models import MLP, Model, loss_value, make_model, output_loss
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # optim.dtype, hessian.dtype
 
@@ -33,6 +33,22 @@ class MeanLoss:
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         return loss_value(self.model, theta, self.X, self.Y, self.loss, self.weight_decay)
+
+    @property
+    def part_sizes(self) -> Optional[list[int]]:
+        """Sizes of θ's parts, one per parameter tensor, when the model evaluates from them
+        (``forward_parts``, e.g. :class:`pipeline.curvature.torch_model.TorchModel`); else None. The
+        Hessian build uses the split to skip the block below the diagonal (:mod:`pipeline.curvature.hvp`)."""
+        if not hasattr(self.model, "forward_parts"):
+            return None
+        return [size for _, _, size in self.model.segments()]
+
+    def of_parts(self, parts) -> torch.Tensor:
+        """The loss at θ given as its parts ``[θ_0 [k_0], …]`` (see :attr:`part_sizes`): ``self(cat(parts))``."""
+        value = output_loss(self.model.forward_parts(parts, self.X), self.Y, self.loss)
+        if self.weight_decay:
+            value = value + 0.5 * self.weight_decay * sum((p * p).sum() for p in parts)
+        return value
 
     @property
     def closed_form(self) -> Optional[Callable[..., torch.Tensor]]:

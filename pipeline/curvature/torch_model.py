@@ -189,8 +189,21 @@ class TorchModel:
 
     def forward(self, theta: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """Outputs ``[n, out_dim]`` for rows ``X`` ``[n, d]`` and parameters ``theta`` ``[N]``."""
+        return self._call(unflatten(self.module, theta), X)
+
+    def forward_parts(self, parts, X: torch.Tensor) -> torch.Tensor:
+        """Outputs ``[n, out_dim]`` for rows ``X`` ``[n, d]`` and θ given as one flat part per trainable
+        parameter (``parts[i]`` ``[size_i]``, in :meth:`segments` order): each part is its own tensor, so a
+        derivative w.r.t. some parts never touches the others."""
+        shapes = [(n, p.shape) for n, p in trainable(self.module)]
+        if len(parts) != len(shapes):
+            raise ValueError(f"{self.target} has {len(shapes)} trainable parameters, got {len(parts)} parts")
+        return self._call({n: part.view(shape) for (n, shape), part in zip(shapes, parts)}, X)
+
+    def _call(self, params: dict[str, torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+        """The module on rows ``X`` ``[n, d]`` (reshaped to samples) with ``params`` in place of its own."""
         x = X.reshape(X.shape[0], *self.sample_shape) if self.sample_shape else X
-        state = {**self._constants(X.device, X.dtype), **unflatten(self.module, theta)}
+        state = {**self._constants(X.device, X.dtype), **params}
         out = functional_call(self.module, state, (x,), strict=False)
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"{self.target} returned {type(out).__name__}, not a tensor of outputs [n, out_dim]")

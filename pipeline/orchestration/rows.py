@@ -63,7 +63,7 @@ def spectrum_columns(res: SpectrumResult) -> dict:
             "min_ratio": res.min_ratio, "min_ratio_naive": res.min_ratio_naive,
             "min_ratio_curved": res.min_ratio_curved, "index": res.index, "label": res.label,
             "lam_min": s.lam_min, "lam_max": s.lam_max, "tol": s.tol, "tol_method": s.tol_method,
-            "method": res.method, "dtype": res.dtype, "device": res.device,
+            "method": res.method, "hvp": res.hvp, "dtype": res.dtype, "device": res.device,
             "build_seconds": res.seconds.get("build"), "count_seconds": res.seconds.get("count"),
             **estimate_columns(res.estimate)}
 

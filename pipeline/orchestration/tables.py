@@ -25,7 +25,7 @@ from pipeline.orchestration.storage import Store
 
 # Bump the version whenever a column is added or a column's definition changes; files of an older version
 # read with nulls in the columns they lack (see `read`). Each version's changes: docs/performance.md.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
@@ -104,6 +104,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("tol", pa.float64()),
         pa.field("tol_method", pa.string()),  # gap | rel | abs | given
         pa.field("method", pa.string()),  # eigh | inertia
+        pa.field("hvp", pa.string()),  # how H was built: closed_form | rev | fwd; null for estimate
         pa.field("dtype", pa.string()),
         pa.field("device", pa.string()),
         pa.field("build_seconds", pa.float64()),
