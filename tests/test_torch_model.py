@@ -13,7 +13,6 @@ from conftest import compose_config
 from pipeline.curvature import params
 from pipeline.orchestration.config import ConfigError, validate
 from pipeline.curvature.hessian import hessian
-from pipeline.curvature.models import loss_value
 from pipeline.orchestration.plan import expand
 from pipeline.orchestration.sweep import check_problems
 from pipeline.curvature.torch_model import ModelError, TorchModel, build_module, import_object, restore
