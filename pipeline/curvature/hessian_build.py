@@ -139,15 +139,18 @@ def _fill(H: torch.Tensor, rows_for: Callable[[torch.Tensor], torch.Tensor], wei
         rows = min(chunk, n - start)
         idx = torch.arange(rows, device=H.device)
         E[idx, idx + start] = 1
-        block = rows_for(E[:rows])
-        target = H[..., start:start + rows, :]
-        if first:
-            target.copy_(block)
-            if weight != 1.0:
-                target.mul_(weight)
-        else:
-            target.add_(block, alpha=weight)
+        _put(H[..., start:start + rows, :], rows_for(E[:rows]), weight, first)
         E[idx, idx + start] = 0
+
+
+def _put(target: torch.Tensor, values: torch.Tensor, weight: float, first: bool) -> None:
+    """``target`` = weight · ``values`` for the first term, += for the later ones."""
+    if first:
+        target.copy_(values)
+        if weight != 1.0:
+            target.mul_(weight)
+    else:
+        target.add_(values, alpha=weight)
 
 
 def _fill_parts(H: torch.Tensor, rows_of: Callable[[int], Callable[[torch.Tensor], torch.Tensor]], sizes: list[int],
@@ -161,14 +164,8 @@ def _fill_parts(H: torch.Tensor, rows_of: Callable[[int], Callable[[torch.Tensor
         for i in range(0, k, chunk):
             c = min(chunk, k - i)
             block = rows_for(_basis(c, k, i, H))
-            for target, values in ((H[..., s + i:s + i + c, s:], block),
-                                   (H[..., s + k:, s + i:s + i + c], block[..., k:].transpose(-1, -2))):
-                if first:
-                    target.copy_(values)
-                    if weight != 1.0:
-                        target.mul_(weight)
-                else:
-                    target.add_(values, alpha=weight)
+            _put(H[..., s + i:s + i + c, s:], block, weight, first)
+            _put(H[..., s + k:, s + i:s + i + c], block[..., k:].transpose(-1, -2), weight, first)
         s += k
 
 
