@@ -229,4 +229,5 @@ def test_the_points_record_how_each_hessian_was_built(one_thread):
     assert spectrum_at(problem.loss_fn(), theta, chunk_size=4).hvp in MODES  # probed: 172 columns, 43 blocks
     mlp = run_problem(compose_config(["data.n_samples=24"]), 0)
     assert spectrum_at(mlp.loss_fn(), mlp.model.init(0)).hvp == "closed_form"
-    assert spectrum_at(mlp.loss_fn(), mlp.model.init(0), method="estimate", rel_tol=1e-3).hvp is None
+    assert spectrum_at(mlp.loss_fn(), mlp.model.init(0), method="estimate", rel_tol=1e-2,
+                       estimate={"n_probes": 4}).hvp is None  # no H built: no mode
