@@ -202,7 +202,7 @@ def build_mode(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, ch
     """The mode :func:`hessian` (``theta`` ``[N]``) or :func:`hessians` (``[B, N]``) builds in with these
     arguments: ``closed_form``, ``rev`` or ``fwd`` (``auto`` resolved, probing once if it must)."""
     mode = resolve_hvp(hvp, theta.device, loss_fn)
-    if mode == "closed_form":
+    if hvp != "auto" or mode == "closed_form":  # only auto may probe, and only a probe needs the chunk
         return mode
     return resolve_hvp(hvp, theta.device, loss_fn, theta, _chunk(loss_fn, theta, chunk_size, memory_budget_mb))
 
