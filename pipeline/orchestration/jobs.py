@@ -18,8 +18,7 @@ import posixpath
 import socket
 import time
 import traceback
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from operator import attrgetter
 from typing import Callable, Optional
 
@@ -59,11 +58,11 @@ def checkpoint_path(sweep: str, run_id: str, step: int) -> str:
 
 def problem_group(config: RunConfig, seed: int) -> str:
     """Checkpoints whose loss functions are identical (same data, model, loss, L2, Hessian settings)."""
-    data = dataclasses.asdict(config.data)
+    data = asdict(config.data)
     if data["seed"] is None:
         data["seed"] = seed  # per-run data sets: batch only within the run
-    key = {"data": data, "model": dataclasses.asdict(config.model), "wd": config.optim.weight_decay,
-           "hessian": dataclasses.asdict(config.hessian)}
+    key = {"data": data, "model": asdict(config.model), "wd": config.optim.weight_decay,
+           "hessian": asdict(config.hessian)}
     if config.model.name == "torch":
         key["seed"] = seed  # a user's module is built with the run's seed: its buffers may differ by seed
     return json.dumps(key, sort_keys=True, default=str)
