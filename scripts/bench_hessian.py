@@ -311,15 +311,17 @@ def fmt_mem(b, n: int) -> str:
     return "n/a" if b is None else f"{b / 2**20:,.0f} MiB ({b / (n * n * 8):.2f}×H)"
 
 
-def generic_problem(kind: str, device: torch.device, samples: int, seed: int = 0):
+def generic_problem(kind: str, device: torch.device, samples: int, seed: int = 0, n_params: int = 1732):
     """A user's-style ``nn.Module`` through :class:`pipeline.curvature.torch_model.TorchModel` (no closed form):
-    ``mlp`` — the same 16-32-32-4 tanh MLP as a module (N = 1,732); ``cnn`` —
-    :class:`pipeline.curvature.nets.SmallCNN` on 1×8×8 images, channels (16, 24) (N = 4,610); MSE, float64."""
+    ``mlp`` — the 16-h-h-4 tanh MLP of :func:`problem` as a module, h from ``n_params`` (default 16-32-32-4,
+    N = 1,732); ``cnn`` — :class:`pipeline.curvature.nets.SmallCNN` on 1×8×8 images, channels (16, 24)
+    (N = 4,610); MSE, float64."""
     from pipeline.curvature.torch_model import TorchModel
 
     g = torch.Generator().manual_seed(seed)
     if kind == "mlp":
-        model = TorchModel("pipeline.curvature.nets.TanhMLP", {"in_features": 16, "hidden": [32, 32], "out_features": 4})
+        h = width_for(n_params)
+        model = TorchModel("pipeline.curvature.nets.TanhMLP", {"in_features": 16, "hidden": [h, h], "out_features": 4})
         X, out = torch.randn(samples, 16, generator=g, dtype=F64), 4
     else:
         model = TorchModel("pipeline.curvature.nets.SmallCNN", {"in_channels": 1, "side": 8, "channels": [16, 24],
@@ -359,15 +361,22 @@ def steady(fn, device: torch.device, long_s: float = 5.0):
     return sorted(times)[1], out
 
 
-def bench_generic(kind: str, device: torch.device, args) -> dict:
+def bench_generic(kind: str, device: torch.device, args, n_params: int = 1732) -> dict:
     """Build (rev, fwd, auto's pick and its probe), eigh, counts and the autograd baselines for a generic
-    module; every time is :func:`steady`'s."""
-    model, f = generic_problem(kind, device, args.generic_samples if kind == "mlp" else args.cnn_samples)
+    module; for the MLP also the closed-form build of the same-shaped :func:`problem` (the path
+    minratio's own MLP takes); every time is :func:`steady`'s."""
+    samples = args.generic_samples if kind == "mlp" else args.cnn_samples
+    model, f = generic_problem(kind, device, samples, n_params=n_params)
     theta = model.init(0).to(device)
     n = theta.numel()
     chunk = default_chunk_size(n, device, column_bytes=hs.column_bytes(f, theta))
     hessian_build.AUTO_PICKS.clear()
-    r = {"kind": kind, "N": n, "samples": f.X.shape[0], "chunk": chunk}
+    r = {"kind": kind, "N": n, "samples": f.X.shape[0], "chunk": chunk, "closed": None}
+    if kind == "mlp":
+        cf_model, cf = problem(n, device, samples=samples)
+        cf_theta = cf_model.init(0).to(device)
+        r["closed"], _ = steady(lambda: hs.hessian(cf, cf_theta), device)
+        del _
     r["probe"], r["mode"] = timed(lambda: hs.resolve_hvp("auto", device, f, theta, chunk), device, 1)
     for mode in ("rev", "fwd"):
         r[f"build_{mode}"], H = steady(lambda: hs.hessian(f, theta, hvp=mode), device)
@@ -389,10 +398,11 @@ def bench_generic(kind: str, device: torch.device, args) -> dict:
 
 def print_generic_header() -> None:
     print("\n## Generic modules (nn.Module through functional_call: no closed form; HVP build)\n")
-    print("| module | N | samples | build rev | build fwd | auto picks (probe s) | eigh | counts | autograd row loop | eigvalsh "
+    print("| module | N | samples | build rev | build fwd | auto picks (probe s) | closed-form build, same MLP "
+          "| eigh | counts | autograd row loop | eigvalsh "
           "| full vs row loop+eigvalsh | counts vs row loop+eigvalsh | HVP flops/column | GEMM rate | floor "
           "| floor / build | counts agree | max rel. diff H |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
 
 
 def print_generic(rows: list[dict]) -> None:
@@ -401,7 +411,7 @@ def print_generic(rows: list[dict]) -> None:
         ref = None if isinstance(r["row"], str) else r["row"] + r["eigvalsh"]
         ratios = ("—", "—") if ref is None else (f"{ref / full:.1f}×", f"{ref / counts:.1f}×")
         print(f"| {r['kind']} | {r['N']:,} | {r['samples']} | {fmt_t(r['build_rev'])} | {fmt_t(r['build_fwd'])} | {r['mode']} ({r['probe']:.2f}) "
-              f"| {fmt_t(r['eigh'])} | {fmt_t(r['inertia'])} | {fmt_t(r['row'])} | {fmt_t(r['eigvalsh'])} "
+              f"| {'—' if r['closed'] is None else fmt_t(r['closed'])} | {fmt_t(r['eigh'])} | {fmt_t(r['inertia'])} | {fmt_t(r['row'])} | {fmt_t(r['eigvalsh'])} "
               f"| {ratios[0]} | {ratios[1]} | {r['flops'] / 1e6:.1f} M | {r['rate'] / 1e9:.1f} GFLOP/s "
               f"| {fmt_t(r['floor'])} | {r['floor'] / r['build']:.0%} | {r['agree']} "
               f"| {r.get('h_err', float('nan')):.1e} |", flush=True)
@@ -410,7 +420,9 @@ def print_generic(rows: list[dict]) -> None:
 def print_generic_footer() -> None:
     print("\nTimes: one run, then the median of 3 more where it took under 5 s (the first run pays one-off "
           "initialisations). full = build + eigh, counts = build + LDLᵀ counts, where build is auto's pick plus its "
-          "probe (paid once per process and loss structure).")
+          "probe (paid once per process and loss structure). Closed-form build: the same 16-h-h-4 tanh MLP "
+          "through minratio's own MLP, whose Hessian is built in closed form (other weights, same shapes and data "
+          "sizes): what a module costs against the built-in path.")
     print("Floor: one column's HVP flops (torch.utils.flop_counter, GEMMs and convolutions only) × N at the "
           "measured float64 GEMM rate; floor / build is the share of that floor the build reaches.")
 
@@ -426,7 +438,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time, or process CPU time (CPU only: steadier when other work shares the cores)")
-    ap.add_argument("--generic", default="", help="only the generic-module rows: comma-separated of mlp,cnn")
+    ap.add_argument("--generic", default="", help="only the generic-module rows: comma-separated of mlp,cnn; "
+                    "--sizes then sets the generic MLP's N (default 1,732)")
     ap.add_argument("--generic-samples", type=int, default=512, help="samples of the generic MLP")
     ap.add_argument("--cnn-samples", type=int, default=128, help="samples of the generic CNN")
     args = ap.parse_args(argv)
@@ -449,8 +462,10 @@ def main(argv=None) -> None:
         print(f"# generic modules, MSE, float64, {torch.get_num_threads()} threads; "
               f"times in s ({'process CPU' if args.clock == 'cpu' else 'wall'} time), one try each", flush=True)
         print_generic_header()
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()] or [1732]
         for k in args.generic.split(","):
-            print_generic([bench_generic(k, device, args)])
+            for n in sizes if k == "mlp" else [0]:
+                print_generic([bench_generic(k, device, args, n_params=n)])
         print_generic_footer()
         print(f"\n# total {time.perf_counter() - t_start:.0f} s on {device_name(device)}")
         return

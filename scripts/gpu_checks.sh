@@ -18,8 +18,8 @@
 #      refinement tasks sharing the GPU: the Hessian and refinement tasks on 0.25 GPU each, the training tasks
 #      on TRAIN_FRACTION each (default 1/CPUs: every core's training task fits on the card; 0 trains on the
 #      CPU cores): runs/min, checkpoints/min, nvidia-smi utilisation;
-#   5. the generic-module Hessian next to the closed-form MLP at N ≈ 19k (scripts/bench_hessian.py
-#      $GENERIC_ARGS), once bench_hessian.py has generic-module rows;
+#   5. the generic-module Hessian (a tanh MLP as an nn.Module, built from HVPs by parameter tensor) next to
+#      the closed-form build of the same MLP at N ≈ 19k (scripts/bench_hessian.py $GENERIC_ARGS);
 #   6. the older benchmarks (bench_hessian, bench_cusolver_eigh, bench_label, bench_refine; about 6 minutes)
 #      and 7. bench_estimate --parts gpu (about 3 minutes): only when PARTS names them.
 # PARTS (default "tests inplace sweep generic") picks the steps: e.g. PARTS="more" in a second call, or
@@ -131,16 +131,14 @@ if want sweep; then
     ${TRAIN_FRACTION:+--train-fraction "$TRAIN_FRACTION"}
 fi
 
-# 5. The generic-module Hessian (issue 15's rows in bench_hessian.py).
+# 5. The generic-module Hessian next to the closed form (bench_hessian.py --generic).
 if ! want generic; then
   :
 elif [ "$cuda" != 1 ]; then
   note "SKIP  generic-module Hessian at N ≈ 19k: no CUDA"
-elif grep -qi generic scripts/bench_hessian.py; then
-  read -r -a generic <<<"${GENERIC_ARGS:---device cuda --sizes 19204 --checkpoints 2 --max-baseline-s 1}"
-  step "generic-module Hessian at N ≈ 19k" 90 "$OUT/bench_generic.txt" python3 scripts/bench_hessian.py "${generic[@]}"
 else
-  note "SKIP  generic-module Hessian: scripts/bench_hessian.py has no generic-module rows yet"
+  read -r -a generic <<<"${GENERIC_ARGS:---device cuda --generic mlp --sizes 19204 --max-baseline-s 1}"
+  step "generic-module Hessian at N ≈ 19k" 90 "$OUT/bench_generic.txt" python3 scripts/bench_hessian.py "${generic[@]}"
 fi
 
 # 6-7. The older benchmarks, when PARTS names them.
