@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -88,6 +91,37 @@ def uninterrupted_mid_sweep(ray_session, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
     assert run_sweep(compose_config([f"results_root={root}", *MID_SWEEP])).run_status == {"ok": 4}
     return root / "mid"
+
+
+@dataclass
+class Multirun:
+    """What :func:`multirun` left: its working directory, exit code, output, and each job's sweep folder."""
+
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+    jobs: dict[str, Path]  # hessian.rel_tol as typed → that job's sweep folder
+
+
+# Two jobs: the estimator cannot resolve a tolerance of 1e-6·λmax (every point fails, with its reason), it can
+# resolve 1e-2·λmax. Each job's sweep is named by the command's overrides, Hydra's normalised values included.
+MULTIRUN = ["-m", "hessian.rel_tol=1e-6,1e-2", "hessian.method=estimate", "hessian.tol_mode=rel",
+            "hessian.estimate_probes=4", "sweep.seeds=1", "optim.max_steps=300", "figures=false",
+            "sweep.progress=plain"]
+MULTIRUN_NAME = ("default,hessian.estimate_probes-4,hessian.method-estimate,hessian.rel_tol-{},"
+                 "hessian.tol_mode-rel,optim.max_steps-300")
+
+
+@pytest.fixture(scope="session")
+def multirun(tmp_path_factory) -> Multirun:
+    """One Hydra ``--multirun`` of :data:`MULTIRUN`, run once as the process a user starts (its own local Ray)
+    from a fresh working directory: the multirun tests of test_e2e and test_identity read it."""
+    cwd = tmp_path_factory.mktemp("multirun")
+    res = subprocess.run([sys.executable, "-m", "pipeline", *MULTIRUN, f"results_root={cwd}/results",
+                          f"hydra.sweep.dir={cwd}/multirun"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    jobs = {tol: cwd / "results" / MULTIRUN_NAME.format(norm) for tol, norm in (("1e-6", "1e-06"), ("1e-2", "0.01"))}
+    return Multirun(cwd, res.returncode, res.stdout, res.stderr, jobs)
 
 
 @pytest.fixture(scope="session")

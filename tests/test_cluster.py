@@ -57,15 +57,31 @@ def assert_tables_complete(cfg, folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# One cluster (ray.cluster_utils.Cluster) for two sweeps: a CPU-only head, a GPU node, and a CPU node that
-# is removed during the first sweep.
+# One cluster (ray.cluster_utils.Cluster) for three sweeps: a CPU-only head, a GPU node, and a CPU node that
+# is removed during the first sweep; the third ships a user's package with ray.runtime_env.
 
 SHARED_GPU = ["ray.train_num_gpus=0.5", "hessian.num_gpus=0.5", "sweep.seeds=2"]
+
+SHIPPED = """from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 5):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.body(x)
+"""
 
 
 def cluster_child(root: str, out: str) -> None:
     """Sweep ``multi``: Hessian tasks ask for a whole GPU while a CPU node dies mid-sweep. Then sweep
-    ``shared`` on the two nodes left: training and Hessian tasks each ask for half of the GPU."""
+    ``shared`` on the two nodes left: training and Hessian tasks each ask for half of the GPU. Then sweep
+    ``shipped``: a user's package that lives in a folder only this driver's sys.path names (not PYTHONPATH,
+    not the working directory, both of which Ray passes on to workers), shipped to both nodes with
+    ``ray.runtime_env.py_modules``; a task without that runtime_env cannot import it."""
+    import ray
     from ray.cluster_utils import Cluster
 
     from conftest import compose_config
@@ -93,12 +109,31 @@ def cluster_child(root: str, out: str) -> None:
         remover.join(timeout=60)
         shared = run_sweep(compose_config([f"results_root={root}", "sweep.name=shared",
                                            f"ray.address={cluster.address}", *TINY, *SHARED_GPU]))
+
+        package = Path(root).parent / "code" / "shipnets"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(SHIPPED)
+        sys.path.insert(0, str(package.parent))  # after the nodes started: their workers do not inherit it
+
+        @ray.remote(num_cpus=0)
+        def importable() -> bool:
+            try:
+                __import__("shipnets")
+                return True
+            except ModuleNotFoundError:
+                return False
+
+        without = ray.get(importable.remote())  # still the driver's connection of the sweeps above
+        shipped = run_sweep(compose_config([f"results_root={root}", "sweep.name=shipped",
+                                            f"ray.address={cluster.address}", "model=torch",
+                                            "model._target_=shipnets.Net", "+model.kwargs={hidden: 5}",
+                                            f"+ray.runtime_env={{py_modules: [{package}]}}", *TINY[1:]]))
         Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "doomed_node": doomed.node_id,
                                          "removed": not remover.is_alive(), "points": multi.points,
-                                         "shared_points": shared.points}))
+                                         "shared_points": shared.points, "shipped_points": shipped.points,
+                                         "without": without, "with": ray.get(importable.remote()),
+                                         "nodes_left": len([n for n in ray.nodes() if n["Alive"]])}))
     finally:
-        import ray
-
         ray.shutdown()
         cluster.shutdown()
 
@@ -167,11 +202,13 @@ def answers_http(port: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# `ray start --head` on non-default ports, then `ray job submit --working-dir . -- minratio-sweep …`.
+# `ray start --head` on non-default ports, then `ray job submit --working-dir . -- minratio-sweep …`, and a
+# local sweep's Ray beside that cluster.
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
-    """…and the default ray=local sweep beside it starts its own Ray rather than joining that cluster."""
+@pytest.fixture(scope="module")
+def started_head():
+    """A ``ray start --head`` cluster with its job server (the dashboard) on free ports: (dashboard port, GCS
+    port, environment that finds it: token auth, and RAY_TMPDIR where the head records its address)."""
     gcs, dash, client, agent, agent_grpc = (free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="mr-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     # RAY_TMPDIR: the head records its address under temp_dir/ray (not /tmp/ray), where a ray.init()
@@ -185,30 +222,60 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(tmp_path, make_cfg):
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        root = tmp_path / "results"
-        job = [*TINY, "sweep.seeds=2"]
-        submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-                  "minratio-sweep", f"results_root={root}", "sweep.name=job", "ray=cluster", *job]
         deadline = time.monotonic() + 90
-        while not answers_http(dash) and time.monotonic() < deadline:  # no `ray job submit` process per try
+        while not answers_http(dash) and time.monotonic() < deadline:
+            assert head.poll() is None, "ray start --head exited"
             time.sleep(0.2)
-        while True:  # the job server answers a few seconds after the head starts
-            proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-            if "submitted successfully" in proc.stdout + proc.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "sweep 'job': 2 runs" in proc.stdout
-        assert_tables_complete(make_cfg(job), root / "job")
-        local = subprocess.run([sys.executable, "-m", "pipeline", f"results_root={root}", "sweep.name=local", *job],
-                               cwd=REPO, env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},
-                               capture_output=True, text=True, timeout=240)
-        assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
-        assert "existing Ray cluster" not in local.stdout + local.stderr
-        assert_tables_complete(make_cfg(job), root / "local")
+        yield dash, gcs, env
     finally:
         stop_group(head)
         subprocess.run(["rm", "-rf", temp_dir], check=False)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(started_head, tmp_path, make_cfg):
+    dash, _, env = started_head
+    root = tmp_path / "results"
+    job = [*TINY, "sweep.seeds=2"]
+    submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+              "minratio-sweep", f"results_root={root}", "sweep.name=job", "ray=cluster", *job]
+    deadline = time.monotonic() + 60
+    while True:  # the job server answers a few seconds after the dashboard's HTTP port
+        proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        if "submitted successfully" in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sweep 'job': 2 runs" in proc.stdout
+    assert_tables_complete(make_cfg(job), root / "job")
+
+
+def test_a_local_ray_is_started_beside_a_cluster_and_a_later_sweep_gets_the_ray_it_asks_for(started_head):
+    """The default ``ray=local`` starts a Ray of its own even where ``ray start`` left a cluster that a bare
+    ``ray.init()`` would join (same RAY_TMPDIR). The jobs of a Hydra multirun share a process: a job asking for
+    another local Ray (here 1 CPU, then 2) gets it rather than the first job's; one asking for the same
+    reuses it."""
+    _, gcs, env = started_head
+    script = """
+import ray
+from omegaconf import OmegaConf
+from pipeline.orchestration.sweep import connect
+seen = []
+for cpus in (1, 1, 2):
+    connect(OmegaConf.create({"address": None, "num_cpus": cpus, "runtime_env": {}}))
+    seen.append((int(ray.cluster_resources()["CPU"]), ray.get_runtime_context().get_job_id(),
+                 ray.get_runtime_context().gcs_address.rpartition(":")[2]))
+print([c for c, _, _ in seen], seen[0][1] == seen[1][1])
+print(" ".join(port for _, _, port in seen))
+"""
+    local_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # as a user's shell has it
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=local_env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts, ports = proc.stdout.strip().splitlines()[-2:]
+    assert counts == "[1, 1, 2] True", proc.stdout[-2000:]
+    assert str(gcs) not in ports.split(), f"a local Ray joined the started cluster (GCS port {gcs}): {ports}"
+    assert "existing Ray cluster" not in proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,24 +343,6 @@ def test_requests_the_cluster_cannot_meet_fail_before_work(ray_session, make_cfg
     assert no_work_done(tmp_path / "results")
 
 
-def test_a_later_sweep_in_the_process_gets_the_ray_it_asks_for():
-    """The jobs of a Hydra multirun share a process: a job asking for another local Ray (here 1 CPU, then 2)
-    gets it rather than the first job's; one asking for the same reuses it."""
-    script = """
-import ray
-from omegaconf import OmegaConf
-from pipeline.orchestration.sweep import connect
-seen = []
-for cpus in (1, 1, 2):
-    connect(OmegaConf.create({"address": None, "num_cpus": cpus, "runtime_env": {}}))
-    seen.append((int(ray.cluster_resources()["CPU"]), ray.get_runtime_context().get_job_id()))
-print([c for c, _ in seen], seen[0][1] == seen[1][1])
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[1, 1, 2] True"
-
-
 def test_resources_of_refinement_are_not_checked_when_there_is_none(ray_session, make_cfg):
     from pipeline.orchestration.sweep import preflight
 
@@ -326,78 +375,17 @@ def test_fractional_gpus_on_a_real_gpu_run_the_hessians_on_cuda(ray_session, mak
     assert dfs["points"]["device"].str.startswith("cuda").all()
 
 
-# --------------------------------------------------------------------------------------------------
-# A user's package that no worker can import, shipped to a two-node cluster with ray.runtime_env.py_modules.
-
-SHIPPED = """from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self, hidden: int = 5):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-
-    def forward(self, x):
-        return self.body(x)
-"""
-
-
-def shipped_child(root: str, out: str) -> None:
-    """The package lives in a folder only this driver's sys.path names (not PYTHONPATH, not the working
-    directory, both of which Ray passes on to workers); a task without the runtime_env cannot import it."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from conftest import compose_config
-    from pipeline.orchestration.sweep import run_sweep
-
-    package = Path(root).parent / "code" / "shipnets"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(SHIPPED)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        sys.path.insert(0, str(package.parent))  # after the nodes started: their workers do not inherit it
-
-        @ray.remote(num_cpus=0)
-        def importable() -> bool:
-            try:
-                __import__("shipnets")
-                return True
-            except ModuleNotFoundError:
-                return False
-
-        ray.init(address=cluster.address)
-        without = ray.get(importable.remote())
-        ray.shutdown()
-        cfg = compose_config([f"results_root={root}", "sweep.name=shipped", f"ray.address={cluster.address}",
-                              "model=torch", "model._target_=shipnets.Net", "+model.kwargs={hidden: 5}",
-                              f"+ray.runtime_env={{py_modules: [{package}]}}", *TINY[1:]])
-        summary = run_sweep(cfg)
-        nodes = ray.get(importable.remote()), len(ray.nodes())
-        Path(out).write_text(json.dumps({"without": without, "with": nodes[0], "nodes": nodes[1],
-                                         "points": summary.points}))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 @pytest.mark.slow
-def test_a_users_package_shipped_with_runtime_env_py_modules_runs_on_the_cluster(tmp_path):
-    root, out = tmp_path / "results", tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, __file__, "shipped", str(root), str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(out.read_text())
-    assert info["without"] is False and info["with"] is True and info["nodes"] == 2
+def test_a_users_package_shipped_with_runtime_env_py_modules_runs_on_the_cluster(cluster_sweeps):
+    root, info = cluster_sweeps
+    assert info["without"] is False and info["with"] is True and info["nodes_left"] == 2
     runs = pd.read_parquet(root / "shipped" / "runs")
     points = pd.read_parquet(root / "shipped" / "points")
     assert set(runs["status"]) == {"ok"} and set(runs["model_target"]) == {"shipnets.Net"}
-    assert len(runs) == 4 and info["points"] == len(points) > 0 and set(points["status"]) == {"ok"}
+    assert len(runs) == 4 and info["shipped_points"] == len(points) > 0 and set(points["status"]) == {"ok"}
     assert runs["node_id"].nunique() == 2  # both nodes' workers imported the shipped package
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
-    {"cluster": cluster_child, "shipped": shipped_child}[sys.argv[1]](*sys.argv[2:])
+    {"cluster": cluster_child}[sys.argv[1]](*sys.argv[2:])
