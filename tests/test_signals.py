@@ -39,25 +39,46 @@ def runs_written(folder: Path) -> int:
     return len(list((folder / "runs").glob("*.parquet"))) if (folder / "runs").exists() else 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_the_driver_cleanly_and_a_rerun_completes(tmp_path, uninterrupted_keys, signum):
-    root = tmp_path / "results"
-    cmd = [sys.executable, "-m", "pipeline", f"results_root={root}", *MID_SWEEP, "sweep.progress=plain",
-           "ray.num_cpus=2"]
-    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    deadline = time.monotonic() + 240
-    while runs_written(root / "mid") < 1 and driver.poll() is None and time.monotonic() < deadline:
+SIGNALS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> dict:
+    """Two ``minratio-sweep`` drivers of ``MID_SWEEP``, started together (each with its own local Ray), each
+    stopped by its signal once its first run is written: signal → (results root, exit code, stdout, stderr,
+    runs written when it exited)."""
+    drivers = {}
+    for signum, name in SIGNALS.items():
+        root = tmp_path_factory.mktemp(name) / "results"
+        cmd = [sys.executable, "-m", "pipeline", f"results_root={root}", *MID_SWEEP, "sweep.progress=plain",
+               "ray.num_cpus=2", f"hydra.run.dir={root.parent / 'hydra'}"]
+        drivers[signum] = root, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True, start_new_session=True)
+    waiting, deadline = dict(drivers), time.monotonic() + 240
+    while waiting and time.monotonic() < deadline:
+        for signum, (root, driver) in list(waiting.items()):
+            if runs_written(root / "mid") < 1 and driver.poll() is None:
+                continue
+            assert driver.poll() is None, f"{SIGNALS[signum]}: the sweep ended before the signal"
+            if signum == signal.SIGINT:
+                os.killpg(driver.pid, signum)  # Ctrl-C in a terminal: the driver's whole process group
+            else:
+                os.kill(driver.pid, signum)  # `kill PID`, or a scheduler stopping the job
+            del waiting[signum]
         time.sleep(0.02)
-    assert driver.poll() is None, "the sweep ended before the signal"
-    if signum == signal.SIGINT:
-        os.killpg(driver.pid, signum)  # Ctrl-C in a terminal: the driver's whole process group
-    else:
-        os.kill(driver.pid, signum)  # `kill PID`, or a scheduler stopping the job
-    out, err = driver.communicate(timeout=120)
-    finished = runs_written(root / "mid")
-    assert driver.returncode == 128 + signum, err[-3000:]
+    assert not waiting, f"no run was written within 240 s by {[SIGNALS[s] for s in waiting]}"
+    out = {}
+    for signum, (root, driver) in drivers.items():
+        stdout, stderr = driver.communicate(timeout=120)
+        out[signum] = root, driver.returncode, stdout, stderr, runs_written(root / "mid")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", list(SIGNALS), ids=list(SIGNALS.values()))
+def test_a_signal_stops_the_driver_cleanly_and_a_rerun_completes(signalled, uninterrupted_keys, signum):
+    root, returncode, out, err, finished = signalled[signum]
+    assert returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("minratio: interrupted")]
     assert len(lines) == 1, err[-3000:]
