@@ -285,7 +285,8 @@ def test_an_unreachable_address_fails_at_once_naming_it(tmp_path):
     port = free_port()  # nothing listens there any more
     root = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "pipeline", f"ray.address=127.0.0.1:{port}",
-                           f"results_root={root}", "sweep.seeds=2"], cwd=REPO, capture_output=True, text=True,
+                           f"results_root={root}", "sweep.seeds=2",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)  # Ray's own retry loop would run past this
     assert proc.returncode == 2
     assert f"ray.address='127.0.0.1:{port}' is not reachable" in proc.stderr

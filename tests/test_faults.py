@@ -66,7 +66,7 @@ def count_files(folder: Path) -> int:
 def test_driver_killed_mid_sweep_then_rerun_equals_an_uninterrupted_sweep(tmp_path, uninterrupted_mid_sweep):
     root = tmp_path / "results"
     cmd = [sys.executable, "-m", "pipeline", f"results_root={root}", *MID_SWEEP, "sweep.progress=plain",
-           "ray.num_cpus=2"]
+           "ray.num_cpus=2", f"hydra.run.dir={tmp_path / 'hydra'}"]
     driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.monotonic() + 240

@@ -180,12 +180,12 @@ def objects(fs, folder: str) -> int:
 
 
 @pytest.mark.slow
-def test_a_driver_killed_mid_sweep_on_s3_resumes_to_the_uninterrupted_tables(s3_sweep, s3_endpoint):
+def test_a_driver_killed_mid_sweep_on_s3_resumes_to_the_uninterrupted_tables(s3_sweep, s3_endpoint, tmp_path):
     """The driver's credentials and endpoint come from AWS_* variables: its local Ray workers see them."""
     s3_sweep  # noqa: B018 — the uninterrupted tables to compare with
     fs = s3fs(s3_endpoint)
     cmd = [sys.executable, "-m", "pipeline", f"results_root=s3://{BUCKET}/killed", *SWEEP, "sweep.progress=plain",
-           "ray.num_cpus=2"]
+           "ray.num_cpus=2", f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, **env_credentials(s3_endpoint)}
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
