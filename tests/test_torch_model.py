@@ -231,3 +231,31 @@ def test_the_points_record_how_each_hessian_was_built(one_thread):
     assert spectrum_at(mlp.loss_fn(), mlp.model.init(0)).hvp == "closed_form"
     assert spectrum_at(mlp.loss_fn(), mlp.model.init(0), method="estimate", rel_tol=1e-2,
                        estimate={"n_probes": 4}).hvp is None  # no H built: no mode
+
+
+def test_auto_measures_the_build_workspace_once_per_hessian(one_thread, monkeypatch):
+    """With ``hvp=auto`` and the default chunk, the probe's chunk (a forward pass with saved-tensor hooks,
+    :func:`column_bytes`) is handed on to the build rather than measured again, and a pass of many points
+    hands it on to the next pass."""
+    from pipeline.curvature import hessian_build as hs
+    from pipeline.curvature.hessian import spectra_at_many, spectrum_at
+    from pipeline.curvature.hvp import MODES
+    problem = run_problem(compose_config([*CASES[2][0], "data.n_samples=24"]), 0)
+    theta = problem.model.init(0)
+    measured = []
+    real = hs.column_bytes  # the build's own measurements (the batched gradients measure theirs apart)
+    monkeypatch.setattr(hs, "column_bytes", lambda *a, **k: measured.append(1) or real(*a, **k))
+    hs.AUTO_PICKS.clear()
+    # a 64 KiB workspace: a few columns per block, so auto probes (≥ 16 blocks of 172 columns)
+    result = spectrum_at(problem.loss_fn(), theta, memory_budget_mb=1 / 16)
+    assert result.hvp in MODES and len(hs.AUTO_PICKS) == 1 and len(measured) == 1
+    measured.clear()
+    hs.AUTO_PICKS.clear()
+    loss = problem.loss_fn()
+    for batch_points in (True, False):  # one vmapped build of both points, or one build after the other
+        many, fallback = spectra_at_many(lambda device, dtype: loss, torch.stack([theta, 0.9 * theta]),
+                                         memory_budget_mb=1, batch_points=batch_points)
+        assert fallback is None and all(r.hvp in MODES for r in many) and len(hs.AUTO_PICKS) == 1
+        assert len(measured) == 1, (batch_points, len(measured))
+        measured.clear()
+        hs.AUTO_PICKS.clear()

@@ -217,7 +217,7 @@ def spectrum_at(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, m
     # the eigenbasis needs the gradient; taken before the clock starts, as a pass takes it
     value, g = _value_and_gradient(loss_fn, theta) if method == "eigh" and vectors else (None, None)
     t0 = time.perf_counter()
-    hvp = build_mode(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
+    hvp, chunk_size = build_mode(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     H = hessian(loss_fn, theta, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, hvp=hvp)
     _check_finite(H[None], "Hessian")
     _sync(device)
@@ -442,21 +442,22 @@ def _many(loss, thetas: torch.Tensor, method: str, chunk_size: int, memory_budge
     device = thetas.device
     per = points_per_pass(n, thetas.element_size(), device, memory_budget_mb, method, kw["vectors"])
     workspace_mb = pass_workspace_mb(device, memory_budget_mb)
-    out = []
+    out, chunk = [], 0
     for s in range(0, b, per):
         part = thetas[s:s + per]
         values, G = _values_and_gradients(loss, part, batch_points, workspace_mb * 2**20)  # as spectrum_at:
         eigen = [{"value": v, "g": g} for v, g in zip(values, G)]  # in neither build nor count seconds
         t0 = time.perf_counter()
         batched = batch_points and len(part) > 1
-        hvp = build_mode(loss, part if batched else part[0], chunk_size=chunk_size, memory_budget_mb=workspace_mb,
-                         hvp=hvp)
+        # the first pass's chunk serves the later ones: same loss and workspace, never more points per pass
+        hvp, chunk = build_mode(loss, part if batched else part[0], chunk_size=chunk_size or chunk,
+                                memory_budget_mb=workspace_mb, hvp=hvp)
         if batched:
-            H = hessians(loss, part, chunk_size=chunk_size, memory_budget_mb=workspace_mb, hvp=hvp)
+            H = hessians(loss, part, chunk_size=chunk, memory_budget_mb=workspace_mb, hvp=hvp)
         else:
             H = torch.empty(len(part), n, n, dtype=thetas.dtype, device=device)
             for k, theta in enumerate(part):
-                hessian(loss, theta, chunk_size=chunk_size, memory_budget_mb=workspace_mb, hvp=hvp, out=H[k])
+                hessian(loss, theta, chunk_size=chunk, memory_budget_mb=workspace_mb, hvp=hvp, out=H[k])
         _check_finite(H, "Hessian", first=s, of=b)
         _sync(device)
         t1 = time.perf_counter()

@@ -198,13 +198,19 @@ def _fill_term(H: torch.Tensor, fn, theta: torch.Tensor, mode: str, weight: floa
 
 
 def build_mode(loss_fn: Union[LossFn, WeightedTerms], theta: torch.Tensor, *, chunk_size: int = 0,
-               memory_budget_mb: float = 0.0, hvp: str = "auto") -> str:
-    """The mode :func:`hessian` (``theta`` ``[N]``) or :func:`hessians` (``[B, N]``) builds in with these
-    arguments: ``closed_form``, ``rev`` or ``fwd`` (``auto`` resolved, probing once if it must)."""
+               memory_budget_mb: float = 0.0, hvp: str = "auto") -> tuple[str, int]:
+    """(mode, chunk): the mode :func:`hessian` (``theta`` ``[N]``) or :func:`hessians` (``[B, N]``) builds in
+    with these arguments — ``closed_form``, ``rev`` or ``fwd``, ``auto`` resolved, probing once if it must —
+    and, for an HVP build, its columns per block per point (``chunk_size``, or measured from the workspace:
+    one forward pass with saved-tensor hooks). Passed on as ``chunk_size``, the chunk spares the build that
+    pass; a closed-form build needs none (0)."""
     mode = resolve_hvp(hvp, theta.device, loss_fn)
-    if hvp != "auto" or mode == "closed_form":  # only auto may probe, and only a probe needs the chunk
-        return mode
-    return resolve_hvp(hvp, theta.device, loss_fn, theta, _chunk(loss_fn, theta, chunk_size, memory_budget_mb))
+    if mode == "closed_form":
+        return mode, chunk_size
+    chunk = _chunk(loss_fn, theta, chunk_size, memory_budget_mb)
+    if hvp == "auto":  # a large enough build probes rev against fwd with this chunk
+        mode = resolve_hvp(hvp, theta.device, loss_fn, theta, chunk)
+    return mode, chunk
 
 
 def _chunk(loss_fn, theta: torch.Tensor, chunk_size: int, memory_budget_mb: float) -> int:
