@@ -76,37 +76,49 @@ class Net(nn.Module):
 
 
 def cluster_child(root: str, out: str) -> None:
-    """Sweep ``multi``: Hessian tasks ask for a whole GPU while a CPU node dies mid-sweep. Then sweep
-    ``shared`` on the two nodes left: training and Hessian tasks each ask for half of the GPU. Then sweep
-    ``shipped``: a user's package that lives in a folder only this driver's sys.path names (not PYTHONPATH,
-    not the working directory, both of which Ray passes on to workers), shipped to both nodes with
-    ``ray.runtime_env.py_modules``; a task without that runtime_env cannot import it."""
+    """Sweep ``multi`` starts on a CPU-only cluster with Hessian tasks asking for a whole GPU and
+    ``ray.autoscaler=true``: they wait until a GPU node joins after the first run (as an autoscaler's
+    would), and a CPU node dies mid-sweep. Then sweep ``shared`` on the two nodes left: training and
+    Hessian tasks each ask for half of the GPU. Then sweep ``shipped``: a user's package that lives in a
+    folder only this driver's sys.path names (not PYTHONPATH, not the working directory, both of which Ray
+    passes on to workers), shipped to both nodes with ``ray.runtime_env.py_modules``; a task without that
+    runtime_env cannot import it."""
     import ray
     from ray.cluster_utils import Cluster
 
     from conftest import compose_config
-    from pipeline.orchestration.sweep import run_sweep
+    from pipeline.orchestration.config import ConfigError
+    from pipeline.orchestration.sweep import connect, preflight, run_sweep
 
     # The head has the most CPUs and is the driver's node: a task asking for no GPU would go there.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
-        gpu = cluster.add_node(num_cpus=1, num_gpus=1, resources={"gpu_node": 1})
         doomed = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        cfg = compose_config([f"results_root={root}", "sweep.name=multi", f"ray.address={cluster.address}",
-                              "hessian.num_gpus=1", "ray.state_every_s=0.2", *TINY])
-
-        def remove_after_first_run():
-            # A node dies while the sweep runs: its tasks are retried elsewhere.
-            runs_dir = Path(root) / "multi" / "runs"
-            while not (runs_dir.exists() and any(runs_dir.glob("*.parquet"))):
-                time.sleep(0.1)
-            cluster.remove_node(doomed)
-
-        remover = threading.Thread(target=remove_after_first_run, daemon=True)
-        remover.start()
-        multi = run_sweep(cfg)
-        remover.join(timeout=60)
+        multi = [f"results_root={root}", "sweep.name=multi", f"ray.address={cluster.address}", "hessian.num_gpus=1",
+                 "ray.state_every_s=0.2", *TINY]
+        cfg = compose_config(multi)
+        connect(cfg.ray)
+        try:  # without ray.autoscaler, no live node with a GPU is refused before work, with a hint
+            preflight(cfg)
+            refused = ""
+        except ConfigError as err:
+            refused = str(err)
+        # The sweep runs in a thread, as Cluster.add_node must be called from the main thread (signal handlers).
+        result = {}
+        sweep = threading.Thread(target=lambda: result.update(summary=run_sweep(
+            compose_config([*multi, "ray.autoscaler=true"]))), daemon=True)
+        sweep.start()
+        # The first trained run's checkpoints wait for a GPU (its runs row waits for its points): a GPU node
+        # joins, as an autoscaler's would, and a CPU node dies while the sweep runs (its tasks are retried
+        # elsewhere).
+        curves = Path(root) / "multi" / "curves"
+        while not (curves.exists() and any(curves.glob("*.parquet"))) and sweep.is_alive():
+            time.sleep(0.1)
+        gpu = cluster.add_node(num_cpus=1, num_gpus=1, resources={"gpu_node": 1})
+        cluster.remove_node(doomed)
+        sweep.join(timeout=300)
+        multi = result["summary"]
         shared = run_sweep(compose_config([f"results_root={root}", "sweep.name=shared",
                                            f"ray.address={cluster.address}", *TINY, *SHARED_GPU]))
 
@@ -128,8 +140,8 @@ def cluster_child(root: str, out: str) -> None:
                                             f"ray.address={cluster.address}", "model=torch",
                                             "model._target_=shipnets.Net", "+model.kwargs={hidden: 5}",
                                             f"+ray.runtime_env={{py_modules: [{package}]}}", *TINY[1:]]))
-        Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "doomed_node": doomed.node_id,
-                                         "removed": not remover.is_alive(), "points": multi.points,
+        Path(out).write_text(json.dumps({"gpu_node": gpu.node_id, "doomed_node": doomed.node_id, "refused": refused,
+                                         "points": multi.points,
                                          "shared_points": shared.points, "shipped_points": shipped.points,
                                          "without": without, "with": ray.get(importable.remote()),
                                          "nodes_left": len([n for n in ray.nodes() if n["Alive"]])}))
@@ -146,13 +158,12 @@ def cluster_sweeps(tmp_path_factory) -> tuple[Path, dict]:
     proc = subprocess.run([sys.executable, __file__, "cluster", str(root), str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return root, json.loads(out.read_text())
+    return root, {**json.loads(out.read_text()), "stderr": proc.stderr}
 
 
 @pytest.mark.slow
 def test_hessian_tasks_land_only_on_the_gpu_node_and_a_lost_node_loses_no_row(cluster_sweeps, make_cfg):
     root, info = cluster_sweeps
-    assert info["removed"]
     cfg = make_cfg(TINY + ["hessian.num_gpus=1"])
     dfs = assert_tables_complete(cfg, root / "multi")
     points = dfs["points"]
@@ -160,6 +171,18 @@ def test_hessian_tasks_land_only_on_the_gpu_node_and_a_lost_node_loses_no_row(cl
     assert set(points["node_id"]) == {info["gpu_node"]}  # every Hessian ran on the GPU node
     assert set(points["device"]) == {"cpu"}  # Ray gave a GPU, torch sees none: the task used the CPU
     assert dfs["runs"]["node_id"].notna().all()
+
+
+@pytest.mark.slow
+def test_with_ray_autoscaler_tasks_wait_for_a_node_that_joins_and_without_it_are_refused(cluster_sweeps):
+    """``multi`` started with no GPU anywhere: refused before work without ``ray.autoscaler`` (the message
+    says so), and with it every Hessian task waited for the GPU node that joined after the first run."""
+    root, info = cluster_sweeps
+    assert re.match(r"hessian\.num_gpus=1(\.0)? but the Ray cluster has no GPU", info["refused"]), info["refused"]
+    assert "set ray.autoscaler=true" in info["refused"]
+    points = pd.read_parquet(root / "multi" / "points")
+    assert len(points) > 0 and set(points["status"]) == {"ok"} and set(points["node_id"]) == {info["gpu_node"]}
+    assert "with ray.autoscaler=true, those tasks wait until the cluster adds a node" in info["stderr"]
 
 
 @pytest.mark.slow
@@ -303,6 +326,14 @@ def test_a_malformed_address_is_refused_naming_it(address):
 
 def no_work_done(root: Path) -> bool:
     return not any(p.suffix in (".parquet", ".pt") for p in root.rglob("*")) if root.exists() else True
+
+
+def test_ray_autoscaler_with_a_local_ray_is_refused_before_work(ray_session, make_cfg, tmp_path):
+    from pipeline.orchestration.sweep import run_sweep
+
+    with pytest.raises(ConfigError, match="ray.autoscaler=true but this sweep starts a local Ray"):
+        run_sweep(make_cfg(["ray.autoscaler=true"]))
+    assert no_work_done(tmp_path / "results")
 
 
 def test_a_grid_key_that_does_not_exist_fails_before_work(make_cfg, tmp_path):

@@ -180,6 +180,9 @@ class RayConfig:
     max_retries: int = 3  # Ray retries of a task whose worker died
     state_every_s: float = 60.0  # seconds between saves of a training task's state; a retry resumes there
     runtime_env: dict = field(default_factory=dict)
+    # The cluster adds nodes on demand (Ray autoscaler, KubeRay): a request no live node meets yet (e.g. GPUs on
+    # a cluster whose GPU nodes scale from zero) waits for such a node instead of being refused before any work.
+    autoscaler: bool = False
 
 
 @dataclass

@@ -146,6 +146,10 @@ def connect(ray_cfg) -> None:
     runtime_env; a Ray initialised by someone else is reused as it is.
     """
     global _CONNECTED
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address and ray_cfg.get("autoscaler"):
+        raise ConfigError("ray.autoscaler=true but this sweep starts a local Ray, which adds no nodes: use it with "
+                          "ray=cluster (or ray.address) on a cluster that has an autoscaler")
     wanted = OmegaConf.to_container(ray_cfg, resolve=True)
     wanted = {k: wanted.get(k) for k in ("address", "num_cpus", "runtime_env")}
     if ray.is_initialized():
@@ -156,7 +160,6 @@ def connect(ray_cfg) -> None:
     kwargs = {"log_to_driver": True}
     if ray_cfg.runtime_env:
         kwargs["runtime_env"] = OmegaConf.to_container(ray_cfg.runtime_env, resolve=True)
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
         logging.getLogger(_RAY_TOKEN_LOGGER).addFilter(_quiet_token_notice)
         with _keep_sigterm_handler():
@@ -230,36 +233,59 @@ def check_problems(runs: list[Run]) -> None:
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Refuse requests the cluster can never satisfy, before any task is submitted."""
+    """Refuse requests no live node can ever satisfy, before any task is submitted.
+
+    With ``ray.autoscaler=true`` (a cluster that adds nodes on demand: the Ray autoscaler, KubeRay) what no
+    live node offers yet is logged instead, and those tasks wait, as Ray's own would, for a node that does.
+    """
+    problems = unmet_requests(cfg)
+    if not problems:
+        return
+    if cfg.ray.autoscaler:
+        for problem in problems:
+            log.warning(f"{problem} — with ray.autoscaler=true, those tasks wait until the cluster adds a node "
+                        "that can run them")
+        return
+    hint = ""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        hint = " (if this cluster adds nodes on demand, set ray.autoscaler=true to let the tasks wait for them)"
+    raise ConfigError(problems[0] + hint)
+
+
+def unmet_requests(cfg: DictConfig) -> list[str]:
+    """What the sweep asks of a single node that no live node offers (GPUs, CPUs, memory per task), and
+    data-parallel Hessian tasks that could never all hold their workers at once; each names its key."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
     max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     h = cfg.hessian
     sections = ("hessian", "refine") if cfg.refine.method != "none" else ("hessian",)  # tasks that will run
+    out = []
     gpu_keys = [("ray.train_num_gpus", cfg.ray.train_num_gpus)]
     gpu_keys += [(f"{s}.num_gpus", cfg[s].num_gpus) for s in sections]
     for key, gpus in gpu_keys:
         if gpus > 0 and max_gpu == 0:
-            raise ConfigError(f"{key}={gpus} but the Ray cluster has no GPU; use {key}=0 to run on CPU")
-        if gpus > max_gpu:
-            raise ConfigError(f"{key}={gpus} but the largest node has {max_gpu:g} GPU(s)")
+            out.append(f"{key}={gpus} but the Ray cluster has no GPU; use {key}=0 to run on CPU")
+        elif gpus > max_gpu:
+            out.append(f"{key}={gpus} but the largest node has {max_gpu:g} GPU(s)")
     needs = [("ray.train_num_cpus", cfg.ray.train_num_cpus)] + [(f"{s}.num_cpus", cfg[s].num_cpus) for s in sections]
     for key, need in needs:
         if need > max_cpu:
-            raise ConfigError(f"{key}={need} but the largest node has {max_cpu:g} CPU(s)")
+            out.append(f"{key}={need} but the largest node has {max_cpu:g} CPU(s)")
     if h.data_workers and data_parallel_cap(h) == 0:
         k = h.data_workers
-        raise ConfigError(f"hessian.data_workers={k}: a Hessian task and its {k} workers hold "
-                          f"{k + 1}×hessian.num_cpus={(k + 1) * h.num_cpus:g} CPU(s)"
-                          + (f" and {(k + 1) * h.num_gpus:g} GPU(s)" if h.num_gpus else "")
-                          + f" at once, more than the cluster's {_total('CPU'):g} CPU(s)"
-                          + (f" and {_total('GPU'):g} GPU(s)" if h.num_gpus else "")
-                          + ": use fewer workers or fewer CPUs/GPUs each")
+        out.append(f"hessian.data_workers={k}: a Hessian task and its {k} workers hold "
+                   f"{k + 1}×hessian.num_cpus={(k + 1) * h.num_cpus:g} CPU(s)"
+                   + (f" and {(k + 1) * h.num_gpus:g} GPU(s)" if h.num_gpus else "")
+                   + f" at once, more than the cluster's {_total('CPU'):g} CPU(s)"
+                   + (f" and {_total('GPU'):g} GPU(s)" if h.num_gpus else "")
+                   + ": use fewer workers or fewer CPUs/GPUs each")
     if h.memory_budget_mb > 0:
         max_mem = max((n["Resources"].get("memory", 0) for n in nodes), default=0) / 2**20
         if max_mem and h.memory_budget_mb > max_mem:
-            raise ConfigError(f"hessian.memory_budget_mb={h.memory_budget_mb:g} but the largest node offers "
-                              f"{max_mem:.0f} MB to Ray tasks")
+            out.append(f"hessian.memory_budget_mb={h.memory_budget_mb:g} but the largest node offers "
+                       f"{max_mem:.0f} MB to Ray tasks")
+    return out
 
 
 def _total(resource: str) -> float:
@@ -323,7 +349,9 @@ class Driver:
         if cfg.ray.train_num_gpus:
             slots = min(slots, _total("GPU") / cfg.ray.train_num_gpus)
         self.cap = cfg.sweep.max_in_flight or max(2, 2 * int(cpus))
-        self.hessian_cap = data_parallel_cap(cfg.hessian) if cfg.hessian.data_workers else None
+        # data-parallel Hessian tasks at once; on a growing cluster (ray.autoscaler) at least one, to wait for nodes
+        self.hessian_cap = (max(int(cfg.ray.autoscaler), data_parallel_cap(cfg.hessian))
+                            if cfg.hessian.data_workers else None)
         self.in_flight: dict = {}  # object ref -> ("train", Run) | ("hessian", [refs]) | ("refine", ref)
         self.prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo),
                              points_known=len(missing), slots=max(1.0, slots))
