@@ -275,14 +275,20 @@ def test_ray_job_submit_runs_the_sweep_on_a_started_cluster(started_head, tmp_pa
 
 def test_a_local_ray_is_started_beside_a_cluster_and_a_later_sweep_gets_the_ray_it_asks_for(started_head):
     """The default ``ray=local`` starts a Ray of its own even where ``ray start`` left a cluster that a bare
-    ``ray.init()`` would join (same RAY_TMPDIR). The jobs of a Hydra multirun share a process: a job asking for
+    ``ray.init()`` would join (same RAY_TMPDIR), and refuses ``ray.autoscaler=true`` before it starts. The jobs of a Hydra multirun share a process: a job asking for
     another local Ray (here 1 CPU, then 2) gets it rather than the first job's; one asking for the same
     reuses it."""
     _, gcs, env = started_head
     script = """
 import ray
 from omegaconf import OmegaConf
+from pipeline.orchestration.config import ConfigError
 from pipeline.orchestration.sweep import connect
+try:  # a local Ray has no autoscaler: refused before it starts
+    connect(OmegaConf.create({"address": None, "num_cpus": 1, "runtime_env": {}, "autoscaler": True}))
+    print("ray.autoscaler=true accepted", ray.is_initialized())
+except ConfigError as err:
+    print(err, ray.is_initialized())
 seen = []
 for cpus in (1, 1, 2):
     connect(OmegaConf.create({"address": None, "num_cpus": cpus, "runtime_env": {}}))
@@ -295,7 +301,9 @@ print(" ".join(port for _, _, port in seen))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=local_env, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    counts, ports = proc.stdout.strip().splitlines()[-2:]
+    autoscaler, counts, ports = proc.stdout.strip().splitlines()[-3:]
+    assert autoscaler.startswith("ray.autoscaler=true but this sweep starts a local Ray") and autoscaler.endswith(
+        " False"), autoscaler
     assert counts == "[1, 1, 2] True", proc.stdout[-2000:]
     assert str(gcs) not in ports.split(), f"a local Ray joined the started cluster (GCS port {gcs}): {ports}"
     assert "existing Ray cluster" not in proc.stdout + proc.stderr
@@ -328,12 +336,20 @@ def no_work_done(root: Path) -> bool:
     return not any(p.suffix in (".parquet", ".pt") for p in root.rglob("*")) if root.exists() else True
 
 
-def test_ray_autoscaler_with_a_local_ray_is_refused_before_work(ray_session, make_cfg, tmp_path):
-    from pipeline.orchestration.sweep import run_sweep
+@pytest.mark.parametrize("autoscaler", [False, True])
+def test_the_driver_sizes_its_queue_to_the_cluster_and_on_a_growing_one_keeps_cpus_for_training(
+        ray_session, make_cfg, tmp_path, autoscaler):
+    """Twice the CPUs in flight; with ``ray.autoscaler`` re-sized as nodes join, and analysis tasks (which may
+    be waiting for a GPU node) hold at most half of that, so training goes on on the CPUs there are."""
+    from pipeline.orchestration.storage import Store
+    from pipeline.orchestration.sweep import Driver
 
-    with pytest.raises(ConfigError, match="ray.autoscaler=true but this sweep starts a local Ray"):
-        run_sweep(make_cfg(["ray.autoscaler=true"]))
-    assert no_work_done(tmp_path / "results")
+    cfg = make_cfg([f"ray.autoscaler={str(autoscaler).lower()}"])
+    driver = Driver(cfg, Store.open(str(tmp_path / "results")), "sized", expand(cfg))
+    assert driver.cap == 4 and driver.prog.slots == 2  # the session's local Ray: 2 CPUs
+    driver.size_to({"CPU": 16.0, "GPU": 2.0})  # what show() does once a second on a growing cluster
+    assert driver.cap == 32 and driver.analysis_cap == (16 if autoscaler else 32) and driver.prog.slots == 16
+    driver.prog.close()
 
 
 def test_a_grid_key_that_does_not_exist_fails_before_work(make_cfg, tmp_path):

@@ -54,24 +54,30 @@ def signalled(tmp_path_factory) -> dict:
                "ray.num_cpus=2", f"hydra.run.dir={root.parent / 'hydra'}"]
         drivers[signum] = root, subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True, start_new_session=True)
-    waiting, deadline = dict(drivers), time.monotonic() + 240
-    while waiting and time.monotonic() < deadline:
-        for signum, (root, driver) in list(waiting.items()):
-            if runs_written(root / "mid") < 1 and driver.poll() is None:
-                continue
-            assert driver.poll() is None, f"{SIGNALS[signum]}: the sweep ended before the signal"
-            if signum == signal.SIGINT:
-                os.killpg(driver.pid, signum)  # Ctrl-C in a terminal: the driver's whole process group
-            else:
-                os.kill(driver.pid, signum)  # `kill PID`, or a scheduler stopping the job
-            del waiting[signum]
-        time.sleep(0.02)
-    assert not waiting, f"no run was written within 240 s by {[SIGNALS[s] for s in waiting]}"
-    out = {}
-    for signum, (root, driver) in drivers.items():
-        stdout, stderr = driver.communicate(timeout=120)
-        out[signum] = root, driver.returncode, stdout, stderr, runs_written(root / "mid")
-    return out
+    try:
+        waiting, deadline = dict(drivers), time.monotonic() + 240
+        while waiting and time.monotonic() < deadline:
+            for signum, (root, driver) in list(waiting.items()):
+                if runs_written(root / "mid") < 1 and driver.poll() is None:
+                    continue
+                assert driver.poll() is None, f"{SIGNALS[signum]}: the sweep ended before the signal"
+                if signum == signal.SIGINT:
+                    os.killpg(driver.pid, signum)  # Ctrl-C in a terminal: the driver's whole process group
+                else:
+                    os.kill(driver.pid, signum)  # `kill PID`, or a scheduler stopping the job
+                del waiting[signum]
+            time.sleep(0.02)
+        assert not waiting, f"no run was written within 240 s by {[SIGNALS[s] for s in waiting]}"
+        out = {}
+        for signum, (root, driver) in drivers.items():
+            stdout, stderr = driver.communicate(timeout=120)
+            out[signum] = root, driver.returncode, stdout, stderr, runs_written(root / "mid")
+        return out
+    finally:  # a failed wait leaves no driver, nor the local Ray it started, running
+        for _, driver in drivers.values():
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait(timeout=30)
 
 
 @pytest.mark.slow

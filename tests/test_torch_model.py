@@ -238,7 +238,7 @@ def test_auto_measures_the_build_workspace_once_per_hessian(one_thread, monkeypa
     :func:`column_bytes`) is handed on to the build rather than measured again, and a pass of many points
     hands it on to the next pass."""
     from pipeline.curvature import hessian_build as hs
-    from pipeline.curvature.hessian import spectra_at_many, spectrum_at
+    from pipeline.curvature.hessian import points_per_pass, spectra_at_many, spectrum_at
     from pipeline.curvature.hvp import MODES
     problem = run_problem(compose_config([*CASES[2][0], "data.n_samples=24"]), 0)
     theta = problem.model.init(0)
@@ -252,10 +252,14 @@ def test_auto_measures_the_build_workspace_once_per_hessian(one_thread, monkeypa
     measured.clear()
     hs.AUTO_PICKS.clear()
     loss = problem.loss_fn()
-    for batch_points in (True, False):  # one vmapped build of both points, or one build after the other
-        many, fallback = spectra_at_many(lambda device, dtype: loss, torch.stack([theta, 0.9 * theta]),
-                                         memory_budget_mb=1, batch_points=batch_points)
-        assert fallback is None and all(r.hvp in MODES for r in many) and len(hs.AUTO_PICKS) == 1
-        assert len(measured) == 1, (batch_points, len(measured))
+    thetas = torch.stack([theta, 0.9 * theta, 1.1 * theta])
+    # counts by LDLᵀ in 1 MiB: passes of 2 points and 1 (points_per_pass), each built in one vmapped call or
+    # point after point
+    assert points_per_pass(172, 8, torch.device("cpu"), 1, "inertia", False) == 2
+    for batch_points in (True, False):
+        many, fallback = spectra_at_many(lambda device, dtype: loss, thetas, method="inertia", memory_budget_mb=1,
+                                         batch_points=batch_points)
+        assert fallback is None and len(many) == 3 and all(r.hvp in MODES for r in many)
+        assert len(hs.AUTO_PICKS) == 1 and len(measured) == 1, (batch_points, len(measured))
         measured.clear()
         hs.AUTO_PICKS.clear()

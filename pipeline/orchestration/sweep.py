@@ -147,13 +147,15 @@ def connect(ray_cfg) -> None:
     """
     global _CONNECTED
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    wanted = OmegaConf.to_container(ray_cfg, resolve=True)
+    wanted = {k: wanted.get(k) for k in ("address", "num_cpus", "runtime_env")}
+    if ray.is_initialized() and _CONNECTED is None:
+        return  # someone else's Ray (a notebook's ray.init), whatever it is attached to
     if not address and ray_cfg.get("autoscaler"):
         raise ConfigError("ray.autoscaler=true but this sweep starts a local Ray, which adds no nodes: use it with "
                           "ray=cluster (or ray.address) on a cluster that has an autoscaler")
-    wanted = OmegaConf.to_container(ray_cfg, resolve=True)
-    wanted = {k: wanted.get(k) for k in ("address", "num_cpus", "runtime_env")}
     if ray.is_initialized():
-        if _CONNECTED is None or _CONNECTED == wanted:
+        if _CONNECTED == wanted:
             return
         ray.shutdown()
     _CONNECTED = None
@@ -238,23 +240,27 @@ def preflight(cfg: DictConfig) -> None:
     With ``ray.autoscaler=true`` (a cluster that adds nodes on demand: the Ray autoscaler, KubeRay) what no
     live node offers yet is logged instead, and those tasks wait, as Ray's own would, for a node that does.
     """
-    problems = unmet_requests(cfg)
-    if not problems:
-        return
+    problems, memory = unmet_requests(cfg), memory_unmet(cfg)
     if cfg.ray.autoscaler:
         for problem in problems:
             log.warning(f"{problem} — with ray.autoscaler=true, those tasks wait until the cluster adds a node "
                         "that can run them")
+        if memory:  # tasks do not ask Ray for memory, so no node is added for it: say what may happen
+            log.warning(f"{memory} — nodes added later may offer more; a Hessian task on a node with less may run "
+                        "out of memory (its points become failed rows)")
         return
-    hint = ""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        hint = " (if this cluster adds nodes on demand, set ray.autoscaler=true to let the tasks wait for them)"
-    raise ConfigError(problems[0] + hint)
+    if problems:
+        hint = ""
+        if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+            hint = " (if this cluster adds nodes on demand, set ray.autoscaler=true to let the tasks wait for them)"
+        raise ConfigError(problems[0] + hint)
+    if memory:
+        raise ConfigError(memory)
 
 
 def unmet_requests(cfg: DictConfig) -> list[str]:
-    """What the sweep asks of a single node that no live node offers (GPUs, CPUs, memory per task), and
-    data-parallel Hessian tasks that could never all hold their workers at once; each names its key."""
+    """What the sweep's tasks ask Ray for that no live node offers (GPUs, CPUs per task), and data-parallel
+    Hessian tasks that could never all hold their workers at once; each names its key."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
     max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
@@ -280,12 +286,18 @@ def unmet_requests(cfg: DictConfig) -> list[str]:
                    + f" at once, more than the cluster's {_total('CPU'):g} CPU(s)"
                    + (f" and {_total('GPU'):g} GPU(s)" if h.num_gpus else "")
                    + ": use fewer workers or fewer CPUs/GPUs each")
-    if h.memory_budget_mb > 0:
-        max_mem = max((n["Resources"].get("memory", 0) for n in nodes), default=0) / 2**20
-        if max_mem and h.memory_budget_mb > max_mem:
-            out.append(f"hessian.memory_budget_mb={h.memory_budget_mb:g} but the largest node offers "
-                       f"{max_mem:.0f} MB to Ray tasks")
     return out
+
+
+def memory_unmet(cfg: DictConfig) -> str:
+    """Why ``hessian.memory_budget_mb`` exceeds what the largest live node offers Ray tasks, or ""."""
+    h = cfg.hessian
+    if h.memory_budget_mb <= 0:
+        return ""
+    max_mem = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0) / 2**20
+    if max_mem and h.memory_budget_mb > max_mem:
+        return f"hessian.memory_budget_mb={h.memory_budget_mb:g} but the largest node offers {max_mem:.0f} MB to Ray tasks"
+    return ""
 
 
 def _total(resource: str) -> float:
@@ -344,18 +356,30 @@ class Driver:
         self.to_refine: collections.deque = collections.deque()  # checkpoints waiting for refinement
         for ref in missing:
             (self.to_refine if ref.stage == "refined" else self.groups[ref.group]).append(ref)
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        slots = cpus / cfg.ray.train_num_cpus  # training tasks that fit at once
-        if cfg.ray.train_num_gpus:
-            slots = min(slots, _total("GPU") / cfg.ray.train_num_gpus)
-        self.cap = cfg.sweep.max_in_flight or max(2, 2 * int(cpus))
-        # data-parallel Hessian tasks at once; on a growing cluster (ray.autoscaler) at least one, to wait for nodes
-        self.hessian_cap = (max(int(cfg.ray.autoscaler), data_parallel_cap(cfg.hessian))
-                            if cfg.hessian.data_workers else None)
         self.in_flight: dict = {}  # object ref -> ("train", Run) | ("hessian", [refs]) | ("refine", ref)
         self.prog = Progress(len(runs), mode=cfg.sweep.progress, skipped=len(runs) - len(todo),
-                             points_known=len(missing), slots=max(1.0, slots))
+                             points_known=len(missing))
+        self.size_to(ray.cluster_resources())
         self._busy_at = float("-inf")
+
+    def size_to(self, total: dict) -> None:
+        """Set how many tasks go in flight from the cluster's resources ``total`` (``ray.cluster_resources()``):
+        ``cap`` (``sweep.max_in_flight``, else twice the CPUs), the data-parallel Hessian tasks' cap, and the
+        training slots behind the progress line's time estimate. With ``ray.autoscaler`` this is redone as
+        nodes join (see :meth:`show`): the pending work, which is what an autoscaler adds nodes for, grows
+        with the cluster, and analysis tasks (Hessian, refinement) may hold at most half of ``cap``, so
+        tasks waiting for a GPU node never keep training from the CPUs there are."""
+        cfg = self.cfg
+        cpus = float(total.get("CPU", 0))
+        slots = cpus / cfg.ray.train_num_cpus  # training tasks that fit at once
+        if cfg.ray.train_num_gpus:
+            slots = min(slots, float(total.get("GPU", 0)) / cfg.ray.train_num_gpus)
+        self.cap = cfg.sweep.max_in_flight or max(2, 2 * int(cpus))
+        self.analysis_cap = max(1, self.cap // 2) if cfg.ray.autoscaler else self.cap
+        # data-parallel Hessian tasks at once; on a growing cluster at least one, to wait for nodes
+        self.hessian_cap = (max(int(cfg.ray.autoscaler), data_parallel_cap(cfg.hessian))
+                            if cfg.hessian.data_workers else None)
+        self.prog.slots = max(1.0, slots)
 
     def run(self) -> None:
         while self.todo or self.in_flight or any(self.groups.values()) or self.to_refine:
@@ -386,8 +410,11 @@ class Driver:
         self.in_flight[task.remote(self.store.uri, self.name, run, rc.train_num_cpus, rc.state_every_s)] = ("train", run)
         return True
 
+    def analysing(self) -> int:
+        return sum(kind != "train" for kind, _ in self.in_flight.values())
+
     def submit_refine(self) -> bool:
-        if not self.to_refine:
+        if not self.to_refine or self.analysing() >= self.analysis_cap:
             return False
         ref, r = self.to_refine.popleft(), self.cfg.refine
         task = _refine_task.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus or None,
@@ -398,6 +425,8 @@ class Driver:
     def submit_hessians(self, force: bool) -> bool:
         """One Hessian task for a group with ``batch_checkpoints`` refs waiting (any refs, with ``force``)."""
         h = self.cfg.hessian
+        if self.analysing() >= self.analysis_cap:
+            return False
         if self.hessian_cap is not None and sum(k == "hessian" for k, _ in self.in_flight.values()) >= self.hessian_cap:
             return False
         for key, refs in list(self.groups.items()):
@@ -428,6 +457,8 @@ class Driver:
         if now - self._busy_at >= 1.0:
             self._busy_at = now
             total, free = ray.cluster_resources(), ray.available_resources()
+            if self.cfg.ray.autoscaler:
+                self.size_to(total)
             prog.busy = " ".join(f"{r} {total[r] - free.get(r, 0):g}/{total[r]:g}" for r in ("CPU", "GPU")
                                  if total.get(r)) + " busy"
         prog.work.runs_left = len(self.todo) + sum(kind == "train" for kind, _ in self.in_flight.values())
