@@ -114,3 +114,27 @@ def test_a_sweep_whose_points_all_failed_still_gets_its_summary_and_curves(tmp_p
     text, figs = analysis.analyze(store, SWEEP)
     assert "checkpoints analysed: 0  failed: 1" in text
     assert [f.rsplit("/", 1)[-1] for f in figs] == ["loss_curves.png", "loss_curves.pdf"]
+
+
+def test_rank_correlations_are_also_given_within_each_value_of_the_hue_key(tmp_path):
+    """Width 2 ends at high loss and a high ratio, width 16 at low loss and a low one: pooled, ρ(loss,
+    min_ratio) is positive, yet within each width the ratio falls as the loss rises (ρ = −1), and the
+    summary says both; a constant index has no rank correlation, and the summary says why."""
+    store = Store.open(str(tmp_path))
+    points = []
+    for width, losses, ratios in ((2, [0.30, 0.32, 0.34], [0.9, 0.8, 0.7]), (16, [1e-6, 1e-4, 1e-2], [0.5, 0.4, 0.3])):
+        run_id = f"w{width}"
+        tables.write(store, SWEEP, "runs", [{"run_id": run_id, "status": "ok", "model_width": width}])
+        points += [_point(run_id, 100 * (k + 1), "refined", loss=loss, min_ratio=ratio, index=0.0,
+                          critical_label="degenerate_minimum", grad_norm=1e-7)
+                   for k, (loss, ratio) in enumerate(zip(losses, ratios))]
+    tables.write(store, SWEEP, "points", points)
+    t = analysis.load(store, SWEEP)
+    pooled = analysis.summary_text(t)
+    assert "at 6 critical points" in pooled and "Spearman ρ(loss, min_ratio) = +0.54, 90 % bootstrap" in pooled
+    assert "Spearman ρ(loss, index) undefined: index is the same at every point" in pooled
+    assert "within" not in pooled and "nan" not in pooled
+    by_width = analysis.summary_text(t, "model.width").splitlines()
+    within = [line for line in by_width if line.startswith("  within ")]
+    assert [line.split(" (")[0] for line in within] == ["  within model.width=2", "  within model.width=16"]
+    assert all("ρ(loss, min_ratio) = -1.00 [" in line and "ρ(loss, index) undefined" in line for line in within), within

@@ -67,7 +67,9 @@ def load(store: Store, sweep: str) -> dict[str, pd.DataFrame]:
     return {name: tables.read(store, sweep, name).to_pandas() for name in tables.TABLES}
 
 
-def summary_text(t: dict[str, pd.DataFrame]) -> str:
+def summary_text(t: dict[str, pd.DataFrame], hue: str | None = None) -> str:
+    """The printed analysis of a sweep's tables ``t``; with ``hue`` (a config key, e.g. ``model.width``) the
+    rank correlations are also given within each of its values."""
     runs, points = t["runs"], t["points"]
     lines = [f"runs: {len(runs)}  " + "  ".join(f"{k}={v}" for k, v in runs["status"].value_counts().items())]
     ok = points[points["status"] == "ok"]
@@ -93,23 +95,36 @@ def summary_text(t: dict[str, pd.DataFrame]) -> str:
             ["stage", "stall_tag", "critical_label"]).size().rename("n").reset_index()
         lines.append("is it a critical point? (critical when ‖g‖² < refine.gtol2)")
         lines.append(honest.to_string(index=False))
-        lines += rank_lines(ok)
+        lines += rank_lines(with_hue(ok, runs, hue) if hue else ok)
     return "\n".join(lines)
 
 
 def rank_lines(ok: pd.DataFrame) -> list[str]:
     """Spearman's ρ of the loss with the minimum ratio and with the index at the critical points (‖g‖² <
-    refine.gtol2), with 90 % bootstrap intervals — two different claims, each with its own statistic."""
+    refine.gtol2), with 90 % bootstrap intervals — two different claims, each with its own statistic. With
+    a ``hue`` column (:func:`with_hue`), also within each of its values that has ≥ 3 critical points: a grid
+    key that moves both the loss and the spectrum (width, data size) can make a pooled trend of its own."""
     from pipeline.landscape.fits import spearman
 
     crit = ok[ok["critical_label"].isin(CRITICAL)]
     if len(crit) < 3:
         return [f"rank correlations need ≥ 3 critical points, got {len(crit)}"]
+
+    def rho(df: pd.DataFrame, col: str, long: bool) -> str:
+        name = f"{'Spearman ' if long else ''}ρ(loss, {col})"
+        if df["loss"].nunique() < 2 or df[col].nunique() < 2:
+            return f"{name} undefined: {col if df[col].nunique() < 2 else 'loss'} is the same at every point"
+        r = spearman(df["loss"], df[col])
+        ci = f"90 % bootstrap interval [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]" if long else f"[{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]"
+        return f"{name} = {r.rho:+.2f}{',' if long else ''} {ci}"
+
     out = [f"at {len(crit)} critical points, loss {crit['loss'].min():.2g} to {crit['loss'].max():.2g}:"]
-    for col in ("min_ratio", "index"):
-        r = spearman(crit["loss"], crit[col])
-        out.append(f"  Spearman ρ(loss, {col}) = {r.rho:+.2f}, "
-                   f"90 % bootstrap interval [{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]")
+    out += [f"  {rho(crit, col, True)}" for col in ("min_ratio", "index")]
+    if "hue" in crit.columns and crit["hue"].nunique() > 1:
+        for value, group in sorted(crit.groupby("hue"), key=lambda kv: _natural(kv[0])):
+            if len(group) >= 3:
+                out.append(f"  within {value} ({len(group)} points, loss {group['loss'].min():.2g} to "
+                           f"{group['loss'].max():.2g}): " + ", ".join(rho(group, c, False) for c in ("min_ratio", "index")))
     return out
 
 
@@ -416,7 +431,7 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None, hue: str | 
                                 f"{out}/eigenvalues_{row['run_id']}_{row['step']}_{row['stage']}")
     if len(t["curves"]):
         figs += save_figure(fig_curves(t["curves"], t["points"]), store, f"{out}/loss_curves")
-    return summary_text(t), figs
+    return summary_text(t, hue), figs
 
 
 def folder_args(description: str, checkpoint: bool = False) -> argparse.Namespace:
