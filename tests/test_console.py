@@ -85,6 +85,8 @@ def test_eta_counts_the_hessian_tail_of_checkpoints_not_yet_written():
     assert work.eta(slots=2) == (4 * 10.0 + 4 * 2 * 5.0) / 2  # training, then the 8 points it will write
     work.runs_left, work.points_left = 0, 3
     assert work.eta(slots=2) == 3 * 5.0 / 2  # training done, only the tail left: not 0
+    work.point_s = [1.0, 1.0, 1.0, 81.0]  # one slow refinement among quick ones: the tail's sum needs the mean
+    assert work.eta(slots=2) == 3 * 21.0 / 2
 
 
 def test_summary_is_a_table_with_one_row_per_grid_point():

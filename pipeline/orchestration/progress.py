@@ -38,15 +38,17 @@ class Work:
 
     def eta(self, slots: float) -> float | None:
         """Seconds left if ``slots`` tasks run at once; None until the kinds of task still to come have
-        each finished once (the tail is the Hessians of checkpoints runs have not written yet)."""
+        each finished once (the tail is the Hessians of checkpoints runs have not written yet). Each kind's
+        remaining count times its mean time so far: what is left is a sum, and its slow tasks (a
+        refinement at the widest net of a grid can take 50× the median) belong in it."""
         future_points = self.runs_left * (statistics.mean(self.checkpoints_per_run)
                                           if self.checkpoints_per_run else 0)
         need_train = self.runs_left > 0
         need_points = self.points_left + future_points > 0 or (need_train and not self.checkpoints_per_run)
         if (need_train and not self.train_s) or (need_points and not self.point_s):
             return None
-        task_s = (self.runs_left * (statistics.median(self.train_s) if need_train else 0)
-                  + (self.points_left + future_points) * (statistics.median(self.point_s) if need_points else 0))
+        task_s = (self.runs_left * (statistics.fmean(self.train_s) if need_train else 0)
+                  + (self.points_left + future_points) * (statistics.fmean(self.point_s) if need_points else 0))
         return task_s / max(slots, 1.0)
 
 
