@@ -52,6 +52,7 @@ def test_every_config_value_is_a_runs_column(sweep_result):
     cfg, folder, _ = sweep_result
     runs = pd.read_parquet(folder / "runs")
     assert (runs["model_width"] == cfg.model.width).all()
+    assert runs["model_conv_layers"].isna().all() and runs["model_buffers"].isna().all()  # an MLP reads neither
     assert (runs["optim_lr"] == cfg.optim.lr).all()
     assert (runs["data_name"] == "digits").all()
     assert sorted(runs["seed"]) == [0, 1, 2, 3]

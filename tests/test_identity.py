@@ -45,7 +45,7 @@ def test_a_changed_config_is_refused_before_any_work_and_accepted_with_extend(ma
     msg = str(err.value)
     assert "sweep.name='exp' already holds runs of another config (2 setting(s) differ" in msg
     assert "model.width=4 here, 8 there" in msg and "optim.lr=0.25 here, 0.5 there" in msg
-    assert "sweep.name=exp-" in msg and "sweep.extend=true" in msg
+    assert "e.g. sweep.name=exp-width-4," in msg and "sweep.extend=true" in msg
     assert sorted((folder / "runs").iterdir()) == runs_files  # nothing ran, nothing was written
     assert identity.read(store, "exp").varied == ()
 

@@ -40,6 +40,7 @@ def test_user_module_goes_through_the_whole_sweep(user_sweep):
     points = pd.read_parquet(user_sweep / "points")
     assert len(runs) == 2 and set(runs["status"]) == {"ok"}
     assert set(runs["model_target"]) == {"usernets.nets.Tiny"} and set(runs["model_buffers"]) == {"eval"}
+    assert runs[["model_width", "model_depth", "model_activation"]].isna().all().all()  # the MLP's keys: not read
     assert (runs["n_params"] == 16 * 6 + 6 + 6 * 10 + 10).all()
     assert set(points["status"]) == {"ok"} and set(points["param_subset"]) == {"all", "head"}
     assert (points.loc[points["param_subset"] == "head", "n_params"] == 6 * 10 + 10).all()

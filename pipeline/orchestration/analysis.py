@@ -108,7 +108,8 @@ def rank_lines(ok: pd.DataFrame) -> list[str]:
 
     crit = ok[ok["critical_label"].isin(CRITICAL)]
     if len(crit) < 3:
-        return [f"rank correlations need ≥ 3 critical points, got {len(crit)}"]
+        return [f"rank correlations need ≥ 3 critical points, got {len(crit)}"
+                + (" (refine=newton_eig moves stalls to critical points)" if not len(crit) else "")]
 
     def rho(df: pd.DataFrame, col: str, long: bool) -> str:
         name = f"{'Spearman ' if long else ''}ρ(loss, {col})"

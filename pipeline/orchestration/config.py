@@ -82,6 +82,13 @@ class ModelConfig:
     buffers: str = "eval"  # eval: running statistics as built | train: batch statistics (BatchNorm)
 
 
+# The model keys each model.name reads (pipeline.curvature.models.make_model). A run's other model keys hold
+# defaults that describe nothing about it (an nn.Module has no model.width), so its runs row leaves them empty.
+MODEL_KEYS_READ = {"mlp": ("name", "depth", "width", "activation", "bias", "loss"),
+                   "cnn": ("name", "depth", "width", "activation", "bias", "loss", "conv_layers", "channels", "kernel"),
+                   "torch": ("name", "loss", "_target_", "kwargs", "buffers")}
+
+
 @dataclass
 class OptimConfig:
     name: str = "gd"  # gd (full batch) | sgd (mini-batch, data.batch_size) | adam

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -89,10 +90,12 @@ def check(store: Store, sweep: str, cfg: DictConfig) -> Identity:
         shown = "; ".join(f"{k}={json.loads(new)!r} here, {json.loads(old)!r} there" for k, (old, new) in
                           list(diff.items())[:8]) + ("; …" if len(diff) > 8 else "")
         key, (_, new) = next(iter(diff.items()))
+        # a folder name that no path, URI or glob reads as syntax (as multirun names are made)
+        name = re.sub(r"[^\w.,+-]", "_", f"{sweep}-{key.split('.')[-1].strip('_')}-{json.loads(new)}")
         raise ConfigError(
             f"sweep.name={sweep!r} already holds runs of another config ({len(diff)} setting(s) differ: "
-            f"{shown}). Give this experiment its own name, e.g. sweep.name={sweep}-{key.split('.')[-1]}"
-            f"{json.loads(new)}, or add sweep.extend=true to add its runs to the same tables")
+            f"{shown}). Give this experiment its own name, e.g. sweep.name={name}, or add sweep.extend=true "
+            "to add its runs to the same tables")
     return merged(recorded, wanted)
 
 

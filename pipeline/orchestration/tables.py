@@ -25,7 +25,7 @@ from pipeline.orchestration.storage import Store
 
 # Bump the version whenever a column is added or a column's definition changes; files of an older version
 # read with nulls in the columns they lack (see `read`). Each version's changes: docs/performance.md.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
@@ -185,9 +185,11 @@ KEYS = {"runs": ("run_id",), "points": ("run_id", "step", "stage"), "spectra": (
 
 
 def config_columns(run_cfg) -> dict:
-    """The ``runs`` columns of a run's resolved config: ``{"model_width": 8, ...}``."""
-    return {column_name(s, k): v for s in CONFIG_SECTIONS for k, v in run_cfg[s].items()
-            if column_name(s, k) in SCHEMAS["runs"].names}
+    """The ``runs`` columns of a run's resolved config: ``{"model_width": 8, ...}``; model keys the run's kind
+    of model does not read (:data:`pipeline.orchestration.config.MODEL_KEYS_READ`) are null."""
+    read = C.MODEL_KEYS_READ.get(run_cfg["model"].get("name"))
+    return {column_name(s, k): (None if s == "model" and read is not None and k not in read else v)
+            for s in CONFIG_SECTIONS for k, v in run_cfg[s].items() if column_name(s, k) in SCHEMAS["runs"].names}
 
 
 def to_table(name: str, rows: list[dict]) -> pa.Table:
