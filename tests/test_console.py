@@ -104,3 +104,5 @@ def test_summary_is_a_table_with_one_row_per_grid_point():
                                 "saddle", "2"]
     assert lines[3].split() == ["model.width=8", "1/2", "1", "0", "1", "-", "-"]
     assert "{" not in "\n".join(lines)  # no Python dicts
+    wide = runs.assign(overrides=['{"model.width": 16}'] * 2 + ['{"model.width": 4}'] * 2)
+    assert [r["grid"] for r in by_grid_point(wide, points)] == ["model.width=4", "model.width=16"]  # not as text

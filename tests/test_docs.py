@@ -55,6 +55,9 @@ def _sweep_overrides(command: str) -> list[str] | None:
     if args and args[0] in ("--help", "--hydra-help"):
         return []
     multirun = bool({"-m", "--multirun"} & set(args))
+    if "--config-dir" in args:  # Hydra's own option: the same folder on the compose API's search path
+        i = args.index("--config-dir")
+        args = args[:i] + [f"hydra.searchpath=[file://{(ROOT / args[i + 1]).resolve()}]"] + args[i + 2:]
     args = [a for a in args if a not in ("-m", "--multirun", "--cfg", "job")]
     if not multirun:
         return args

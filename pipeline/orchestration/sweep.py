@@ -576,7 +576,12 @@ def by_grid_point(runs, points) -> list[dict]:
     rows = []
     if not len(runs):
         return rows
-    for point, part in runs.groupby(runs["overrides"].fillna("{}"), sort=True):
+    def in_order(item):  # by each key's value, numbers as numbers: width 4 before width 16
+        grid = json.loads(item[0]) if item[0] else {}
+        return [(k, (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v)))
+                for k, v in grid.items()]
+
+    for point, part in sorted(runs.groupby(runs["overrides"].fillna("{}")), key=in_order):
         pts = points[points["run_id"].isin(part["run_id"])] if len(points) else points
         ok = pts[pts["status"] == "ok"] if len(pts) else pts
         ratio = ok["min_ratio"].dropna() if len(ok) else ok
