@@ -6,7 +6,8 @@
 #   0. installs .whl/ (scripts/gpu_wheels.sh builds it: Ray 2.60 without its jars, jsonschema, referencing,
 #      jsonschema-specifications, rpds-py, hydra-core, omegaconf, antlr4) into a temp --target unless Ray,
 #      Hydra and jsonschema are importable already, and minratio itself from this tree (non-editable, so
-#      that the CLI and the Hydra configs, package pipeline.conf, are there as a user's install has them);
+#      that the CLI and the Hydra configs, package pipeline.conf, are there as a user's install has them;
+#      built by the setuptools wheel in .whl/, since the machine's own may be too old or absent);
 #   1. the GPU tests through Ray: tests/test_cluster.py's fractional-GPU sweep and tests/test_gpu_sweep.py
 #      (the default sweep with hessian.num_gpus=0.25 via the CLI: points on cuda, counts = the CPU's);
 #   2. every other GPU test (CUDA against CPU: Hessian build, eigh, LDLᵀ inertia with cuSOLVER's pivots and
@@ -74,8 +75,8 @@ pip_target() { python3 -m pip install -q --no-index --no-deps --no-compile --no-
 if python3 -c "import ray, hydra, omegaconf, jsonschema" 2>/dev/null; then
   note "wheels: ray, hydra, omegaconf and jsonschema are importable already: .whl/ not installed"
 elif ls .whl/*.whl >/dev/null 2>&1; then
-  if pip_target "$SITE/deps" .whl/*.whl >>"$SUMMARY" 2>&1; then
-    note "wheels: installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE/deps"
+  if pip_target "$SITE/deps" $(ls .whl/*.whl | grep -v /setuptools-) >>"$SUMMARY" 2>&1; then
+    note "wheels: installed $(ls .whl/*.whl | grep -vc /setuptools-) wheels from .whl/ into $SITE/deps"
   else
     note "FAIL  wheels: pip could not install .whl/ (above); the Ray and sweep steps will fail"
     status=1
@@ -84,8 +85,10 @@ else
   note "FAIL  wheels: Ray is not importable and there is no .whl/: run scripts/gpu_wheels.sh and carry .whl"
   status=1
 fi
-# --no-build-isolation: the machine's own setuptools builds it (no index to fetch a build backend from).
-if pip_target "$SITE/minratio" --no-build-isolation . >>"$SUMMARY" 2>&1; then
+# The build backend: pyproject's setuptools>=77 from .whl/ in an isolated build (the machine's own setuptools
+# may be older, and older ones refuse pyproject's license = "MIT"); without one in .whl/, the machine's own.
+if ls .whl/setuptools-*.whl >/dev/null 2>&1; then build=(--find-links .whl); else build=(--no-build-isolation); fi
+if pip_target "$SITE/minratio" "${build[@]}" . >>"$SUMMARY" 2>&1; then
   export PYTHONPATH="$SITE/minratio:$SITE/deps" PATH="$SITE/minratio/bin:$PATH"
   note "minratio: installed from this tree into $SITE/minratio"
 else

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build .whl/ (git-ignored): the cp312 manylinux wheels that the GPU machine (Python 3.12, no internet, at
 # most 64 MiB of files sent with each command) lacks for minratio — Ray without its Java jars, jsonschema
-# and its three dependencies, hydra-core, omegaconf, antlr4 (a wheel built here from its source archive). Run it here, on a machine with pip's index;
+# and its three dependencies, hydra-core, omegaconf, antlr4 (a wheel built here from its source archive), and
+# setuptools to build minratio there. Run it here, on a machine with pip's index;
 # scripts/gpu_checks.sh installs the folder there (pip install --no-index --no-deps --target /tmp/site).
 #
 # The GPU image already has (docs/gpu.md): torch, numpy, scipy, scikit-learn, matplotlib (contourpy, cycler,
@@ -23,6 +24,9 @@ WHEELS=(
   ray==2.60.0
   jsonschema==4.26.0 referencing==0.37.0 jsonschema-specifications==2025.9.1 rpds-py==0.30.0
   hydra-core==1.3.8 omegaconf==2.3.1
+  # not needed at run time: it builds minratio there (pyproject's license = "MIT" needs setuptools>=77,
+  # and the GPU machine's own may be older)
+  setuptools==80.9.0
 )
 # Pure Python, published as a source archive only (omegaconf 2.3 needs antlr4 4.9.*): built into a wheel here.
 FROM_SOURCE=(antlr4-python3-runtime==4.9.3)
