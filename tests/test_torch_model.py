@@ -199,6 +199,18 @@ def test_train_mode_buffers_with_batched_data_are_refused():
     _refused(user_cfg("usernets.nets.Tiny", "model.buffers=train", "data.batch_size=8"), "model.buffers")
 
 
+def test_train_mode_buffers_with_data_parallel_hvps_are_refused():
+    # Data-parallel HVPs sum (n_s/n)·H_s over shards; with batch statistics each shard's loss normalises by
+    # its own rows, so the weighted terms are not the full-batch loss whose value and gradient the row holds.
+    resnet = ["+model.kwargs={in_channels: 1, width: 3, blocks: 1, n_classes: 10}", "model.buffers=train"]
+    problem = run_problem(expand(user_cfg("usernets.nets.SmallResNet", *resnet))[0].config, 0)
+    theta = problem.model.init(0)
+    halves = sum(w * f(theta) for w, f in problem.batched_loss_terms(problem.data.n // 2))
+    assert abs(float(halves - problem.loss_fn()(theta))) > 1e-6
+    _refused(user_cfg("usernets.nets.SmallResNet", *resnet, "hessian.method=estimate", "hessian.data_workers=2"),
+             "model.buffers", "hessian.data_workers")
+
+
 def test_run_ids_of_builtin_models_do_not_see_the_new_keys():
     from pipeline.orchestration.plan import run_id
 

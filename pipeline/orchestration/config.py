@@ -487,6 +487,9 @@ def validate_user_parts(cfg: DictConfig) -> None:
     _require(not (m.buffers == "train" and m.name == "torch" and d.batch_size > 0), "model.buffers", m.buffers,
              "eval with data.batch_size > 0: batch statistics would make the Hessian's loss depend on how the "
              "data are split (use data.batch_size=0 for model.buffers=train)")
+    _require(not (m.buffers == "train" and m.name == "torch" and cfg.hessian.data_workers > 0), "model.buffers",
+             m.buffers, "eval with hessian.data_workers > 0: each data shard's batch statistics would make the "
+             "HVPs those of another loss than the full-batch one (use hessian.data_workers=0 for model.buffers=train)")
 
 
 def check_unread_keys(cfg: DictConfig) -> None:
