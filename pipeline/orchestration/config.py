@@ -108,7 +108,7 @@ class StallConfig:
     # Stall tags (oscillating vs small_gradient) — see pipeline.landscape.stall.stall_tag:
     grad_ratio_tol: float = 1e-2  # oscillating when ‖g‖/‖g₀‖ ≥ this
     cosine_tol: float = 0.0  # … or when successive gradients have cosine < this
-    sharpness_tol: float = 0.9  # λmax·lr/2 ≥ this is reported (edge of stability), never a tag on its own
+    sharpness_tol: float = 0.9  # λmax·lr/(2(1+momentum)) ≥ this is reported (edge of stability), never a tag
     power_iters: int = 50  # power-iteration steps for λmax (at stalls, and in curves)
     curvature_every: int = 0  # log λmax and the gradient cosine in `curves` every k steps; 0 = off
 
