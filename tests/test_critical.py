@@ -335,3 +335,28 @@ def test_an_exact_minimum_is_small_gradient_whatever_its_rounding_noise_cosine()
     assert "not used" in stall_tag(1e-17, 1.0, cosine=-0.9, noise_ratio=2.2e-13).reasons
     # … while the same cosine above the rounding level still is.
     assert stall_tag(1e-9, 1.0, cosine=-0.9, noise_ratio=2.2e-13).tag == "oscillating"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_sharpness_is_one_at_the_stability_limit_of_the_optimizer_that_trained(momentum, make_cfg):
+    # torch's SGD with heavy-ball momentum μ is stable on ½λx² iff lr·λ < 2(1 + μ) (Cohen et al. 2021's
+    # edge of stability for momentum): sharpness 1 must mark that limit, not plain GD's 2/lr.
+    lam = 3.0
+    for factor, stable in ((0.99, True), (1.01, False)):
+        x = torch.ones(1, dtype=F64, requires_grad=True)
+        lr = factor * 2 * (1 + momentum) / lam
+        opt = torch.optim.SGD([x], lr=lr, momentum=momentum)
+        for _ in range(3000):
+            opt.zero_grad()
+            (0.5 * lam * x * x).sum().backward()
+            opt.step()
+        assert (abs(float(x)) < 1.0) == stable
+        sharp = stall_tag(1e-6, 1.0, cosine=1.0, lam_max=lam, lr=lr, momentum=momentum).sharpness
+        assert sharp == pytest.approx(factor) and (sharp < 1.0) == stable
+    # train() tags its checkpoints with the momentum it trained with
+    cfg = make_cfg(["data=synthetic", "data.n_samples=64", "model.depth=0", "model.activation=linear",
+                    "optim.max_steps=50", f"optim.momentum={momentum}"])
+    problem = run_problem(cfg, 0)
+    ck = train(cfg, 0).checkpoints[-1]
+    top = power_lambda_max(problem.loss_fn(), ck.theta, iters=cfg.stall.power_iters).lam_max
+    assert ck.tag.sharpness == pytest.approx(top * cfg.optim.lr / (2 * (1 + momentum)), rel=1e-6)

@@ -89,3 +89,25 @@ def test_refine_method_newton_eig_from_the_real_config():
     assert res.method == "newton_eig" and res.converged and rows.refine_columns(res)["refine_stopped_because"] == "converged"
     with pytest.raises(ConfigError, match="refine.progress"):
         validate(compose_config(["refine=newton_eig", "refine.progress=1.0"], shrink=False))
+
+
+def test_an_absolute_tolerance_cuts_the_pseudo_inverse_as_it_cuts_the_counts():
+    # hessian.tol_mode=abs with hessian.abs_tol=1e-2: the counts call λ = 1e-4 zero, so the finder must not
+    # invert it either (one rule for the counts and the pseudo-inverse, docs/critical_points.md). A tolerance
+    # of 0 instead would take the 1e4-long Newton step along it and claim a critical point.
+    from pipeline.orchestration.config import HessianCounting, RefineConfig
+
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=F64))
+    H = Q @ torch.diag(torch.tensor([1e-4, 1.0, 2.0, -1.5, 3.0], dtype=F64)) @ Q.T
+    u = Q[:, 0]
+
+    def f(t):
+        return 0.5 * (u @ t) + 0.5 * t @ H @ t
+
+    opts = refine.options_for("newton_eig", RefineConfig(method="newton_eig", continuation=False, max_iters=5),
+                              HessianCounting(tol_mode="abs", abs_tol=1e-2))
+    res = refine.refine("newton_eig", f, torch.zeros(5, dtype=F64), **opts)
+    assert not res.converged and res.stopped_because == "gradient_flat"
+    assert res.grad_norm2 == pytest.approx(0.25, rel=1e-6) and res.distance == 0.0
+    assert spectrum_at(f, res.theta, tol=1e-2, tol_mode="abs").n_zero == 1

@@ -44,6 +44,28 @@ class Noisy(nn.Module):
         return self.lin(x.flatten(1) + 0.1 * torch.randn_like(x.flatten(1)))
 
 
+class Downcast(nn.Module):
+    """Computes in float32 whatever θ's dtype: a float64 Hessian of it would carry float32 rounding."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)).float()
+
+
+class Thresholded(nn.Module):
+    """Integer outputs: no derivative reaches θ, so its Hessian would be exactly zero (a 'flat' point)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return (self.lin(x.flatten(1)) > 0).long()
+
+
 class NotAModule:
     def __init__(self):
         pass
@@ -149,6 +171,19 @@ def test_random_numbers_inside_forward_are_refused():
     _refused(user_cfg("test_torch_model.Noisy"), "test_torch_model.Noisy", "differed between two evaluations")
 
 
+def test_outputs_not_in_the_dtype_of_theta_are_refused():
+    # A float64 Hessian must be float64 throughout: a module that casts down would give float32-accurate
+    # eigenvalues under a float64 label and a float64 tolerance, and integer outputs a silent zero Hessian.
+    _refused(user_cfg("test_torch_model.Downcast"), "test_torch_model.Downcast", "float32", "float64")
+    _refused(user_cfg("test_torch_model.Thresholded"), "test_torch_model.Thresholded", "int64")
+    model = TorchModel("test_torch_model.Downcast")
+    X = torch.randn(4, 16, dtype=torch.float64)
+    with pytest.raises(ModelError, match="float32"):
+        model.forward(model.init(0), X)
+    # in float32 throughout (training in optim.dtype=float32) the same module is fine
+    assert model.forward(model.init(0, torch.float32), X.float()).dtype == torch.float32
+
+
 def test_wrong_output_width_is_refused():
     _refused(user_cfg("usernets.nets.Tiny", "+model.kwargs={in_features: 16, out_features: 3}"),
              "usernets.nets.Tiny", "(8, 3)", "[8, 10]")
@@ -162,6 +197,18 @@ def test_keys_nothing_reads_are_refused_by_name():
 
 def test_train_mode_buffers_with_batched_data_are_refused():
     _refused(user_cfg("usernets.nets.Tiny", "model.buffers=train", "data.batch_size=8"), "model.buffers")
+
+
+def test_train_mode_buffers_with_data_parallel_hvps_are_refused():
+    # Data-parallel HVPs sum (n_s/n)·H_s over shards; with batch statistics each shard's loss normalises by
+    # its own rows, so the weighted terms are not the full-batch loss whose value and gradient the row holds.
+    resnet = ["+model.kwargs={in_channels: 1, width: 3, blocks: 1, n_classes: 10}", "model.buffers=train"]
+    problem = run_problem(expand(user_cfg("usernets.nets.SmallResNet", *resnet))[0].config, 0)
+    theta = problem.model.init(0)
+    halves = sum(w * f(theta) for w, f in problem.batched_loss_terms(problem.data.n // 2))
+    assert abs(float(halves - problem.loss_fn()(theta))) > 1e-6
+    _refused(user_cfg("usernets.nets.SmallResNet", *resnet, "hessian.method=estimate", "hessian.data_workers=2"),
+             "model.buffers", "hessian.data_workers")
 
 
 def test_run_ids_of_builtin_models_do_not_see_the_new_keys():

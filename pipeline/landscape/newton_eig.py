@@ -37,12 +37,12 @@ ACCEPT = 1e-4  # a step is taken when the actual decrease of ‖g‖² is at lea
 
 
 def _eigen(loss_fn: LossFn, theta: torch.Tensor, g: torch.Tensor, rel_tol: float, gap_ratio: float,
-           tol_mode: str) -> tuple[np.ndarray, torch.Tensor, np.ndarray, float]:
+           tol_mode: str, abs_tol: float) -> tuple[np.ndarray, torch.Tensor, np.ndarray, float]:
     """λ ``[N]`` (ascending), V ``[N, N]``, c = Vᵀg ``[N]`` and the counts' tolerance at ``theta``."""
     lam_t, V = torch.linalg.eigh(hessian(loss_fn, theta))
     lam = lam_t.cpu().numpy()
     c = (V.T @ g).cpu().numpy()
-    tol, _ = spectrum.choose_tol(np.abs(lam), rel_tol=rel_tol, gap_ratio=gap_ratio, mode=tol_mode)
+    tol, _ = spectrum.choose_tol(np.abs(lam), rel_tol=rel_tol, gap_ratio=gap_ratio, mode=tol_mode, abs_tol=abs_tol)
     return lam, V, c, tol
 
 
@@ -108,7 +108,8 @@ def _next_phase(phase: str, history: dict, level: float, patience: int, progress
 
 
 def newton_eig(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, max_iters: int = 200,
-               rel_tol: float = 1e-6, gap_ratio: float = 1e4, tol_mode: str = "auto", damping: float = 1e-3,
+               rel_tol: float = 1e-6, gap_ratio: float = 1e4, tol_mode: str = "auto", abs_tol: float = 0.0,
+               damping: float = 1e-3,
                min_damping: float = 1e-14, max_tries: int = 30, patience: int = 10, progress: float = 10.0,
                continuation: bool = True) -> "RefineResult":
     """Levenberg–Marquardt Newton on the gradient map from ``theta0`` ``[N]``, one Hessian build and ``eigh``
@@ -121,8 +122,8 @@ def newton_eig(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, m
     then Newton steps resume and pick the critical point. ``history["phase"]`` says which step each was.
 
     ``damping``: the starting damping relative to max|λ|; ``min_damping``: its floor, relative to max|λ|.
-    ``rel_tol``, ``gap_ratio``, ``tol_mode``: the counts' tolerance rule (as ``hessian.*``), which also cuts
-    off the pseudo-inverse. ``max_tries``: trial steps per decomposition. Stops: ``converged``
+    ``rel_tol``, ``gap_ratio``, ``tol_mode``, ``abs_tol``: the counts' tolerance rule (as ``hessian.*``;
+    ``abs_tol`` is the tolerance itself when ``tol_mode="abs"``), which also cuts off the pseudo-inverse. ``max_tries``: trial steps per decomposition. Stops: ``converged``
     (‖g‖² < ``gtol2``), ``max_iters``, ``line_search_failed`` (no trial step passed), and, when either of the
     last two ends a run at a point that passes Frye et al.'s gradient-flat test (from the same spectrum),
     ``gradient_flat``. ``relative_residual``/``cokernel_residual`` are Frye's r and r_H at the final point
@@ -141,7 +142,7 @@ def newton_eig(loss_fn: LossFn, theta0: torch.Tensor, *, gtol2: float = GTOL2, m
     history = new_history(loss=loss0, grad_norm2=gn2, step_norm=0.0, damping=math.nan, ratio=math.nan, tol=math.nan,
                     phase="start")
     while gn2 >= gtol2:
-        lam, V, c, tol = _eigen(loss_fn, theta, g, rel_tol, gap_ratio, tol_mode)
+        lam, V, c, tol = _eigen(loss_fn, theta, g, rel_tol, gap_ratio, tol_mode, abs_tol)
         flat = critical._flatness(lam, c, tol, math.sqrt(gn2))
         if it >= max_iters:
             stop = "max_iters"

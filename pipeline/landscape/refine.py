@@ -379,7 +379,7 @@ SETTINGS = {"newton_mr": ("gtol2", "max_iters", "inner_max_iters", "inner_rtol",
                            "continuation")}
 # The settings of the `hessian:` section a finder also takes: newton_eig cuts its pseudo-inverse off at the
 # counts' tolerance, so it follows their rule.
-COUNT_SETTINGS = {"newton_mr": (), "gnm": (), "newton_eig": ("rel_tol", "gap_ratio", "tol_mode")}
+COUNT_SETTINGS = {"newton_mr": (), "gnm": (), "newton_eig": ("rel_tol", "gap_ratio", "tol_mode", "abs_tol")}
 
 
 def options_for(method: str, section, counts=None) -> dict:

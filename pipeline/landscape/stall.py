@@ -7,8 +7,8 @@ history (:func:`is_stalled`, :func:`stall_steps`).
 
 A stall is then tagged ``small_gradient`` or ``oscillating`` (:func:`stall_tag`, :func:`stall_tag_at`) from
 cheap measurements at the point: the gradient's norm, the cosine between successive gradients
-(:func:`gradient_cosine`) and λmax by power iteration (:func:`power_lambda_max`), against the gradient-descent
-stability limit 2/lr.
+(:func:`gradient_cosine`) and λmax by power iteration (:func:`power_lambda_max`), against the stability limit
+of the optimizer, 2(1 + μ)/lr for (S)GD with heavy-ball momentum μ (2/lr without).
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def stall_steps(steps: Sequence[int], losses: Sequence[float], window: int, thre
 class StallTag:
     """``tag`` ∈ {small_gradient, oscillating} and the values behind it.
 
-    ``grad_ratio`` = ‖g‖/‖g₀‖; ``cosine`` between successive gradients; ``sharpness`` = λmax·lr/2 (1 = the
-    gradient-descent stability limit λmax = 2/lr); ``reasons``: the criteria that fired, with their values.
+    ``grad_ratio`` = ‖g‖/‖g₀‖; ``cosine`` between successive gradients; ``sharpness`` = λmax·lr/(2(1 + μ))
+    (1 = the stability limit λmax = 2(1 + μ)/lr of (S)GD with momentum μ, 2/lr for plain GD); ``reasons``:
+    the criteria that fired, with their values.
     """
 
     tag: str
@@ -95,28 +96,32 @@ class StallTag:
 
 
 def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam_max: float = math.nan,
-              lr: Optional[float] = None, *, grad_ratio_tol: float = 1e-2, cosine_tol: float = 0.0,
-              sharpness_tol: float = 0.9, noise_ratio: float = 0.0) -> StallTag:
+              lr: Optional[float] = None, *, momentum: float = 0.0, grad_ratio_tol: float = 1e-2,
+              cosine_tol: float = 0.0, sharpness_tol: float = 0.9, noise_ratio: float = 0.0) -> StallTag:
     """Tag a stalled checkpoint ``oscillating`` when the iterate shows evidence of bouncing across a valley,
     else ``small_gradient``. Evidence is either of:
 
     - the gradient is not small relative to its start: ``‖g‖/‖g₀‖ ≥ grad_ratio_tol``;
     - successive gradients point against each other: ``cosine < cosine_tol``.
 
-    Sharpness near the edge of stability, ``λmax·lr/2 ≥ sharpness_tol``, is reported among the reasons when
-    it holds, but never tags a point on its own: a run can sit at λmax ≈ 2/lr and still converge smoothly
-    (cosine ≈ +1, a small gradient).
+    Sharpness near the edge of stability, ``λmax·lr/(2(1 + momentum)) ≥ sharpness_tol``, is reported among
+    the reasons when it holds, but never tags a point on its own: a run can sit at the limit and still
+    converge smoothly (cosine ≈ +1, a small gradient).
 
     ``grad_norm``, ``grad_norm0``: ‖g‖ at the stall and at step 0. ``cosine``: from :func:`gradient_cosine`.
     ``lam_max``: from :func:`power_lambda_max`. ``lr``: the (S)GD learning rate; pass None for Adam, whose
-    stability limit is not 2/lr. A NaN value (not measured) skips its criterion. ``noise_ratio``: below this
-    ``‖g‖/‖g₀‖`` the gradient is rounding noise (an exact minimum, loss ≈ 0), its direction carries no
-    information, and the cosine criterion is not applied (:func:`stall_tag_at` derives it from the dtype).
+    stability limit is not 2/lr. ``momentum``: (S)GD's heavy-ball μ (torch's ``SGD(momentum=μ)``, no
+    dampening), which moves the limit to 2(1 + μ)/lr. A NaN value (not measured) skips its criterion.
+    ``noise_ratio``: below this ``‖g‖/‖g₀‖`` the gradient is rounding noise (an exact minimum, loss ≈ 0), its
+    direction carries no information, and the cosine criterion is not applied (:func:`stall_tag_at` derives
+    it from the dtype).
     """
     if grad_norm < 0 or grad_norm0 < 0:
         raise ValueError(f"gradient norms must be ≥ 0, got grad_norm={grad_norm}, grad_norm0={grad_norm0}")
     ratio = grad_norm / grad_norm0 if grad_norm0 > 0 else math.nan
-    sharp = 0.5 * lam_max * lr if lr is not None and math.isfinite(lam_max) else math.nan
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    sharp = 0.5 * lam_max * lr / (1.0 + momentum) if lr is not None and math.isfinite(lam_max) else math.nan
     reasons = []
     if ratio >= grad_ratio_tol:
         reasons.append(f"grad_ratio={ratio:.3g}>={grad_ratio_tol:g}")
@@ -125,7 +130,8 @@ def stall_tag(grad_norm: float, grad_norm0: float, cosine: float = math.nan, lam
         reasons.append(f"cosine={cosine:.3g}<{cosine_tol:g}")
     bouncing = bool(reasons)  # NaN comparisons are False: unmeasured criteria never fire
     if sharp >= sharpness_tol:
-        reasons.append(f"lam_max*lr/2={sharp:.3g}>={sharpness_tol:g}")
+        name = "lam_max*lr/2" if momentum == 0 else f"lam_max*lr/(2*(1+{momentum:g}))"
+        reasons.append(f"{name}={sharp:.3g}>={sharpness_tol:g}")
     if not bouncing:
         reasons.insert(0, f"grad_ratio={ratio:.3g}<{grad_ratio_tol:g}")
         if noise and math.isfinite(cosine):
@@ -140,7 +146,8 @@ def stall_tag_at(loss_fn: LossFn, theta: torch.Tensor, grad_norm0: float, lr: Op
     the cosine is taken between ∇L(θ) and the gradient after one more GD step (θ − lr·∇L(θ)), which is what
     GD's next gradient is, and λmax by :func:`power_lambda_max`. ``grad_norm0``: ‖∇L‖ at step 0 (first entry
     of the run's curve). ``lr`` None (Adam): no cosine step and no 2/lr criterion, only ‖g‖/‖g₀‖.
-    ``thresholds``: ``grad_ratio_tol``, ``cosine_tol``, ``sharpness_tol`` of :func:`stall_tag`. The rounding
+    ``thresholds``: ``momentum``, ``grad_ratio_tol``, ``cosine_tol``, ``sharpness_tol`` of :func:`stall_tag`
+    (with momentum the cosine still probes one plain step of ``lr``: θ alone holds no momentum buffer). The rounding
     level below which the cosine is noise is :data:`NOISE_EPS` machine epsilons of ``theta``'s dtype."""
     theta = theta.detach()
     g_fn = grad(loss_fn)

@@ -108,7 +108,7 @@ class StallConfig:
     # Stall tags (oscillating vs small_gradient) — see pipeline.landscape.stall.stall_tag:
     grad_ratio_tol: float = 1e-2  # oscillating when ‖g‖/‖g₀‖ ≥ this
     cosine_tol: float = 0.0  # … or when successive gradients have cosine < this
-    sharpness_tol: float = 0.9  # λmax·lr/2 ≥ this is reported (edge of stability), never a tag on its own
+    sharpness_tol: float = 0.9  # λmax·lr/(2(1+momentum)) ≥ this is reported (edge of stability), never a tag
     power_iters: int = 50  # power-iteration steps for λmax (at stalls, and in curves)
     curvature_every: int = 0  # log λmax and the gradient cosine in `curves` every k steps; 0 = off
 
@@ -487,6 +487,9 @@ def validate_user_parts(cfg: DictConfig) -> None:
     _require(not (m.buffers == "train" and m.name == "torch" and d.batch_size > 0), "model.buffers", m.buffers,
              "eval with data.batch_size > 0: batch statistics would make the Hessian's loss depend on how the "
              "data are split (use data.batch_size=0 for model.buffers=train)")
+    _require(not (m.buffers == "train" and m.name == "torch" and cfg.hessian.data_workers > 0), "model.buffers",
+             m.buffers, "eval with hessian.data_workers > 0: each data shard's batch statistics would make the "
+             "HVPs those of another loss than the full-batch one (use hessian.data_workers=0 for model.buffers=train)")
 
 
 def check_unread_keys(cfg: DictConfig) -> None:

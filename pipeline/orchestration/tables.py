@@ -130,7 +130,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("stall_tag", pa.string()),  # small_gradient | oscillating
         pa.field("stall_grad_ratio", pa.float64()),  # ‖g‖ / ‖g at step 0‖
         pa.field("stall_cosine", pa.float64()),  # cos∠(∇L(θ), ∇L(θ − lr·∇L(θ))); −1 = bouncing across a valley
-        pa.field("stall_sharpness", pa.float64()),  # λmax·lr/2; 1 = gradient descent's stability limit
+        pa.field("stall_sharpness", pa.float64()),  # λmax·lr/(2(1+μ)); 1 = (S)GD's stability limit, momentum μ
         pa.field("stall_tag_reasons", pa.string()),
         # Honest labels (pipeline.landscape.critical): is the point critical at all?
         pa.field("grad_norm2", pa.float64()),  # ‖g‖²; critical when < refine.gtol2 (1e-10)

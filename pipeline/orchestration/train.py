@@ -125,7 +125,8 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
     last_state = time.perf_counter()
 
     lr = None if o.name == "adam" else float(o.lr)  # Adam has no 2/lr stability limit
-    thresholds = dict(grad_ratio_tol=s.grad_ratio_tol, cosine_tol=s.cosine_tol, sharpness_tol=s.sharpness_tol)
+    thresholds = dict(grad_ratio_tol=s.grad_ratio_tol, cosine_tol=s.cosine_tol, sharpness_tol=s.sharpness_tol,
+                      momentum=0.0 if lr is None else float(o.momentum))  # its stability limit is 2(1 + μ)/lr
     power_v = None  # warm start of the power iteration between curvature measurements
 
     def emit(ck: Checkpoint):
