@@ -123,6 +123,17 @@ def test_unknown_key_fails_at_composition():
     assert "depht" in str(info.value.__cause__ or info.value)
 
 
+@pytest.mark.parametrize("deleted", ["figures", "plot", "results_root"])
+def test_a_key_deleted_with_tilde_is_refused_naming_it(deleted):
+    """Hydra's ``~key`` removes these top-level keys from the typed config (nested ones it refuses itself);
+    every key is read, so the deletion is refused by name before anything runs, not met as an attribute
+    error later (for ``figures``: after the whole sweep)."""
+    cfg = compose_config([f"~{deleted}"], shrink=False)
+    assert deleted not in cfg
+    with pytest.raises(ConfigError, match=rf"^{deleted}: deleted with '~'"):
+        validate(cfg)
+
+
 def test_wrong_type_fails_at_composition():
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as info:
         compose_config(["model.width=wide"], shrink=False)
@@ -194,6 +205,13 @@ def test_cli_bad_value_exits_before_any_run(tmp_path):
     assert res.returncode == 2
     assert "optim.lr=-1" in res.stderr and "> 0" in res.stderr
     assert not (tmp_path / "r" / "default" / "runs").exists()
+
+
+def test_cli_tilde_deletion_exits_before_any_run(tmp_path):
+    res = _cli("~figures", f"results_root={tmp_path}/r", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "figures: deleted with '~'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_cfg_job_and_help_work_as_hydra_users_expect(tmp_path):

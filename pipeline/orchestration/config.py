@@ -434,6 +434,7 @@ RULES: tuple[Rule, ...] = (
 def validate(cfg: DictConfig) -> None:
     """Check every value of a composed config against :data:`RULES`, then the grid and each of its points;
     raise :class:`ConfigError` naming the first bad field."""
+    check_deleted_keys(cfg)
     for key, ok, allowed in RULES:
         _require(ok(cfg), key, OmegaConf.select(cfg, key), allowed if isinstance(allowed, str) else allowed(cfg))
     validate_user_parts(cfg)
@@ -487,6 +488,27 @@ def validate_user_parts(cfg: DictConfig) -> None:
     _require(not (m.buffers == "train" and m.name == "torch" and d.batch_size > 0), "model.buffers", m.buffers,
              "eval with data.batch_size > 0: batch statistics would make the Hessian's loss depend on how the "
              "data are split (use data.batch_size=0 for model.buffers=train)")
+
+
+def _deleted(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of ``schema``'s fields absent from ``node``, each named at its highest missing level."""
+    out = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if name not in node:
+            out.append(prefix + name)
+        elif dataclasses.is_dataclass(kind) and isinstance(node[name], DictConfig):
+            out += _deleted(node[name], kind, f"{prefix}{name}.")
+    return out
+
+
+def check_deleted_keys(cfg: DictConfig) -> None:
+    """Refuse a config from which a key of the schema was deleted (Hydra's ``~model.width``, ``~figures``):
+    Hydra lets ``~`` remove a field of the typed config, and every field is read, so the sweep would fail
+    on the first read of it (an attribute error, or after the whole sweep for ``figures``)."""
+    gone = _deleted(cfg, Config)
+    if gone:
+        raise ConfigError(f"{', '.join(gone)}: deleted with '~', but minratio reads every key of its config; set "
+                          "a value instead (`minratio-sweep --cfg job` shows each key and its default)")
 
 
 def check_unread_keys(cfg: DictConfig) -> None:
