@@ -15,13 +15,17 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
+from pipeline.orchestration.config import MODEL_KEYS_READ, RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
+from pipeline.orchestration.plan import NOT_IN_ID
 from pipeline.orchestration.storage import Store
 
 RECORD = "sweep.json"
 # Where and how fast a run computes, not what: a sweep may resume on other hardware.
 RESOURCE_KEYS = frozenset({*(f"hessian.{f.name}" for f in dataclasses.fields(HessianResources)),
                            "refine.num_cpus", "refine.num_gpus"})
+# Where a run's data sit (the folder, whether a missing set may be fetched), not what it computes: a sweep
+# started with data.download=true resumes without it, or on a node whose data.root differs.
+WHERE_KEYS = frozenset(f"{section}.{key}" for section, keys in NOT_IN_ID.items() for key in keys)
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,17 @@ def of_config(cfg: DictConfig) -> Identity:
     for name in SECTIONS:
         flat.update(_flatten(resolved[name], f"{name}."))
     varied = tuple(sorted(resolved["sweep"]["grid"] or {}))
-    fixed = {k: v for k, v in flat.items() if k not in RESOURCE_KEYS and k not in varied}
+    fixed = {k: v for k, v in flat.items() if k not in RESOURCE_KEYS | WHERE_KEYS and k not in varied
+             and not _unread_model_key(k, resolved["model"]["name"], varied)}
     return Identity(fixed, varied)
+
+
+def _unread_model_key(key: str, model_name: str, varied: tuple) -> bool:
+    """A ``model.*`` key the sweep's kind of model does not read (``model.conv_layers`` of an MLP): it changes
+    no run, so it defines nothing. Every model key counts where a grid varies ``model.name``."""
+    section, _, name = key.partition(".")
+    read = MODEL_KEYS_READ.get(model_name)
+    return section == "model" and read is not None and name not in read and "model.name" not in varied
 
 
 def read(store: Store, sweep: str) -> Identity | None:
