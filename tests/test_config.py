@@ -67,6 +67,7 @@ BAD = [
     ("+sweep.grid={optim.lr:[0.1,inf]}", "optim.lr=inf"),  # a grid point's float is checked like the config's
     ("plot.hue=model.widht", "plot.hue"),
     ("plot.hue=model", "plot.hue"),  # a section, not a setting
+    ("plot.hue=hessian.params", "plot.hue"),  # free-form: no runs column to colour by (the figure is drawn last)
 ]
 
 
@@ -84,6 +85,11 @@ def test_a_gap_tolerance_with_inertia_is_accepted():
     """inertia finds the gap from zero counts (one rule across sizes); only the estimator cannot."""
     validate(compose_config(["hessian.method=inertia", "hessian.tol_mode=gap", "plot.hue=model.width"],
                             shrink=False))
+
+
+def test_plot_hue_accepts_every_setting_the_runs_table_has_a_column_for():
+    validate(compose_config(["plot.hue=model._target_"], shrink=False))  # the column model_target
+    validate(compose_config(["plot.hue=data.seed"], shrink=False))  # null allowed
 
 
 @pytest.mark.parametrize("override,field", BAD)

@@ -343,6 +343,23 @@ def _folder_name(name: str) -> bool:
 
 
 RUN_SECTIONS = ("data", "model", "optim", "stall", "hessian", "refine")  # what a run records of its config
+SCALARS = (int, float, str, bool)
+
+
+def recorded_keys() -> dict[str, type]:
+    """``{"model.width": int, …}``: every setting of a run's sections whose type is a plain int, float, str or
+    bool (null allowed), in the schema's order. The ``runs`` table holds one column for each
+    (:mod:`pipeline.orchestration.tables`), so a figure can be coloured by it (``plot.hue``); a dict
+    (``model.kwargs``) or a free-form value (``hessian.params``) lives in ``config_json`` alone."""
+    out = {}
+    for section in RUN_SECTIONS:
+        hints = typing.get_type_hints(_SECTIONS[section])
+        for f in dataclasses.fields(_SECTIONS[section]):
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            base = args[0] if typing.get_origin(hints[f.name]) is Union and len(args) == 1 else hints[f.name]
+            if base in SCALARS:
+                out[f"{section}.{f.name}"] = base
+    return out
 
 RULES: tuple[Rule, ...] = (
     *(_finite(key) for key in FLOAT_KEYS),
@@ -424,10 +441,10 @@ RULES: tuple[Rule, ...] = (
     ("ray.num_cpus", lambda c: c.ray.num_cpus is None or c.ray.num_cpus >= 1, "≥ 1, or null (all of this machine's)"),
     ("ray.max_retries", lambda c: c.ray.max_retries >= 0, "≥ 0"),
     ("ray.state_every_s", lambda c: c.ray.state_every_s >= 0, "≥ 0 seconds"),
-    # the runs table holds these sections, one column per setting (pipeline.orchestration.tables.CONFIG_SECTIONS)
-    ("plot.hue", lambda c: not c.plot.hue or (c.plot.hue.split(".")[0] in RUN_SECTIONS and _has_key(c, c.plot.hue)
-                                              and not OmegaConf.is_config(OmegaConf.select(c, c.plot.hue))),
-     f"'' (colour by label) or a setting under {', '.join(s + '.' for s in RUN_SECTIONS)} e.g. model.width"),
+    # the runs table holds one column per recorded setting, which the figure reads after the sweep
+    ("plot.hue", lambda c: not c.plot.hue or c.plot.hue in recorded_keys(),
+     f"'' (colour by label) or a setting under {', '.join(s + '.' for s in RUN_SECTIONS)} that the runs table "
+     "holds as a column, e.g. model.width (not a dict such as model.kwargs, nor hessian.params)"),
 )
 
 

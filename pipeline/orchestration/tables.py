@@ -9,10 +9,8 @@ a later version is never lost) and keeps one row per key; :func:`compact` merges
 from __future__ import annotations
 
 import collections
-import dataclasses
 import io
 import time
-import typing
 import uuid
 import warnings
 
@@ -40,16 +38,7 @@ def column_name(section: str, key: str) -> str:
 
 
 def _config_fields() -> list[pa.Field]:
-    out = []
-    for section, cls in CONFIG_SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            t = hints[f.name]
-            args = [a for a in typing.get_args(t) if a is not type(None)]
-            base = args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
-            if base in _PA_TYPES:
-                out.append(pa.field(column_name(section, f.name), _PA_TYPES[base]))
-    return out
+    return [pa.field(column_name(*key.split(".", 1)), _PA_TYPES[kind]) for key, kind in C.recorded_keys().items()]
 
 
 _META = [pa.field("schema_version", pa.int32()), pa.field("written_at", pa.timestamp("us", tz="UTC"))]
