@@ -213,6 +213,19 @@ def test_cli_bad_value_exits_before_any_run(tmp_path):
     assert not (tmp_path / "r" / "default" / "runs").exists()
 
 
+def test_a_primary_config_of_ones_own_without_the_schema_is_refused_saying_what_to_add(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    (tmp_path / "mine.yaml").write_text("sweep:\n  name: mine\nmodel:\n  width: 4\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(tmp_path), version_base="1.3"):
+        cfg = compose("mine")
+    with pytest.raises(ConfigError, match=r"lacks keys of minratio's schema \(data, model\.name, .* more\): put base_config "
+                                          r"first in its defaults list"):
+        validate(cfg)
+
+
 def test_cli_tilde_deletion_exits_before_any_run(tmp_path):
     res = _cli("~figures", f"results_root={tmp_path}/r", cwd=tmp_path)
     assert res.returncode == 2, res.stderr

@@ -519,13 +519,19 @@ def _deleted(node: Any, schema: type, prefix: str = "") -> list[str]:
 
 
 def check_deleted_keys(cfg: DictConfig) -> None:
-    """Refuse a config from which a key of the schema was deleted (Hydra's ``~model.width``, ``~figures``):
-    Hydra lets ``~`` remove a field of the typed config, and every field is read, so the sweep would fail
-    on the first read of it (an attribute error, or after the whole sweep for ``figures``)."""
+    """Refuse a config that lacks a key of the schema: one deleted with Hydra's ``~`` (``~figures``; Hydra
+    lets ``~`` remove a top-level field of the typed config), or a user's own primary config
+    (``--config-name``) not built on the schema. Every field is read, so the sweep would fail on the first
+    read of it (an attribute error; for ``figures``, after the whole sweep)."""
     gone = _deleted(cfg, Config)
-    if gone:
-        raise ConfigError(f"{', '.join(gone)}: deleted with '~', but minratio reads every key of its config; set "
-                          "a value instead (`minratio-sweep --cfg job` shows each key and its default)")
+    if not gone:
+        return
+    if OmegaConf.get_type(cfg) is not Config:
+        shown = ", ".join(gone[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else "")
+        raise ConfigError(f"the primary config lacks keys of minratio's schema ({shown}): put base_config first "
+                          "in its defaults list, as conf/config.yaml does, so that every key has its default")
+    raise ConfigError(f"{', '.join(gone)}: deleted with '~', but minratio reads every key of its config; set "
+                      "a value instead (`minratio-sweep --cfg job` shows each key and its default)")
 
 
 def check_unread_keys(cfg: DictConfig) -> None:
