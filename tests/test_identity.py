@@ -52,6 +52,24 @@ def test_where_the_data_sit_and_keys_the_model_does_not_read_define_no_experimen
                                                        "model.kernel=1"]))
 
 
+def test_extend_is_refused_where_the_command_would_add_nothing(make_cfg):
+    """Settings outside the run id (the estimator's probes, the finder's tolerance) leave this command's runs
+    those the folder holds, so sweep.extend=true would record them as varied and compute nothing new."""
+    cfg = make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig"])
+    store = Store.open(cfg.results_root)
+    identity.save(store, "exp", identity.check(store, "exp", cfg))
+    for inert in (["hessian.estimate_probes=60"], ["refine.gtol2=1e-12"], ["refine=newton_mr"]):
+        with pytest.raises(ConfigError, match=r"sweep.extend=true would add nothing to sweep.name='exp': the "
+                                              r"settings that differ \(.* here, .* there\) do not enter a run's id"):
+            identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig", "sweep.extend=true",
+                                                          *inert]))
+    identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig", "sweep.extend=true",
+                                                  "model.width=4", "refine.gtol2=1e-12"]))  # new runs
+    unrefined = make_cfg(TINY + ["sweep.name=plain"])
+    identity.save(store, "plain", identity.check(store, "plain", unrefined))
+    identity.check(store, "plain", make_cfg(TINY + ["sweep.name=plain", "refine=newton_eig", "sweep.extend=true"]))
+
+
 def test_a_changed_config_is_refused_before_any_work_and_accepted_with_extend(make_cfg, ray_session):
     from pipeline.orchestration.sweep import run_sweep
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration.config import MODEL_KEYS_READ, RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
-from pipeline.orchestration.plan import NOT_IN_ID
+from pipeline.orchestration.plan import NOT_IN_ID, in_run_id
 from pipeline.orchestration.storage import Store
 
 RECORD = "sweep.json"
@@ -99,17 +99,32 @@ def check(store: Store, sweep: str, cfg: DictConfig) -> Identity:
     return the record to :func:`save` once the command is under way. Reads only; writes nothing."""
     recorded, wanted = read(store, sweep), of_config(cfg)
     diff = differences(recorded, wanted) if recorded else {}
-    if diff and not cfg.sweep.extend:
-        shown = "; ".join(f"{k}={json.loads(new)!r} here, {json.loads(old)!r} there" for k, (old, new) in
-                          list(diff.items())[:8]) + ("; …" if len(diff) > 8 else "")
-        key, (_, new) = next(iter(diff.items()))
-        # a folder name that no path, URI or glob reads as syntax (as multirun names are made)
-        name = re.sub(r"[^\w.,+-]", "_", f"{sweep}-{key.split('.')[-1].strip('_')}-{json.loads(new)}")
+    if not diff:
+        return merged(recorded, wanted)
+    shown = "; ".join(f"{k}={json.loads(new)!r} here, {json.loads(old)!r} there" for k, (old, new) in
+                      list(diff.items())[:8]) + ("; …" if len(diff) > 8 else "")
+    key, (_, new) = next(iter(diff.items()))
+    # a folder name that no path, URI or glob reads as syntax (as multirun names are made)
+    name = re.sub(r"[^\w.,+-]", "_", f"{sweep}-{key.split('.')[-1].strip('_')}-{json.loads(new)}")
+    if not cfg.sweep.extend:
         raise ConfigError(
             f"sweep.name={sweep!r} already holds runs of another config ({len(diff)} setting(s) differ: "
             f"{shown}). Give this experiment its own name, e.g. sweep.name={name}, or add sweep.extend=true "
             "to add its runs to the same tables")
+    if not any(adds_work(k, old) for k, (old, _) in diff.items()):
+        raise ConfigError(
+            f"sweep.extend=true would add nothing to sweep.name={sweep!r}: the settings that differ ({shown}) do "
+            "not enter a run's id, so this command's runs and points are those the folder holds, computed as "
+            f"they were there. Give this experiment its own name, e.g. sweep.name={name}")
     return merged(recorded, wanted)
+
+
+def adds_work(key: str, recorded_value: str) -> bool:
+    """Whether a command differing from the sweep's record in ``key`` (recorded as ``recorded_value``, JSON)
+    plans work the folder lacks: a key of the run id makes new runs, and a refinement method where the
+    sweep had none adds refined points; any other key (``hessian.estimate_probes``, ``refine.gtol2``)
+    would leave the folder's runs and points as they are."""
+    return in_run_id(key) or (key == "refine.method" and json.loads(recorded_value) == "none")
 
 
 def save(store: Store, sweep: str, identity: Identity) -> None:
