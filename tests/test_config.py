@@ -233,6 +233,21 @@ def test_cli_tilde_deletion_exits_before_any_run(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_relative_results_root_stays_where_the_command_ran_under_hydra_job_chdir(tmp_path):
+    """With hydra.job.chdir=true the job runs in outputs/<name>/<time>/; the sweep must still be found under
+    ./results, or every command would start a fresh sweep there. The recorded experiment refuses this command
+    (before the unreachable Ray address is tried) only if its folder is the one found."""
+    from pipeline.orchestration import identity
+    from pipeline.orchestration.storage import Store
+
+    store = Store.open(str(tmp_path / "results"))
+    identity.save(store, "x", identity.of_config(compose_config(["sweep.name=x"])))
+    res = _cli("hydra.job.chdir=true", "sweep.name=x", "model.width=4", "results_root=results", "ray=cluster",
+               "ray.address=127.0.0.1:9", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "sweep.name='x' already holds runs of another config" in res.stderr, res.stderr
+
+
 def test_cli_cfg_job_and_help_work_as_hydra_users_expect(tmp_path):
     res = _cli("--cfg", "job", "model.width=11", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
