@@ -316,13 +316,8 @@ def data_parallel_cap(h) -> int:
 
 
 def resolve_root(cfg: DictConfig) -> str:
-    """``results_root`` as an absolute path or a URI. A relative path is taken from the directory the
-    command ran in, also under ``hydra.job.chdir=true`` (where the job runs in its own time-stamped output
-    folder, in which the next command would not find the sweep to resume)."""
-    from hydra.utils import to_absolute_path
-
     root = str(cfg.results_root)
-    return root if "://" in root else to_absolute_path(os.path.expanduser(root))
+    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
 def run_sweep(cfg: DictConfig) -> SweepSummary:
