@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import collections
 import io
+import posixpath
+import re
 import time
 import uuid
 import warnings
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -360,6 +363,34 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
         if f not in written and unchanged(f):
             store.delete(f)
     return len(files), table.num_rows
+
+
+# A file named after its key (:func:`file_name`) starts with the run id: 12 hex digits, then "-" or ".".
+_KEY_FILE = re.compile(r"[0-9a-f]{12}[-.]")
+
+
+def drop_runs(store: Store, sweep: str, name: str, run_ids: set) -> None:
+    """Remove the rows of ``run_ids`` from the files of table ``name`` not named after a key (the merged
+    ``part-*`` files of :func:`compact`), rewriting each one that holds any, atomically. A run trained
+    again after compaction then writes its rows to key-named files only (replacing its own old ones), so
+    readers without de-duplication (pandas, DuckDB, polars) never see one of its keys twice. Meant for the
+    moment before the retrained run's tasks start; a crash in between leaves the run without rows, which
+    the next resume trains."""
+    if not run_ids:
+        return
+    folder = f"{sweep}/{name}"
+    for f in store.list_files(folder, ".parquet"):
+        if _KEY_FILE.match(posixpath.basename(f)):
+            continue
+        table = _dataset(store, [f], SCHEMAS[name]).to_table()
+        gone = pc.is_in(table.column("run_id"), value_set=pa.array(sorted(run_ids), pa.string()))
+        if not pc.any(gone).as_py():
+            continue
+        kept = table.filter(pc.invert(gone))
+        if kept.num_rows:
+            _put(store, f, kept)
+        else:
+            store.delete(f)
 
 
 def _has_all_columns(store: Store, rel: str, name: str) -> bool:
