@@ -138,3 +138,19 @@ def test_rank_correlations_are_also_given_within_each_value_of_the_hue_key(tmp_p
     within = [line for line in by_width if line.startswith("  within ")]
     assert [line.split(" (")[0] for line in within] == ["  within model.width=2", "  within model.width=16"]
     assert all("ρ(loss, min_ratio) = -1.00 [" in line and "ρ(loss, index) undefined" in line for line in within), within
+
+
+def test_hue_names_the_config_key_for_every_column_the_runs_table_holds(tmp_path):
+    """Every key plot.hue accepts colours the figure, ``model._target_`` (column ``model_target``) too;
+    ``hessian.params`` has no column, and plot.hue refuses it before the sweep rather than after it."""
+    from pipeline.orchestration.config import recorded_keys
+
+    store = Store.open(str(tmp_path))
+    tables.write(store, SWEEP, "runs", [{"run_id": "r1", "status": "ok", "model_target": "pkg.Net"}])
+    tables.write(store, SWEEP, "points", [_point("r1", 100, "stalled")])
+    t = analysis.load(store, SWEEP)
+    assert list(analysis.with_hue(t["points"], t["runs"], "model._target_")["hue"]) == ["model._target_=pkg.Net"]
+    for key in recorded_keys():
+        assert len(analysis.with_hue(t["points"], t["runs"], key)) == 1
+    with pytest.raises(ValueError, match=r"hue 'hessian\.params': no such config key.*model\._target_"):
+        analysis.with_hue(t["points"], t["runs"], "hessian.params")

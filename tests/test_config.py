@@ -67,6 +67,7 @@ BAD = [
     ("+sweep.grid={optim.lr:[0.1,inf]}", "optim.lr=inf"),  # a grid point's float is checked like the config's
     ("plot.hue=model.widht", "plot.hue"),
     ("plot.hue=model", "plot.hue"),  # a section, not a setting
+    ("plot.hue=hessian.params", "plot.hue"),  # free-form: no runs column to colour by (the figure is drawn last)
 ]
 
 
@@ -84,6 +85,11 @@ def test_a_gap_tolerance_with_inertia_is_accepted():
     """inertia finds the gap from zero counts (one rule across sizes); only the estimator cannot."""
     validate(compose_config(["hessian.method=inertia", "hessian.tol_mode=gap", "plot.hue=model.width"],
                             shrink=False))
+
+
+def test_plot_hue_accepts_every_setting_the_runs_table_has_a_column_for():
+    validate(compose_config(["plot.hue=model._target_"], shrink=False))  # the column model_target
+    validate(compose_config(["plot.hue=data.seed"], shrink=False))  # null allowed
 
 
 @pytest.mark.parametrize("override,field", BAD)
@@ -121,6 +127,17 @@ def test_unknown_key_fails_at_composition():
     with pytest.raises(ConfigCompositionException) as info:
         compose_config(["model.depht=2"], shrink=False)
     assert "depht" in str(info.value.__cause__ or info.value)
+
+
+@pytest.mark.parametrize("deleted", ["figures", "plot", "results_root"])
+def test_a_key_deleted_with_tilde_is_refused_naming_it(deleted):
+    """Hydra's ``~key`` removes these top-level keys from the typed config (nested ones it refuses itself);
+    every key is read, so the deletion is refused by name before anything runs, not met as an attribute
+    error later (for ``figures``: after the whole sweep)."""
+    cfg = compose_config([f"~{deleted}"], shrink=False)
+    assert deleted not in cfg
+    with pytest.raises(ConfigError, match=rf"^{deleted}: deleted with '~'"):
+        validate(cfg)
 
 
 def test_wrong_type_fails_at_composition():
@@ -194,6 +211,41 @@ def test_cli_bad_value_exits_before_any_run(tmp_path):
     assert res.returncode == 2
     assert "optim.lr=-1" in res.stderr and "> 0" in res.stderr
     assert not (tmp_path / "r" / "default" / "runs").exists()
+
+
+def test_a_primary_config_of_ones_own_without_the_schema_is_refused_saying_what_to_add(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    (tmp_path / "mine.yaml").write_text("sweep:\n  name: mine\nmodel:\n  width: 4\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(tmp_path), version_base="1.3"):
+        cfg = compose("mine")
+    with pytest.raises(ConfigError, match=r"lacks keys of minratio's schema \(data, model\.name, .* more\): put base_config "
+                                          r"first in its defaults list"):
+        validate(cfg)
+
+
+def test_cli_tilde_deletion_exits_before_any_run(tmp_path):
+    res = _cli("~figures", f"results_root={tmp_path}/r", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "figures: deleted with '~'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_relative_results_root_stays_where_the_command_ran_under_hydra_job_chdir(tmp_path):
+    """With hydra.job.chdir=true the job runs in outputs/<name>/<time>/; the sweep must still be found under
+    ./results, or every command would start a fresh sweep there. The recorded experiment refuses this command
+    (before the unreachable Ray address is tried) only if its folder is the one found."""
+    from pipeline.orchestration import identity
+    from pipeline.orchestration.storage import Store
+
+    store = Store.open(str(tmp_path / "results"))
+    identity.save(store, "x", identity.of_config(compose_config(["sweep.name=x"])))
+    res = _cli("hydra.job.chdir=true", "sweep.name=x", "model.width=4", "results_root=results", "ray=cluster",
+               "ray.address=127.0.0.1:9", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "sweep.name='x' already holds runs of another config" in res.stderr, res.stderr
 
 
 def test_cli_cfg_job_and_help_work_as_hydra_users_expect(tmp_path):

@@ -29,6 +29,47 @@ def test_identity_ignores_seeds_resources_and_grid_values(make_cfg):
     assert set(identity.differences(base, other)) == {"optim.lr", "refine.method"}
 
 
+def test_where_the_data_sit_and_keys_the_model_does_not_read_define_no_experiment(make_cfg):
+    """A sweep started with data.download=true resumes without it (the set is there now), and on a machine
+    whose data.root differs; an MLP sweep does not care about the CNN's keys. What a run reads still counts."""
+    def recorded(name: str, *overrides: str):
+        cfg = make_cfg(TINY + [f"sweep.name={name}", *overrides])
+        store = Store.open(cfg.results_root)
+        identity.save(store, name, identity.check(store, name, cfg))
+        return store
+
+    store = recorded("exp", "data.download=true", "data.root=/mnt/a")
+    identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "data.root=/b", "model.conv_layers=3"]))
+    with pytest.raises(ConfigError, match=r"model\.width=4 here, 8 there"):
+        identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "model.width=4"]))
+    store = recorded("cnn", "model=cnn")
+    identity.check(store, "cnn", make_cfg(TINY + ["sweep.name=cnn", "model=cnn", "data.download=true"]))
+    with pytest.raises(ConfigError, match=r"model\.kernel=1 here, 3 there"):
+        identity.check(store, "cnn", make_cfg(TINY + ["sweep.name=cnn", "model=cnn", "model.kernel=1"]))
+    store = recorded("both", "+sweep.grid={model.name:[mlp,cnn]}")  # a grid's CNN points read them
+    with pytest.raises(ConfigError, match=r"model\.kernel=1 here, 3 there"):
+        identity.check(store, "both", make_cfg(TINY + ["sweep.name=both", "+sweep.grid={model.name:[mlp,cnn]}",
+                                                       "model.kernel=1"]))
+
+
+def test_extend_is_refused_where_the_command_would_add_nothing(make_cfg):
+    """Settings outside the run id (the estimator's probes, the finder's tolerance) leave this command's runs
+    those the folder holds, so sweep.extend=true would record them as varied and compute nothing new."""
+    cfg = make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig"])
+    store = Store.open(cfg.results_root)
+    identity.save(store, "exp", identity.check(store, "exp", cfg))
+    for inert in (["hessian.estimate_probes=60"], ["refine.gtol2=1e-12"], ["refine=newton_mr"]):
+        with pytest.raises(ConfigError, match=r"sweep.extend=true would add nothing to sweep.name='exp': the "
+                                              r"settings that differ \(.* here, .* there\) do not enter a run's id"):
+            identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig", "sweep.extend=true",
+                                                          *inert]))
+    identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig", "sweep.extend=true",
+                                                  "model.width=4", "refine.gtol2=1e-12"]))  # new runs
+    unrefined = make_cfg(TINY + ["sweep.name=plain"])
+    identity.save(store, "plain", identity.check(store, "plain", unrefined))
+    identity.check(store, "plain", make_cfg(TINY + ["sweep.name=plain", "refine=newton_eig", "sweep.extend=true"]))
+
+
 def test_a_changed_config_is_refused_before_any_work_and_accepted_with_extend(make_cfg, ray_session):
     from pipeline.orchestration.sweep import run_sweep
 

@@ -37,6 +37,7 @@ import pandas as pd  # noqa: E402
 from pipeline.landscape import critical  # noqa: E402
 from pipeline.curvature import spectrum
 from pipeline.orchestration import tables
+from pipeline.orchestration.config import recorded_keys
 from pipeline.orchestration.storage import Store  # noqa: E402
 
 # Okabe & Ito's colour-blind-safe palette (black last); labels keep one colour each across figures.
@@ -148,12 +149,10 @@ def with_hue(ok: pd.DataFrame, runs: pd.DataFrame, hue: str | None) -> pd.DataFr
     ``runs`` column ``model_width``), else the point's ``label``."""
     if not hue:
         return ok.assign(hue=ok["label"])
-    col = hue.replace(".", "_")
-    if col not in runs.columns:
-        keys = sorted(c.replace("_", ".", 1) for c in runs.columns
-                      if c.split("_", 1)[0] in tables.CONFIG_SECTIONS)
-        raise ValueError(f"hue {hue!r}: no such config key in the runs table; expected one of {', '.join(keys)}")
-    values = runs.drop_duplicates("run_id").set_index("run_id")[col]
+    if hue not in recorded_keys():
+        raise ValueError(f"hue {hue!r}: no such config key in the runs table; expected one of "
+                         f"{', '.join(sorted(recorded_keys()))}")
+    values = runs.drop_duplicates("run_id").set_index("run_id")[tables.column_name(*hue.split(".", 1))]
     return ok.assign(hue=ok["run_id"].map(values).map(lambda v: f"{hue}={v}" if pd.notna(v) else "unknown"))
 
 

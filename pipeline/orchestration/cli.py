@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -107,10 +108,22 @@ class BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+def from_original_cwd(cfg: DictConfig) -> None:
+    """Make a relative local ``results_root`` absolute from the directory the command ran in: under
+    ``hydra.job.chdir=true`` the job runs in its own time-stamped output folder, where the next command
+    would not find the sweep to resume (Hydra's advice for such paths: ``to_absolute_path``)."""
+    from hydra.utils import to_absolute_path
+
+    root = os.path.expanduser(str(cfg.results_root))
+    if "://" not in root and not os.path.isabs(root):
+        cfg.results_root = to_absolute_path(root)
+
+
 def run(cfg: DictConfig) -> int:
     """Run the sweep described by a composed config; log the summary; write figures. Exit code."""
     from pipeline.orchestration import analysis, sweep
 
+    from_original_cwd(cfg)
     try:
         with stop_on_signals():
             summary = sweep.run_sweep(cfg)

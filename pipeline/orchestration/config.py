@@ -343,6 +343,23 @@ def _folder_name(name: str) -> bool:
 
 
 RUN_SECTIONS = ("data", "model", "optim", "stall", "hessian", "refine")  # what a run records of its config
+SCALARS = (int, float, str, bool)
+
+
+def recorded_keys() -> dict[str, type]:
+    """``{"model.width": int, …}``: every setting of a run's sections whose type is a plain int, float, str or
+    bool (null allowed), in the schema's order. The ``runs`` table holds one column for each
+    (:mod:`pipeline.orchestration.tables`), so a figure can be coloured by it (``plot.hue``); a dict
+    (``model.kwargs``) or a free-form value (``hessian.params``) lives in ``config_json`` alone."""
+    out = {}
+    for section in RUN_SECTIONS:
+        hints = typing.get_type_hints(_SECTIONS[section])
+        for f in dataclasses.fields(_SECTIONS[section]):
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            base = args[0] if typing.get_origin(hints[f.name]) is Union and len(args) == 1 else hints[f.name]
+            if base in SCALARS:
+                out[f"{section}.{f.name}"] = base
+    return out
 
 RULES: tuple[Rule, ...] = (
     *(_finite(key) for key in FLOAT_KEYS),
@@ -424,16 +441,17 @@ RULES: tuple[Rule, ...] = (
     ("ray.num_cpus", lambda c: c.ray.num_cpus is None or c.ray.num_cpus >= 1, "≥ 1, or null (all of this machine's)"),
     ("ray.max_retries", lambda c: c.ray.max_retries >= 0, "≥ 0"),
     ("ray.state_every_s", lambda c: c.ray.state_every_s >= 0, "≥ 0 seconds"),
-    # the runs table holds these sections, one column per setting (pipeline.orchestration.tables.CONFIG_SECTIONS)
-    ("plot.hue", lambda c: not c.plot.hue or (c.plot.hue.split(".")[0] in RUN_SECTIONS and _has_key(c, c.plot.hue)
-                                              and not OmegaConf.is_config(OmegaConf.select(c, c.plot.hue))),
-     f"'' (colour by label) or a setting under {', '.join(s + '.' for s in RUN_SECTIONS)} e.g. model.width"),
+    # the runs table holds one column per recorded setting, which the figure reads after the sweep
+    ("plot.hue", lambda c: not c.plot.hue or c.plot.hue in recorded_keys(),
+     f"'' (colour by label) or a setting under {', '.join(s + '.' for s in RUN_SECTIONS)} that the runs table "
+     "holds as a column, e.g. model.width (not a dict such as model.kwargs, nor hessian.params)"),
 )
 
 
 def validate(cfg: DictConfig) -> None:
     """Check every value of a composed config against :data:`RULES`, then the grid and each of its points;
     raise :class:`ConfigError` naming the first bad field."""
+    check_deleted_keys(cfg)
     for key, ok, allowed in RULES:
         _require(ok(cfg), key, OmegaConf.select(cfg, key), allowed if isinstance(allowed, str) else allowed(cfg))
     validate_user_parts(cfg)
@@ -490,6 +508,33 @@ def validate_user_parts(cfg: DictConfig) -> None:
     _require(not (m.buffers == "train" and m.name == "torch" and cfg.hessian.data_workers > 0), "model.buffers",
              m.buffers, "eval with hessian.data_workers > 0: each data shard's batch statistics would make the "
              "HVPs those of another loss than the full-batch one (use hessian.data_workers=0 for model.buffers=train)")
+
+
+def _deleted(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of ``schema``'s fields absent from ``node``, each named at its highest missing level."""
+    out = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if name not in node:
+            out.append(prefix + name)
+        elif dataclasses.is_dataclass(kind) and isinstance(node[name], DictConfig):
+            out += _deleted(node[name], kind, f"{prefix}{name}.")
+    return out
+
+
+def check_deleted_keys(cfg: DictConfig) -> None:
+    """Refuse a config that lacks a key of the schema: one deleted with Hydra's ``~`` (``~figures``; Hydra
+    lets ``~`` remove a top-level field of the typed config), or a user's own primary config
+    (``--config-name``) not built on the schema. Every field is read, so the sweep would fail on the first
+    read of it (an attribute error; for ``figures``, after the whole sweep)."""
+    gone = _deleted(cfg, Config)
+    if not gone:
+        return
+    if OmegaConf.get_type(cfg) is not Config:
+        shown = ", ".join(gone[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else "")
+        raise ConfigError(f"the primary config lacks keys of minratio's schema ({shown}): put base_config first "
+                          "in its defaults list, as conf/config.yaml does, so that every key has its default")
+    raise ConfigError(f"{', '.join(gone)}: deleted with '~', but minratio reads every key of its config; set "
+                      "a value instead (`minratio-sweep --cfg job` shows each key and its default)")
 
 
 def check_unread_keys(cfg: DictConfig) -> None:

@@ -15,13 +15,17 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
+from pipeline.orchestration.config import MODEL_KEYS_READ, RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
+from pipeline.orchestration.plan import NOT_IN_ID, in_run_id
 from pipeline.orchestration.storage import Store
 
 RECORD = "sweep.json"
 # Where and how fast a run computes, not what: a sweep may resume on other hardware.
 RESOURCE_KEYS = frozenset({*(f"hessian.{f.name}" for f in dataclasses.fields(HessianResources)),
                            "refine.num_cpus", "refine.num_gpus"})
+# Where a run's data sit (the folder, whether a missing set may be fetched), not what it computes: a sweep
+# started with data.download=true resumes without it, or on a node whose data.root differs.
+WHERE_KEYS = frozenset(f"{section}.{key}" for section, keys in NOT_IN_ID.items() for key in keys)
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,17 @@ def of_config(cfg: DictConfig) -> Identity:
     for name in SECTIONS:
         flat.update(_flatten(resolved[name], f"{name}."))
     varied = tuple(sorted(resolved["sweep"]["grid"] or {}))
-    fixed = {k: v for k, v in flat.items() if k not in RESOURCE_KEYS and k not in varied}
+    fixed = {k: v for k, v in flat.items() if k not in RESOURCE_KEYS | WHERE_KEYS and k not in varied
+             and not _unread_model_key(k, resolved["model"]["name"], varied)}
     return Identity(fixed, varied)
+
+
+def _unread_model_key(key: str, model_name: str, varied: tuple) -> bool:
+    """A ``model.*`` key the sweep's kind of model does not read (``model.conv_layers`` of an MLP): it changes
+    no run, so it defines nothing. Every model key counts where a grid varies ``model.name``."""
+    section, _, name = key.partition(".")
+    read = MODEL_KEYS_READ.get(model_name)
+    return section == "model" and read is not None and name not in read and "model.name" not in varied
 
 
 def read(store: Store, sweep: str) -> Identity | None:
@@ -86,17 +99,32 @@ def check(store: Store, sweep: str, cfg: DictConfig) -> Identity:
     return the record to :func:`save` once the command is under way. Reads only; writes nothing."""
     recorded, wanted = read(store, sweep), of_config(cfg)
     diff = differences(recorded, wanted) if recorded else {}
-    if diff and not cfg.sweep.extend:
-        shown = "; ".join(f"{k}={json.loads(new)!r} here, {json.loads(old)!r} there" for k, (old, new) in
-                          list(diff.items())[:8]) + ("; …" if len(diff) > 8 else "")
-        key, (_, new) = next(iter(diff.items()))
-        # a folder name that no path, URI or glob reads as syntax (as multirun names are made)
-        name = re.sub(r"[^\w.,+-]", "_", f"{sweep}-{key.split('.')[-1].strip('_')}-{json.loads(new)}")
+    if not diff:
+        return merged(recorded, wanted)
+    shown = "; ".join(f"{k}={json.loads(new)!r} here, {json.loads(old)!r} there" for k, (old, new) in
+                      list(diff.items())[:8]) + ("; …" if len(diff) > 8 else "")
+    key, (_, new) = next(iter(diff.items()))
+    # a folder name that no path, URI or glob reads as syntax (as multirun names are made)
+    name = re.sub(r"[^\w.,+-]", "_", f"{sweep}-{key.split('.')[-1].strip('_')}-{json.loads(new)}")
+    if not cfg.sweep.extend:
         raise ConfigError(
             f"sweep.name={sweep!r} already holds runs of another config ({len(diff)} setting(s) differ: "
             f"{shown}). Give this experiment its own name, e.g. sweep.name={name}, or add sweep.extend=true "
             "to add its runs to the same tables")
+    if not any(adds_work(k, old) for k, (old, _) in diff.items()):
+        raise ConfigError(
+            f"sweep.extend=true would add nothing to sweep.name={sweep!r}: the settings that differ ({shown}) do "
+            "not enter a run's id, so this command's runs and points are those the folder holds, computed as "
+            f"they were there. Give this experiment its own name, e.g. sweep.name={name}")
     return merged(recorded, wanted)
+
+
+def adds_work(key: str, recorded_value: str) -> bool:
+    """Whether a command differing from the sweep's record in ``key`` (recorded as ``recorded_value``, JSON)
+    plans work the folder lacks: a key of the run id makes new runs, and a refinement method where the
+    sweep had none adds refined points; any other key (``hessian.estimate_probes``, ``refine.gtol2``)
+    would leave the folder's runs and points as they are."""
+    return in_run_id(key) or (key == "refine.method" and json.loads(recorded_value) == "none")
 
 
 def save(store: Store, sweep: str, identity: Identity) -> None:

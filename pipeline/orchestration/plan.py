@@ -29,6 +29,14 @@ LATER_DEFAULTS = {"model": {"_target_": None, "kwargs": {}, "buffers": "eval"},
 NOT_IN_ID = {"data": ("root", "download")}
 
 
+def in_run_id(key: str) -> bool:
+    """Whether the dotted config key ``key`` enters :func:`run_id` (for a model that reads it)."""
+    section, _, name = key.partition(".")
+    if section == "hessian":
+        return name in HESSIAN_ID_KEYS
+    return section in ID_SECTIONS and name not in NOT_IN_ID.get(section, ())
+
+
 @dataclass(frozen=True)
 class Run:
     run_id: str

@@ -474,7 +474,8 @@ def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False
     Every checkpoint of a finished run is verified against its record (:func:`jobs.scan_checkpoints`),
     and one that an analysed point or the run's ``n_checkpoints`` refers to must be there. A finished run
     with a missing or damaged checkpoint is trained again from its start (its checkpoints, then all its
-    points, are made again), with one warning line per file; every other run goes on as planned."""
+    points, are made again; its rows leave the files compaction merged, :func:`tables.drop_runs`), with one
+    warning line per file; every other run goes on as planned."""
     rows = tables.read(store, name, "runs", columns=["status", "n_checkpoints"]).to_pylist()
     finished = {r["run_id"]: r["n_checkpoints"] for r in rows if r["status"] in ("ok", "diverged")}
     done_points = tables.done_keys(store, name, "points")
@@ -482,7 +483,7 @@ def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False
     for run_id, step, stage in done_points:
         if stage != "refined":
             referenced[run_id].add(step)
-    todo, missing = [], []
+    todo, missing, retrain = [], [], set()
     for run in runs:
         if run.run_id not in finished:
             todo.append(run)
@@ -500,10 +501,13 @@ def plan_resume(store: Store, name: str, runs: list[Run], refining: bool = False
             for problem in problems:
                 log.warning("%s: run %s is trained again from its start", problem, run.run_id)
             todo.append(run)
+            retrain.add(run.run_id)
             continue
         for ref in refs:
             wanted = [ref, dataclasses.replace(ref, stage="refined")] if refining else [ref]
             missing += [w for w in wanted if (w.run_id, w.step, w.stage) not in done_points]
+    for table in tables.TABLES:  # its old rows, where compaction merged them, would sit beside the new ones
+        tables.drop_runs(store, name, table, retrain)
     return todo, missing
 
 

@@ -9,14 +9,15 @@ a later version is never lost) and keeps one row per key; :func:`compact` merges
 from __future__ import annotations
 
 import collections
-import dataclasses
 import io
+import posixpath
+import re
 import time
-import typing
 import uuid
 import warnings
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -40,16 +41,7 @@ def column_name(section: str, key: str) -> str:
 
 
 def _config_fields() -> list[pa.Field]:
-    out = []
-    for section, cls in CONFIG_SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            t = hints[f.name]
-            args = [a for a in typing.get_args(t) if a is not type(None)]
-            base = args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
-            if base in _PA_TYPES:
-                out.append(pa.field(column_name(section, f.name), _PA_TYPES[base]))
-    return out
+    return [pa.field(column_name(*key.split(".", 1)), _PA_TYPES[kind]) for key, kind in C.recorded_keys().items()]
 
 
 _META = [pa.field("schema_version", pa.int32()), pa.field("written_at", pa.timestamp("us", tz="UTC"))]
@@ -371,6 +363,34 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
         if f not in written and unchanged(f):
             store.delete(f)
     return len(files), table.num_rows
+
+
+# A file named after its key (:func:`file_name`) starts with the run id: 12 hex digits, then "-" or ".".
+_KEY_FILE = re.compile(r"[0-9a-f]{12}[-.]")
+
+
+def drop_runs(store: Store, sweep: str, name: str, run_ids: set) -> None:
+    """Remove the rows of ``run_ids`` from the files of table ``name`` not named after a key (the merged
+    ``part-*`` files of :func:`compact`), rewriting each one that holds any, atomically. A run trained
+    again after compaction then writes its rows to key-named files only (replacing its own old ones), so
+    readers without de-duplication (pandas, DuckDB, polars) never see one of its keys twice. Meant for the
+    moment before the retrained run's tasks start; a crash in between leaves the run without rows, which
+    the next resume trains."""
+    if not run_ids:
+        return
+    folder = f"{sweep}/{name}"
+    for f in store.list_files(folder, ".parquet"):
+        if _KEY_FILE.match(posixpath.basename(f)):
+            continue
+        table = _dataset(store, [f], SCHEMAS[name]).to_table()
+        gone = pc.is_in(table.column("run_id"), value_set=pa.array(sorted(run_ids), pa.string()))
+        if not pc.any(gone).as_py():
+            continue
+        kept = table.filter(pc.invert(gone))
+        if kept.num_rows:
+            _put(store, f, kept)
+        else:
+            store.delete(f)
 
 
 def _has_all_columns(store: Store, rel: str, name: str) -> bool:
