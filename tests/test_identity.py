@@ -114,3 +114,22 @@ def test_multirun_jobs_get_a_sweep_each_and_the_log_file_holds_the_summary(multi
         assert f"sweep '{folder.name}': 1 runs in this command" in logged
         assert "min ratio min/median/max" in logged and "all runs" in logged and "tables: " in logged
     assert "Token authentication is enabled" not in multirun.stdout + multirun.stderr
+
+
+def test_multirun_names_leave_out_every_key_that_defines_no_experiment():
+    # A job's sweep name carries its overrides (override_dirname); a key that the experiment's identity leaves
+    # out (resources, where the data sit, the Ray connection) must not split one experiment into several sweeps.
+    import dataclasses
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.orchestration.config import RayConfig, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("pipeline.conf", version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    not_identity = identity.RESOURCE_KEYS | identity.WHERE_KEYS | {f"ray.{f.name}" for f in dataclasses.fields(RayConfig)}
+    assert not_identity - excluded == set()
