@@ -68,6 +68,8 @@ BAD = [
     ("plot.hue=model.widht", "plot.hue"),
     ("plot.hue=model", "plot.hue"),  # a section, not a setting
     ("plot.hue=hessian.params", "plot.hue"),  # free-form: no runs column to colour by (the figure is drawn last)
+    ("+model.kwargs.hidden=32", "model.kwargs"),  # a built-in MLP reads no kwargs: not silently dropped
+    ("+data.kwargs.n=100", "data.kwargs"),
 ]
 
 

@@ -479,7 +479,8 @@ def _validate_grid(cfg: DictConfig) -> None:
 
 def validate_user_parts(cfg: DictConfig) -> None:
     """The keys of a user's model and data (``model=torch``, ``data=torch``), real image sets and
-    ``hessian.params``: each ``_target_`` set exactly where its ``name`` reads it, sides that divide the
+    ``hessian.params``: each ``_target_`` set exactly where its ``name`` reads it, ``kwargs`` empty where
+    nothing reads them, sides that divide the
     image, a known split and buffers mode. Whether the import paths resolve is checked where the model is
     built, before any run (:func:`pipeline.orchestration.sweep.check_problems`)."""
     d, m = cfg.data, cfg.model
@@ -492,6 +493,10 @@ def validate_user_parts(cfg: DictConfig) -> None:
         else:
             _require(target is None, f"{sec}._target_", target,
                      f"null with {sec}.name={node.name} (a user's {sec} needs {sec}=torch)")
+            kwargs = node.get("kwargs")
+            _require(not kwargs, f"{sec}.kwargs", OmegaConf.to_container(kwargs) if OmegaConf.is_config(kwargs)
+                     else kwargs, f"{{}} with {sec}.name={node.name}, which reads no kwargs (they are a user's "
+                     f"{sec}'s arguments, {sec}=torch)")
     if d.name in IMAGE_SIDES and d.name != "digits":
         full = IMAGE_SIDES[d.name]
         _require(1 <= d.side <= full and full % d.side == 0, "data.side", d.side,
