@@ -250,6 +250,15 @@ def test_a_relative_results_root_stays_where_the_command_ran_under_hydra_job_chd
     assert "sweep.name='x' already holds runs of another config" in res.stderr, res.stderr
 
 
+def test_a_relative_data_root_is_read_from_where_the_command_ran_under_hydra_job_chdir(tmp_path):
+    """data=mnist data.root=mydata under hydra.job.chdir=true looked for (or downloaded) the set under
+    outputs/<name>/<time>/mydata, a new folder each command; it is the command's ./mydata, refused before Ray."""
+    res = _cli("hydra.job.chdir=true", "data=mnist", "data.root=mydata", "sweep.name=x", "ray=cluster",
+               "ray.address=127.0.0.1:9", cwd=tmp_path)
+    assert res.returncode == 2
+    assert f"folder {tmp_path / 'mydata' / 'MNIST' / 'raw'} does not exist" in res.stderr, res.stderr
+
+
 def test_cli_cfg_job_and_help_work_as_hydra_users_expect(tmp_path):
     res = _cli("--cfg", "job", "model.width=11", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

@@ -111,12 +111,18 @@ class BelowWarning(logging.Filter):
 def from_original_cwd(cfg: DictConfig) -> None:
     """Make a relative local ``results_root`` absolute from the directory the command ran in: under
     ``hydra.job.chdir=true`` the job runs in its own time-stamped output folder, where the next command
-    would not find the sweep to resume (Hydra's advice for such paths: ``to_absolute_path``)."""
-    from hydra.utils import to_absolute_path
+    would not find the sweep to resume (Hydra's advice for such paths: ``to_absolute_path``). A relative
+    ``data.root`` too, when Hydra changed the directory: the local Ray's workers start there, and would
+    look for (or download) the data set in each command's new folder; without a change it is left as
+    written, each node's workers reading it from their own directory."""
+    from hydra.utils import get_original_cwd, to_absolute_path
 
     root = os.path.expanduser(str(cfg.results_root))
     if "://" not in root and not os.path.isabs(root):
         cfg.results_root = to_absolute_path(root)
+    data_root = os.path.expanduser(str(cfg.data.root))
+    if not os.path.isabs(data_root) and os.path.realpath(os.getcwd()) != os.path.realpath(get_original_cwd()):
+        cfg.data.root = to_absolute_path(data_root)
 
 
 def run(cfg: DictConfig) -> int:
