@@ -114,6 +114,8 @@ def test_a_sweep_whose_points_all_failed_still_gets_its_summary_and_curves(tmp_p
     text, figs = analysis.analyze(store, SWEEP)
     assert "checkpoints analysed: 0  failed: 1" in text
     assert [f.rsplit("/", 1)[-1] for f in figs] == ["loss_curves.png", "loss_curves.pdf"]
+    with pytest.raises(ValueError, match="holds no spectra"):  # asked for, not silently left out
+        analysis.analyze(store, SWEEP, "r1:5")
 
 
 def test_rank_correlations_are_also_given_within_each_value_of_the_hue_key(tmp_path):

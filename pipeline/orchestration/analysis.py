@@ -413,6 +413,9 @@ def analyze(store: Store, sweep: str, checkpoint: str | None = None, hue: str | 
     t = load(store, sweep)
     ok = t["points"][t["points"]["status"] == "ok"]
     ok = with_hue(ok, t["runs"], hue)  # before any figure: an unknown key fails before files are written
+    if checkpoint and not len(t["spectra"]):
+        raise ValueError(f"--checkpoint {checkpoint!r}: {sweep!r} holds no spectra to draw a histogram from "
+                         "(hessian.method=inertia and estimate keep counts only; hessian.method=eigh keeps spectra)")
     sel = _histogram_point(t["spectra"].merge(ok, on=KEY, suffixes=("", "_point")), checkpoint, sweep) \
         if len(t["spectra"]) else []  # a bad or unknown --checkpoint likewise
     figs = []
