@@ -72,3 +72,10 @@ def test_spectra_equal_autograd_of_the_same_loss(user_sweep):
             H = H[sub.index][:, sub.index]
         lam = np.asarray(spectra.loc[(p["run_id"], p["step"], p["stage"]), "eigenvalues"])
         assert np.allclose(lam, torch.linalg.eigvalsh(H).numpy(), atol=1e-10, rtol=0)
+        # ‖g‖² of the restricted loss, and of the whole loss (whether ∇L vanishes over all of θ too)
+        theta = theta.double().requires_grad_(True)
+        (g,) = torch.autograd.grad(problem.loss_fn()(theta), theta)
+        g_sub = g if sub is None else g[sub.index]
+        assert np.isclose(p["grad_norm2"], float(g_sub.square().sum()), rtol=1e-9, atol=0)
+        assert np.isclose(p["grad_norm2_all"], float(g.square().sum()), rtol=1e-9, atol=0)
+        assert (p["grad_norm2_all"] > p["grad_norm2"]) == (sub is not None)

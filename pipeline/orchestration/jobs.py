@@ -392,16 +392,21 @@ def critical_values(problem, theta: torch.Tensor, res, gtol2: float, device: str
     critical point; elsewhere the label says only whether the gradient is small. The loss, ‖g‖² and
     the escape check are evaluated in float64 on ``device``, the task's. ``subset``: the parameters the
     Hessian was taken over (``theta`` ``[N]`` is the whole point; the rest stays fixed), None for all.
-    ``gtol2``: the run's ``refine.gtol2``, below which ‖g‖² counts as critical."""
+    ``gtol2``: the run's ``refine.gtol2``, below which ‖g‖² counts as critical. With a subset the labels
+    are the restricted loss's, and ``grad_norm2_all`` says whether ∇L vanishes over all of θ as well."""
+    g2_all = None
+    if subset is not None:
+        full = problem.to(device, torch.float64).loss_fn()
+        g2_all = float(torch.func.grad(full)(theta.to(device, torch.float64)).square().sum())
     if res.grad_coeffs is None:
         small = res.grad_norm ** 2 < gtol2
-        return rows.gradient_columns(res.grad_norm ** 2, res.label if small else "not_critical")
+        return rows.gradient_columns(res.grad_norm ** 2, res.label if small else "not_critical", g2_all)
     f = problem.to(device, torch.float64).loss_fn()
     theta = theta.to(device, torch.float64)
     if subset is not None:
         f, theta = params.SubsetLoss(f, theta, subset), subset.take(theta)
     return rows.critical_columns(critical.report_from_eigen(
-        f, theta, res.eigenvalues, res.grad_coeffs, res.v_min, tol=res.tol, gtol2=gtol2))
+        f, theta, res.eigenvalues, res.grad_coeffs, res.v_min, tol=res.tol, gtol2=gtol2), g2_all)
 
 
 def refine_job(store_uri: str, sweep: str, ref: CheckpointRef, device: str = "cpu",

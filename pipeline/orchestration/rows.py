@@ -113,9 +113,11 @@ def escape_columns(escape: Optional[EscapeCheck]) -> dict:
             "escape_predicted": escape.predicted[i], "escape_ratio_smallest": escape.ratio_smallest}
 
 
-def critical_columns(report: CriticalReport) -> dict:
-    """The honest-label columns of a :class:`pipeline.landscape.critical.CriticalReport`."""
+def critical_columns(report: CriticalReport, grad_norm2_all: Optional[float] = None) -> dict:
+    """The honest-label columns of a :class:`pipeline.landscape.critical.CriticalReport`; ``grad_norm2_all``:
+    ‖∇L‖² over all of θ where the report is of a parameter subset's loss (None: the report's own)."""
     return {"grad_norm2": report.grad_norm2, "critical_label": report.label,
+            "grad_norm2_all": report.grad_norm2 if grad_norm2_all is None else grad_norm2_all,
             "grad_share_neg": report.shares.neg, "grad_share_zero": report.shares.zero,
             "grad_share_pos": report.shares.pos, "flat_residual": report.flatness.relative_residual,
             "flat_cokernel": report.flatness.cokernel_residual, "grad_curvature": report.grad_curvature,
@@ -132,6 +134,8 @@ def refine_columns(result: RefineResult) -> dict:
             "refine_grads": result.grads, "refine_seconds": result.seconds}
 
 
-def gradient_columns(grad_norm2: float, critical_label: str) -> dict:
-    """The honest-label columns where no eigenbasis was kept: only ‖g‖² and the label it allows."""
-    return {"grad_norm2": grad_norm2, "critical_label": critical_label}
+def gradient_columns(grad_norm2: float, critical_label: str, grad_norm2_all: Optional[float] = None) -> dict:
+    """The honest-label columns where no eigenbasis was kept: only ‖g‖² and the label it allows
+    (``grad_norm2_all`` as in :func:`critical_columns`)."""
+    return {"grad_norm2": grad_norm2, "critical_label": critical_label,
+            "grad_norm2_all": grad_norm2 if grad_norm2_all is None else grad_norm2_all}

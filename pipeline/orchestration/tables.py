@@ -26,7 +26,7 @@ from pipeline.orchestration.storage import Store
 
 # Bump the version whenever a column is added or a column's definition changes; files of an older version
 # read with nulls in the columns they lack (see `read`). Each version's changes: docs/performance.md.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 TABLES = ("runs", "points", "spectra", "curves")
 
 # Per-run config sections that become columns of `runs` as <section>_<field>.
@@ -126,6 +126,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("stall_tag_reasons", pa.string()),
         # Honest labels (pipeline.landscape.critical): is the point critical at all?
         pa.field("grad_norm2", pa.float64()),  # ‖g‖²; critical when < refine.gtol2 (1e-10)
+        pa.field("grad_norm2_all", pa.float64()),  # ‖∇L‖² over all of θ: grad_norm2 unless hessian.params is a subset
         pa.field("critical_label", pa.string()),  # not_critical | gradient_flat | the spectrum label
         pa.field("grad_share_neg", pa.float64()),  # share of ‖g‖² in eigenspaces with λ < −tol
         pa.field("grad_share_zero", pa.float64()),  # … with |λ| ≤ tol
