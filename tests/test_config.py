@@ -233,6 +233,8 @@ def test_cli_tilde_deletion_exits_before_any_run(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "figures: deleted with '~'" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "r").exists()
+    res = _cli("~results_root", cwd=tmp_path)  # read by the CLI itself, before the sweep's checks
+    assert res.returncode == 2 and "results_root: deleted with '~'" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_a_relative_results_root_stays_where_the_command_ran_under_hydra_job_chdir(tmp_path):

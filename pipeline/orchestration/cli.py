@@ -21,7 +21,7 @@ import threading
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.orchestration.config import ConfigError, register_configs
+from pipeline.orchestration.config import ConfigError, check_deleted_keys, register_configs
 from pipeline.orchestration.storage import StorageError, join_uri, public_uri
 
 register_configs()
@@ -115,8 +115,11 @@ def from_original_cwd(cfg: DictConfig) -> None:
     ``data.root`` too, when Hydra changed the directory: the local Ray's workers start there, and would
     look for (or download) the data set in each command's new folder; without a change it is left as
     written, each node's workers reading it from their own directory."""
+    from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
 
+    if not HydraConfig.initialized():  # composed in code (compose, a test): no directory was changed
+        return
     root = os.path.expanduser(str(cfg.results_root))
     if "://" not in root and not os.path.isabs(root):
         cfg.results_root = to_absolute_path(root)
@@ -129,8 +132,9 @@ def run(cfg: DictConfig) -> int:
     """Run the sweep described by a composed config; log the summary; write figures. Exit code."""
     from pipeline.orchestration import analysis, sweep
 
-    from_original_cwd(cfg)
     try:
+        check_deleted_keys(cfg)  # before the keys are read here: '~results_root' is refused, not a traceback
+        from_original_cwd(cfg)
         with stop_on_signals():
             summary = sweep.run_sweep(cfg)
     except ConfigError as err:
