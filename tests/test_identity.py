@@ -55,16 +55,24 @@ def test_where_the_data_sit_and_keys_the_model_does_not_read_define_no_experimen
 def test_extend_is_refused_where_the_command_would_add_nothing(make_cfg):
     """Settings outside the run id (the estimator's probes, the finder's tolerance) leave this command's runs
     those the folder holds, so sweep.extend=true would record them as varied and compute nothing new."""
+    from pipeline.orchestration import tables
+    from pipeline.orchestration.plan import expand
+
     cfg = make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig"])
     store = Store.open(cfg.results_root)
     identity.save(store, "exp", identity.check(store, "exp", cfg))
+    tables.write(store, "exp", "runs", [{"run_id": run.run_id, "status": "ok"} for run in expand(cfg)])
+
+    def check(*extra):
+        command = make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig", "sweep.extend=true", *extra])
+        return identity.check(store, "exp", command, [run.run_id for run in expand(command)])
+
     for inert in (["hessian.estimate_probes=60"], ["refine.gtol2=1e-12"], ["refine=newton_mr"]):
         with pytest.raises(ConfigError, match=r"sweep.extend=true would add nothing to sweep.name='exp': the "
                                               r"settings that differ \(.* here, .* there\) do not enter a run's id"):
-            identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig", "sweep.extend=true",
-                                                          *inert]))
-    identity.check(store, "exp", make_cfg(TINY + ["sweep.name=exp", "refine=newton_eig", "sweep.extend=true",
-                                                  "model.width=4", "refine.gtol2=1e-12"]))  # new runs
+            check(*inert)
+    check("model.width=4", "refine.gtol2=1e-12")  # new runs: another width
+    check("sweep.seeds=2", "hessian.estimate_probes=60")  # new runs: another seed, though seeds define nothing
     unrefined = make_cfg(TINY + ["sweep.name=plain"])
     identity.save(store, "plain", identity.check(store, "plain", unrefined))
     identity.check(store, "plain", make_cfg(TINY + ["sweep.name=plain", "refine=newton_eig", "sweep.extend=true"]))

@@ -12,11 +12,13 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration.config import MODEL_KEYS_READ, RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
 from pipeline.orchestration.plan import NOT_IN_ID, in_run_id
+from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
 
 RECORD = "sweep.json"
@@ -94,9 +96,11 @@ def merged(recorded: Identity | None, wanted: Identity) -> Identity:
     return Identity({k: v for k, v in fixed.items() if k not in varied}, tuple(sorted(varied)))
 
 
-def check(store: Store, sweep: str, cfg: DictConfig) -> Identity:
-    """Refuse ``cfg`` when the sweep's folder records another experiment (unless ``sweep.extend``);
-    return the record to :func:`save` once the command is under way. Reads only; writes nothing."""
+def check(store: Store, sweep: str, cfg: DictConfig, planned: Iterable[str] = ()) -> Identity:
+    """Refuse ``cfg`` when the sweep's folder records another experiment (unless ``sweep.extend``), or
+    when an extension would add nothing: no setting of a run's id differs and every run id in ``planned``
+    (the command's runs) is in the folder already. Return the record to :func:`save` once the command is
+    under way. Reads only; writes nothing."""
     recorded, wanted = read(store, sweep), of_config(cfg)
     diff = differences(recorded, wanted) if recorded else {}
     if not diff:
@@ -111,12 +115,17 @@ def check(store: Store, sweep: str, cfg: DictConfig) -> Identity:
             f"sweep.name={sweep!r} already holds runs of another config ({len(diff)} setting(s) differ: "
             f"{shown}). Give this experiment its own name, e.g. sweep.name={name}, or add sweep.extend=true "
             "to add its runs to the same tables")
-    if not any(adds_work(k, old) for k, (old, _) in diff.items()):
+    if not any(adds_work(k, old) for k, (old, _) in diff.items()) and set(planned) <= _known_runs(store, sweep):
         raise ConfigError(
             f"sweep.extend=true would add nothing to sweep.name={sweep!r}: the settings that differ ({shown}) do "
-            "not enter a run's id, so this command's runs and points are those the folder holds, computed as "
-            f"they were there. Give this experiment its own name, e.g. sweep.name={name}")
+            "not enter a run's id, and every run this command plans is in the folder already, computed as it "
+            f"was there. Give this experiment its own name, e.g. sweep.name={name}")
     return merged(recorded, wanted)
+
+
+def _known_runs(store: Store, sweep: str) -> set:
+    """The run ids the sweep's ``runs`` table holds."""
+    return set(tables.read(store, sweep, "runs", columns=[]).column("run_id").to_pylist())
 
 
 def adds_work(key: str, recorded_value: str) -> bool:
