@@ -55,6 +55,17 @@ class Downcast(nn.Module):
         return self.lin(x.flatten(1)).float()
 
 
+class Upcast(nn.Module):
+    """Computes in float64 whatever θ's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)).double()
+
+
 class Thresholded(nn.Module):
     """Integer outputs: no derivative reaches θ, so its Hessian would be exactly zero (a 'flat' point)."""
 
@@ -182,6 +193,9 @@ def test_outputs_not_in_the_dtype_of_theta_are_refused():
         model.forward(model.init(0), X)
     # in float32 throughout (training in optim.dtype=float32) the same module is fine
     assert model.forward(model.init(0, torch.float32), X.float()).dtype == torch.float32
+    # and wider outputs lose nothing: float64 from float32 parameters is not refused
+    wide = TorchModel("test_torch_model.Upcast")
+    assert wide.forward(wide.init(0, torch.float32), X.float()).dtype == torch.float64
 
 
 def test_wrong_output_width_is_refused():

@@ -15,8 +15,8 @@ trains θ only. Which statistics a normalisation layer uses is the ``buffers`` m
 
 The loss must be a deterministic function of θ: :func:`check_model` refuses active dropout, random
 numbers drawn inside ``forward``, buffers that ``forward`` changes, and modules that ``torch.func.vmap``
-cannot run, each with a message naming the module and the reason; every call refuses outputs in another
-dtype than θ's (a float64 Hessian through float32 or integer outputs would not be float64-accurate). No Ray or Hydra here: the target is an
+cannot run, each with a message naming the module and the reason; every call refuses outputs in a
+narrower dtype than θ's (a float64 Hessian through float32 or integer outputs would not be float64-accurate). No Ray or Hydra here: the target is an
 import path string, resolved with :mod:`importlib`.
 """
 from __future__ import annotations
@@ -208,13 +208,14 @@ class TorchModel:
         out = functional_call(self.module, state, (x,), strict=False)
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"{self.target} returned {type(out).__name__}, not a tensor of outputs [n, out_dim]")
-        if out.dtype != X.dtype:
+        if not out.dtype.is_floating_point or torch.finfo(out.dtype).bits < torch.finfo(X.dtype).bits:
             # A float64 Hessian taken through float32 (or integer) outputs has float32 (or zero) derivatives
-            # under a float64 label and tolerance: refuse it rather than count rounding noise.
+            # under a float64 label and tolerance: refuse it rather than count rounding noise. Outputs in a
+            # wider float than θ's (float64 from float32) lose nothing.
             raise ModelError(f"{self.target} returned {str(out.dtype).replace('torch.', '')} outputs for "
                              f"{str(X.dtype).replace('torch.', '')} inputs and parameters: the module must compute "
-                             "in the dtype it is given (no .float(), .half(), .long() or tensors of a fixed "
-                             "dtype made inside forward), or the Hessian's precision is not its dtype's")
+                             "in at least the precision it is given (no .float(), .half(), .long() or tensors of "
+                             "a fixed dtype made inside forward), or the Hessian's precision is not its dtype's")
         return out
 
 
