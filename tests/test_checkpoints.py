@@ -260,3 +260,42 @@ def test_verify_names_each_damaged_file_and_the_rows_that_refer_to_it(finished, 
 def test_verify_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     out = verify_cli(tmp_path, capsys)
     assert out.returncode == 2 and "not a sweep results folder" in out.stderr
+
+
+def test_stall_tags_saved_before_schema_10_are_read_against_the_momentum_limit(make_cfg):
+    """Since schema 10 stall_sharpness is λmax·lr/(2(1 + μ)); a checkpoint or training state saved by an
+    older version holds λmax·lr/2 and no tag_limit stamp, and a resumed sweep rescales it, so one table
+    never mixes the two definitions."""
+    import io
+
+    from pipeline.orchestration import rows
+    from pipeline.orchestration.train import train
+
+    cfg = make_cfg(["sweep.seeds=1", "optim.max_steps=1500", "stall.window=100", "optim.momentum=0.5"])
+    (run,) = expand(cfg)
+    store, states = Store.open(cfg.results_root), []
+    train(run.config, run.seed, on_state=states.append, state_every_s=0.0)
+    state = next(s for s in states if any(ck.tag is not None for ck in s.checkpoints))
+    ck = next(c for c in state.checkpoints if c.tag is not None)
+    sharp = ck.tag.sharpness
+    assert sharp > 0
+    saved = torch.load(io.BytesIO(store.read_bytes(jobs.save_checkpoint(store, "s", run, ck).path)), weights_only=True)
+    assert saved["tag_limit"] == rows.TAG_LIMIT
+    assert rows.current_tag_columns(saved["tag"], saved, 0.5)["stall_sharpness"] == sharp  # stamped: as saved
+    old = {**saved["tag"], "stall_sharpness": sharp * 1.5}  # what λmax·lr/2 was for μ = 0.5
+    assert rows.current_tag_columns(old, {"tag": old}, 0.5)["stall_sharpness"] == pytest.approx(sharp, rel=1e-15)
+    assert rows.current_tag_columns(old, {"tag": old}, 0.0) == old  # without momentum both definitions agree
+    # a training state saved by an older version: the same rescaling when a retry reads it
+    jobs.save_state(store, "s", run.run_id, state)
+    path = jobs.state_path("s", run.run_id)
+    d = torch.load(io.BytesIO(store.read_bytes(path)), weights_only=True)
+    assert jobs.load_state(store, "s", run.run_id, 0.5).checkpoints[state.checkpoints.index(ck)].tag.sharpness == sharp
+    del d["tag_limit"]
+    for c in d["checkpoints"]:
+        if c["tag"]:
+            c["tag"]["stall_sharpness"] *= 1.5
+    buf = io.BytesIO()
+    torch.save(d, buf)
+    store.write_bytes(path, buf.getvalue())
+    restored = jobs.load_state(store, "s", run.run_id, 0.5).checkpoints[state.checkpoints.index(ck)].tag
+    assert restored.sharpness == pytest.approx(sharp, rel=1e-15)

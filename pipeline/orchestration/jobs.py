@@ -31,7 +31,7 @@ from pipeline.orchestration.config import HessianCounting, HessianResources, Run
 from pipeline.curvature.hessian import spectra_at_many, spectrum_at
 from pipeline.orchestration.plan import Run
 from pipeline.orchestration.storage import Store, StorageFull
-from pipeline.orchestration.train import Checkpoint, Curves, TrainState, run_problem, train
+from pipeline.orchestration.train import Checkpoint, Curves, TrainState, limit_momentum, run_problem, train
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def save_checkpoint(store: Store, sweep: str, run: Run, ck: Checkpoint) -> Check
     whole file; a crash between the two leaves a checkpoint without a record, checked by loading it."""
     buf = io.BytesIO()
     torch.save({"theta": ck.theta, "step": ck.step, "loss": ck.loss, "grad_norm": ck.grad_norm,
-                "stalled": ck.stalled, "reason": ck.reason, "tag": rows.stall_tag_columns(ck.tag), "run_id": run.run_id,
-                "seed": run.seed}, buf)
+                "stalled": ck.stalled, "reason": ck.reason, "tag": rows.stall_tag_columns(ck.tag),
+                "tag_limit": rows.TAG_LIMIT, "run_id": run.run_id, "seed": run.seed}, buf)
     path = checkpoint_path(sweep, run.run_id, ck.step)
     data = buf.getvalue()
     store.write_bytes(path, data)
@@ -190,22 +190,25 @@ def save_state(store: Store, sweep: str, run_id: str, st: TrainState) -> None:
     torch.save({"step": st.step, "theta": st.theta, "optimizer": st.optimizer, "generator": st.generator,
                 "curves": [st.curves.step, st.curves.loss, st.curves.grad_norm, st.curves.lam_max,
                            st.curves.grad_cosine], "since": st.since,
-                "checkpoints": [{**vars(ck), "tag": rows.stall_tag_columns(ck.tag)} for ck in st.checkpoints]}, buf)
+                "checkpoints": [{**vars(ck), "tag": rows.stall_tag_columns(ck.tag)} for ck in st.checkpoints],
+                "tag_limit": rows.TAG_LIMIT}, buf)
     store.write_bytes(state_path(sweep, run_id), buf.getvalue())
 
 
-def load_state(store: Store, sweep: str, run_id: str) -> TrainState | None:
+def load_state(store: Store, sweep: str, run_id: str, momentum: float = 0.0) -> TrainState | None:
     """The state a killed attempt of this run saved, or None. A state file that cannot be loaded (cut
     off or damaged by hand: our writers write it whole) is named in a warning and ignored, so the run
-    starts again from step 0 instead of failing at every resume."""
+    starts again from step 0 instead of failing at every resume. ``momentum``: the run's
+    :func:`pipeline.orchestration.train.limit_momentum`, for stall tags saved by an older version."""
     path = state_path(sweep, run_id)
     if not store.exists(path):
         return None
     try:
         d = torch.load(io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=True)
         return TrainState(d["step"], d["theta"], d["optimizer"], d["generator"], Curves(*d["curves"]),
-                          [Checkpoint(**{**ck, "tag": rows.stall_tag_from_columns(ck["tag"])})
-                           for ck in d["checkpoints"]], d["since"])
+                          [Checkpoint(**{**ck, "tag": rows.stall_tag_from_columns(
+                              rows.current_tag_columns(ck["tag"], d, momentum))}) for ck in d["checkpoints"]],
+                          d["since"])
     except Exception as err:  # noqa: BLE001 — torch raises RuntimeError, pickle errors, EOFError…
         log.warning("training state %s is not readable (%s: %s); run %s starts again from step 0",
                     store.location(path), type(err).__name__, str(err).strip().split("\n")[0], run_id)
@@ -239,7 +242,7 @@ def train_job(store_uri: str, sweep: str, run: Run, node_id: str | None = None,
     store = Store.open(store_uri)
     t0 = time.perf_counter()
     try:
-        resume = load_state(store, sweep, run.run_id)
+        resume = load_state(store, sweep, run.run_id, limit_momentum(run.config.optim))
         if resume is not None:
             restore_checkpoints(store, sweep, run, resume)
         # Checkpoints an earlier attempt already wrote are files already; list them again for the driver.
@@ -348,7 +351,8 @@ def hessian_job(store_uri: str, sweep: str, refs: list[CheckpointRef], device: s
                 key, err, **where, loss=meta["loss"], grad_norm=meta["grad_norm"])])
             failed += 1
             continue
-        _write_point(store, sweep, key, res, {**where, **meta.get("tag", {}), "fallback": fallback, **labels})
+        tag = rows.current_tag_columns(meta.get("tag", {}), meta, limit_momentum(ref.config.optim))
+        _write_point(store, sweep, key, res, {**where, **tag, "fallback": fallback, **labels})
     return failed
 
 

@@ -94,6 +94,21 @@ def stall_tag_columns(tag: Optional[StallTag]) -> dict:
             "stall_sharpness": tag.sharpness, "stall_tag_reasons": tag.reasons}
 
 
+# Written beside every saved stall tag (checkpoints, training states) since schema version 10, whose
+# stall_sharpness is λmax·lr/(2(1 + μ)); a tag saved without it holds λmax·lr/2.
+TAG_LIMIT = "2(1+momentum)/lr"
+
+
+def current_tag_columns(columns: dict, saved: dict, momentum: float) -> dict:
+    """Stall-tag ``columns`` read from ``saved`` (a checkpoint's or training state's contents) as schema
+    version 10 defines them: a tag saved before it (no :data:`TAG_LIMIT` in ``saved``) measured its
+    sharpness against 2/lr, so a run with momentum μ (:func:`pipeline.orchestration.train.limit_momentum`)
+    gets it rescaled by 1/(1 + μ)."""
+    if not columns or not momentum or saved.get("tag_limit") == TAG_LIMIT:
+        return columns
+    return {**columns, "stall_sharpness": columns["stall_sharpness"] / (1.0 + momentum)}
+
+
 def stall_tag_from_columns(columns: dict) -> Optional[StallTag]:
     """The :class:`pipeline.landscape.stall.StallTag` that :func:`stall_tag_columns` wrote (None for ``{}``)."""
     if not columns:

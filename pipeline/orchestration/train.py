@@ -85,6 +85,12 @@ def _optimizer(cfg, theta: torch.Tensor) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optim.name {o.name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
+def limit_momentum(optim) -> float:
+    """The heavy-ball μ in (S)GD's stability limit 2(1 + μ)/lr, against which a stall's sharpness is
+    measured; 0 for Adam, whose sharpness is not measured."""
+    return 0.0 if optim.name == "adam" else float(optim.momentum)
+
+
 def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
           on_checkpoint: Optional[Callable[[Checkpoint], None]] = None,
           resume: Optional[TrainState] = None, on_state: Optional[Callable[[TrainState], None]] = None,
@@ -126,7 +132,7 @@ def train(cfg, seed: int, *, theta0: Optional[torch.Tensor] = None,
 
     lr = None if o.name == "adam" else float(o.lr)  # Adam has no 2/lr stability limit
     thresholds = dict(grad_ratio_tol=s.grad_ratio_tol, cosine_tol=s.cosine_tol, sharpness_tol=s.sharpness_tol,
-                      momentum=0.0 if lr is None else float(o.momentum))  # its stability limit is 2(1 + μ)/lr
+                      momentum=limit_momentum(o))
     power_v = None  # warm start of the power iteration between curvature measurements
 
     def emit(ck: Checkpoint):
