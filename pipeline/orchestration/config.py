@@ -89,6 +89,13 @@ MODEL_KEYS_READ = {"mlp": ("name", "depth", "width", "activation", "bias", "loss
                    "torch": ("name", "loss", "_target_", "kwargs", "buffers")}
 
 
+def model_reads(model_name: str, key: str) -> bool:
+    """Whether a model of kind ``model_name`` reads its setting ``model.<key>`` (:data:`MODEL_KEYS_READ`; an
+    unknown kind is taken to read every key)."""
+    read = MODEL_KEYS_READ.get(model_name)
+    return read is None or key in read
+
+
 @dataclass
 class OptimConfig:
     name: str = "gd"  # gd (full batch) | sgd (mini-batch, data.batch_size) | adam

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import MODEL_KEYS_READ, RUN_SECTIONS as SECTIONS, ConfigError, HessianResources
+from pipeline.orchestration.config import RUN_SECTIONS as SECTIONS, ConfigError, HessianResources, model_reads
 from pipeline.orchestration.plan import NOT_IN_ID, in_run_id
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
@@ -67,8 +67,7 @@ def _unread_model_key(key: str, model_name: str, varied: tuple) -> bool:
     """A ``model.*`` key the sweep's kind of model does not read (``model.conv_layers`` of an MLP): it changes
     no run, so it defines nothing. Every model key counts where a grid varies ``model.name``."""
     section, _, name = key.partition(".")
-    read = MODEL_KEYS_READ.get(model_name)
-    return section == "model" and read is not None and name not in read and "model.name" not in varied
+    return section == "model" and not model_reads(model_name, name) and "model.name" not in varied
 
 
 def read(store: Store, sweep: str) -> Identity | None:

@@ -29,9 +29,6 @@ from pipeline.orchestration.storage import Store
 SCHEMA_VERSION = 10
 TABLES = ("runs", "points", "spectra", "curves")
 
-# Per-run config sections that become columns of `runs` as <section>_<field>.
-CONFIG_SECTIONS = {"data": C.DataConfig, "model": C.ModelConfig, "optim": C.OptimConfig,
-                   "stall": C.StallConfig, "hessian": C.HessianConfig, "refine": C.RefineConfig}
 _PA_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
 
@@ -179,10 +176,10 @@ KEYS = {"runs": ("run_id",), "points": ("run_id", "step", "stage"), "spectra": (
 
 def config_columns(run_cfg) -> dict:
     """The ``runs`` columns of a run's resolved config: ``{"model_width": 8, ...}``; model keys the run's kind
-    of model does not read (:data:`pipeline.orchestration.config.MODEL_KEYS_READ`) are null."""
-    read = C.MODEL_KEYS_READ.get(run_cfg["model"].get("name"))
-    return {column_name(s, k): (None if s == "model" and read is not None and k not in read else v)
-            for s in CONFIG_SECTIONS for k, v in run_cfg[s].items() if column_name(s, k) in SCHEMAS["runs"].names}
+    of model does not read (:func:`pipeline.orchestration.config.model_reads`) are null."""
+    model = run_cfg["model"].get("name")
+    return {column_name(s, k): (None if s == "model" and not C.model_reads(model, k) else v)
+            for s in C.RUN_SECTIONS for k, v in run_cfg[s].items() if column_name(s, k) in SCHEMAS["runs"].names}
 
 
 def to_table(name: str, rows: list[dict]) -> pa.Table:
