@@ -205,3 +205,24 @@ def test_a_driver_killed_mid_sweep_on_s3_resumes_to_the_uninterrupted_tables(s3_
     assert summary.run_status == {"ok": 4} and summary.points_failed == 0
     assert summary.root.startswith("s3://") and "minratio/killed" in summary.root
     assert_same_tables(fs, f"{BUCKET}/killed/s3", f"{BUCKET}/whole/s3")
+
+
+def test_the_folder_lease_holds_on_s3(s3_sweep, s3_endpoint, caplog):
+    """Of commands starting together on an object store (no rename, no file lock) one holds the folder and
+    the others are refused naming it; a finished sweep has left no lease behind."""
+    from pipeline.orchestration.lease import LEASE, Lease
+    from test_lease import race
+
+    s3_sweep  # noqa: B018 — the sweep must have run
+    store = Store.open(uri(s3_endpoint, "whole"))
+    assert store.exists("s3/runs") and not store.exists(f"s3/{LEASE}")
+    winners, refused = race(store, "s3")
+    assert len(winners) == 1 and len(refused) == 2, (winners, refused)
+    assert all("is being written by minratio-sweep" in str(err) for err in refused)
+    assert SECRET not in " ".join(map(str, refused))  # the message names the root without its credentials
+    winners[0].release()
+    assert not store.exists(f"s3/{LEASE}") and store.exists("s3/runs")
+
+    caplog.set_level("INFO", logger="minratio")
+    Lease(store, "refused", "minratio-sweep").acquire().release()  # a command refused before any work
+    assert not store.exists("refused") and "lease" not in caplog.text

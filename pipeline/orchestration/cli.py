@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.orchestration.config import ConfigError, check_deleted_keys, register_configs
+from pipeline.orchestration.lease import FolderBusy, Lease
 from pipeline.orchestration.storage import StorageError, join_uri, public_uri
 
 register_configs()
@@ -140,7 +141,7 @@ def run(cfg: DictConfig) -> int:
     except ConfigError as err:
         log.error(f"minratio: configuration error: {err}")
         return 2
-    except PermissionError as err:
+    except (PermissionError, FolderBusy) as err:
         log.error(f"minratio: {err}")
         return 2
     except StorageError as err:  # a full disk, or the results root failing a write: one line, no traceback
@@ -253,11 +254,16 @@ def compact_main() -> None:
 
     store, sweep = _open_sweep("minratio-compact", 1, "Merge the small Parquet files of each table of a sweep into one "
                                "file per table (failed rows keep their own files, which the resume that retries them "
-                               "replaces). Run it when no sweep is writing to the folder.")
-    for name in tables.TABLES:
-        before, rows = tables.compact(store, sweep, name)
-        after = len(store.list_files(f"{sweep}/{name}", ".parquet"))
-        print(f"{name}: {before} file(s) -> {after}, {rows} rows")
+                               "replaces). Refused while a sweep is writing to the folder.")
+    try:
+        with Lease(store, sweep, "minratio-compact"):
+            for name in tables.TABLES:
+                before, rows = tables.compact(store, sweep, name)
+                after = len(store.list_files(f"{sweep}/{name}", ".parquet"))
+                print(f"{name}: {before} file(s) -> {after}, {rows} rows")
+    except FolderBusy as err:
+        print(f"minratio-compact: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def verify_main() -> None:

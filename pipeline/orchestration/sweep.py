@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration import identity, jobs, rows, shards, tables
 from pipeline.orchestration.config import ConfigError, validate
+from pipeline.orchestration.lease import Lease
 from pipeline.orchestration.plan import Run, expand
 from pipeline.orchestration.progress import Progress
 from pipeline.orchestration.storage import Store, StorageFull
@@ -330,25 +331,28 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
     store = Store.open(resolve_root(cfg))
     name = str(cfg.sweep.name)
     runs = expand(cfg)
-    record = identity.check(store, name, cfg, [run.run_id for run in runs])
+    run_ids = [run.run_id for run in runs]
+    identity.check(store, name, cfg, run_ids)
     store.check_writable()
     check_problems(runs)
-    connect(cfg.ray)
-    preflight(cfg)
-    identity.save(store, name, record)
-    driver = Driver(cfg, store, name, runs)
-    log.info(f"sweep {name!r} in {store.uri}: {len(runs)} runs planned, {driver.prog.skipped} finished earlier; "
-             f"{len(driver.todo)} to train, {driver.prog.points_known} checkpoints waiting to be analysed")
-    driver.run()
-    return summarize(store, name, runs, driver.prog.skipped, time.monotonic() - t0)
+    with Lease(store, name, "minratio-sweep") as lease:
+        record = identity.check(store, name, cfg, run_ids)  # again, now that no other command can change it
+        connect(cfg.ray)
+        preflight(cfg)
+        identity.save(store, name, record)
+        driver = Driver(cfg, store, name, runs, lease)
+        log.info(f"sweep {name!r} in {store.uri}: {len(runs)} runs planned, {driver.prog.skipped} finished "
+                 f"earlier; {len(driver.todo)} to train, {driver.prog.points_known} checkpoints waiting to be analysed")
+        driver.run()
+        return summarize(store, name, runs, driver.prog.skipped, time.monotonic() - t0)
 
 
 class Driver:
     """The bounded ``ray.wait`` loop of one sweep: training tasks, then Hessian tasks (grouped by loss
     function) and refinement tasks for their checkpoints as they appear, at most ``cap`` in flight."""
 
-    def __init__(self, cfg: DictConfig, store: Store, name: str, runs: list[Run]):
-        self.cfg, self.store, self.name = cfg, store, name
+    def __init__(self, cfg: DictConfig, store: Store, name: str, runs: list[Run], lease: Lease | None = None):
+        self.cfg, self.store, self.name, self.lease = cfg, store, name, lease
         self.refining = cfg.refine.method != "none"
         todo, missing = plan_resume(store, name, runs, self.refining)
         self.todo = collections.deque(todo)
@@ -383,6 +387,7 @@ class Driver:
 
     def run(self) -> None:
         while self.todo or self.in_flight or any(self.groups.values()) or self.to_refine:
+            self.check_lease()
             self.fill()
             self.show()
             if not self.in_flight:
@@ -392,6 +397,15 @@ class Driver:
                 self.collect(obj)
         self.show()
         self.prog.close()
+
+    def check_lease(self) -> None:
+        """Stop if another command took this one's lease over (:meth:`Lease.check` raises): its tasks in flight
+        are ended first, so that only the other command writes the folder from here on."""
+        if self.lease is None or self.lease.lost is None:
+            return
+        for obj in self.in_flight:
+            ray.cancel(obj, force=True)  # every write is whole: a task killed mid-write leaves no half file
+        self.lease.check()
 
     def fill(self) -> None:
         """Submit tasks until ``cap`` are in flight: full Hessian batches first (they free checkpoints),

@@ -325,7 +325,8 @@ def compact(store: Store, sweep: str, name: str) -> tuple[int, int]:
     row; duplicates it leaves behind for a moment are removed by :func:`read`'s de-duplication. Only
     files that were read and have not changed since are deleted or rewritten (a file written meanwhile,
     or an unreadable one, stays). Temporary files of writers that crashed long ago go. Meant for a
-    folder no sweep is writing to: a sweep's new rows are never lost, but they may stay unmerged.
+    folder no sweep is writing to (``minratio-compact`` holds the folder's lease,
+    :mod:`pipeline.orchestration.lease`): a sweep's new rows are never lost, but they may stay unmerged.
     """
     folder = f"{sweep}/{name}"
     store.remove_stale_temps(folder)
