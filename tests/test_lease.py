@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,8 +48,9 @@ def holder_process(tmp_path):
 
 def foreign(host: str, age_s: float, token: str = "f" * 32) -> bytes:
     """A lease file as a command on ``host`` writes it, last renewed ``age_s`` seconds ago."""
-    return json.dumps({"token": token, "command": "minratio-sweep", "host": host, "pid": 4242,
-                       "started_at": "2026-12-07 09:00:00 UTC", "beat_at": time.time() - age_s}).encode()
+    return json.dumps({"token": token, "command": "minratio-sweep", "host": host, "pid": 4242, "machine": "b00t:4026",
+                       "proc_start": "123", "started_at": "2026-12-07 09:00:00 UTC",
+                       "beat_at": time.time() - age_s}).encode()
 
 
 def test_a_live_holder_refuses_a_second_command_and_a_killed_one_is_taken_over_at_once(tmp_path, holder_process,
@@ -78,6 +81,24 @@ def test_a_holder_on_another_host_is_dead_only_after_its_heartbeat_expires(tmp_p
         with pytest.raises(FolderBusy, match=r"pid 4242 on host node-7, .* last heartbeat [56] s ago"):
             Lease(store, "s", "minratio-sweep").acquire()
         assert json.loads(store.read_bytes(f"s/{lease.LEASE}"))["host"] == "node-7"  # left as it was
+
+
+def test_a_holder_in_another_container_with_this_hosts_name_waits_for_its_heartbeat(tmp_path):
+    """A container with the host's network (``--network host``, ``hostNetwork``) has the host's name but its own
+    pids: a pid that is not ours to see says nothing about the holder."""
+    store = Store.open(str(tmp_path / "results"))
+    other = json.loads(foreign(socket.gethostname(), 5.0))
+    store.write_bytes(f"s/{lease.LEASE}", json.dumps(dict(other, pid=4_194_000)).encode())  # no such pid here
+    with pytest.raises(FolderBusy, match="pid 4194000"):
+        Lease(store, "s", "minratio-sweep").acquire()
+
+
+def test_a_pid_now_used_by_another_process_is_not_taken_for_the_holder(tmp_path):
+    store = Store.open(str(tmp_path / "results"))
+    mine = Lease(store, "s", "minratio-sweep").me  # this machine and this pid, which started at another time
+    store.write_bytes(f"s/{lease.LEASE}", json.dumps(dict(mine.__dict__, proc_start="1", beat_at=time.time()),
+                                                     ).encode())
+    Lease(store, "s", "minratio-sweep").acquire().release()
 
 
 def test_the_heartbeat_renews_the_lease_and_a_command_whose_lease_was_taken_over_stops(tmp_path, monkeypatch):
@@ -169,10 +190,9 @@ def test_a_sweep_whose_lease_is_taken_over_stops_and_ends_its_tasks(ray_session,
     store = Store.open(str(tmp_path / "results"))
     folder = tmp_path / "results" / "taken"
 
-    def take_over():  # once training has written its first checkpoint
-        deadline = time.monotonic() + 120
-        while not list(folder.glob("checkpoints/*/*.pt")) and time.monotonic() < deadline:
-            time.sleep(0.005)
+    def take_over():  # while its runs train (each of 20,000 steps takes seconds)
+        wait_for(lambda: (folder / lease.LEASE).exists(), timeout_s=120)
+        time.sleep(1.5)
         store.write_bytes(f"taken/{lease.LEASE}", foreign("node-7", 0.0))
 
     thief = threading.Thread(target=take_over)
@@ -188,3 +208,122 @@ def test_a_sweep_whose_lease_is_taken_over_stops_and_ends_its_tasks(ray_session,
     time.sleep(1.0)
     assert runs() == at_stop < 4, "a run of the stopped sweep finished after it stopped"
     assert json.loads((folder / lease.LEASE).read_text())["host"] == "node-7"
+
+
+def delay_lease_writes(monkeypatch, delay) -> None:
+    """Before each lease write, ``delay(data)`` runs in the writing thread: a slow NFS server, an S3 retry, a
+    machine cut off from the results root for a while."""
+    real = Store.write_bytes
+
+    def write(self, rel, data):
+        if rel.endswith(lease.LEASE):
+            delay(data)
+        return real(self, rel, data)
+
+    monkeypatch.setattr(Store, "write_bytes", write)
+
+
+def test_when_a_write_outlasts_the_settle_the_first_heartbeat_leaves_one_holder(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "BEAT_S", 0.1)
+    both_read, first = threading.Barrier(2), set()
+
+    def delay(data):  # both commands find the folder free; then one's write takes longer than the settle
+        name = threading.current_thread().name
+        if name in ("quick", "slow") and name not in first:
+            first.add(name)
+            both_read.wait()
+            time.sleep(0.6 if name == "slow" else 0.0)
+
+    delay_lease_writes(monkeypatch, delay)
+    store, outcome = Store.open(str(tmp_path / "results")), {}
+
+    def take():
+        try:
+            outcome[threading.current_thread().name] = Lease(store, "s", "minratio-sweep").acquire()
+        except FolderBusy as err:
+            outcome[threading.current_thread().name] = err
+
+    threads = [threading.Thread(target=take, name=name) for name in ("quick", "slow")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [o for o in outcome.values() if isinstance(o, Lease)]
+    try:
+        # the slow write lands after the quick command's read-back: the quick one's next heartbeat (or the slow
+        # one's read-back, if a heartbeat came first) sees two tokens, and one command gives way
+        deadline = time.monotonic() + 30
+        while sum(not h.broken for h in held) != 1:
+            assert time.monotonic() < deadline, f"{sum(not h.broken for h in held)} commands hold the lease"
+            time.sleep(0.01)
+        time.sleep(0.5)  # a few more beats: the survivor keeps it
+        survivors = [h for h in held if not h.broken]
+        assert len(survivors) == 1 and len(outcome) == 2
+        assert json.loads(store.read_bytes(f"s/{lease.LEASE}"))["token"] == survivors[0].me.token
+        for lost in (h for h in held if h.broken):
+            with pytest.raises(FolderBusy, match="took this command's lease over"):
+                lost.check()
+    finally:
+        for h in held:
+            h.release()
+
+
+def test_a_renewal_landing_after_a_takeover_is_overwritten_and_its_writer_stops(tmp_path, monkeypatch):
+    """A holder on another machine is cut off from the results root while renewing: its lease expires, another
+    command takes the folder over, then the old renewal lands. The new holder keeps the folder; the old one,
+    without a renewal for EXPIRES_S by its own clock, stops."""
+    monkeypatch.setattr(lease, "BEAT_S", 0.1)
+    monkeypatch.setattr(lease, "EXPIRES_S", 1.0)
+    store = Store.open(str(tmp_path / "results"))
+    old, hung = Lease(store, "s", "minratio-sweep"), []
+    old.me = replace(old.me, host="node-7", machine="b00t:4026")
+
+    def delay(data):  # the old holder's first renewal hangs for 2 s
+        if old.me.token.encode() in data and threading.current_thread().name == "minratio-lease" and not hung:
+            hung.append(data)
+            time.sleep(2.0)
+
+    delay_lease_writes(monkeypatch, delay)
+    old.acquire()
+    try:
+        time.sleep(0.1 + 1.0 + 0.3)  # its renewal hangs; the lease expires
+        new = Lease(store, "s", "minratio-sweep").acquire()
+        try:
+            time.sleep(2.0)  # the old renewal has landed, and new's heartbeat has seen it
+            assert hung, "the old holder's renewal was not held up"
+            assert json.loads(store.read_bytes(f"s/{lease.LEASE}"))["token"] == new.me.token
+            assert not new.broken and old.broken
+            with pytest.raises(FolderBusy, match="could not renew its lease"):
+                old.check()
+        finally:
+            new.release()
+    finally:
+        old.release()
+
+
+def test_a_sweep_that_fails_ends_its_tasks_before_it_frees_the_folder(ray_session, make_cfg, tmp_path, monkeypatch):
+    """Any error in the driver (here one raised in its loop while runs train) ends the tasks in flight before
+    the lease goes: no run of the failed sweep finishes after the folder is free for another command."""
+    from pipeline.orchestration import sweep
+    from test_faults import wait_for, workers_running
+
+    real, first = sweep.Driver.show, []
+
+    def show(self):  # 1 s after the first runs were submitted (each of 20,000 steps takes seconds)
+        real(self)
+        if self.in_flight and not first:
+            first.append(time.monotonic())
+        if first and time.monotonic() - first[0] > 1.0:
+            raise OSError("the results root went away")
+
+    monkeypatch.setattr(sweep.Driver, "show", show)
+    folder = tmp_path / "results" / "failing"
+    with pytest.raises(OSError, match="went away"):
+        sweep.run_sweep(make_cfg(["sweep.name=failing", "sweep.seeds=4", "optim.max_steps=20000",
+                                  "stall.window=500", "figures=false"]))
+    assert not (folder / lease.LEASE).exists()
+    runs = lambda: len(list((folder / "runs").glob("*.parquet")))
+    at_stop = runs()
+    wait_for(lambda: not workers_running("_train_task"), timeout_s=60)
+    time.sleep(1.0)
+    assert runs() == at_stop < 4, "a run of the failed sweep finished after it freed the folder"

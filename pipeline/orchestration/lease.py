@@ -1,18 +1,22 @@
-"""One command at a time writes a sweep folder: a lease, the file ``<sweep>/_driver.json``.
+"""One sweep at a time writes a sweep folder: a lease, the file ``<sweep>/_driver.json``.
 
 Two ``minratio-sweep`` commands on one folder would train every run twice, and ``minratio-compact`` beside
-a running sweep may leave its new rows unmerged, or shown twice to readers without de-duplication. So a
-command that writes the folder holds a lease first: a small JSON file naming the command, its host, its pid
-and a random token, rewritten every :data:`BEAT_S` seconds by a background thread and deleted when the
-command ends. Another command that finds a live lease is refused before any work (:class:`FolderBusy`),
-naming the holder.
+a running sweep may leave its new rows unmerged, or shown twice to readers without de-duplication. So each
+of them holds a lease first: a small JSON file naming the command, its host, its process and a random
+token, rewritten every :data:`BEAT_S` seconds by a background thread and deleted when the command ends.
+Another command that finds a live lease is refused before any work (:class:`FolderBusy`), naming the holder.
 
-A lease is dead, and is taken over, when its holder's process is gone from this host, or when it has not
-been rewritten for :data:`EXPIRES_S` seconds (a holder on another host that died; the hosts' clocks must
-agree to within a few seconds, as NTP keeps them). Taking a lease writes it, then reads it back
-:data:`SETTLE_S` later: of two commands starting together the one whose write landed last holds it and the
-other is refused. Only whole-file writes are needed, so the lease holds on object stores too, where there
-is no file lock. The name starts with ``_``, so pyarrow, pandas, DuckDB and polars skip it.
+A lease is dead, and is taken over, when its holder's process is gone from this machine (same boot, same
+process namespace: a container sharing the host's name does not count), or when it has not been rewritten
+for :data:`EXPIRES_S` seconds (a holder elsewhere that died; the machines' clocks must agree to within a
+few seconds, as NTP keeps them). Taking a lease writes it, then reads it back a moment later
+(:func:`_settle_s`): of two commands starting together the one whose write landed last holds it and the
+other is refused. Should a write take longer than that moment, both go on until the first heartbeat, whose
+read sees the other's token: the one whose write was first then stops and ends its tasks. A holder that has
+not renewed its lease for :data:`EXPIRES_S` seconds by its own clock stops too, and a renewal that arrives
+after a takeover (written before the lease was taken) is overwritten. Only whole-file writes are needed,
+so the lease holds on object stores, where there is no file lock. The name starts with ``_``, so pyarrow,
+pandas, DuckDB and polars skip it.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow.fs as pafs
 
@@ -37,19 +41,47 @@ EXPIRES_S = 60.0  # a lease not rewritten for this long is dead (six missed beat
 
 
 class FolderBusy(RuntimeError):
-    """Another live command holds the sweep folder's lease (raised before any work), or took it over from
-    this one (raised by :meth:`Lease.check` in the command that lost it)."""
+    """Another live command holds the sweep folder's lease (raised before any work), or this command lost
+    its own (raised by :meth:`Lease.check`)."""
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _machine() -> str:
+    """This kernel's boot and process namespace (``boot_id:pidns``; empty without ``/proc``): two processes
+    see each other's pids only when both agree."""
+    try:
+        pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+    return f"{_read_text('/proc/sys/kernel/random/boot_id')}:{pidns}"
+
+
+def _started(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of ``/proc/<pid>/stat``; empty
+    without ``/proc``): a pid reused by another process has another start."""
+    fields = _read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
 
 
 @dataclass(frozen=True)
 class Holder:
-    """What a lease file says: the ``command`` holding it, on ``host`` as ``pid``, since ``started_at`` (UTC,
-    ISO 8601), last rewritten at ``beat_at`` (seconds since the epoch, the holder's clock)."""
+    """What a lease file says: the ``command`` holding it, on ``host`` as ``pid`` (``machine`` and ``proc_start``
+    as :func:`_machine` and :func:`_started` give them), since ``started_at`` (UTC), last rewritten at
+    ``beat_at`` (seconds since the epoch, the holder's clock)."""
 
     token: str
     command: str
     host: str
     pid: int
+    machine: str
+    proc_start: str
     started_at: str
     beat_at: float
 
@@ -57,10 +89,13 @@ class Holder:
         return time.time() - self.beat_at
 
     def gone(self) -> bool:
-        """Dead: its process is gone from this host, or it has not beaten for :data:`EXPIRES_S` seconds."""
+        """Dead: not rewritten for :data:`EXPIRES_S` seconds, or its process is gone from this machine."""
         if self.age_s() > EXPIRES_S:
             return True
-        return self.host == socket.gethostname() and not _alive(self.pid)
+        here = _machine()
+        if not here or self.machine != here or self.host != socket.gethostname():
+            return False  # another machine or container: only the heartbeat tells
+        return not _alive(self.pid) or _started(self.pid) != self.proc_start
 
     def describe(self) -> str:
         return (f"{self.command} (pid {self.pid} on host {self.host}, started {self.started_at}, "
@@ -68,31 +103,21 @@ class Holder:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host runs (a zombie, killed but not yet reaped, does not)."""
+    """Whether process ``pid`` of this machine runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: it exists
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    state = _read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    return not state or state[0] != "Z"
 
 
 def _settle_s(store: Store) -> float:
-    """How long a write is left to land before it is read back: a rename on a local or shared filesystem is
-    seen at once; an object store's PUT takes a round trip, a second one's start a little more."""
+    """How long a lease just written is left before it is read back: a rename on a filesystem is seen at
+    once by this machine; an object store's PUT takes a round trip, a second one's start a little more."""
     return 0.2 if store.atomic_rename else 1.0
-
-
-def holder(store: Store, sweep: str) -> Holder | None:
-    """The live holder of ``sweep``'s lease, None when the folder has no lease or a dead one. An unreadable
-    lease file (a writer stopped by a full disk) counts as none."""
-    found = _read(store, sweep)
-    return None if found is None or found.gone() else found
 
 
 def _read(store: Store, sweep: str) -> Holder | None:
@@ -109,16 +134,20 @@ def _read(store: Store, sweep: str) -> Holder | None:
 
 class Lease:
     """The lease of one sweep folder held by this process: :meth:`acquire` it, :meth:`check` it now and
-    then (it raises if another command took it over), :meth:`release` it at the end. Also a context manager."""
+    then (it raises once the lease is lost), :meth:`release` it at the end. Also a context manager."""
 
     def __init__(self, store: Store, sweep: str, command: str):
         self.store, self.sweep = store, sweep
-        self.me = Holder(token=uuid.uuid4().hex, command=command, host=socket.gethostname(), pid=os.getpid(),
+        pid = os.getpid()
+        self.me = Holder(token=uuid.uuid4().hex, command=command, host=socket.gethostname(), pid=pid,
+                         machine=_machine(), proc_start=_started(pid),
                          started_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), beat_at=0.0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: Holder | None = None  # who took the lease over, once the heartbeat has seen it
-        self._made_folder = False
+        self._taken_at = 0.0  # beat_at of this command's first write (its clock)
+        self._renewed = 0.0  # time.monotonic() when the last renewal that landed began
+        self._made_folder = False  # whether acquire made the sweep folder (release removes it if left empty)
 
     @property
     def rel(self) -> str:
@@ -128,54 +157,81 @@ class Lease:
         return FolderBusy(
             f"sweep {self.sweep!r} in {self.store.location()} is being written by {other.describe()}; wait for it "
             f"to end, or stop it (Ctrl-C, `ray job stop`). A command that died frees the folder at once on its own "
-            f"host, and {EXPIRES_S:.0f} s after its last heartbeat seen from another host")
+            f"machine, and {EXPIRES_S:.0f} s after its last heartbeat seen from another")
 
-    def _write(self) -> None:
-        me = dict(self.me.__dict__, beat_at=time.time())
-        self.store.write_bytes(self.rel, json.dumps(me, indent=1).encode())
+    def _write(self) -> float:
+        """Write this command's lease; return its ``beat_at``."""
+        now = time.time()
+        self.store.write_bytes(self.rel, json.dumps(replace(self.me, beat_at=now).__dict__, indent=1).encode())
+        return now
 
     def acquire(self) -> "Lease":
         """Take the lease, or raise :class:`FolderBusy` naming the live command that holds it."""
-        self._made_folder = not self.store.exists(self.sweep)
+        made_folder = not self.store.exists(self.sweep)
         other = _read(self.store, self.sweep)
         if other is not None and not other.gone():
             raise self._refuse(other)
         if other is not None:
             log.info(f"the folder's previous command, {other.describe()}, is gone: taking its lease over")
-        self._write()
         try:
+            self._renewed = time.monotonic()
+            self._taken_at = self._write()
             time.sleep(_settle_s(self.store))
             now = _read(self.store, self.sweep)
-        except BaseException:  # Ctrl-C in the pause: leave no lease behind
-            self.release()
+        except BaseException:  # Ctrl-C, a full disk: leave no lease behind
+            self._remove(made_folder)
             raise
         if now is None or now.token != self.me.token:  # a command that started at the same moment won
             raise self._refuse(now) if now is not None else FolderBusy(
                 f"sweep {self.sweep!r} in {self.store.location()}: the lease just written is gone; is another "
                 f"command starting on this folder?")
+        self._made_folder = made_folder
         self._thread = threading.Thread(target=self._beat, name="minratio-lease", daemon=True)
         self._thread.start()
         return self
 
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_S):
+            if self.expired():
+                return  # another command may hold it by now: write nothing more
+            began = time.monotonic()
             try:
                 now = _read(self.store, self.sweep)
                 if now is not None and now.token != self.me.token:
-                    self.lost = now
-                    return
+                    if now.beat_at >= self._taken_at:
+                        self.lost = now
+                        return
+                    log.warning(f"the lease {self.store.location(self.rel)} held a renewal by {now.describe()} "
+                                f"written before this command took it over; writing this command's again")
                 self._write()
+                self._renewed = began
             except Exception as err:  # noqa: BLE001 — a full disk, a lost object store: the next beat tries again
                 log.warning(f"could not renew the lease {self.store.location(self.rel)}: {err}")
 
+    def expired(self) -> bool:
+        """Whether this command's last renewal that landed began more than :data:`EXPIRES_S` seconds ago (by
+        this machine's monotonic clock): others may take the lease over after that."""
+        return time.monotonic() - self._renewed > EXPIRES_S
+
+    @property
+    def broken(self) -> bool:
+        """Whether the lease is lost (taken over, or expired): :meth:`check` raises."""
+        return self.lost is not None or self.expired()
+
     def check(self) -> None:
-        """Raise :class:`FolderBusy` when another command has taken the lease over (this one missed
-        :data:`EXPIRES_S` seconds of beats: a suspended process, a host cut off from the results root)."""
+        """Raise :class:`FolderBusy` when the lease is lost: another command took it over, or this one could not
+        renew it for :data:`EXPIRES_S` seconds (a suspended process, a machine cut off from the results root)."""
         if self.lost is not None:
             raise FolderBusy(
                 f"sweep {self.sweep!r} in {self.store.location()}: {self.lost.describe()} took this command's lease "
                 f"over after more than {EXPIRES_S:.0f} s without a heartbeat from it (was it suspended, or cut off "
                 f"from the results root?); stopping here, and the other command goes on")
+        if self.expired():
+            raise FolderBusy(
+                f"sweep {self.sweep!r} in {self.store.location()}: this command could not renew its lease "
+                f"{self.store.location(self.rel)} for more than {EXPIRES_S:.0f} s (was it suspended, or cut off from "
+                f"the results root?), so another command may have taken the folder over; stopping here. Run the "
+                f"same command again to resume")
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still this command's (and the sweep folder, when
@@ -183,11 +239,14 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._remove(self._made_folder)
+
+    def _remove(self, made_folder: bool) -> None:
         try:
             now = _read(self.store, self.sweep)
             if now is not None and now.token == self.me.token:
                 self.store.delete(self.rel)
-            if self._made_folder and self.store.exists(self.sweep) and self._empty():
+            if made_folder and self.store.exists(self.sweep) and self._empty():
                 self.store.fs.delete_dir(self.store.path(self.sweep))
         except OSError as err:  # the folder stays usable: a dead lease is taken over
             log.warning(f"could not remove the lease {self.store.location(self.rel)}: {err}")

@@ -386,26 +386,36 @@ class Driver:
         self.prog.slots = max(1.0, slots)
 
     def run(self) -> None:
-        while self.todo or self.in_flight or any(self.groups.values()) or self.to_refine:
-            self.check_lease()
-            self.fill()
-            self.show()
-            if not self.in_flight:
-                continue
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
-            for obj in ready:
-                self.collect(obj)
+        try:
+            while self.todo or self.in_flight or any(self.groups.values()) or self.to_refine:
+                if self.lease is not None:
+                    self.lease.check()
+                self.fill()
+                self.show()
+                if not self.in_flight:
+                    continue
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+                for obj in ready:
+                    self.collect(obj)
+        except BaseException:
+            self.cancel_in_flight()
+            raise
         self.show()
         self.prog.close()
 
-    def check_lease(self) -> None:
-        """Stop if another command took this one's lease over (:meth:`Lease.check` raises): its tasks in flight
-        are ended first, so that only the other command writes the folder from here on."""
-        if self.lease is None or self.lease.lost is None:
-            return
-        for obj in self.in_flight:
-            ray.cancel(obj, force=True)  # every write is whole: a task killed mid-write leaves no half file
-        self.lease.check()
+    def cancel_in_flight(self, wait_s: float = 30.0) -> None:
+        """End the tasks in flight and wait (at most ``wait_s``) until they have ended: the driver stops on an
+        error, an interrupt or a lost lease, and nothing of it may be written once the folder's lease is free.
+        (``ray.cancel`` only asks; a task finishing its last write would otherwise land after the release.)
+        Every write is whole, so a task ended mid-write leaves no half file; the next resume redoes it."""
+        refs = list(self.in_flight)
+        try:
+            for obj in refs:
+                ray.cancel(obj, force=True)
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        except Exception as err:  # noqa: BLE001 — Ray itself may be what failed; the first error goes up
+            log.debug(f"could not end the tasks in flight: {err}")
 
     def fill(self) -> None:
         """Submit tasks until ``cap`` are in flight: full Hessian batches first (they free checkpoints),
