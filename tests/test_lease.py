@@ -224,7 +224,7 @@ def delay_lease_writes(monkeypatch, delay) -> None:
 
 
 def test_when_a_write_outlasts_the_settle_the_first_heartbeat_leaves_one_holder(tmp_path, monkeypatch):
-    monkeypatch.setattr(lease, "BEAT_S", 0.1)
+    monkeypatch.setattr(lease, "BEAT_S", 1.0)  # after both read-backs: both commands hold the lease for a while
     both_read, first = threading.Barrier(2), set()
 
     def delay(data):  # both commands find the folder free; then one's write takes longer than the settle
@@ -250,6 +250,7 @@ def test_when_a_write_outlasts_the_settle_the_first_heartbeat_leaves_one_holder(
         t.join()
     held = [o for o in outcome.values() if isinstance(o, Lease)]
     try:
+        assert len(held) == 2  # the slow write landed after the quick command's read-back
         # the slow write lands after the quick command's read-back: the quick one's next heartbeat (or the slow
         # one's read-back, if a heartbeat came first) sees two tokens, and one command gives way
         deadline = time.monotonic() + 30
@@ -299,6 +300,69 @@ def test_a_renewal_landing_after_a_takeover_is_overwritten_and_its_writer_stops(
             new.release()
     finally:
         old.release()
+
+
+def test_a_renewal_stamped_after_a_takeover_by_the_displaced_holder_is_overwritten(tmp_path, monkeypatch):
+    """The displaced holder was paused after deciding to renew and before stamping its write (a GC pause,
+    SIGSTOP): its renewal carries a time after the takeover, and still the new holder keeps the folder."""
+    monkeypatch.setattr(lease, "BEAT_S", 0.1)
+    monkeypatch.setattr(lease, "EXPIRES_S", 1.0)
+    store = Store.open(str(tmp_path / "results"))
+    old, paused = Lease(store, "s", "minratio-sweep"), []
+    old.me = replace(old.me, host="node-7", machine="b00t:4026")
+    write = old._write
+
+    def late_write():
+        if threading.current_thread().name == "minratio-lease" and not paused:
+            paused.append(1)
+            time.sleep(2.0)
+        return write()
+
+    old._write = late_write
+    old.acquire()
+    try:
+        time.sleep(1.4)  # its renewal is paused; the lease expires
+        new = Lease(store, "s", "minratio-sweep").acquire()
+        try:
+            time.sleep(2.0)  # the late renewal has landed, stamped after new's takeover; new has seen it
+            assert json.loads(store.read_bytes(f"s/{lease.LEASE}"))["token"] == new.me.token
+            assert not new.broken and old.broken
+        finally:
+            new.release()
+    finally:
+        old.release()
+    assert not store.exists(f"s/{lease.LEASE}")
+
+
+def test_a_holder_whose_start_time_proc_hides_is_not_taken_for_dead(tmp_path, holder_process, monkeypatch):
+    """With /proc mounted hidepid (or another user's process) a pid's start time cannot be read: the pid alone
+    tells, and it is alive."""
+    monkeypatch.setattr(lease, "_started", lambda pid: "" if pid == holder_process.pid else "0")
+    with pytest.raises(FolderBusy, match=f"pid {holder_process.pid}"):
+        Lease(Store.open(str(tmp_path / "results")), "busy", "minratio-sweep").acquire()
+
+
+def test_a_compaction_whose_lease_is_taken_over_stops_between_tables(tmp_path, monkeypatch, capsys):
+    from pipeline.orchestration import cli, tables
+
+    monkeypatch.setattr(lease, "BEAT_S", 0.05)
+    store = Store.open(str(tmp_path / "results"))
+    store.makedirs("s/runs")
+    real, done = tables.compact, []
+
+    def compact(store, sweep, name):  # another host takes the folder over during the first table
+        if not done:
+            store.write_bytes(f"{sweep}/{lease.LEASE}", foreign("node-7", 0.0))
+            time.sleep(0.5)
+        done.append(name)
+        return real(store, sweep, name)
+
+    monkeypatch.setattr(tables, "compact", compact)
+    monkeypatch.setattr(sys, "argv", ["minratio-compact", str(tmp_path / "results" / "s")])
+    with pytest.raises(SystemExit) as stopped:
+        cli.compact_main()
+    assert stopped.value.code == 1 and done == ["runs"]
+    assert "took this command's lease over" in capsys.readouterr().err
 
 
 def test_a_sweep_that_fails_ends_its_tasks_before_it_frees_the_folder(ray_session, make_cfg, tmp_path, monkeypatch):

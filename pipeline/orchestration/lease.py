@@ -13,8 +13,8 @@ few seconds, as NTP keeps them). Taking a lease writes it, then reads it back a 
 (:func:`_settle_s`): of two commands starting together the one whose write landed last holds it and the
 other is refused. Should a write take longer than that moment, both go on until the first heartbeat, whose
 read sees the other's token: the one whose write was first then stops and ends its tasks. A holder that has
-not renewed its lease for :data:`EXPIRES_S` seconds by its own clock stops too, and a renewal that arrives
-after a takeover (written before the lease was taken) is overwritten. Only whole-file writes are needed,
+not renewed its lease for half of :data:`EXPIRES_S` by its own clock stops too, and a renewal by the holder
+a command displaced, arriving late, is overwritten. Only whole-file writes are needed,
 so the lease holds on object stores, where there is no file lock. The name starts with ``_``, so pyarrow,
 pandas, DuckDB and polars skip it.
 """
@@ -38,6 +38,17 @@ log = logging.getLogger("minratio")
 LEASE = "_driver.json"
 BEAT_S = 10.0  # seconds between two writes of a held lease
 EXPIRES_S = 60.0  # a lease not rewritten for this long is dead (six missed beats)
+# A holder stops once it has not renewed for EXPIRES_S / 2 (three missed beats) by its own clock: the other
+# half leaves room for clocks a few seconds apart, for the driver's next look at its lease and for the
+# :data:`CANCEL_WAIT_S` its tasks may take to end, all before anyone may take the lease over.
+CANCEL_WAIT_S = 20.0
+
+
+def _clock() -> float:
+    """Seconds on a clock that also runs while the machine sleeps (a suspended laptop or VM must find its
+    lease expired on waking): CLOCK_BOOTTIME on Linux, the monotonic clock elsewhere."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 class FolderBusy(RuntimeError):
@@ -95,7 +106,8 @@ class Holder:
         here = _machine()
         if not here or self.machine != here or self.host != socket.gethostname():
             return False  # another machine or container: only the heartbeat tells
-        return not _alive(self.pid) or _started(self.pid) != self.proc_start
+        started = _started(self.pid)  # "" where /proc hides it (hidepid): then the pid alone tells
+        return not _alive(self.pid) or (started != "" and started != self.proc_start)
 
     def describe(self) -> str:
         return (f"{self.command} (pid {self.pid} on host {self.host}, started {self.started_at}, "
@@ -146,7 +158,8 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.lost: Holder | None = None  # who took the lease over, once the heartbeat has seen it
         self._taken_at = 0.0  # beat_at of this command's first write (its clock)
-        self._renewed = 0.0  # time.monotonic() when the last renewal that landed began
+        self._displaced: str | None = None  # the token of the dead lease this command took over
+        self._renewed = 0.0  # _clock() when the last renewal that landed began
         self._made_folder = False  # whether acquire made the sweep folder (release removes it if left empty)
 
     @property
@@ -173,8 +186,9 @@ class Lease:
             raise self._refuse(other)
         if other is not None:
             log.info(f"the folder's previous command, {other.describe()}, is gone: taking its lease over")
+        self._displaced = other.token if other is not None else None
         try:
-            self._renewed = time.monotonic()
+            self._renewed = _clock()
             self._taken_at = self._write()
             time.sleep(_settle_s(self.store))
             now = _read(self.store, self.sweep)
@@ -194,24 +208,27 @@ class Lease:
         while not self._stop.wait(BEAT_S):
             if self.expired():
                 return  # another command may hold it by now: write nothing more
-            began = time.monotonic()
+            began = _clock()
             try:
                 now = _read(self.store, self.sweep)
                 if now is not None and now.token != self.me.token:
-                    if now.beat_at >= self._taken_at:
+                    # a late renewal by the holder this command displaced, or one written before it took over
+                    if now.token != self._displaced and now.beat_at >= self._taken_at:
                         self.lost = now
                         return
                     log.warning(f"the lease {self.store.location(self.rel)} held a renewal by {now.describe()} "
-                                f"written before this command took it over; writing this command's again")
+                                f"from before this command took it over; writing this command's again")
+                if self.expired():  # paused between the read and the write: write nothing more
+                    return
                 self._write()
                 self._renewed = began
             except Exception as err:  # noqa: BLE001 — a full disk, a lost object store: the next beat tries again
                 log.warning(f"could not renew the lease {self.store.location(self.rel)}: {err}")
 
     def expired(self) -> bool:
-        """Whether this command's last renewal that landed began more than :data:`EXPIRES_S` seconds ago (by
-        this machine's monotonic clock): others may take the lease over after that."""
-        return time.monotonic() - self._renewed > EXPIRES_S
+        """Whether this command's last renewal that landed began more than :data:`EXPIRES_S` / 2 seconds ago
+        by this machine's clock (:func:`_clock`): it must stop well before others may take the lease over."""
+        return _clock() - self._renewed > EXPIRES_S / 2
 
     @property
     def broken(self) -> bool:
@@ -220,7 +237,7 @@ class Lease:
 
     def check(self) -> None:
         """Raise :class:`FolderBusy` when the lease is lost: another command took it over, or this one could not
-        renew it for :data:`EXPIRES_S` seconds (a suspended process, a machine cut off from the results root)."""
+        renew it for :data:`EXPIRES_S` / 2 seconds (a suspended process, a machine cut off from the results root)."""
         if self.lost is not None:
             raise FolderBusy(
                 f"sweep {self.sweep!r} in {self.store.location()}: {self.lost.describe()} took this command's lease "
@@ -229,9 +246,9 @@ class Lease:
         if self.expired():
             raise FolderBusy(
                 f"sweep {self.sweep!r} in {self.store.location()}: this command could not renew its lease "
-                f"{self.store.location(self.rel)} for more than {EXPIRES_S:.0f} s (was it suspended, or cut off from "
-                f"the results root?), so another command may have taken the folder over; stopping here. Run the "
-                f"same command again to resume")
+                f"{self.store.location(self.rel)} for more than {EXPIRES_S / 2:.0f} s (was it suspended, or cut off "
+                f"from the results root?); another command may take the folder over {EXPIRES_S:.0f} s after the last "
+                f"renewal, so this one stops here. Run the same command again to resume")
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still this command's (and the sweep folder, when

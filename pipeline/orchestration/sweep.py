@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration import identity, jobs, rows, shards, tables
 from pipeline.orchestration.config import ConfigError, validate
-from pipeline.orchestration.lease import Lease
+from pipeline.orchestration.lease import CANCEL_WAIT_S, Lease
 from pipeline.orchestration.plan import Run, expand
 from pipeline.orchestration.progress import Progress
 from pipeline.orchestration.storage import Store, StorageFull
@@ -403,7 +403,7 @@ class Driver:
         self.show()
         self.prog.close()
 
-    def cancel_in_flight(self, wait_s: float = 30.0) -> None:
+    def cancel_in_flight(self, wait_s: float = CANCEL_WAIT_S) -> None:
         """End the tasks in flight and wait (at most ``wait_s``) until they have ended: the driver stops on an
         error, an interrupt or a lost lease, and nothing of it may be written once the folder's lease is free.
         (``ray.cancel`` only asks; a task finishing its last write would otherwise land after the release.)
