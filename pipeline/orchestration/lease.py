@@ -241,8 +241,8 @@ class Lease:
         if self.lost is not None:
             raise FolderBusy(
                 f"sweep {self.sweep!r} in {self.store.location()}: {self.lost.describe()} took this command's lease "
-                f"over after more than {EXPIRES_S:.0f} s without a heartbeat from it (was it suspended, or cut off "
-                f"from the results root?); stopping here, and the other command goes on")
+                f"over (it found no heartbeat of this one for {EXPIRES_S:.0f} s, or it started at the same moment and "
+                f"its lease was written after this one's); stopping here, and the other command goes on")
         if self.expired():
             raise FolderBusy(
                 f"sweep {self.sweep!r} in {self.store.location()}: this command could not renew its lease "
