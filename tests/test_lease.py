@@ -161,14 +161,14 @@ def test_of_commands_starting_together_exactly_one_holds_the_folder(tmp_path):
         winners[0].release()
 
 
-def run_cli(*args, tmp_path) -> subprocess.CompletedProcess:
+def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_minratio_sweep_and_compact_are_refused_on_a_folder_in_use(tmp_path, holder_process):
     root = tmp_path / "results"
     sweep = run_cli("-m", "pipeline", f"results_root={root}", "sweep.name=busy", "sweep.seeds=1",
-                    f"hydra.run.dir={tmp_path / 'hydra'}", tmp_path=tmp_path)
+                    f"hydra.run.dir={tmp_path / 'hydra'}")
     assert sweep.returncode == 2, sweep.stderr[-3000:]
     assert f"sweep 'busy' in {root} is being written by minratio-sweep (pid {holder_process.pid}" in sweep.stderr
     assert "Traceback" not in sweep.stderr
@@ -176,7 +176,7 @@ def test_minratio_sweep_and_compact_are_refused_on_a_folder_in_use(tmp_path, hol
 
     (root / "busy" / "runs").mkdir()  # a sweep's folder, as far as minratio-compact looks
     compact = run_cli("-c", "from pipeline.orchestration.cli import compact_main; compact_main()",
-                      str(root / "busy"), tmp_path=tmp_path)
+                      str(root / "busy"))
     assert compact.returncode == 1 and "minratio-compact: sweep 'busy'" in compact.stderr, compact.stderr
 
 

@@ -399,14 +399,13 @@ def critical_values(problem, theta: torch.Tensor, res, gtol2: float, device: str
     ``gtol2``: the run's ``refine.gtol2``, below which ‖g‖² counts as critical. With a subset the labels
     are the restricted loss's, and ``grad_norm2_all`` says whether ∇L vanishes over all of θ as well."""
     g2_all = None
-    if subset is not None:
-        full = problem.to(device, torch.float64).loss_fn()
-        g2_all = float(torch.func.grad(full)(theta.to(device, torch.float64)).square().sum())
+    if subset is not None or res.grad_coeffs is not None:  # the loss over all of θ, in float64
+        f, theta = problem.to(device, torch.float64).loss_fn(), theta.to(device, torch.float64)
+        if subset is not None:
+            g2_all = float(torch.func.grad(f)(theta).square().sum())
     if res.grad_coeffs is None:
         small = res.grad_norm ** 2 < gtol2
         return rows.gradient_columns(res.grad_norm ** 2, res.label if small else "not_critical", g2_all)
-    f = problem.to(device, torch.float64).loss_fn()
-    theta = theta.to(device, torch.float64)
     if subset is not None:
         f, theta = params.SubsetLoss(f, theta, subset), subset.take(theta)
     return rows.critical_columns(critical.report_from_eigen(

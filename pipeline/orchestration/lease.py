@@ -74,10 +74,16 @@ def _machine() -> str:
     return f"{_read_text('/proc/sys/kernel/random/boot_id')}:{pidns}"
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the process name (field 3, the state, first); empty without
+    ``/proc`` or where it hides the process."""
+    return _read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+
+
 def _started(pid: int) -> str:
     """When process ``pid`` started, in clock ticks since boot (field 22 of ``/proc/<pid>/stat``; empty
     without ``/proc``): a pid reused by another process has another start."""
-    fields = _read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    fields = _stat(pid)
     return fields[19] if len(fields) > 19 else ""
 
 
@@ -122,7 +128,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process: it exists
         return True
-    state = _read_text(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    state = _stat(pid)
     return not state or state[0] != "Z"
 
 
@@ -180,7 +186,7 @@ class Lease:
 
     def acquire(self) -> "Lease":
         """Take the lease, or raise :class:`FolderBusy` naming the live command that holds it."""
-        made_folder = not self.store.exists(self.sweep)
+        self._made_folder = not self.store.exists(self.sweep)
         other = _read(self.store, self.sweep)
         if other is not None and not other.gone():
             raise self._refuse(other)
@@ -193,13 +199,12 @@ class Lease:
             time.sleep(_settle_s(self.store))
             now = _read(self.store, self.sweep)
         except BaseException:  # Ctrl-C, a full disk: leave no lease behind
-            self._remove(made_folder)
+            self._remove()
             raise
         if now is None or now.token != self.me.token:  # a command that started at the same moment won
             raise self._refuse(now) if now is not None else FolderBusy(
                 f"sweep {self.sweep!r} in {self.store.location()}: the lease just written is gone; is another "
                 f"command starting on this folder?")
-        self._made_folder = made_folder
         self._thread = threading.Thread(target=self._beat, name="minratio-lease", daemon=True)
         self._thread.start()
         return self
@@ -256,14 +261,14 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._remove(self._made_folder)
+        self._remove()
 
-    def _remove(self, made_folder: bool) -> None:
+    def _remove(self) -> None:
         try:
             now = _read(self.store, self.sweep)
             if now is not None and now.token == self.me.token:
                 self.store.delete(self.rel)
-            if made_folder and self.store.exists(self.sweep) and self._empty():
+            if self._made_folder and self.store.exists(self.sweep) and self._empty():
                 self.store.fs.delete_dir(self.store.path(self.sweep))
         except OSError as err:  # the folder stays usable: a dead lease is taken over
             log.warning(f"could not remove the lease {self.store.location(self.rel)}: {err}")
