@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_config
-from pipeline.orchestration.config import Config, ConfigError, seeds_of, validate
+from pipeline.orchestration.config import Config, ConfigError, check_set_but_unread, seeds_of, validate
 from pipeline.orchestration.plan import expand, run_id
 
 GROUP_OPTIONS = [
@@ -287,3 +287,41 @@ def test_a_run_carries_one_typed_config_that_pickles():
     assert pickle.loads(pickle.dumps(run)) == run
     assert RunConfig.from_sections(c.sections()) == c
     assert run_id({**c.sections(), "optim": {**c.sections()["optim"], "lr": 1}}, run.seed) == run.run_id
+
+
+def test_a_key_the_model_or_data_does_not_read_is_refused_where_the_command_sets_it():
+    """``model.width=16`` with model=torch, or a grid over it, would change the run ids and nothing else."""
+    torch_model = ["model=torch", "model._target_=usernets.nets.SmallResNet"]
+    cfg = compose_config(torch_model)
+    with pytest.raises(ConfigError, match=r"model\.width: model\.name=torch does not read it \(it reads "
+                                          r"model\.\{name, loss, _target_, kwargs, buffers\}\); a user's module"):
+        check_set_but_unread(cfg, ["model.width"])
+    check_set_but_unread(cfg, ["model.kwargs.width", "model.loss", "optim.lr", "data.side"])  # digits read side
+    with pytest.raises(ConfigError, match=r"data\.n_features, data\.seed: data\.name=digits does not read them"):
+        check_set_but_unread(cfg, ["data.n_features", "data.seed"])
+    with pytest.raises(ConfigError, match=r"model\.width: model\.name=torch"):
+        validate(compose_config(torch_model + ["+sweep.grid={model.width:[4,16]}"]))
+    validate(compose_config(["+sweep.grid={model.name:[mlp,cnn],model.kernel:[1,3]}"]))  # the grid's CNN reads it
+    with pytest.raises(ConfigError, match=r"data\.batch_size=16 is not allowed.*0 with optim\.name=gd"):
+        validate(compose_config(["data.batch_size=16"]))
+    validate(compose_config(["data.batch_size=16", "optim=sgd"]))
+
+
+def test_cli_refuses_a_key_its_model_does_not_read_before_any_run(tmp_path):
+    res = _cli("model=torch", "model._target_=usernets.nets.SmallResNet", "model.width=16",
+               f"results_root={tmp_path}/r", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "model.width: model.name=torch does not read it" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_hydra_logging_options_replace_minratios_own(tmp_path):
+    """minratio's logging is an option of hydra/job_logging, so Hydra's own options replace it whole (a
+    config merged onto theirs made `disabled` fail to configure its handlers)."""
+    for option in ("disabled", "none"):
+        res = _cli(f"hydra/job_logging={option}", "optim.lr=-1", f"results_root={tmp_path}/r", cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (option, res.stderr[-2000:])
+    res = _cli("optim.lr=-1", f"results_root={tmp_path}/r", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("minratio: configuration error: optim.lr=-1"), res.stderr
+    log = next((tmp_path / "outputs" / "default").glob("*/cli.log")).read_text()
+    assert "][minratio][ERROR] - minratio: configuration error: optim.lr=-1" in log

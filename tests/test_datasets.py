@@ -14,6 +14,7 @@ import torch
 
 from conftest import compose_config
 from pipeline.curvature import datasets
+from pipeline.curvature.datasets import DataError
 from pipeline.orchestration.config import ConfigError, validate
 from pipeline.curvature.data import make_dataset
 from pipeline.orchestration.plan import expand
@@ -143,3 +144,41 @@ def test_user_data_as_a_torch_dataset(tmp_path, monkeypatch):
     cfg = compose_config(["data=torch", "data._target_=userdata.Pairs", "data.standardize=false"])
     d = make_dataset(cfg.data, 0, "mse")
     assert d.X.shape == (6, 2) and d.n_classes == 0 and d.Y[:, 0].tolist() == [0, 1, 4, 9, 16, 25]
+
+
+def test_user_data_give_their_classes_and_a_wrong_container_is_named(tmp_path, monkeypatch):
+    """Classes: data.n_classes, else the Dataset's ``classes`` (torchvision's convention), else max label + 1
+    (labels 2..6 of a 10-class set would otherwise make 7). A list [X, Y] or a dict is named as such."""
+    (tmp_path / "userdata2.py").write_text(
+        "import torch\n"
+        "X, Y = torch.arange(12.0).reshape(6, 2), torch.tensor([2, 2, 2, 3, 3, 6])\n"
+        "class Labelled(torch.utils.data.Dataset):\n"
+        "    classes = [str(k) for k in range(10)]\n"
+        "    def __len__(self): return 6\n"
+        "    def __getitem__(self, i): return X[i], Y[i]\n"
+        "def plain(): return X, Y\n"
+        "def pairs(): return [(X[i], Y[i]) for i in range(6)]\n"
+        "def as_list(): return [X, Y]\n"
+        "def as_dict(): return {'X': X, 'Y': Y}\n"
+        "def ragged(): return [(X[0], Y[0]), (X[1, :1], Y[1])]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def data(target: str, *overrides: str, loss: str = "cross_entropy"):
+        cfg = compose_config(["data=torch", f"data._target_=userdata2.{target}", "model.loss=cross_entropy",
+                              *overrides])
+        validate(cfg)
+        return make_dataset(cfg.data, 0, loss)
+
+    assert data("Labelled").n_classes == 10 and data("Labelled", loss="mse").Y.shape == (6, 10)
+    assert data("plain").n_classes == 7 and data("pairs").n_classes == 7
+    assert data("plain", "data.n_classes=10").n_classes == 10
+    with pytest.raises(DataError, match=r"class labels span \[2, 6\], outside 0\.\.4 for 5 classes"):
+        data("Labelled", "data.n_classes=5")
+    with pytest.raises(ConfigError, match="data.n_classes=-1"):
+        data("plain", "data.n_classes=-1")
+    with pytest.raises(DataError, match=r"returned a list whose item 0 is of shape \(6, 2\), not an \(x, y\) pair"):
+        data("as_list")
+    with pytest.raises(DataError, match=r"returned dict: expected the tuple \(X, Y\)"):
+        data("as_dict")
+    with pytest.raises(DataError, match=r"its \(x, y\) pairs differ in shape"):
+        data("ragged")

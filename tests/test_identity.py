@@ -52,6 +52,57 @@ def test_where_the_data_sit_and_keys_the_model_does_not_read_define_no_experimen
                                                        "model.kernel=1"]))
 
 
+def test_a_users_arguments_are_one_setting_and_unread_data_keys_none(make_cfg):
+    """model.kwargs / data.kwargs: an argument added, removed, renamed or changed is a difference (one key
+    per argument let {} and {hidden: 8} pass); a grid varying one argument varies only that one; data keys
+    the kind of data does not read define nothing, as unread model keys do."""
+    user = TINY + ["model=torch", "model._target_=usernets.nets.SmallResNet", "data=torch",
+                   "data._target_=usernets.data.blobs"]
+    store = Store.open(make_cfg()["results_root"])
+
+    def record(name: str, *overrides: str) -> None:
+        cfg = make_cfg(user + [f"sweep.name={name}", *overrides])
+        identity.save(store, name, identity.check(store, name, cfg))
+
+    def refused(name: str, *overrides: str) -> str:
+        with pytest.raises(ConfigError) as err:
+            identity.check(store, name, make_cfg(user + [f"sweep.name={name}", *overrides]))
+        return str(err.value)
+
+    record("m")
+    assert "model.kwargs={'hidden': 16} here, {} there" in refused("m", "+model.kwargs={hidden: 16}")
+    assert "sweep.name=m-hidden-16" in refused("m", "+model.kwargs={hidden: 16}")
+    record("h", "+model.kwargs={hidden: 8}")
+    identity.check(store, "h", make_cfg(user + ["sweep.name=h", "+model.kwargs={hidden: 8}"]))
+    assert "{'depth': 3} here, {'hidden': 8} there" in refused("h", "+model.kwargs={depth: 3}")
+    assert "{'hidden': 16} here, {'hidden': 8} there" in refused("h", "+model.kwargs={hidden: 16}")
+    record("d")
+    assert "data.kwargs={'n': 32} here, {} there" in refused("d", "+data.kwargs={n: 32}")
+    assert "data.n_classes=3 here, 0 there" in refused("d", "data.n_classes=3")
+
+    grid = ["+model.kwargs={hidden: 8, depth: 1}", "+sweep.grid={model.kwargs.hidden:[4,16]}"]
+    record("g", *grid)
+    identity.check(store, "g", make_cfg(user + ["sweep.name=g", "+model.kwargs={hidden: 2, depth: 1}",
+                                                "+sweep.grid={model.kwargs.hidden:[4,16]}"]))
+    assert "{'depth': 2} here, {'depth': 1} there" in refused("g", "+model.kwargs={hidden: 8, depth: 2}", grid[1])
+
+    # A record of an older version holds one key per argument: its own config still resumes.
+    old = identity.of_config(make_cfg(user + ["sweep.name=o", "+model.kwargs={hidden: 8}"]))
+    fixed = {("model.kwargs.hidden" if k == "model.kwargs" else k): ("8" if k == "model.kwargs" else v)
+             for k, v in old.fixed.items()}
+    identity.save(store, "o", identity.Identity(fixed, old.varied))
+    identity.check(store, "o", make_cfg(user + ["sweep.name=o", "+model.kwargs={hidden: 8}"]))
+
+    # The data keys a kind of data does not read define nothing; those it reads do.
+    record("t")
+    identity.check(store, "t", make_cfg(user + ["sweep.name=t", "data.n_features=10", "data.side=8"]))
+    synthetic = TINY + ["data=synthetic", "sweep.name=s"]
+    identity.save(store, "s", identity.check(store, "s", make_cfg(synthetic)))
+    identity.check(store, "s", make_cfg(synthetic + ["data.side=2", "data.n_classes=4"]))
+    with pytest.raises(ConfigError, match=r"data\.n_features=10 here, 4 there"):
+        identity.check(store, "s", make_cfg(synthetic + ["data.n_features=10"]))
+
+
 def test_extend_is_refused_where_the_command_would_add_nothing(make_cfg):
     """Settings outside the run id (the estimator's probes, the finder's tolerance) leave this command's runs
     those the folder holds, so sweep.extend=true would record them as varied and compute nothing new."""
@@ -119,7 +170,7 @@ def test_multirun_jobs_get_a_sweep_each_and_the_log_file_holds_the_summary(multi
         assert len(points) > 0
         (log_file,) = (multirun.cwd / "multirun" / str(job)).glob("*.log")
         logged = log_file.read_text()
-        assert f"sweep '{folder.name}': 1 runs in this command" in logged
+        assert f"sweep '{folder.name}': 1 run in this command" in logged
         assert "min ratio min/median/max" in logged and "all runs" in logged and "tables: " in logged
     assert "Token authentication is enabled" not in multirun.stdout + multirun.stderr
 

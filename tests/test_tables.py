@@ -277,3 +277,17 @@ def test_compact_leaves_alone_what_a_writer_changed_after_it_read(tmp_path, monk
 def test_unknown_columns_are_an_error_naming_them():
     with pytest.raises(KeyError, match="final_los"):
         tables.to_table("runs", [{"run_id": "r", "final_los": 1.0}])
+
+
+def test_the_runs_row_leaves_keys_its_model_and_data_do_not_read_empty():
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+
+    cfg = compose_config(["model=torch", "model._target_=usernets.nets.SmallResNet", "data=torch",
+                          "data._target_=usernets.data.blobs"])
+    cols = tables.config_columns(OmegaConf.to_container(cfg, resolve=True))
+    assert cols["model_width"] is None and cols["data_n_features"] is None and cols["data_side"] is None
+    assert cols["model_target"] == "usernets.nets.SmallResNet" and cols["data_n_classes"] == 0
+    digits = tables.config_columns(OmegaConf.to_container(compose_config(), resolve=True))
+    assert digits["data_side"] == 4 and digits["data_n_classes"] is None and digits["model_width"] == 8

@@ -206,7 +206,8 @@ def test_keys_nothing_reads_are_refused_by_name():
 
 
 def test_train_mode_buffers_with_batched_data_are_refused():
-    _refused(user_cfg("usernets.nets.Tiny", "model.buffers=train", "data.batch_size=8"), "model.buffers")
+    _refused(user_cfg("usernets.nets.Tiny", "model.buffers=train", "optim=sgd",
+                      "data.batch_size=8"), "model.buffers")
 
 
 def test_train_mode_buffers_with_data_parallel_hvps_are_refused():

@@ -79,3 +79,24 @@ def test_spectra_equal_autograd_of_the_same_loss(user_sweep):
         assert np.isclose(p["grad_norm2"], float(g_sub.square().sum()), rtol=1e-9, atol=0)
         assert np.isclose(p["grad_norm2_all"], float(g.square().sum()), rtol=1e-9, atol=0)
         assert (p["grad_norm2_all"] > p["grad_norm2"]) == (sub is not None)
+
+
+def test_the_documented_way_back_to_the_network_gives_the_points_loss(user_sweep, capsys):
+    """docs/models.md's recipe, run as written on this sweep's folder: the run's problem rebuilt from its
+    runs row (the data standardized as it trained on them) gives the points table's loss at the checkpoint,
+    and the restored module computes the same outputs as the loss's own evaluation."""
+    import re
+    import textwrap
+
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    code = textwrap.dedent(re.search(r"```python\n( *import json, pandas as pd, torch\n.*?) *```", doc, re.S).group(1))
+    code = code.replace('"results/user/', f'"{user_sweep}/')
+    scope: dict = {}
+    exec(compile(code, "docs/models.md", "exec"), scope)
+    loss, table_loss = scope["problem"].loss_fn()(scope["theta"]), scope["point"].loss
+    assert np.isclose(float(loss), table_loss, rtol=1e-12, atol=0)
+    out = scope["net"](scope["X"])
+    assert out.dtype == torch.float64 and torch.allclose(out, scope["problem"].model.forward(scope["theta"],
+                                                                                             scope["problem"].data.X))

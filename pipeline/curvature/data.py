@@ -138,11 +138,15 @@ def make_dataset(data_cfg, run_seed: int, loss: str = "mse") -> Dataset:
 def _loaded(data_cfg, loss: str) -> Dataset:
     """A real image set (:mod:`pipeline.curvature.datasets`: ``root``, ``download``, ``split``, ``side``) or the user's
     ``data._target_``; first ``n_samples`` (0 = all), inputs kept as flat rows with their ``sample_shape``.
-    Integer labels are class targets for cross-entropy and one-hot rows for MSE, as for the digits."""
+    Integer labels are class targets for cross-entropy and one-hot rows for MSE, as for the digits; a
+    user's data have ``data.n_classes`` classes, else as many as its Dataset's ``classes`` names, else
+    max label + 1."""
     if data_cfg.name == "torch":
-        X, Y = datasets.from_target(str(data_cfg._target_), getattr(data_cfg, "kwargs", None))
+        X, Y, k = datasets.from_target(str(data_cfg._target_), getattr(data_cfg, "kwargs", None))
+        k = int(getattr(data_cfg, "n_classes", 0) or k)
     else:
         X, Y = datasets.load_images(data_cfg.name, str(data_cfg.root), str(data_cfg.split), bool(data_cfg.download))
+        k = 10  # every image set has 10 classes
         if data_cfg.side != X.shape[-1]:
             X = datasets.downsample(X, int(data_cfg.side))
     if data_cfg.n_samples:
@@ -154,7 +158,10 @@ def _loaded(data_cfg, loss: str) -> Dataset:
     if data_cfg.standardize:
         X = _standardize(X)
     if np.issubdtype(Y.dtype, np.integer) and Y.ndim == 1:
-        k = 10 if data_cfg.name in datasets.IMAGE_SETS else int(Y.max()) + 1  # every image set has 10 classes
+        k = k or int(Y.max()) + 1  # classes neither configured nor named by the Dataset: the labels seen
+        if Y.min() < 0 or Y.max() >= k:
+            raise datasets.DataError(f"data.name={data_cfg.name}: class labels span [{Y.min()}, {Y.max()}], outside "
+                                     f"0..{k - 1} for {k} classes (data.n_classes sets the number of classes)")
         if loss == "cross_entropy":
             return Dataset(torch.as_tensor(X), torch.as_tensor(Y, dtype=torch.int64), k, shape)
         Y = np.eye(k)[Y]

@@ -125,28 +125,39 @@ def downsample(images: np.ndarray, side: int) -> np.ndarray:
     return images.reshape(n, c, side, f, side, f).mean(axis=(3, 5))
 
 
-def from_target(target: str, kwargs: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(X, Y)`` as NumPy from the callable at import path ``target`` called with ``kwargs``: it returns
-    ``(X, Y)`` (tensors or arrays, ``X`` ``[n, ...]``) or a ``torch.utils.data.Dataset`` of ``(x, y)`` pairs."""
+def from_target(target: str, kwargs: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(X, Y, n_classes)`` from the callable at import path ``target`` called with ``kwargs``: it returns
+    the tuple ``(X, Y)`` (tensors or arrays, ``X`` ``[n, ...]``) or a ``torch.utils.data.Dataset`` (or a
+    list) of ``(x, y)`` pairs. ``n_classes`` is ``len(dataset.classes)`` where the Dataset says its classes
+    (as torchvision's do), else 0."""
     fn = import_object(target)
     if not callable(fn):
         raise DataError(f"data._target_={target!r} is {type(fn).__name__}, not callable")
     out = fn(**plain(kwargs or {}))
+    expected = "expected the tuple (X, Y), or a torch.utils.data.Dataset of (x, y) pairs"
     if isinstance(out, tuple) and len(out) == 2:
         X, Y = out
-    elif hasattr(out, "__getitem__") and hasattr(out, "__len__"):
+    elif isinstance(out, (dict, str, bytes)) or not (hasattr(out, "__getitem__") and hasattr(out, "__len__")):
+        raise DataError(f"data._target_={target!r} returned {type(out).__name__}: {expected}")
+    else:
         pairs = [out[i] for i in range(len(out))]
         if not pairs:
-            raise DataError(f"data._target_={target!r} returned an empty Dataset")
-        X, Y = [_np(p[0]) for p in pairs], [_np(p[1]) for p in pairs]
-        X, Y = np.stack(X), np.stack(Y)
-    else:
-        raise DataError(f"data._target_={target!r} returned {type(out).__name__}: expected (X, Y) or a Dataset")
+            raise DataError(f"data._target_={target!r} returned an empty {type(out).__name__}")
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                what = f"of shape {tuple(pair.shape)}" if hasattr(pair, "shape") else type(pair).__name__
+                raise DataError(f"data._target_={target!r} returned a {type(out).__name__} whose item {i} is "
+                                f"{what}, not an (x, y) pair: {expected}")
+        try:
+            X, Y = np.stack([_np(p[0]) for p in pairs]), np.stack([_np(p[1]) for p in pairs])
+        except ValueError as err:
+            raise DataError(f"data._target_={target!r}: its (x, y) pairs differ in shape ({err})") from None
     X, Y = _np(X), _np(Y)
     if X.ndim < 2 or Y.shape[:1] != X.shape[:1]:
         raise DataError(f"data._target_={target!r}: X {X.shape} and Y {Y.shape} need the same first dimension n "
                         "and X at least [n, d]")
-    return X, Y
+    classes = getattr(out, "classes", None)
+    return X, Y, len(classes) if isinstance(classes, (list, tuple)) else 0
 
 
 def _np(x: Any) -> np.ndarray:

@@ -17,11 +17,12 @@ import re
 import signal
 import sys
 import threading
+from typing import Iterable
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.orchestration.config import ConfigError, check_deleted_keys, register_configs
+from pipeline.orchestration.config import ConfigError, check_deleted_keys, check_set_but_unread, register_configs
 from pipeline.orchestration.lease import FolderBusy, Lease
 from pipeline.orchestration.storage import StorageError, join_uri, public_uri
 
@@ -129,12 +130,14 @@ def from_original_cwd(cfg: DictConfig) -> None:
         cfg.data.root = to_absolute_path(data_root)
 
 
-def run(cfg: DictConfig) -> int:
-    """Run the sweep described by a composed config; log the summary; write figures. Exit code."""
+def run(cfg: DictConfig, set_keys: Iterable[str] = ()) -> int:
+    """Run the sweep described by a composed config; log the summary; write figures. Exit code.
+    ``set_keys``: the dotted keys the command line sets (each must be one its model and data read)."""
     from pipeline.orchestration import analysis, sweep
 
     try:
         check_deleted_keys(cfg)  # before the keys are read here: '~results_root' is refused, not a traceback
+        check_set_but_unread(cfg, set_keys)
         from_original_cwd(cfg)
         with stop_on_signals():
             summary = sweep.run_sweep(cfg)
@@ -175,7 +178,7 @@ def run(cfg: DictConfig) -> int:
 def summary_table(s) -> str:
     """The end-of-sweep summary: one line on this command, then one row per grid point of the sweep's
     tables (one row without a grid) with the minimum ratio's min / median / max over the analysed points."""
-    head = (f"sweep {s.sweep!r}: {s.runs_total} runs in this command ({s.runs_skipped} finished earlier, "
+    head = (f"sweep {s.sweep!r}: {s.runs_total} run{'s' * (s.runs_total != 1)} in this command ({s.runs_skipped} finished earlier, "
             f"skipped), {s.seconds:.1f}s")
     cols = ("grid point", "runs ok/all", "failed", "points", "failed", "min ratio min/median/max", "labels")
     rows = [(r["grid"], f"{r['runs_ok']}/{r['runs']}", str(r["runs_failed"]), str(r["points"]),
@@ -185,6 +188,15 @@ def summary_table(s) -> str:
     fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 6) else v.rjust(w)
                                 for i, (v, w) in enumerate(zip(row, widths))).rstrip()
     return "\n".join([head, fmt(cols), *map(fmt, rows)])
+
+
+def overridden_keys(overrides: Iterable[str]) -> list[str]:
+    """The dotted config keys that Hydra command-line ``overrides`` set (``model.width=16``,
+    ``+model.kwargs.width=16``); a group choice (``model=torch``) sets no key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))
+            if not o.is_delete() and "." in o.key_or_group]
 
 
 _MULTIRUN_CODE = 0  # the worst exit code of the jobs of a --multirun so far
@@ -212,7 +224,7 @@ def sweep_main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     if multirun:
         multirun_name(cfg)
-    code = run(cfg)
+    code = run(cfg, overridden_keys(HydraConfig.get().overrides.task))
     # Under --multirun a job's failures are reported above and the next job still runs (exiting would
     # end the multirun): main() exits with the worst code once all have run. A single run exits here.
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):

@@ -12,7 +12,7 @@ import itertools
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
@@ -62,6 +62,7 @@ class DataConfig:
     # name=torch: the user's data, a callable at this import path returning (X, Y) or a torch Dataset
     _target_: Optional[str] = None
     kwargs: dict = field(default_factory=dict)  # its keyword arguments
+    n_classes: int = 0  # its integer labels' classes; 0 = len(Dataset.classes) where it has them, else max label + 1
 
 
 @dataclass
@@ -89,10 +90,21 @@ MODEL_KEYS_READ = {"mlp": ("name", "depth", "width", "activation", "bias", "loss
                    "torch": ("name", "loss", "_target_", "kwargs", "buffers")}
 
 
-def model_reads(model_name: str, key: str) -> bool:
-    """Whether a model of kind ``model_name`` reads its setting ``model.<key>`` (:data:`MODEL_KEYS_READ`; an
-    unknown kind is taken to read every key)."""
-    read = MODEL_KEYS_READ.get(model_name)
+# The data keys each data.name reads (pipeline.curvature.data.make_dataset); the same holds for its runs row.
+_ANY_DATA = ("name", "n_samples", "batch_size", "standardize")
+_IMAGES = (*_ANY_DATA, "root", "download", "split", "side")
+DATA_KEYS_READ = {"synthetic": (*_ANY_DATA, "seed", "n_features", "n_outputs", "teacher_width", "noise"),
+                  "gaussian": (*_ANY_DATA, "seed", "n_features", "n_outputs"),
+                  "digits": (*_ANY_DATA, "side"),
+                  "mnist": _IMAGES, "fashion_mnist": _IMAGES, "cifar10": _IMAGES,
+                  "torch": (*_ANY_DATA, "_target_", "kwargs", "n_classes")}
+KEYS_READ = {"model": MODEL_KEYS_READ, "data": DATA_KEYS_READ}
+
+
+def reads(section: str, kind: str, key: str) -> bool:
+    """Whether a ``section`` (model or data) of kind ``kind`` (its ``name``) reads its setting
+    ``<section>.<key>`` (:data:`KEYS_READ`); every other section, and an unknown kind, reads every key."""
+    read = KEYS_READ.get(section, {}).get(kind)
     return read is None or key in read
 
 
@@ -353,6 +365,13 @@ RUN_SECTIONS = ("data", "model", "optim", "stall", "hessian", "refine")  # what 
 SCALARS = (int, float, str, bool)
 
 
+def free_form_keys() -> frozenset[str]:
+    """``{"model.kwargs", "data.kwargs"}``: the run sections' dict settings, whose keys are the user's (a
+    constructor's arguments), not the schema's."""
+    return frozenset(f"{section}.{name}" for section in RUN_SECTIONS
+                     for name, hint in typing.get_type_hints(_SECTIONS[section]).items() if hint is dict)
+
+
 def recorded_keys() -> dict[str, type]:
     """``{"model.width": int, …}``: every setting of a run's sections whose type is a plain int, float, str or
     bool (null allowed), in the schema's order. The ``runs`` table holds one column for each
@@ -378,6 +397,7 @@ RULES: tuple[Rule, ...] = (
      "≤ 1797 for data.name=digits (0 = all 1,797)"),
     ("data.n_features", lambda c: c.data.n_features >= 1, "≥ 1"),
     ("data.n_outputs", lambda c: c.data.n_outputs >= 1, "≥ 1"),
+    ("data.n_classes", lambda c: c.data.n_classes >= 0, "≥ 0 (0 = from the data)"),
     ("data.teacher_width", lambda c: c.data.teacher_width >= 1, "≥ 1"),
     ("data.noise", lambda c: c.data.noise >= 0, "≥ 0"),
     ("data.side", lambda c: c.data.name != "digits" or c.data.side in (2, 4, 8), "2, 4 or 8 for data.name=digits"),
@@ -402,6 +422,8 @@ RULES: tuple[Rule, ...] = (
     ("optim.log_every", lambda c: c.optim.log_every >= 1, "≥ 1"),
     ("data.batch_size", lambda c: not (c.optim.name == "sgd" and c.data.batch_size == 0),
      "≥ 1 with optim.name=sgd (mini-batch)"),
+    ("data.batch_size", lambda c: not (c.optim.name == "gd" and c.data.batch_size > 0),
+     "0 with optim.name=gd (full-batch gradient descent; mini-batches are optim=sgd)"),
     ("stall.window", lambda c: c.stall.window >= c.optim.log_every,
      lambda c: f"≥ optim.log_every ({c.optim.log_every})"),
     ("stall.threshold", lambda c: c.stall.threshold > 0, "> 0"),
@@ -479,6 +501,7 @@ def _validate_grid(cfg: DictConfig) -> None:
         _require(not key.startswith("hessian.") or key.split(".", 1)[1] in HESSIAN_ID_KEYS, "sweep.grid", key,
                  f"hessian keys of the run id ({', '.join(HESSIAN_ID_KEYS)}); the others are settings the "
                  "whole sweep shares, which a grid point cannot change")
+    check_set_but_unread(cfg, cfg.sweep.grid.keys())
     for point in grid_points(OmegaConf.to_container(cfg.sweep.grid, resolve=True)):
         if point:
             validate_point(cfg, point)
@@ -565,6 +588,26 @@ def check_unread_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(sorted(unread))}: no such key, so nothing would read it (a key added "
                           "with '+' must be one minratio knows; see `minratio-sweep --cfg job` for the keys; "
                           "a user's model takes its arguments under model.kwargs)")
+
+
+def check_set_but_unread(cfg: DictConfig, keys: Iterable[str]) -> None:
+    """Refuse settings a command sets (``keys``: dotted keys of its overrides or of its grid) that its kind of
+    model or data does not read, e.g. ``model.width=16`` with ``model=torch``: each run would compute what it
+    computes without them, under a run id of its own. Where the grid varies the kind, every key is read."""
+    grid = set(cfg.sweep.grid or {})
+    unread = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        kind = cfg[section].name if section in KEYS_READ else None
+        if kind is not None and f"{section}.name" not in grid and not reads(section, kind, name.split(".")[0]):
+            unread.append((key, section, kind))
+    if unread:
+        key, section, kind = unread[0]
+        where = {"model": "a user's module takes its arguments under model.kwargs",
+                 "data": "a user's data callable takes its arguments under data.kwargs"}[section]
+        raise ConfigError(f"{', '.join(k for k, _, _ in unread)}: {section}.name={kind} does not read "
+                          f"{'it' if len(unread) == 1 else 'them'} (it reads {section}."
+                          f"{{{', '.join(KEYS_READ[section][kind])}}}); {where}")
 
 
 def grid_points(grid: dict) -> list[dict]:

@@ -16,7 +16,8 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import RUN_SECTIONS as SECTIONS, ConfigError, HessianResources, model_reads
+from pipeline.orchestration.config import (RUN_SECTIONS as SECTIONS, ConfigError, HessianResources, free_form_keys,
+                                          reads)
 from pipeline.orchestration.plan import NOT_IN_ID, in_run_id
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
@@ -28,6 +29,7 @@ RESOURCE_KEYS = frozenset({*(f"hessian.{f.name}" for f in dataclasses.fields(Hes
 # Where a run's data sit (the folder, whether a missing set may be fetched), not what it computes: a sweep
 # started with data.download=true resumes without it, or on a node whose data.root differs.
 WHERE_KEYS = frozenset(f"{section}.{key}" for section, keys in NOT_IN_ID.items() for key in keys)
+FREE_FORM = free_form_keys()  # model.kwargs, data.kwargs: each recorded whole
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,9 @@ class Identity:
 
 
 def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
+    """Dotted key -> canonical JSON of every setting below ``node``; a free-form dict (``model.kwargs``) is
+    one setting, so that an argument added, removed or renamed is a difference too."""
+    if isinstance(node, dict) and prefix[:-1] not in FREE_FORM:
         out = {}
         for key, value in node.items():
             out.update(_flatten(value, f"{prefix}{key}."))
@@ -51,23 +55,39 @@ def _flatten(node, prefix: str = "") -> dict:
     return {prefix[:-1]: json.dumps(node, sort_keys=True)}
 
 
+def _without(node: dict, paths: list[list[str]]) -> dict:
+    """``node`` (nested dicts) without the entries at ``paths`` (each a list of keys)."""
+    out = dict(node)
+    for path in paths:
+        if len(path) == 1:
+            out.pop(path[0], None)
+        elif isinstance(out.get(path[0]), dict):
+            out[path[0]] = _without(out[path[0]], [path[1:]])
+    return out
+
+
 def of_config(cfg: DictConfig) -> Identity:
     """The identity of the experiment ``cfg`` (composed and validated) describes."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    varied = tuple(sorted(resolved["sweep"]["grid"] or {}))
+    for key in FREE_FORM:  # a grid varying one argument (model.kwargs.width) varies only that one
+        section, name = key.split(".")
+        inside = [v[len(key) + 1:].split(".") for v in varied if v.startswith(f"{key}.")]
+        resolved[section][name] = _without(resolved[section][name], inside)
     flat = {}
     for name in SECTIONS:
         flat.update(_flatten(resolved[name], f"{name}."))
-    varied = tuple(sorted(resolved["sweep"]["grid"] or {}))
     fixed = {k: v for k, v in flat.items() if k not in RESOURCE_KEYS | WHERE_KEYS and k not in varied
-             and not _unread_model_key(k, resolved["model"]["name"], varied)}
+             and not _unread(k, resolved, varied)}
     return Identity(fixed, varied)
 
 
-def _unread_model_key(key: str, model_name: str, varied: tuple) -> bool:
-    """A ``model.*`` key the sweep's kind of model does not read (``model.conv_layers`` of an MLP): it changes
-    no run, so it defines nothing. Every model key counts where a grid varies ``model.name``."""
+def _unread(key: str, resolved: dict, varied: tuple) -> bool:
+    """A model or data key its kind does not read (``model.conv_layers`` of an MLP, ``data.n_features`` of
+    the digits): it changes no run, so it defines nothing. Every key counts where a grid varies the kind."""
     section, _, name = key.partition(".")
-    return section == "model" and not model_reads(model_name, name) and "model.name" not in varied
+    kind = resolved.get(section, {}).get("name") if section in ("model", "data") else None
+    return not reads(section, kind, name.split(".")[0]) and f"{section}.name" not in varied
 
 
 def read(store: Store, sweep: str) -> Identity | None:
@@ -107,8 +127,11 @@ def check(store: Store, sweep: str, cfg: DictConfig, planned: Iterable[str] = ()
     shown = "; ".join(f"{k}={json.loads(new)!r} here, {json.loads(old)!r} there" for k, (old, new) in
                       list(diff.items())[:8]) + ("; …" if len(diff) > 8 else "")
     key, (_, new) = next(iter(diff.items()))
+    value = json.loads(new)
+    part = ("-".join(f"{k}-{v}" for k, v in sorted(value.items())) or "none" if isinstance(value, dict)
+            else f"{key.split('.')[-1].strip('_')}-{value}")
     # a folder name that no path, URI or glob reads as syntax (as multirun names are made)
-    name = re.sub(r"[^\w.,+-]", "_", f"{sweep}-{key.split('.')[-1].strip('_')}-{json.loads(new)}")
+    name = re.sub(r"[^\w.,+-]", "_", f"{sweep}-{part}")
     if not cfg.sweep.extend:
         raise ConfigError(
             f"sweep.name={sweep!r} already holds runs of another config ({len(diff)} setting(s) differ: "

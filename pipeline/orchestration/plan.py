@@ -24,7 +24,7 @@ CNN_ONLY_KEYS = ("conv_layers", "channels", "kernel")
 # Keys added later, left out of a run's id while they hold these defaults (the runs of sweeps started before
 # they existed keep their ids), and keys that never change what a run computes (where the data sit).
 LATER_DEFAULTS = {"model": {"_target_": None, "kwargs": {}, "buffers": "eval"},
-                  "data": {"_target_": None, "kwargs": {}, "split": "train"},
+                  "data": {"_target_": None, "kwargs": {}, "split": "train", "n_classes": 0},
                   "hessian": {"params": None}}
 NOT_IN_ID = {"data": ("root", "download")}
 

@@ -175,10 +175,9 @@ KEYS = {"runs": ("run_id",), "points": ("run_id", "step", "stage"), "spectra": (
 
 
 def config_columns(run_cfg) -> dict:
-    """The ``runs`` columns of a run's resolved config: ``{"model_width": 8, ...}``; model keys the run's kind
-    of model does not read (:func:`pipeline.orchestration.config.model_reads`) are null."""
-    model = run_cfg["model"].get("name")
-    return {column_name(s, k): (None if s == "model" and not C.model_reads(model, k) else v)
+    """The ``runs`` columns of a run's resolved config: ``{"model_width": 8, ...}``; model and data keys its
+    kind of model or data does not read (:func:`pipeline.orchestration.config.reads`) are null."""
+    return {column_name(s, k): (v if C.reads(s, run_cfg[s].get("name"), k) else None)
             for s in C.RUN_SECTIONS for k, v in run_cfg[s].items() if column_name(s, k) in SCHEMAS["runs"].names}
 
 
