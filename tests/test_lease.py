@@ -174,9 +174,13 @@ def test_minratio_sweep_and_compact_are_refused_on_a_folder_in_use(tmp_path, hol
     assert "Traceback" not in sweep.stderr
     assert sorted(p.name for p in (root / "busy").iterdir()) == [lease.LEASE]  # no work was done
 
+    compact_cmd = ("-c", "from pipeline.orchestration.cli import compact_main; compact_main()", str(root / "busy"))
+    compact = run_cli(*compact_cmd)  # before the sweep's first run is written: the holder is named all the same
+    assert compact.returncode == 1, compact.stderr
+    assert (f"minratio-compact: '{root / 'busy'}' has no runs/ table yet: it is being written by minratio-sweep "
+            f"(pid {holder_process.pid}") in compact.stderr
     (root / "busy" / "runs").mkdir()  # a sweep's folder, as far as minratio-compact looks
-    compact = run_cli("-c", "from pipeline.orchestration.cli import compact_main; compact_main()",
-                      str(root / "busy"))
+    compact = run_cli(*compact_cmd)
     assert compact.returncode == 1 and "minratio-compact: sweep 'busy'" in compact.stderr, compact.stderr
 
 

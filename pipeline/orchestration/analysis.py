@@ -52,13 +52,18 @@ STAGE_MARKERS = {"stalled": "o", "final": "s", "refined": "^"}
 KEY = ["run_id", "step", "stage"]
 
 
-def open_results(folder: str) -> tuple[Store, str]:
+def locate(folder: str) -> tuple[Store, str]:
     """``<root>/<sweep>`` (path or URI) → the store of ``<root>`` and the sweep name."""
     folder, sep, query = folder.partition("?")  # a URI's options (endpoint_override=…) belong to the root
     folder = folder.rstrip("/")
     root, sweep = posixpath.split(folder) if "://" in folder else (
         posixpath.dirname(posixpath.abspath(folder)), posixpath.basename(posixpath.abspath(folder)))
-    store = Store.open(root + sep + query)
+    return Store.open(root + sep + query), sweep
+
+
+def open_results(folder: str) -> tuple[Store, str]:
+    """:func:`locate`, for a folder that holds a sweep's tables (else :class:`FileNotFoundError`)."""
+    store, sweep = locate(folder)
     if not store.exists(f"{sweep}/runs"):
         raise FileNotFoundError(f"{store.location(sweep)!r} is not a sweep results folder (no runs/ table inside)")
     return store, sweep

@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.orchestration.config import ConfigError, check_deleted_keys, check_set_but_unread, register_configs
-from pipeline.orchestration.lease import FolderBusy, Lease
+from pipeline.orchestration.lease import FolderBusy, Lease, writer
 from pipeline.orchestration.storage import StorageError, join_uri, public_uri
 
 register_configs()
@@ -257,6 +257,11 @@ def _open_sweep(prog: str, code: int, description: str):
     try:
         return analysis.open_results(args.folder)
     except FileNotFoundError as err:
+        store, sweep = analysis.locate(args.folder)
+        holder = writer(store, sweep)
+        if holder is not None:  # a sweep that has not written its first run yet
+            err = (f"{store.location(sweep)!r} has no runs/ table yet: it is being written by {holder.describe()}; "
+                   f"run this once that has ended")
         print(f"{prog}: {err}", file=sys.stderr)
         sys.exit(code)
 

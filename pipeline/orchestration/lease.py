@@ -150,6 +150,13 @@ def _read(store: Store, sweep: str) -> Holder | None:
         return None
 
 
+def writer(store: Store, sweep: str) -> Holder | None:
+    """The live command holding the sweep folder's lease, if any: what a reader of the folder names when it
+    finds no table yet."""
+    holder = _read(store, sweep)
+    return holder if holder is not None and not holder.gone() else None
+
+
 class Lease:
     """The lease of one sweep folder held by this process: :meth:`acquire` it, :meth:`check` it now and
     then (it raises once the lease is lost), :meth:`release` it at the end. Also a context manager."""
