@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from pipeline.orchestration import identity
 from pipeline.orchestration.config import ConfigError
@@ -168,6 +169,8 @@ def test_multirun_jobs_get_a_sweep_each_and_the_log_file_holds_the_summary(multi
         runs, points = pd.read_parquet(folder / "runs"), pd.read_parquet(folder / "points")
         assert len(runs) == 1 and set(runs["status"]) == {"ok"} and list(runs["hessian_rel_tol"]) == [float(tol)]
         assert len(points) > 0
+        record = OmegaConf.load(multirun.cwd / "multirun" / str(job) / ".hydra" / "config.yaml")
+        assert record.sweep.name == folder.name  # Hydra's record of the job reproduces it
         (log_file,) = (multirun.cwd / "multirun" / str(job)).glob("*.log")
         logged = log_file.read_text()
         assert f"sweep '{folder.name}': 1 run in this command" in logged

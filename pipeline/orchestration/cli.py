@@ -20,7 +20,7 @@ import threading
 from typing import Iterable
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration.config import ConfigError, check_deleted_keys, check_set_but_unread, register_configs
 from pipeline.orchestration.lease import FolderBusy, Lease, writer
@@ -200,6 +200,13 @@ def overridden_keys(overrides: Iterable[str]) -> list[str]:
 
 
 _MULTIRUN_CODE = 0  # the worst exit code of the jobs of a --multirun so far
+_MAIN_PID: int | None = None  # the process that ran main(); a launcher may run the jobs in others
+
+
+class JobFailed(RuntimeError):
+    """A ``--multirun`` job that a launcher ran in another process (joblib, submitit, Ray's) failed: raised
+    there, because its exit code cannot reach :data:`_MULTIRUN_CODE`, so that Hydra marks the job failed and
+    the multirun exits non-zero once its jobs have run."""
 
 
 def multirun_name(cfg: DictConfig) -> None:
@@ -213,6 +220,8 @@ def multirun_name(cfg: DictConfig) -> None:
     if hc.job.override_dirname:
         # Only characters that no path, URI or glob (DuckDB, polars) reads as syntax.
         cfg.sweep.name = re.sub(r"[^\w.,+-]", "_", f"{cfg.sweep.name},{hc.job.override_dirname}")
+        if hc.output_subdir is not None:  # Hydra's record of the job (saved before it ran) names its sweep too
+            OmegaConf.save(cfg, os.path.join(hc.runtime.output_dir, hc.output_subdir, "config.yaml"))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
@@ -229,6 +238,9 @@ def sweep_main(cfg: DictConfig) -> None:
     # end the multirun): main() exits with the worst code once all have run. A single run exits here.
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         sys.exit(code)  # an interrupt ends a --multirun too, not only its current job
+    if multirun and code and os.getpid() != _MAIN_PID:
+        raise JobFailed(f"minratio-sweep job {HydraConfig.get().job.num} ended with exit code {code} (its messages "
+                        f"are above)")
     if multirun:
         _MULTIRUN_CODE = max(_MULTIRUN_CODE, code)
     elif code:
@@ -238,6 +250,8 @@ def sweep_main(cfg: DictConfig) -> None:
 def main() -> None:
     """``minratio-sweep`` and ``python -m pipeline``: the Hydra app, exiting non-zero when runs or points
     of the sweep failed (under ``--multirun``, after every job has run)."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     sweep_main()
     sys.exit(_MULTIRUN_CODE)
 
