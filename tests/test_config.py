@@ -325,3 +325,14 @@ def test_hydra_logging_options_replace_minratios_own(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("minratio: configuration error: optim.lr=-1"), res.stderr
     log = next((tmp_path / "outputs" / "default").glob("*/cli.log")).read_text()
     assert "][minratio][ERROR] - minratio: configuration error: optim.lr=-1" in log
+
+
+def test_a_grid_may_vary_a_constructor_argument_the_base_config_does_not_give():
+    cfg = compose_config(["model=torch", "model._target_=usernets.nets.SmallResNet",
+                          "+sweep.grid={model.kwargs.width:[4,16]}"])
+    validate(cfg)
+    runs = expand(cfg)
+    assert [r.config.model.kwargs for r in runs[::3]] == [{"width": 4}, {"width": 16}]
+    assert len({r.run_id for r in runs}) == len(runs) == 6
+    with pytest.raises(ConfigError, match=r"sweep\.grid='model\.width2' is not allowed: expected a key that exists"):
+        validate(compose_config(["+sweep.grid={model.width2:[4,16]}"]))

@@ -496,8 +496,9 @@ def _validate_grid(cfg: DictConfig) -> None:
                  "a non-empty list of values")
         _require(key.split(".")[0] in ("data", "model", "optim", "stall", "hessian"), "sweep.grid", key,
                  "keys under data., model., optim., stall. or hessian.")
-        _require(OmegaConf.select(cfg, key, default=MISSING) is not MISSING or _has_key(cfg, key),
-                 "sweep.grid", key, "a key that exists in the config")
+        _require(OmegaConf.select(cfg, key, default=MISSING) is not MISSING or _has_key(cfg, key)
+                 or _in_free_form(key), "sweep.grid", key,
+                 "a key that exists in the config (or an argument under model.kwargs or data.kwargs)")
         _require(not key.startswith("hessian.") or key.split(".", 1)[1] in HESSIAN_ID_KEYS, "sweep.grid", key,
                  f"hessian keys of the run id ({', '.join(HESSIAN_ID_KEYS)}); the others are settings the "
                  "whole sweep shares, which a grid point cannot change")
@@ -618,6 +619,11 @@ def grid_points(grid: dict) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(list(grid[k]) for k in keys))]
 
 
+def _in_free_form(dotted: str) -> bool:
+    """Whether ``dotted`` names an entry inside a free-form dict (``model.kwargs.width``): a grid may add it."""
+    return any(dotted.startswith(f"{key}.") for key in free_form_keys())
+
+
 def _has_key(cfg: DictConfig, dotted: str) -> bool:
     node: Any = cfg
     for part in dotted.split("."):
@@ -634,10 +640,11 @@ def apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
     out = copy.deepcopy(cfg)
     OmegaConf.set_struct(out, True)
     for key, value in overrides.items():
-        if not _has_key(out, key):
+        added = _in_free_form(key)  # a constructor's argument the base config does not give
+        if not (added or _has_key(out, key)):
             raise ConfigError(f"sweep.grid key {key!r} does not exist in the config")
         try:
-            OmegaConf.update(out, key, value, merge=False)
+            OmegaConf.update(out, key, value, merge=False, force_add=added)
         except ValidationError as err:
             raise ConfigError(f"sweep.grid {key}={value!r}: {str(err).splitlines()[0]}") from None
     resolved = OmegaConf.create(OmegaConf.to_container(out, resolve=True))
