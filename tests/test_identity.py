@@ -78,6 +78,7 @@ def test_a_users_arguments_are_one_setting_and_unread_data_keys_none(make_cfg):
     assert "{'depth': 3} here, {'hidden': 8} there" in refused("h", "+model.kwargs={depth: 3}")
     assert "{'hidden': 16} here, {'hidden': 8} there" in refused("h", "+model.kwargs={hidden: 16}")
     record("d")
+    assert "sweep.name=d-method-newton_eig" in refused("d", "refine=newton_eig")  # not d-max_iters-200
     assert "data.kwargs={'n': 32} here, {} there" in refused("d", "+data.kwargs={n: 32}")
     assert "data.n_classes=3 here, 0 there" in refused("d", "data.n_classes=3")
 
