@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import typing
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_config
-from pipeline.orchestration.config import Config, ConfigError, check_set_but_unread, seeds_of, validate
+from pipeline.orchestration.config import Config, ConfigError, new_sweep_refusals, seeds_of, validate
 from pipeline.orchestration.plan import expand, run_id
 
 GROUP_OPTIONS = [
@@ -293,18 +294,39 @@ def test_a_key_the_model_or_data_does_not_read_is_refused_where_the_command_sets
     """``model.width=16`` with model=torch, or a grid over it, would change the run ids and nothing else."""
     torch_model = ["model=torch", "model._target_=usernets.nets.SmallResNet"]
     cfg = compose_config(torch_model)
-    with pytest.raises(ConfigError, match=r"model\.width: model\.name=torch does not read it \(it reads "
-                                          r"model\.\{name, loss, _target_, kwargs, buffers\}\); a user's module"):
-        check_set_but_unread(cfg, ["model.width"])
-    check_set_but_unread(cfg, ["model.kwargs.width", "model.loss", "optim.lr", "data.side"])  # digits read side
-    with pytest.raises(ConfigError, match=r"data\.n_features, data\.seed: data\.name=digits does not read them"):
-        check_set_but_unread(cfg, ["data.n_features", "data.seed"])
-    with pytest.raises(ConfigError, match=r"model\.width: model\.name=torch"):
-        validate(compose_config(torch_model + ["+sweep.grid={model.width:[4,16]}"]))
-    validate(compose_config(["+sweep.grid={model.name:[mlp,cnn],model.kernel:[1,3]}"]))  # the grid's CNN reads it
-    with pytest.raises(ConfigError, match=r"data\.batch_size=16 is not allowed.*0 with optim\.name=gd"):
-        validate(compose_config(["data.batch_size=16"]))
-    validate(compose_config(["data.batch_size=16", "optim=sgd"]))
+    assert new_sweep_refusals(cfg, ["model.width"]) == [
+        "model.width: model.name=torch does not read it (it reads model.{name, loss, _target_, kwargs, buffers}); "
+        "a user's module takes its arguments under model.kwargs"]
+    # read by their kinds, where the data sit, read through an interpolation: nothing to refuse
+    assert new_sweep_refusals(cfg, ["model.kwargs.width", "model.loss", "optim.lr", "data.side", "data.root",
+                                    "data.download"]) == []
+    assert new_sweep_refusals(compose_config(torch_model + ["+model.kwargs={w: '${model.width}'}"]),
+                              ["model.width"]) == []
+    both = new_sweep_refusals(cfg, ["model.width", "data.n_features", "data.seed"])
+    assert both[0].startswith("model.width: model.name=torch does not read it")
+    assert both[1] == ("data.n_features, data.seed: data.name=digits does not read them (it reads data.{name, "
+                       "n_samples, batch_size, standardize, side})")  # no hint about kwargs for a built-in kind
+    grid = compose_config(torch_model + ["+sweep.grid={model.width:[4,16]}"])
+    validate(grid)
+    assert new_sweep_refusals(grid)[0].startswith("model.width: model.name=torch")
+    assert new_sweep_refusals(compose_config(["+sweep.grid={model.name:[mlp,cnn],model.kernel:[1,3]}"])) == []
+    assert new_sweep_refusals(compose_config(["data.batch_size=16"])) == [
+        "data.batch_size=16 with optim.name=gd: gd is full-batch gradient descent; mini-batches are optim=sgd"]
+    assert new_sweep_refusals(compose_config(["data.batch_size=16", "optim=sgd"])) == []
+
+
+def test_a_sweep_of_an_earlier_version_that_set_an_unread_key_still_resumes(make_cfg, ray_session):
+    """Its run ids hold the key, so dropping it would train every run again under new ids: the same command
+    resumes (with a warning); a new sweep with it is refused before any work."""
+    from pipeline.orchestration.sweep import run_sweep
+
+    old = make_cfg(["sweep.name=old", "sweep.seeds=1", "optim.max_steps=300", "figures=false", "data.seed=3"])
+    run_sweep(old)  # as an earlier version ran it: nothing said what the command line set
+    again = run_sweep(old, ["data.seed"])
+    assert again.runs_skipped == 1
+    with pytest.raises(ConfigError, match=r"data\.seed: data\.name=digits does not read it"):
+        run_sweep(make_cfg(["sweep.name=new", "sweep.seeds=1", "figures=false", "data.seed=3"]), ["data.seed"])
+    assert not (Path(old.results_root) / "new").exists()
 
 
 def test_cli_refuses_a_key_its_model_does_not_read_before_any_run(tmp_path):

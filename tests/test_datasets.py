@@ -147,8 +147,9 @@ def test_user_data_as_a_torch_dataset(tmp_path, monkeypatch):
 
 
 def test_user_data_give_their_classes_and_a_wrong_container_is_named(tmp_path, monkeypatch):
-    """Classes: data.n_classes, else the Dataset's ``classes`` (torchvision's convention), else max label + 1
-    (labels 2..6 of a 10-class set would otherwise make 7). A list [X, Y] or a dict is named as such."""
+    """Classes: data.n_classes, else max label + 1 (labels 2..6 of a 10-class set make 7 without it; a
+    Dataset's ``classes`` attribute is not read: it may name classes its relabelled targets no longer
+    use, and the run ids of earlier sweeps were computed without it). A list [X, Y] or a dict is named."""
     (tmp_path / "userdata2.py").write_text(
         "import torch\n"
         "X, Y = torch.arange(12.0).reshape(6, 2), torch.tensor([2, 2, 2, 3, 3, 6])\n"
@@ -157,6 +158,7 @@ def test_user_data_give_their_classes_and_a_wrong_container_is_named(tmp_path, m
         "    def __len__(self): return 6\n"
         "    def __getitem__(self, i): return X[i], Y[i]\n"
         "def plain(): return X, Y\n"
+        "def regression(): return X, X[:, :1]\n"
         "def pairs(): return [(X[i], Y[i]) for i in range(6)]\n"
         "def as_list(): return [X, Y]\n"
         "def as_dict(): return {'X': X, 'Y': Y}\n"
@@ -164,16 +166,17 @@ def test_user_data_give_their_classes_and_a_wrong_container_is_named(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def data(target: str, *overrides: str, loss: str = "cross_entropy"):
-        cfg = compose_config(["data=torch", f"data._target_=userdata2.{target}", "model.loss=cross_entropy",
-                              *overrides])
+        cfg = compose_config(["data=torch", f"data._target_=userdata2.{target}", f"model.loss={loss}", *overrides])
         validate(cfg)
         return make_dataset(cfg.data, 0, loss)
 
-    assert data("Labelled").n_classes == 10 and data("Labelled", loss="mse").Y.shape == (6, 10)
-    assert data("plain").n_classes == 7 and data("pairs").n_classes == 7
-    assert data("plain", "data.n_classes=10").n_classes == 10
+    assert data("Labelled").n_classes == 7 and data("plain").n_classes == 7 and data("pairs").n_classes == 7
+    assert data("Labelled", "data.n_classes=10").n_classes == 10
+    assert data("plain", "data.n_classes=10", loss="mse").Y.shape == (6, 10)
     with pytest.raises(DataError, match=r"class labels span \[2, 6\], outside 0\.\.4 for 5 classes"):
         data("Labelled", "data.n_classes=5")
+    with pytest.raises(DataError, match=r"data\.n_classes=3 applies to integer class labels"):
+        data("regression", "data.n_classes=3", loss="mse")
     with pytest.raises(ConfigError, match="data.n_classes=-1"):
         data("plain", "data.n_classes=-1")
     with pytest.raises(DataError, match=r"returned a list whose item 0 is of shape \(6, 2\), not an \(x, y\) pair"):

@@ -88,12 +88,28 @@ def test_a_users_arguments_are_one_setting_and_unread_data_keys_none(make_cfg):
                                                 "+sweep.grid={model.kwargs.hidden:[4,16]}"]))
     assert "{'depth': 2} here, {'depth': 1} there" in refused("g", "+model.kwargs={hidden: 8, depth: 2}", grid[1])
 
-    # A record of an older version holds one key per argument: its own config still resumes.
-    old = identity.of_config(make_cfg(user + ["sweep.name=o", "+model.kwargs={hidden: 8}"]))
-    fixed = {("model.kwargs.hidden" if k == "model.kwargs" else k): ("8" if k == "model.kwargs" else v)
-             for k, v in old.fixed.items()}
-    identity.save(store, "o", identity.Identity(fixed, old.varied))
-    identity.check(store, "o", make_cfg(user + ["sweep.name=o", "+model.kwargs={hidden: 8}"]))
+    # A grid over an argument: a point of it, or the grid added to a sweep without one, is no difference (as
+    # for a scalar key); the arguments beside it still are.
+    record("gk", "+data.kwargs={n: 32, seed: 1}", "+sweep.grid={data.kwargs.n:[32,64]}")
+    identity.check(store, "gk", make_cfg(user + ["sweep.name=gk", "+data.kwargs={n: 64, seed: 1}"]))
+    assert "data.kwargs={'seed': 2} here, {'seed': 1} there" in refused("gk", "+data.kwargs={n: 64, seed: 2}")
+    record("ng", "+data.kwargs={n: 32, seed: 1}")
+    identity.check(store, "ng", make_cfg(user + ["sweep.name=ng", "+data.kwargs={n: 32, seed: 1}",
+                                                 "+sweep.grid={data.kwargs.n:[32,64]}"]))
+
+    # A record of format 1 (before 2026-12-07) held data.kwargs one key per argument and no model.kwargs: its
+    # own command still resumes, and a changed data.kwargs is still refused.
+    def format_1(name: str, fixed: dict, varied=()) -> None:
+        store.write_bytes(f"{name}/{identity.RECORD}", json.dumps({"fixed": fixed, "varied": list(varied)}).encode())
+
+    now = identity.of_config(make_cfg(user + ["sweep.name=o", "+data.kwargs={n: 32}", "+model.kwargs={hidden: 8}"]))
+    old = {k: v for k, v in now.fixed.items() if k not in ("data.kwargs", "model.kwargs")}
+    format_1("o", {**old, "data.kwargs.n": "32"})
+    identity.check(store, "o", make_cfg(user + ["sweep.name=o", "+data.kwargs={n: 32}", "+model.kwargs={hidden: 8}"]))
+    assert "data.kwargs={'n': 64} here, {'n': 32} there" in refused("o", "+data.kwargs={n: 64}")
+    format_1("e", old)  # data.kwargs {} left no key
+    assert "data.kwargs={'n': 32} here, {} there" in refused("e", "+data.kwargs={n: 32}")
+    assert "format" not in json.loads(store.read_bytes("o/sweep.json"))  # check() only reads
 
     # The data keys a kind of data does not read define nothing; those it reads do.
     record("t")

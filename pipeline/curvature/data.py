@@ -139,11 +139,10 @@ def _loaded(data_cfg, loss: str) -> Dataset:
     """A real image set (:mod:`pipeline.curvature.datasets`: ``root``, ``download``, ``split``, ``side``) or the user's
     ``data._target_``; first ``n_samples`` (0 = all), inputs kept as flat rows with their ``sample_shape``.
     Integer labels are class targets for cross-entropy and one-hot rows for MSE, as for the digits; a
-    user's data have ``data.n_classes`` classes, else as many as its Dataset's ``classes`` names, else
-    max label + 1."""
+    user's data have ``data.n_classes`` classes, else max label + 1."""
     if data_cfg.name == "torch":
-        X, Y, k = datasets.from_target(str(data_cfg._target_), getattr(data_cfg, "kwargs", None))
-        k = int(getattr(data_cfg, "n_classes", 0) or k)
+        X, Y = datasets.from_target(str(data_cfg._target_), getattr(data_cfg, "kwargs", None))
+        k = int(getattr(data_cfg, "n_classes", 0))
     else:
         X, Y = datasets.load_images(data_cfg.name, str(data_cfg.root), str(data_cfg.split), bool(data_cfg.download))
         k = 10  # every image set has 10 classes
@@ -158,7 +157,7 @@ def _loaded(data_cfg, loss: str) -> Dataset:
     if data_cfg.standardize:
         X = _standardize(X)
     if np.issubdtype(Y.dtype, np.integer) and Y.ndim == 1:
-        k = k or int(Y.max()) + 1  # classes neither configured nor named by the Dataset: the labels seen
+        k = k or int(Y.max()) + 1  # classes not configured: the labels seen
         if Y.min() < 0 or Y.max() >= k:
             raise datasets.DataError(f"data.name={data_cfg.name}: class labels span [{Y.min()}, {Y.max()}], outside "
                                      f"0..{k - 1} for {k} classes (data.n_classes sets the number of classes)")
@@ -168,6 +167,9 @@ def _loaded(data_cfg, loss: str) -> Dataset:
     elif loss == "cross_entropy":
         raise ValueError(f"model.loss=cross_entropy needs integer class labels [n]; data.name={data_cfg.name} "
                          f"gave targets {Y.dtype} {Y.shape}")
+    elif k:
+        raise datasets.DataError(f"data.n_classes={k} applies to integer class labels [n]; data.name={data_cfg.name} "
+                                 f"gave targets {Y.dtype} {Y.shape}")
     Y = Y.reshape(len(Y), -1)
     return Dataset(torch.as_tensor(X), torch.as_tensor(Y, dtype=torch.float64), 0, shape)
 

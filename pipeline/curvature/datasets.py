@@ -125,11 +125,10 @@ def downsample(images: np.ndarray, side: int) -> np.ndarray:
     return images.reshape(n, c, side, f, side, f).mean(axis=(3, 5))
 
 
-def from_target(target: str, kwargs: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(X, Y, n_classes)`` from the callable at import path ``target`` called with ``kwargs``: it returns
-    the tuple ``(X, Y)`` (tensors or arrays, ``X`` ``[n, ...]``) or a ``torch.utils.data.Dataset`` (or a
-    list) of ``(x, y)`` pairs. ``n_classes`` is ``len(dataset.classes)`` where the Dataset says its classes
-    (as torchvision's do), else 0."""
+def from_target(target: str, kwargs: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, Y)`` as NumPy from the callable at import path ``target`` called with ``kwargs``: it returns the
+    tuple ``(X, Y)`` (tensors or arrays, ``X`` ``[n, ...]``) or a ``torch.utils.data.Dataset`` (or a list)
+    of ``(x, y)`` pairs."""
     fn = import_object(target)
     if not callable(fn):
         raise DataError(f"data._target_={target!r} is {type(fn).__name__}, not callable")
@@ -156,8 +155,7 @@ def from_target(target: str, kwargs: Any = None) -> tuple[np.ndarray, np.ndarray
     if X.ndim < 2 or Y.shape[:1] != X.shape[:1]:
         raise DataError(f"data._target_={target!r}: X {X.shape} and Y {Y.shape} need the same first dimension n "
                         "and X at least [n, d]")
-    classes = getattr(out, "classes", None)
-    return X, Y, len(classes) if isinstance(classes, (list, tuple)) else 0
+    return X, Y
 
 
 def _np(x: Any) -> np.ndarray:

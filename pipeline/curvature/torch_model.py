@@ -237,7 +237,8 @@ def check_model(model: TorchModel, loss_fn, theta: torch.Tensor, X: torch.Tensor
     out = model.forward(theta, X)
     if tuple(out.shape) != (X.shape[0], out_dim):
         raise ModelError(f"{name} returns outputs of shape {tuple(out.shape)} for {X.shape[0]} samples; the data "
-                         f"need [{X.shape[0]}, {out_dim}] (model.kwargs sets the module's sizes)")
+                         f"need [{X.shape[0]}, {out_dim}] (model.kwargs sets the module's sizes; data.n_classes the "
+                         f"number of classes of a user's integer labels)")
     first, second = loss_fn(theta), loss_fn(theta)
     if not torch.equal(first, second):
         raise ModelError(f"{name}: its loss at the same θ differed between two evaluations ({float(first)!r} vs "

@@ -22,7 +22,7 @@ from typing import Iterable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import ConfigError, check_deleted_keys, check_set_but_unread, register_configs
+from pipeline.orchestration.config import ConfigError, check_deleted_keys, register_configs
 from pipeline.orchestration.lease import FolderBusy, Lease, writer
 from pipeline.orchestration.storage import StorageError, join_uri, public_uri
 
@@ -137,10 +137,9 @@ def run(cfg: DictConfig, set_keys: Iterable[str] = ()) -> int:
 
     try:
         check_deleted_keys(cfg)  # before the keys are read here: '~results_root' is refused, not a traceback
-        check_set_but_unread(cfg, set_keys)
         from_original_cwd(cfg)
         with stop_on_signals():
-            summary = sweep.run_sweep(cfg)
+            summary = sweep.run_sweep(cfg, set_keys)
     except ConfigError as err:
         log.error(f"minratio: configuration error: {err}")
         return 2

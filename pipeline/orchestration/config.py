@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
@@ -62,7 +63,7 @@ class DataConfig:
     # name=torch: the user's data, a callable at this import path returning (X, Y) or a torch Dataset
     _target_: Optional[str] = None
     kwargs: dict = field(default_factory=dict)  # its keyword arguments
-    n_classes: int = 0  # its integer labels' classes; 0 = len(Dataset.classes) where it has them, else max label + 1
+    n_classes: int = 0  # its integer labels' classes; 0 = max label + 1
 
 
 @dataclass
@@ -99,6 +100,10 @@ DATA_KEYS_READ = {"synthetic": (*_ANY_DATA, "seed", "n_features", "n_outputs", "
                   "mnist": _IMAGES, "fashion_mnist": _IMAGES, "cifar10": _IMAGES,
                   "torch": (*_ANY_DATA, "_target_", "kwargs", "n_classes")}
 KEYS_READ = {"model": MODEL_KEYS_READ, "data": DATA_KEYS_READ}
+# Where a run's data sit (the folder, whether a missing set may be fetched), not what it computes: in no run
+# id and no sweep identity, so a sweep resumes on a node whose data.root differs.
+NOT_IN_ID = {"data": ("root", "download")}
+WHERE_KEYS = frozenset(f"{section}.{key}" for section, keys in NOT_IN_ID.items() for key in keys)
 
 
 def reads(section: str, kind: str, key: str) -> bool:
@@ -422,8 +427,6 @@ RULES: tuple[Rule, ...] = (
     ("optim.log_every", lambda c: c.optim.log_every >= 1, "≥ 1"),
     ("data.batch_size", lambda c: not (c.optim.name == "sgd" and c.data.batch_size == 0),
      "≥ 1 with optim.name=sgd (mini-batch)"),
-    ("data.batch_size", lambda c: not (c.optim.name == "gd" and c.data.batch_size > 0),
-     "0 with optim.name=gd (full-batch gradient descent; mini-batches are optim=sgd)"),
     ("stall.window", lambda c: c.stall.window >= c.optim.log_every,
      lambda c: f"≥ optim.log_every ({c.optim.log_every})"),
     ("stall.threshold", lambda c: c.stall.threshold > 0, "> 0"),
@@ -502,7 +505,6 @@ def _validate_grid(cfg: DictConfig) -> None:
         _require(not key.startswith("hessian.") or key.split(".", 1)[1] in HESSIAN_ID_KEYS, "sweep.grid", key,
                  f"hessian keys of the run id ({', '.join(HESSIAN_ID_KEYS)}); the others are settings the "
                  "whole sweep shares, which a grid point cannot change")
-    check_set_but_unread(cfg, cfg.sweep.grid.keys())
     for point in grid_points(OmegaConf.to_container(cfg.sweep.grid, resolve=True)):
         if point:
             validate_point(cfg, point)
@@ -591,24 +593,52 @@ def check_unread_keys(cfg: DictConfig) -> None:
                           "a user's model takes its arguments under model.kwargs)")
 
 
-def check_set_but_unread(cfg: DictConfig, keys: Iterable[str]) -> None:
-    """Refuse settings a command sets (``keys``: dotted keys of its overrides or of its grid) that its kind of
-    model or data does not read, e.g. ``model.width=16`` with ``model=torch``: each run would compute what it
-    computes without them, under a run id of its own. Where the grid varies the kind, every key is read."""
+def _interpolated(cfg: DictConfig) -> set[str]:
+    """The dotted keys that interpolations anywhere in ``cfg`` read (``${data.side}`` under ``model.kwargs``)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, str):
+            found.update(ref.strip() for ref in re.findall(r"\$\{([^}:]+)\}", node))  # not ${now:…} and other resolvers
+
+    walk(OmegaConf.to_container(cfg, resolve=False))
+    return found
+
+
+def new_sweep_refusals(cfg: DictConfig, set_keys: Iterable[str] = ()) -> list[str]:
+    """What this version refuses in a command that the versions before it ran: settings the command sets
+    (``set_keys``, dotted keys of its overrides, and its grid's keys) that its kind of model or data does not
+    read (``model.width=16`` with ``model=torch``: the runs compute what they compute without it, under run ids
+    of their own), and ``data.batch_size > 0`` with ``optim=gd`` (mini-batches under a full-batch name).
+    The caller refuses them for a new sweep and lets a sweep of an earlier version resume with them (its run
+    ids hold them). Where the data sit, keys an interpolation reads and keys of a kind the grid varies count
+    as read."""
     grid = set(cfg.sweep.grid or {})
-    unread = []
-    for key in keys:
+    skip = WHERE_KEYS | _interpolated(cfg)
+    by_section: dict[str, list[str]] = {}
+    for key in dict.fromkeys([*set_keys, *grid]):
         section, _, name = key.partition(".")
-        kind = cfg[section].name if section in KEYS_READ else None
-        if kind is not None and f"{section}.name" not in grid and not reads(section, kind, name.split(".")[0]):
-            unread.append((key, section, kind))
-    if unread:
-        key, section, kind = unread[0]
-        where = {"model": "a user's module takes its arguments under model.kwargs",
-                 "data": "a user's data callable takes its arguments under data.kwargs"}[section]
-        raise ConfigError(f"{', '.join(k for k, _, _ in unread)}: {section}.name={kind} does not read "
-                          f"{'it' if len(unread) == 1 else 'them'} (it reads {section}."
-                          f"{{{', '.join(KEYS_READ[section][kind])}}}); {where}")
+        if section not in KEYS_READ or f"{section}.name" in grid or key in skip:
+            continue
+        if not reads(section, cfg[section].name, name.split(".")[0]):
+            by_section.setdefault(section, []).append(key)
+    out = []
+    for section, keys in by_section.items():
+        kind = cfg[section].name
+        hint = {"model": "; a user's module takes its arguments under model.kwargs",
+                "data": "; a user's data callable takes its arguments under data.kwargs"}[section]
+        out.append(f"{', '.join(keys)}: {section}.name={kind} does not read {'it' if len(keys) == 1 else 'them'} (it "
+                   f"reads {section}.{{{', '.join(KEYS_READ[section][kind])}}}){hint if kind == 'torch' else ''}")
+    if cfg.optim.name == "gd" and cfg.data.batch_size > 0:
+        out.append(f"data.batch_size={cfg.data.batch_size} with optim.name=gd: gd is full-batch gradient descent; "
+                   "mini-batches are optim=sgd")
+    return out
 
 
 def grid_points(grid: dict) -> list[dict]:

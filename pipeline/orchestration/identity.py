@@ -17,8 +17,8 @@ from typing import Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration.config import (RUN_SECTIONS as SECTIONS, ConfigError, HessianResources, free_form_keys,
-                                          reads)
-from pipeline.orchestration.plan import NOT_IN_ID, in_run_id
+                                          reads, WHERE_KEYS)
+from pipeline.orchestration.plan import in_run_id
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
 
@@ -26,10 +26,10 @@ RECORD = "sweep.json"
 # Where and how fast a run computes, not what: a sweep may resume on other hardware.
 RESOURCE_KEYS = frozenset({*(f"hessian.{f.name}" for f in dataclasses.fields(HessianResources)),
                            "refine.num_cpus", "refine.num_gpus"})
-# Where a run's data sit (the folder, whether a missing set may be fetched), not what it computes: a sweep
-# started with data.download=true resumes without it, or on a node whose data.root differs.
-WHERE_KEYS = frozenset(f"{section}.{key}" for section, keys in NOT_IN_ID.items() for key in keys)
 FREE_FORM = free_form_keys()  # model.kwargs, data.kwargs: each recorded whole
+# sweep.json's format: 2 records each free-form dict as one setting; 1 (before 2026-12-07) held one key per
+# entry of data.kwargs, and none of model.kwargs.
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class Identity:
     varied: tuple
 
     def to_json(self) -> str:
-        return json.dumps({"fixed": self.fixed, "varied": sorted(self.varied)}, indent=1, sort_keys=True)
+        return json.dumps({"format": FORMAT, "fixed": self.fixed, "varied": sorted(self.varied)}, indent=1,
+                          sort_keys=True)
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -66,19 +67,26 @@ def _without(node: dict, paths: list[list[str]]) -> dict:
     return out
 
 
+def _strip(fixed: dict, varied) -> dict:
+    """``fixed`` with the entries of each free-form dict that ``varied`` names (``model.kwargs.width``, a grid's
+    key) taken out of its value, as a varied scalar key is out of ``fixed``."""
+    out = dict(fixed)
+    for key in FREE_FORM & out.keys():
+        inside = [v[len(key) + 1:].split(".") for v in varied if v.startswith(f"{key}.")]
+        if inside:
+            out[key] = json.dumps(_without(json.loads(out[key]), inside), sort_keys=True)
+    return out
+
+
 def of_config(cfg: DictConfig) -> Identity:
     """The identity of the experiment ``cfg`` (composed and validated) describes."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     varied = tuple(sorted(resolved["sweep"]["grid"] or {}))
-    for key in FREE_FORM:  # a grid varying one argument (model.kwargs.width) varies only that one
-        section, name = key.split(".")
-        inside = [v[len(key) + 1:].split(".") for v in varied if v.startswith(f"{key}.")]
-        resolved[section][name] = _without(resolved[section][name], inside)
     flat = {}
     for name in SECTIONS:
         flat.update(_flatten(resolved[name], f"{name}."))
-    fixed = {k: v for k, v in flat.items() if k not in RESOURCE_KEYS | WHERE_KEYS and k not in varied
-             and not _unread(k, resolved, varied)}
+    fixed = {k: v for k, v in _strip(flat, varied).items() if k not in RESOURCE_KEYS | WHERE_KEYS
+             and k not in varied and not _unread(k, resolved, varied)}
     return Identity(fixed, varied)
 
 
@@ -96,14 +104,35 @@ def read(store: Store, sweep: str) -> Identity | None:
     if not store.exists(rel):
         return None
     data = json.loads(store.read_bytes(rel))
-    return Identity(dict(data["fixed"]), tuple(data["varied"]))
+    fixed = dict(data["fixed"]) if data.get("format", 1) >= 2 else _from_format_1(data["fixed"])
+    return Identity(fixed, tuple(data["varied"]))
+
+
+def _from_format_1(fixed: dict) -> dict:
+    """A record of format 1 as format 2 records it: its ``data.kwargs.<name>`` entries folded into the one
+    setting ``data.kwargs`` (none meant ``{}``, where the data kind reads it). It recorded nothing of
+    ``model.kwargs``, which the next command's record adds."""
+    out, entries = {}, {}
+    for key, value in fixed.items():
+        if key.startswith("data.kwargs."):
+            node = entries
+            *path, last = key[len("data.kwargs."):].split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = json.loads(value)
+        elif not key.startswith("model.kwargs."):
+            out[key] = value
+    if entries or ("data.name" in fixed and reads("data", json.loads(fixed["data.name"]), "kwargs")):
+        out["data.kwargs"] = json.dumps(entries, sort_keys=True)
+    return out
 
 
 def differences(recorded: Identity, wanted: Identity) -> dict:
     """``{key: (recorded value, wanted value)}`` for the settings both fix and on which they differ."""
     ignore = set(recorded.varied) | set(wanted.varied)
-    return {k: (recorded.fixed[k], wanted.fixed[k]) for k in sorted(recorded.fixed.keys() & wanted.fixed.keys())
-            if k not in ignore and json.loads(recorded.fixed[k]) != json.loads(wanted.fixed[k])}  # 1 == 1.0
+    old, new = _strip(recorded.fixed, ignore), _strip(wanted.fixed, ignore)
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if k not in ignore and json.loads(old[k]) != json.loads(new[k])}  # 1 == 1.0
 
 
 def merged(recorded: Identity | None, wanted: Identity) -> Identity:
@@ -111,7 +140,7 @@ def merged(recorded: Identity | None, wanted: Identity) -> Identity:
     if recorded is None:
         return wanted
     varied = set(recorded.varied) | set(wanted.varied) | set(differences(recorded, wanted))
-    fixed = {**wanted.fixed, **recorded.fixed}
+    fixed = _strip({**wanted.fixed, **recorded.fixed}, varied)
     return Identity({k: v for k, v in fixed.items() if k not in varied}, tuple(sorted(varied)))
 
 
@@ -138,7 +167,7 @@ def check(store: Store, sweep: str, cfg: DictConfig, planned: Iterable[str] = ()
             f"sweep.name={sweep!r} already holds runs of another config ({len(diff)} setting(s) differ: "
             f"{shown}). Give this experiment its own name, e.g. sweep.name={name}, or add sweep.extend=true "
             "to add its runs to the same tables")
-    if not any(adds_work(k, old) for k, (old, _) in diff.items()) and set(planned) <= _known_runs(store, sweep):
+    if not any(adds_work(k, old) for k, (old, _) in diff.items()) and set(planned) <= known_runs(store, sweep):
         raise ConfigError(
             f"sweep.extend=true would add nothing to sweep.name={sweep!r}: the settings that differ ({shown}) do "
             "not enter a run's id, and every run this command plans is in the folder already, computed as it "
@@ -146,8 +175,8 @@ def check(store: Store, sweep: str, cfg: DictConfig, planned: Iterable[str] = ()
     return merged(recorded, wanted)
 
 
-def _known_runs(store: Store, sweep: str) -> set:
-    """The run ids the sweep's ``runs`` table holds."""
+def known_runs(store: Store, sweep: str) -> set:
+    """The run ids the sweep's ``runs`` table holds (none for a new sweep)."""
     return set(tables.read(store, sweep, "runs", columns=[]).column("run_id").to_pylist())
 
 

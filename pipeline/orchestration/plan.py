@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import (HESSIAN_ID_KEYS, RUN_SECTIONS, RunConfig, apply_overrides, grid_points,
-                                          seeds_of)
+from pipeline.orchestration.config import (HESSIAN_ID_KEYS, NOT_IN_ID, RUN_SECTIONS, RunConfig, apply_overrides,
+                                          grid_points, seeds_of)
 
 # Sections whose values change what a run computes, hence its id. Hessian *resources* do not, and neither
 # does `refine` (refined points are keyed by stage=refined: use a new sweep.name to refine differently).
@@ -26,7 +26,6 @@ CNN_ONLY_KEYS = ("conv_layers", "channels", "kernel")
 LATER_DEFAULTS = {"model": {"_target_": None, "kwargs": {}, "buffers": "eval"},
                   "data": {"_target_": None, "kwargs": {}, "split": "train", "n_classes": 0},
                   "hessian": {"params": None}}
-NOT_IN_ID = {"data": ("root", "download")}
 
 
 def in_run_id(key: str) -> bool:

@@ -18,13 +18,14 @@ import signal
 import socket
 import threading
 import time
+from typing import Iterable
 from dataclasses import dataclass, field
 
 import ray
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.orchestration import identity, jobs, rows, shards, tables
-from pipeline.orchestration.config import ConfigError, validate
+from pipeline.orchestration.config import ConfigError, new_sweep_refusals, validate
 from pipeline.orchestration.lease import CANCEL_WAIT_S, Lease
 from pipeline.orchestration.plan import Run, expand
 from pipeline.orchestration.progress import Progress
@@ -321,8 +322,9 @@ def resolve_root(cfg: DictConfig) -> str:
     return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
-def run_sweep(cfg: DictConfig) -> SweepSummary:
+def run_sweep(cfg: DictConfig, set_keys: Iterable[str] = ()) -> SweepSummary:
     """Run (or resume) the sweep that ``cfg`` describes; return what is in its tables at the end.
+    ``set_keys``: the dotted keys its command line sets (:func:`pipeline.orchestration.config.new_sweep_refusals`).
 
     Every check comes before any work: the values, the sweep's recorded experiment, the results root,
     the tolerance the counts can honour, and the cluster's resources."""
@@ -333,6 +335,13 @@ def run_sweep(cfg: DictConfig) -> SweepSummary:
     runs = expand(cfg)
     run_ids = [run.run_id for run in runs]
     identity.check(store, name, cfg, run_ids)
+    refusals = new_sweep_refusals(cfg, set_keys)
+    if refusals:
+        resumed = set(run_ids) & identity.known_runs(store, name)
+        if not resumed:
+            raise ConfigError("; ".join(refusals))
+        log.warning(f"{'; '.join(refusals)}. Allowed here because this command resumes a sweep of an earlier "
+                    f"version whose run ids hold it ({len(resumed)} of its {len(run_ids)} runs are in the folder)")
     store.check_writable()
     check_problems(runs)
     with Lease(store, name, "minratio-sweep") as lease:

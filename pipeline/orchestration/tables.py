@@ -26,7 +26,7 @@ from pipeline.orchestration.storage import Store
 
 # Bump the version whenever a column is added or a column's definition changes; files of an older version
 # read with nulls in the columns they lack (see `read`). Each version's changes: docs/performance.md.
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 TABLES = ("runs", "points", "spectra", "curves")
 
 _PA_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
