@@ -203,18 +203,16 @@ def test_a_multirun_goes_on_past_a_job_with_failed_points(multirun):
     assert len(next_job) > 0 and (next_job["status"] == "ok").all()
 
 
-@pytest.mark.slow
 def test_a_multirun_by_a_process_launcher_exits_non_zero_when_a_job_failed(tmp_path):
     """Hydra's joblib launcher runs each job in a worker process, whose exit code cannot reach the command's:
-    a failed job is reported to Hydra as failed there, the other job still runs, and the command exits 1."""
+    a failed job is reported to Hydra as failed there, the other job still runs, and the command exits 1.
+    (Both jobs fail on their values, before any Ray starts: a sweep in a worker process adds a minute.)"""
     res = subprocess.run([sys.executable, "-m", "pipeline", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                          "optim.lr=-1,0.5", "sweep.seeds=1", "optim.max_steps=100", "figures=false",
-                          "sweep.progress=none", f"results_root={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 'm'}"],
+                          "optim.lr=-1,-2", f"results_root={tmp_path / 'r'}", f"hydra.sweep.dir={tmp_path / 'm'}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "optim.lr=-1.0 is not allowed" in res.stderr and "job 0 ended with exit code 2" in res.stderr
-    ok = pd.read_parquet(tmp_path / "r" / "default,optim.lr-0.5,optim.max_steps-100" / "runs")
-    assert list(ok["status"]) == ["ok"]
+    assert "optim.lr=-1.0 is not allowed" in res.stderr and "optim.lr=-2.0 is not allowed" in res.stderr
+    assert "ended with exit code 2" in res.stderr and not (tmp_path / "r").exists()
 
 
 def test_diverged_run_is_recorded(make_cfg, ray_session):
