@@ -412,17 +412,24 @@ class Driver:
         self.show()
         self.prog.close()
 
-    def cancel_in_flight(self, wait_s: float = CANCEL_WAIT_S) -> None:
+    def cancel_in_flight(self, wait_s: float = CANCEL_WAIT_S, grace_s: float = 5.0) -> None:
         """End the tasks in flight and wait (at most ``wait_s``) until they have ended: the driver stops on an
         error, an interrupt or a lost lease, and nothing of it may be written once the folder's lease is free.
         (``ray.cancel`` only asks; a task finishing its last write would otherwise land after the release.)
-        Every write is whole, so a task ended mid-write leaves no half file; the next resume redoes it."""
+        First a KeyboardInterrupt in each task's Python code; the workers of tasks still running after
+        ``grace_s`` (inside a long native call) are killed. Killing first let a task's reply race its
+        cancellation in Ray 2.60, which then aborted the driver ("Tried to complete task that was not
+        pending"). Every write is whole, so a task ended mid-write leaves no half file; the next resume
+        redoes it."""
         refs = list(self.in_flight)
         try:
             for obj in refs:
+                ray.cancel(obj, force=False)
+            left = ray.wait(refs, num_returns=len(refs), timeout=min(grace_s, wait_s))[1] if refs else []
+            for obj in left:
                 ray.cancel(obj, force=True)
-            if refs:
-                ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+            if left:
+                ray.wait(left, num_returns=len(left), timeout=max(wait_s - grace_s, 0.0))
         except Exception as err:  # noqa: BLE001 — Ray itself may be what failed; the first error goes up
             log.debug(f"could not end the tasks in flight: {err}")
 
