@@ -61,12 +61,16 @@ def locate(folder: str) -> tuple[Store, str]:
     return Store.open(root + sep + query), sweep
 
 
-def open_results(folder: str) -> tuple[Store, str]:
-    """:func:`locate`, for a folder that holds a sweep's tables (else :class:`FileNotFoundError`)."""
-    store, sweep = locate(folder)
+def check_results(store: Store, sweep: str) -> tuple[Store, str]:
+    """``(store, sweep)`` where the sweep's folder holds its tables, else :class:`FileNotFoundError`."""
     if not store.exists(f"{sweep}/runs"):
         raise FileNotFoundError(f"{store.location(sweep)!r} is not a sweep results folder (no runs/ table inside)")
     return store, sweep
+
+
+def open_results(folder: str) -> tuple[Store, str]:
+    """:func:`locate`, for a folder that holds a sweep's tables (else :class:`FileNotFoundError`)."""
+    return check_results(*locate(folder))
 
 
 def load(store: Store, sweep: str) -> dict[str, pd.DataFrame]:

@@ -132,7 +132,7 @@ def from_original_cwd(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, set_keys: Iterable[str] = ()) -> int:
     """Run the sweep described by a composed config; log the summary; write figures. Exit code.
-    ``set_keys``: the dotted keys the command line sets (each must be one its model and data read)."""
+    ``set_keys``: the dotted keys the command line sets (a new sweep's model and data must read each)."""
     from pipeline.orchestration import analysis, sweep
 
     try:
@@ -177,8 +177,8 @@ def run(cfg: DictConfig, set_keys: Iterable[str] = ()) -> int:
 def summary_table(s) -> str:
     """The end-of-sweep summary: one line on this command, then one row per grid point of the sweep's
     tables (one row without a grid) with the minimum ratio's min / median / max over the analysed points."""
-    head = (f"sweep {s.sweep!r}: {s.runs_total} run{'s' * (s.runs_total != 1)} in this command ({s.runs_skipped} finished earlier, "
-            f"skipped), {s.seconds:.1f}s")
+    head = (f"sweep {s.sweep!r}: {s.runs_total} run{'s' * (s.runs_total != 1)} in this command "
+            f"({s.runs_skipped} finished earlier, skipped), {s.seconds:.1f}s")
     cols = ("grid point", "runs ok/all", "failed", "points", "failed", "min ratio min/median/max", "labels")
     rows = [(r["grid"], f"{r['runs_ok']}/{r['runs']}", str(r["runs_failed"]), str(r["points"]),
              str(r["points_failed"]), "/".join(f"{v:.4f}" for v in r["ratio"]) if r["ratio"] else "-",
@@ -266,11 +266,10 @@ def _open_sweep(prog: str, code: int, description: str):
     line on stderr and exit ``code``."""
     from pipeline.orchestration import analysis
 
-    args = analysis.folder_args(description)
+    store, sweep = analysis.locate(analysis.folder_args(description).folder)
     try:
-        return analysis.open_results(args.folder)
+        return analysis.check_results(store, sweep)
     except FileNotFoundError as err:
-        store, sweep = analysis.locate(args.folder)
         holder = writer(store, sweep)
         if holder is not None:  # a sweep that has not written its first run yet
             err = (f"{store.location(sweep)!r} has no runs/ table yet: it is being written by {holder.describe()}; "

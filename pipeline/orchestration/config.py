@@ -370,11 +370,10 @@ RUN_SECTIONS = ("data", "model", "optim", "stall", "hessian", "refine")  # what 
 SCALARS = (int, float, str, bool)
 
 
-def free_form_keys() -> frozenset[str]:
-    """``{"model.kwargs", "data.kwargs"}``: the run sections' dict settings, whose keys are the user's (a
-    constructor's arguments), not the schema's."""
-    return frozenset(f"{section}.{name}" for section in RUN_SECTIONS
-                     for name, hint in typing.get_type_hints(_SECTIONS[section]).items() if hint is dict)
+# {"model.kwargs", "data.kwargs"}: the run sections' dict settings, whose keys are the user's (a constructor's
+# arguments), not the schema's.
+FREE_FORM_KEYS = frozenset(f"{section}.{name}" for section in RUN_SECTIONS
+                           for name, hint in typing.get_type_hints(_SECTIONS[section]).items() if hint is dict)
 
 
 def recorded_keys() -> dict[str, type]:
@@ -605,7 +604,8 @@ def _interpolated(cfg: DictConfig) -> set[str]:
             for value in node:
                 walk(value)
         elif isinstance(node, str):
-            found.update(ref.strip() for ref in re.findall(r"\$\{([^}:]+)\}", node))  # not ${now:…} and other resolvers
+            # ${data.side}; not ${now:…} nor another resolver's call
+            found.update(ref.strip() for ref in re.findall(r"\$\{([^}:]+)\}", node))
 
     walk(OmegaConf.to_container(cfg, resolve=False))
     return found
@@ -651,7 +651,7 @@ def grid_points(grid: dict) -> list[dict]:
 
 def _in_free_form(dotted: str) -> bool:
     """Whether ``dotted`` names an entry inside a free-form dict (``model.kwargs.width``): a grid may add it."""
-    return any(dotted.startswith(f"{key}.") for key in free_form_keys())
+    return any(dotted.startswith(f"{key}.") for key in FREE_FORM_KEYS)
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:

@@ -16,8 +16,8 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.orchestration.config import (RUN_SECTIONS as SECTIONS, ConfigError, HessianResources, free_form_keys,
-                                          reads, WHERE_KEYS)
+from pipeline.orchestration.config import (FREE_FORM_KEYS as FREE_FORM, RUN_SECTIONS as SECTIONS, ConfigError,
+                                          HessianResources, reads, WHERE_KEYS)
 from pipeline.orchestration.plan import in_run_id
 from pipeline.orchestration import tables
 from pipeline.orchestration.storage import Store
@@ -26,7 +26,6 @@ RECORD = "sweep.json"
 # Where and how fast a run computes, not what: a sweep may resume on other hardware.
 RESOURCE_KEYS = frozenset({*(f"hessian.{f.name}" for f in dataclasses.fields(HessianResources)),
                            "refine.num_cpus", "refine.num_gpus"})
-FREE_FORM = free_form_keys()  # model.kwargs, data.kwargs: each recorded whole
 # sweep.json's format: 2 records each free-form dict as one setting; 1 (before 2026-12-07) held one key per
 # entry of data.kwargs, and none of model.kwargs.
 FORMAT = 2
@@ -94,8 +93,7 @@ def _unread(key: str, resolved: dict, varied: tuple) -> bool:
     """A model or data key its kind does not read (``model.conv_layers`` of an MLP, ``data.n_features`` of
     the digits): it changes no run, so it defines nothing. Every key counts where a grid varies the kind."""
     section, _, name = key.partition(".")
-    kind = resolved.get(section, {}).get("name") if section in ("model", "data") else None
-    return not reads(section, kind, name.split(".")[0]) and f"{section}.name" not in varied
+    return not reads(section, resolved[section].get("name"), name.split(".")[0]) and f"{section}.name" not in varied
 
 
 def read(store: Store, sweep: str) -> Identity | None:

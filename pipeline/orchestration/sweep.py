@@ -350,8 +350,9 @@ def run_sweep(cfg: DictConfig, set_keys: Iterable[str] = ()) -> SweepSummary:
         preflight(cfg)
         identity.save(store, name, record)
         driver = Driver(cfg, store, name, runs, lease)
-        log.info(f"sweep {name!r} in {store.uri}: {len(runs)} run{'s' * (len(runs) != 1)} planned, {driver.prog.skipped} finished "
-                 f"earlier; {len(driver.todo)} to train, {driver.prog.points_known} checkpoints waiting to be analysed")
+        log.info(f"sweep {name!r} in {store.uri}: {len(runs)} run{'s' * (len(runs) != 1)} planned, "
+                 f"{driver.prog.skipped} finished earlier; {len(driver.todo)} to train, {driver.prog.points_known} "
+                 "checkpoints waiting to be analysed")
         driver.run()
         return summarize(store, name, runs, driver.prog.skipped, time.monotonic() - t0)
 
